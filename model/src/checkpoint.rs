@@ -1,0 +1,276 @@
+//! Checkpoints in the ecosystem's format: `config.json` + `model.safetensors` (or shards listed in
+//! `model.safetensors.index.json`), tensor names as transformers 5 saves `LlavaForConditionalGeneration`.
+//!
+//! Loading also accepts the two older layouts still found on the Hub:
+//! - transformers 4.x / the original llava-hf uploads: `vision_tower.vision_model.*`;
+//! - transformers 4.5x: `model.language_model.*`, `model.vision_tower.*`,
+//!   `model.multi_modal_projector.*`, `lm_head.weight`.
+//!
+//! Loading is strict: a missing, unexpected or mis-shaped tensor is an error naming the tensor.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{Device, Tensor};
+
+use crate::error::{ModelError, Result};
+use crate::vlm::{Head, SCORE_HEAD, Vlm};
+
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
+pub const CONFIG_FILE: &str = "config.json";
+
+/// Maps a tensor name from any supported layout to the canonical (transformers 5) one.
+pub fn canonical_name(name: &str) -> String {
+    let name = name.strip_prefix("model.").map_or_else(
+        || name.to_string(),
+        |rest| {
+            // transformers 4.5x nests everything but the LM head under `model.`.
+            if let Some(text) = rest.strip_prefix("language_model.") {
+                format!("language_model.model.{text}")
+            } else {
+                rest.to_string()
+            }
+        },
+    );
+    if name == "lm_head.weight" {
+        return "language_model.lm_head.weight".into();
+    }
+    if let Some(rest) = name.strip_prefix("vision_tower.vision_model.") {
+        return format!("vision_tower.{rest}");
+    }
+    name
+}
+
+/// What loading may tolerate beyond the strict default.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadOptions {
+    /// Skip `language_model.lm_head.*` (a discriminator built from a student).
+    pub ignore_lm_head: bool,
+    /// Keep the current value of `score.weight` when the checkpoint has none.
+    pub allow_missing_score_head: bool,
+}
+
+impl LoadOptions {
+    pub fn strict() -> Self {
+        Self {
+            ignore_lm_head: false,
+            allow_missing_score_head: false,
+        }
+    }
+    pub fn discriminator_from_student() -> Self {
+        Self {
+            ignore_lm_head: true,
+            allow_missing_score_head: true,
+        }
+    }
+}
+
+/// What a lenient load skipped or left at its initial value.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    pub ignored: Vec<String>,
+    pub kept_initial: Vec<String>,
+}
+
+/// The weight files of a checkpoint directory (one file, or the shards of an index), or the
+/// file itself when `path` is a `.safetensors` file.
+pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>> {
+    if path.is_file() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let single = path.join(WEIGHTS_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = path.join(WEIGHTS_INDEX_FILE);
+    if index.is_file() {
+        let text = std::fs::read_to_string(&index).map_err(|e| ModelError::io(&index, e))?;
+        let value: serde_json::Value =
+            serde_json::from_str(&text).map_err(|source| ModelError::Json {
+                path: index.clone(),
+                source,
+            })?;
+        let map = value
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| ModelError::Checkpoint {
+                path: index.clone(),
+                reason: "no `weight_map` object".into(),
+            })?;
+        let files: BTreeSet<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(str::to_string))
+            .collect();
+        return Ok(files.into_iter().map(|f| path.join(f)).collect());
+    }
+    Err(ModelError::Checkpoint {
+        path: path.to_path_buf(),
+        reason: format!("neither {WEIGHTS_FILE} nor {WEIGHTS_INDEX_FILE} found"),
+    })
+}
+
+/// Reads every tensor of the given files (on the CPU), keyed by canonical name.
+pub fn read_tensors(files: &[PathBuf]) -> Result<BTreeMap<String, (PathBuf, Tensor)>> {
+    let mut out: BTreeMap<String, (PathBuf, Tensor)> = BTreeMap::new();
+    for file in files {
+        let bytes = std::fs::read(file).map_err(|e| ModelError::io(file, e))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+            ModelError::Checkpoint {
+                path: file.clone(),
+                reason: format!("not a readable safetensors file: {e}"),
+            }
+        })?;
+        for (name, tensor) in tensors {
+            let canonical = canonical_name(&name);
+            if let Some((other, _)) = out.get(&canonical) {
+                return Err(ModelError::Checkpoint {
+                    path: file.clone(),
+                    reason: format!(
+                        "tensor `{name}` maps to `{canonical}`, which {} already provides",
+                        other.display()
+                    ),
+                });
+            }
+            out.insert(canonical, (file.clone(), tensor));
+        }
+    }
+    Ok(out)
+}
+
+/// Loads a checkpoint's weights into `model`, strictly unless `options` relax it.
+pub fn load_weights(model: &Vlm, path: &Path, options: LoadOptions) -> Result<LoadReport> {
+    let files = weight_files(path)?;
+    let tensors = read_tensors(&files)?;
+    load_tensor_map(model, path, tensors, options)
+}
+
+pub(crate) fn load_tensor_map(
+    model: &Vlm,
+    path: &Path,
+    mut tensors: BTreeMap<String, (PathBuf, Tensor)>,
+    options: LoadOptions,
+) -> Result<LoadReport> {
+    let vars = model.named_vars();
+    let tied = model.config().tie_word_embeddings();
+    let mut report = LoadReport::default();
+    // Check everything before changing anything: a refused checkpoint leaves the model as it was.
+    for (name, (file, tensor)) in &tensors {
+        match vars.get(name) {
+            Some(var) => {
+                if var.dims() != tensor.dims() {
+                    return Err(ModelError::ShapeMismatch {
+                        path: file.clone(),
+                        name: name.clone(),
+                        expected: var.dims().to_vec(),
+                        found: tensor.dims().to_vec(),
+                    });
+                }
+                if !tensor.dtype().is_float() {
+                    return Err(ModelError::Checkpoint {
+                        path: file.clone(),
+                        reason: format!(
+                            "tensor `{name}` has dtype {:?}, expected a floating-point dtype",
+                            tensor.dtype()
+                        ),
+                    });
+                }
+            }
+            None => {
+                let is_lm_head = name.starts_with("language_model.lm_head.");
+                if is_lm_head && (tied || options.ignore_lm_head) {
+                    report.ignored.push(name.clone());
+                    continue;
+                }
+                let hint = if name == SCORE_HEAD {
+                    ": it is a discriminator's scalar head".to_string()
+                } else if is_lm_head && model.head() == Head::Scalar {
+                    ": a scalar-head model has no LM head; build the discriminator from a student \
+                     with `Vlm::discriminator_from_student`"
+                        .to_string()
+                } else {
+                    String::new()
+                };
+                return Err(ModelError::UnexpectedTensor {
+                    path: file.clone(),
+                    name: name.clone(),
+                    hint,
+                });
+            }
+        }
+    }
+    for name in vars.keys() {
+        if !tensors.contains_key(name) {
+            if name == SCORE_HEAD && options.allow_missing_score_head {
+                report.kept_initial.push(name.clone());
+                continue;
+            }
+            return Err(ModelError::MissingTensor {
+                path: path.to_path_buf(),
+                name: name.clone(),
+            });
+        }
+    }
+    for (name, var) in &vars {
+        if let Some((_, tensor)) = tensors.remove(name) {
+            let value = tensor.to_dtype(model.dtype())?.to_device(model.device())?;
+            var.set(&value)?;
+        }
+    }
+    Ok(report)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().unwrap_or_else(|| Path::new("."));
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let file_name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
+        f.write_all(bytes).map_err(|e| ModelError::io(&tmp, e))?;
+        f.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Serialises named tensors to safetensors bytes with transformers' `{"format": "pt"}` metadata.
+pub fn safetensors_bytes(
+    tensors: &BTreeMap<String, Tensor>,
+    metadata: Option<std::collections::HashMap<String, String>>,
+) -> Result<Vec<u8>> {
+    let mut meta = metadata.unwrap_or_default();
+    meta.entry("format".into()).or_insert_with(|| "pt".into());
+    let cpu: Vec<(String, Tensor)> = tensors
+        .iter()
+        .map(|(k, v)| Ok((k.clone(), v.to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    safetensors::serialize(cpu.iter().map(|(k, v)| (k.as_str(), v)), Some(meta)).map_err(|e| {
+        ModelError::Checkpoint {
+            path: PathBuf::from("<memory>"),
+            reason: format!("serialising tensors: {e}"),
+        }
+    })
+}
+
+/// Saves `config.json` and `model.safetensors` (tied LM heads are not written, as transformers
+/// does not write them).
+pub fn save_model(model: &Vlm, dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+    let tensors: BTreeMap<String, Tensor> = model
+        .named_vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    let bytes = safetensors_bytes(&tensors, None)?;
+    write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
+    model.config().save(&dir.join(CONFIG_FILE))
+}

@@ -1,0 +1,442 @@
+//! Batched sampling with a KV cache kept outside the model.
+//!
+//! Logits processing follows transformers' `generate` order: repetition penalty, temperature,
+//! top-k, top-p. Each sequence has its own seeded random stream, so a sequence's sample does not
+//! depend on what else is in the batch or on when the others finish.
+//!
+//! The log-prob returned for each token is `log softmax(logits / temperature)` of the *raw* model
+//! logits (no penalty, no truncation): the behaviour policy's probability that scoring the same
+//! tokens at the same temperature reproduces (temperature 1 for greedy decoding).
+
+use candle_core::Tensor;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::batch::{PadSide, concat_images, pack};
+use crate::error::{ModelError, Result};
+use crate::vlm::{ForwardInput, Vlm};
+
+/// Sampling settings. `temperature == 0` means greedy decoding.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SamplingParams {
+    pub temperature: f64,
+    /// Nucleus sampling mass in (0, 1]; 1 disables it.
+    pub top_p: f64,
+    /// 0 disables top-k.
+    pub top_k: usize,
+    /// 1 disables it; >1 discourages tokens already in the prompt or the response.
+    pub repetition_penalty: f64,
+    pub max_new_tokens: usize,
+    /// Generation of a sequence ends after any of these (it is included in the output).
+    #[serde(default)]
+    pub stop_token_ids: Vec<u32>,
+    /// Tokens never sampled (e.g. the `<image>` placeholder).
+    #[serde(default)]
+    pub suppress_token_ids: Vec<u32>,
+    pub seed: u64,
+}
+
+impl SamplingParams {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            repetition_penalty: 1.0,
+            max_new_tokens,
+            stop_token_ids: Vec::new(),
+            suppress_token_ids: Vec::new(),
+            seed: 0,
+        }
+    }
+
+    /// The RIL paper's rollout settings: temperature 1.0, top-p 0.95, top-k 50, repetition
+    /// penalty 1.05.
+    pub fn paper(max_new_tokens: usize, seed: u64) -> Self {
+        Self {
+            temperature: 1.0,
+            top_p: 0.95,
+            top_k: 50,
+            repetition_penalty: 1.05,
+            max_new_tokens,
+            stop_token_ids: Vec::new(),
+            suppress_token_ids: Vec::new(),
+            seed,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |what: &str, why: &str| Err(ModelError::input(format!("sampling {what}: {why}")));
+        if !self.temperature.is_finite() || self.temperature < 0.0 {
+            return bad("temperature", "must be finite and >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top_p", "must be in (0, 1]");
+        }
+        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
+            return bad("repetition_penalty", "must be finite and > 0");
+        }
+        Ok(())
+    }
+
+    fn is_greedy(&self) -> bool {
+        self.temperature == 0.0
+    }
+
+    /// The temperature the returned log-probs are computed at.
+    pub fn logprob_temperature(&self) -> f64 {
+        if self.is_greedy() {
+            1.0
+        } else {
+            self.temperature
+        }
+    }
+}
+
+/// One prompt: token ids (with `<image>` placeholders already expanded) and its images.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub token_ids: Vec<u32>,
+    /// `[n_images, C, H, W]`.
+    pub pixel_values: Option<Tensor>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token was produced.
+    Stop,
+    /// `max_new_tokens` was reached.
+    Length,
+}
+
+/// One generated response.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub token_ids: Vec<u32>,
+    /// Behaviour log-prob of each generated token (see the module docs).
+    pub logprobs: Vec<f32>,
+    pub finish_reason: FinishReason,
+    /// The raw logits each token was drawn from, when requested (tests, debugging).
+    pub step_logits: Option<Vec<Vec<f32>>>,
+}
+
+/// How the next token's logits are computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecodeMode {
+    /// Prefill once, then one token per step against the cache.
+    KvCache,
+    /// Run the whole sequence (images included) again at every step: the reference the cache
+    /// must reproduce, and the benchmark's baseline.
+    Recompute,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct GenerateOptions {
+    pub mode: DecodeMode,
+    pub record_logits: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            mode: DecodeMode::KvCache,
+            record_logits: false,
+        }
+    }
+}
+
+/// Samples one response per prompt.
+pub fn generate(model: &Vlm, prompts: &[Prompt], params: &SamplingParams) -> Result<Vec<Generation>> {
+    generate_with(model, prompts, params, GenerateOptions::default())
+}
+
+struct SequenceState {
+    history: Vec<u32>,
+    generation: Generation,
+    rng: ChaCha8Rng,
+    done: bool,
+}
+
+pub fn generate_with(
+    model: &Vlm,
+    prompts: &[Prompt],
+    params: &SamplingParams,
+    options: GenerateOptions,
+) -> Result<Vec<Generation>> {
+    params.validate()?;
+    if prompts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let longest = prompts.iter().map(|p| p.token_ids.len()).max().unwrap_or(0);
+    if longest + params.max_new_tokens > model.max_positions() {
+        return Err(ModelError::input(format!(
+            "a prompt of {longest} tokens plus {} new tokens exceeds max_position_embeddings {}",
+            params.max_new_tokens,
+            model.max_positions()
+        )));
+    }
+    let mut states: Vec<SequenceState> = prompts
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
+            rng.set_stream(i as u64);
+            SequenceState {
+                history: p.token_ids.clone(),
+                generation: Generation {
+                    token_ids: Vec::new(),
+                    logprobs: Vec::new(),
+                    finish_reason: FinishReason::Length,
+                    step_logits: options.record_logits.then(Vec::new),
+                },
+                rng,
+                done: params.max_new_tokens == 0,
+            }
+        })
+        .collect();
+    if params.max_new_tokens == 0 {
+        return Ok(states.into_iter().map(|s| s.generation).collect());
+    }
+    let pad_id = 0;
+    let device = model.device().clone();
+    // Rows of the current batch -> sequence index.
+    let mut active: Vec<usize> = (0..prompts.len()).collect();
+    let mut cache = model.new_cache();
+    let mut key_valid: Vec<Vec<u8>> = Vec::new();
+    let mut next_positions: Vec<u32> = Vec::new();
+    let mut logits = match options.mode {
+        DecodeMode::KvCache => {
+            let seqs: Vec<&[u32]> = prompts.iter().map(|p| p.token_ids.as_slice()).collect();
+            let packed = pack(&seqs, pad_id, PadSide::Left, &device)?;
+            let images: Vec<Option<&Tensor>> =
+                prompts.iter().map(|p| p.pixel_values.as_ref()).collect();
+            let px = concat_images(&images)?;
+            let hidden = model.forward_hidden(
+                &ForwardInput {
+                    input_ids: &packed.input_ids,
+                    positions: &packed.positions,
+                    key_valid: &packed.key_valid,
+                    pixel_values: px.as_ref(),
+                },
+                Some(&mut cache),
+            )?;
+            key_valid = packed.key_valid;
+            next_positions = packed.lengths.iter().map(|&l| l as u32).collect();
+            last_logits(model, &hidden)?
+        }
+        DecodeMode::Recompute => recompute_logits(model, prompts, &states, &active)?,
+    };
+    loop {
+        for (row, &seq) in active.iter().enumerate() {
+            let state = &mut states[seq];
+            let raw = &logits[row];
+            let token = choose_token(raw, &state.history, params, &mut state.rng)?;
+            let lp = token_logprob(raw, token, params.logprob_temperature())?;
+            state.history.push(token);
+            let g = &mut state.generation;
+            g.token_ids.push(token);
+            g.logprobs.push(lp);
+            if let Some(rec) = g.step_logits.as_mut() {
+                rec.push(raw.clone());
+            }
+            if params.stop_token_ids.contains(&token) {
+                g.finish_reason = FinishReason::Stop;
+                state.done = true;
+            } else if g.token_ids.len() >= params.max_new_tokens {
+                g.finish_reason = FinishReason::Length;
+                state.done = true;
+            }
+        }
+        let keep: Vec<usize> = (0..active.len())
+            .filter(|&r| !states[active[r]].done)
+            .collect();
+        if keep.is_empty() {
+            break;
+        }
+        if keep.len() != active.len() {
+            if options.mode == DecodeMode::KvCache {
+                let rows: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
+                cache.retain_rows(&Tensor::new(rows.as_slice(), &device)?)?;
+                key_valid = keep.iter().map(|&r| key_valid[r].clone()).collect();
+                next_positions = keep.iter().map(|&r| next_positions[r]).collect();
+            }
+            active = keep.iter().map(|&r| active[r]).collect();
+        }
+        logits = match options.mode {
+            DecodeMode::KvCache => {
+                let b = active.len();
+                let last: Vec<u32> = active
+                    .iter()
+                    .map(|&s| *states[s].history.last().expect("a token was just sampled"))
+                    .collect();
+                let ids = Tensor::from_vec(last, (b, 1), &device)?;
+                let positions = Tensor::from_vec(next_positions.clone(), (b, 1), &device)?;
+                for row in key_valid.iter_mut() {
+                    row.push(1);
+                }
+                let hidden = model.forward_hidden(
+                    &ForwardInput {
+                        input_ids: &ids,
+                        positions: &positions,
+                        key_valid: &key_valid,
+                        pixel_values: None,
+                    },
+                    Some(&mut cache),
+                )?;
+                for p in next_positions.iter_mut() {
+                    *p += 1;
+                }
+                last_logits(model, &hidden)?
+            }
+            DecodeMode::Recompute => recompute_logits(model, prompts, &states, &active)?,
+        };
+    }
+    Ok(states.into_iter().map(|s| s.generation).collect())
+}
+
+fn last_logits(model: &Vlm, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let t = hidden.dim(1)?;
+    let last = hidden.narrow(1, t - 1, 1)?;
+    let logits = model.lm_logits(&last)?.squeeze(1)?;
+    Ok(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
+}
+
+fn recompute_logits(
+    model: &Vlm,
+    prompts: &[Prompt],
+    states: &[SequenceState],
+    active: &[usize],
+) -> Result<Vec<Vec<f32>>> {
+    let seqs: Vec<&[u32]> = active.iter().map(|&s| states[s].history.as_slice()).collect();
+    let packed = pack(&seqs, 0, PadSide::Left, model.device())?;
+    let images: Vec<Option<&Tensor>> = active
+        .iter()
+        .map(|&s| prompts[s].pixel_values.as_ref())
+        .collect();
+    let px = concat_images(&images)?;
+    let hidden = model.forward_hidden(
+        &ForwardInput {
+            input_ids: &packed.input_ids,
+            positions: &packed.positions,
+            key_valid: &packed.key_valid,
+            pixel_values: px.as_ref(),
+        },
+        None,
+    )?;
+    last_logits(model, &hidden)
+}
+
+/// `log softmax(raw / temperature)[token]`, in f64 for accuracy.
+pub fn token_logprob(raw: &[f32], token: u32, temperature: f64) -> Result<f32> {
+    let scaled: Vec<f64> = raw.iter().map(|&x| x as f64 / temperature).collect();
+    let max = scaled.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return Err(ModelError::NonFinite(format!(
+            "logits contain non-finite values (max {max})"
+        )));
+    }
+    let lse = max + scaled.iter().map(|x| (x - max).exp()).sum::<f64>().ln();
+    Ok((scaled[token as usize] - lse) as f32)
+}
+
+/// Applies the logits processors and picks the next token.
+fn choose_token(
+    raw: &[f32],
+    history: &[u32],
+    params: &SamplingParams,
+    rng: &mut ChaCha8Rng,
+) -> Result<u32> {
+    if raw.iter().any(|x| x.is_nan()) {
+        return Err(ModelError::NonFinite("logits contain NaN".into()));
+    }
+    let mut logits: Vec<f32> = raw.to_vec();
+    if params.repetition_penalty != 1.0 {
+        let p = params.repetition_penalty as f32;
+        let mut seen = vec![false; logits.len()];
+        for &t in history {
+            if let Some(s) = seen.get_mut(t as usize)
+                && !*s
+            {
+                *s = true;
+                let l = &mut logits[t as usize];
+                *l = if *l < 0.0 { *l * p } else { *l / p };
+            }
+        }
+    }
+    for &t in &params.suppress_token_ids {
+        if let Some(l) = logits.get_mut(t as usize) {
+            *l = f32::NEG_INFINITY;
+        }
+    }
+    if params.is_greedy() {
+        let (best, _) = logits
+            .iter()
+            .enumerate()
+            .fold((0usize, f32::NEG_INFINITY), |acc, (i, &l)| {
+                if l > acc.1 { (i, l) } else { acc }
+            });
+        return Ok(best as u32);
+    }
+    let t = params.temperature as f32;
+    let mut candidates: Vec<(u32, f32)> = logits
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.is_finite())
+        .map(|(i, &l)| (i as u32, l / t))
+        .collect();
+    if candidates.is_empty() {
+        return Err(ModelError::NonFinite(
+            "every token is suppressed or has -inf logit".into(),
+        ));
+    }
+    let by_logit_desc = |a: &(u32, f32), b: &(u32, f32)| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0));
+    if params.top_k > 0 && params.top_k < candidates.len() {
+        candidates.select_nth_unstable_by(params.top_k - 1, by_logit_desc);
+        let kth = candidates[params.top_k - 1].1;
+        // transformers keeps every token tied with the k-th.
+        let rest: Vec<(u32, f32)> = candidates[params.top_k..]
+            .iter()
+            .copied()
+            .filter(|c| c.1 >= kth)
+            .collect();
+        candidates.truncate(params.top_k);
+        candidates.extend(rest);
+    }
+    candidates.sort_by(by_logit_desc);
+    let max = candidates[0].1;
+    let mut probs: Vec<f64> = candidates
+        .iter()
+        .map(|c| ((c.1 - max) as f64).exp())
+        .collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if params.top_p < 1.0 {
+        // Keep the smallest prefix whose mass reaches top_p (at least one token).
+        let mut mass = 0.0;
+        let mut keep = probs.len();
+        for (i, p) in probs.iter().enumerate() {
+            mass += p;
+            if mass >= params.top_p {
+                keep = i + 1;
+                break;
+            }
+        }
+        probs.truncate(keep);
+        candidates.truncate(keep);
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+    }
+    let u: f64 = rng.random::<f64>();
+    let mut acc = 0.0;
+    for (c, p) in candidates.iter().zip(&probs) {
+        acc += p;
+        if u < acc {
+            return Ok(c.0);
+        }
+    }
+    Ok(candidates.last().expect("non-empty").0)
+}
+
