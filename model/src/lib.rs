@@ -17,6 +17,7 @@ pub mod ops;
 pub mod optim;
 pub mod score;
 pub mod tokenizer;
+pub mod toy;
 pub mod vlm;
 
 pub use config::{LlavaConfig, ModelSize};
