@@ -34,7 +34,9 @@ pub fn pack(seqs: &[&[u32]], pad_id: u32, side: PadSide, device: &Device) -> Res
         return Err(ModelError::input("empty batch"));
     }
     if let Some(i) = seqs.iter().position(|s| s.is_empty()) {
-        return Err(ModelError::input(format!("sequence {i} of the batch is empty")));
+        return Err(ModelError::input(format!(
+            "sequence {i} of the batch is empty"
+        )));
     }
     let width = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
     let b = seqs.len();

@@ -17,7 +17,10 @@ pub(crate) fn linear(
     let weight = vb.get_with_hints(
         (out_dim, in_dim),
         "weight",
-        Init::Randn { mean: 0.0, stdev: std },
+        Init::Randn {
+            mean: 0.0,
+            stdev: std,
+        },
     )?;
     let bias = if bias {
         Some(vb.get_with_hints(out_dim, "bias", Init::Const(0.0))?)
@@ -112,9 +115,10 @@ impl ClipLayer {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = (x + self.attn.forward(&self.norm1.forward(x)?)?)?;
-        let m = self
-            .fc2
-            .forward(&activate(&self.fc1.forward(&self.norm2.forward(&h)?)?, self.act)?)?;
+        let m = self.fc2.forward(&activate(
+            &self.fc1.forward(&self.norm2.forward(&h)?)?,
+            self.act,
+        )?)?;
         Ok((h + m)?)
     }
 }

@@ -344,7 +344,10 @@ impl LlavaConfig {
         if !matches!(t.model_type.as_str(), "llama" | "qwen2" | "mistral") {
             return Err(ModelError::config(
                 "text_config.model_type",
-                format!("`{}` is not supported (llama, qwen2, mistral)", t.model_type),
+                format!(
+                    "`{}` is not supported (llama, qwen2, mistral)",
+                    t.model_type
+                ),
             ));
         }
         for (name, value) in [
@@ -361,7 +364,7 @@ impl LlavaConfig {
                 return Err(ModelError::config(name, "must be positive"));
             }
         }
-        if t.num_attention_heads % t.num_kv_heads() != 0 {
+        if !t.num_attention_heads.is_multiple_of(t.num_kv_heads()) {
             return Err(ModelError::config(
                 "text_config.num_key_value_heads",
                 format!(
@@ -371,19 +374,19 @@ impl LlavaConfig {
                 ),
             ));
         }
-        if t.head_dim() % 2 != 0 {
+        if !t.head_dim().is_multiple_of(2) {
             return Err(ModelError::config(
                 "text_config.head_dim",
                 "rotary embeddings need an even head dimension",
             ));
         }
-        if v.hidden_size % v.num_attention_heads != 0 {
+        if !v.hidden_size.is_multiple_of(v.num_attention_heads) {
             return Err(ModelError::config(
                 "vision_config.num_attention_heads",
                 "must divide vision_config.hidden_size",
             ));
         }
-        if v.image_size % v.patch_size != 0 {
+        if !v.image_size.is_multiple_of(v.patch_size) {
             return Err(ModelError::config(
                 "vision_config.patch_size",
                 "must divide vision_config.image_size",
@@ -422,17 +425,17 @@ impl LlavaConfig {
         Ok(())
     }
 
-    /// A tiny configuration for tests and the self-check: CLIP 16x16 images in 4x4 patches,
-    /// a 2-layer Llama decoder with grouped-query attention.
-    pub fn tiny(vocab_size: usize, image_token_index: u32) -> Self {
-        Self::sized(vocab_size, image_token_index, ModelSize::Tiny)
+    /// The unit-test configuration: CLIP 16x16 images in 4x4 patches, a 2-layer Llama decoder
+    /// with grouped-query attention (~0.15M parameters with a byte-level vocabulary).
+    pub fn for_tests(vocab_size: usize, image_token_index: u32) -> Self {
+        Self::sized(vocab_size, image_token_index, ModelSize::Test)
     }
 
     pub fn sized(vocab_size: usize, image_token_index: u32, size: ModelSize) -> Self {
         let (vh, vl, vi, img, patch, th, tl, ti, heads, kv) = match size {
-            ModelSize::Tiny => (32, 2, 64, 16, 4, 64, 2, 128, 4, 2),
-            ModelSize::Small => (128, 4, 512, 32, 4, 256, 4, 768, 8, 4),
-            ModelSize::Medium => (192, 4, 768, 32, 4, 512, 6, 1536, 8, 4),
+            ModelSize::Test => (32, 2, 64, 16, 4, 64, 2, 128, 4, 2),
+            ModelSize::Tiny => (128, 4, 512, 32, 4, 256, 4, 768, 8, 4),
+            ModelSize::Medium => (192, 4, 768, 32, 4, 512, 7, 1536, 8, 4),
         };
         Self {
             model_type: default_llava_model_type(),
@@ -485,12 +488,13 @@ impl LlavaConfig {
 }
 
 /// Preset sizes for tests, the self-check and benchmarks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum ModelSize {
-    /// ~0.1M parameters: unit tests.
+    /// ~0.15M parameters: unit tests.
+    Test,
+    /// ~4M parameters, 32x32 images: the built-in models' default size.
     Tiny,
-    /// ~3.5M parameters: the built-in default size.
-    Small,
-    /// ~25M parameters with a 8k vocabulary: the benchmark's larger size.
+    /// ~25M parameters: the benchmark's larger size.
     Medium,
 }

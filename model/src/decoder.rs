@@ -161,19 +161,61 @@ impl DecoderLayer {
         Ok(Self {
             input_norm: vb.get_with_hints(d, "input_layernorm.weight", Init::Const(1.0))?,
             attn: Attention {
-                q: linear(&a.pp("q_proj"), d, cfg.num_attention_heads * hd, cfg.qkv_bias(), std)?,
-                k: linear(&a.pp("k_proj"), d, cfg.num_kv_heads() * hd, cfg.qkv_bias(), std)?,
-                v: linear(&a.pp("v_proj"), d, cfg.num_kv_heads() * hd, cfg.qkv_bias(), std)?,
-                o: linear(&a.pp("o_proj"), cfg.num_attention_heads * hd, d, cfg.o_bias(), std)?,
+                q: linear(
+                    &a.pp("q_proj"),
+                    d,
+                    cfg.num_attention_heads * hd,
+                    cfg.qkv_bias(),
+                    std,
+                )?,
+                k: linear(
+                    &a.pp("k_proj"),
+                    d,
+                    cfg.num_kv_heads() * hd,
+                    cfg.qkv_bias(),
+                    std,
+                )?,
+                v: linear(
+                    &a.pp("v_proj"),
+                    d,
+                    cfg.num_kv_heads() * hd,
+                    cfg.qkv_bias(),
+                    std,
+                )?,
+                o: linear(
+                    &a.pp("o_proj"),
+                    cfg.num_attention_heads * hd,
+                    d,
+                    cfg.o_bias(),
+                    std,
+                )?,
                 heads: cfg.num_attention_heads,
                 kv_heads: cfg.num_kv_heads(),
                 head_dim: hd,
             },
             post_norm: vb.get_with_hints(d, "post_attention_layernorm.weight", Init::Const(1.0))?,
             mlp: Mlp {
-                gate: linear(&m.pp("gate_proj"), d, cfg.intermediate_size, cfg.mlp_bias(), std)?,
-                up: linear(&m.pp("up_proj"), d, cfg.intermediate_size, cfg.mlp_bias(), std)?,
-                down: linear(&m.pp("down_proj"), cfg.intermediate_size, d, cfg.mlp_bias(), std)?,
+                gate: linear(
+                    &m.pp("gate_proj"),
+                    d,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias(),
+                    std,
+                )?,
+                up: linear(
+                    &m.pp("up_proj"),
+                    d,
+                    cfg.intermediate_size,
+                    cfg.mlp_bias(),
+                    std,
+                )?,
+                down: linear(
+                    &m.pp("down_proj"),
+                    cfg.intermediate_size,
+                    d,
+                    cfg.mlp_bias(),
+                    std,
+                )?,
                 act: cfg.hidden_act,
             },
             eps: cfg.rms_norm_eps,
@@ -188,10 +230,17 @@ impl DecoderLayer {
         mask: &Tensor,
         cache: Option<&mut LayerCache>,
     ) -> Result<Tensor> {
-        let h = (x + self
-            .attn
-            .forward(&rms_norm(x, &self.input_norm, self.eps)?, cos, sin, mask, cache)?)?;
-        let out = (&h + self.mlp.forward(&rms_norm(&h, &self.post_norm, self.eps)?)?)?;
+        let h = (x + self.attn.forward(
+            &rms_norm(x, &self.input_norm, self.eps)?,
+            cos,
+            sin,
+            mask,
+            cache,
+        )?)?;
+        let out = (&h
+            + self
+                .mlp
+                .forward(&rms_norm(&h, &self.post_norm, self.eps)?)?)?;
         Ok(out)
     }
 }
@@ -293,4 +342,3 @@ impl Decoder {
         }
     }
 }
-

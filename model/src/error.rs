@@ -35,7 +35,9 @@ pub enum ModelError {
         hint: String,
     },
 
-    #[error("checkpoint {path}: tensor `{name}` has shape {found:?}, the config expects {expected:?}")]
+    #[error(
+        "checkpoint {path}: tensor `{name}` has shape {found:?}, the config expects {expected:?}"
+    )]
     ShapeMismatch {
         path: PathBuf,
         name: String,

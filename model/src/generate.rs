@@ -32,7 +32,7 @@ pub struct SamplingParams {
     /// Generation of a sequence ends after any of these (it is included in the output).
     #[serde(default)]
     pub stop_token_ids: Vec<u32>,
-    /// Tokens never sampled (e.g. the `<image>` placeholder).
+    /// Tokens never sampled. The model's `<image>` placeholder is always added.
     #[serde(default)]
     pub suppress_token_ids: Vec<u32>,
     pub seed: u64,
@@ -149,7 +149,11 @@ impl Default for GenerateOptions {
 }
 
 /// Samples one response per prompt.
-pub fn generate(model: &Vlm, prompts: &[Prompt], params: &SamplingParams) -> Result<Vec<Generation>> {
+pub fn generate(
+    model: &Vlm,
+    prompts: &[Prompt],
+    params: &SamplingParams,
+) -> Result<Vec<Generation>> {
     generate_with(model, prompts, params, GenerateOptions::default())
 }
 
@@ -167,6 +171,17 @@ pub fn generate_with(
     options: GenerateOptions,
 ) -> Result<Vec<Generation>> {
     params.validate()?;
+    // The `<image>` placeholder stands for image features: a sampled one could not be fed back.
+    let image_token = model.config().image_token_index;
+    let owned;
+    let params = if params.suppress_token_ids.contains(&image_token) {
+        params
+    } else {
+        let mut p = params.clone();
+        p.suppress_token_ids.push(image_token);
+        owned = p;
+        &owned
+    };
     if prompts.is_empty() {
         return Ok(Vec::new());
     }
@@ -310,7 +325,10 @@ fn recompute_logits(
     states: &[SequenceState],
     active: &[usize],
 ) -> Result<Vec<Vec<f32>>> {
-    let seqs: Vec<&[u32]> = active.iter().map(|&s| states[s].history.as_slice()).collect();
+    let seqs: Vec<&[u32]> = active
+        .iter()
+        .map(|&s| states[s].history.as_slice())
+        .collect();
     let packed = pack(&seqs, 0, PadSide::Left, model.device())?;
     let images: Vec<Option<&Tensor>> = active
         .iter()
@@ -372,12 +390,13 @@ fn choose_token(
         }
     }
     if params.is_greedy() {
-        let (best, _) = logits
-            .iter()
-            .enumerate()
-            .fold((0usize, f32::NEG_INFINITY), |acc, (i, &l)| {
-                if l > acc.1 { (i, l) } else { acc }
-            });
+        let (best, _) =
+            logits
+                .iter()
+                .enumerate()
+                .fold((0usize, f32::NEG_INFINITY), |acc, (i, &l)| {
+                    if l > acc.1 { (i, l) } else { acc }
+                });
         return Ok(best as u32);
     }
     let t = params.temperature as f32;
@@ -439,4 +458,3 @@ fn choose_token(
     }
     Ok(candidates.last().expect("non-empty").0)
 }
-

@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use candle_core::{Device, Tensor};
+pub use image::ImageFormat;
 use image::{DynamicImage, imageops::FilterType};
 use serde::{Deserialize, Serialize};
 
@@ -117,7 +118,10 @@ impl ImageProcessorConfig {
             ));
         }
         if self.image_std.iter().any(|s| *s == 0.0 || !s.is_finite()) {
-            return Err(ModelError::config("image_std", "values must be finite and non-zero"));
+            return Err(ModelError::config(
+                "image_std",
+                "values must be finite and non-zero",
+            ));
         }
         Ok(())
     }
@@ -139,7 +143,11 @@ impl ImageProcessorConfig {
             {
                 let (short, long) = if h <= w { (h, w) } else { (w, h) };
                 let new_long = ((*s as u64 * long as u64) / short.max(1) as u64) as u32;
-                if h <= w { (*s, new_long) } else { (new_long, *s) }
+                if h <= w {
+                    (*s, new_long)
+                } else {
+                    (new_long, *s)
+                }
             }
             SizeSpec::Square(s) => (*s, *s),
             SizeSpec::HeightWidth { height, width } => (*height, *width),
@@ -240,7 +248,11 @@ impl ImageProcessor {
         }
         let (h, w) = (rgb.height() as usize, rgb.width() as usize);
         let mut data = vec![0f32; 3 * h * w];
-        let scale = if c.do_rescale { c.rescale_factor as f32 } else { 1.0 };
+        let scale = if c.do_rescale {
+            c.rescale_factor as f32
+        } else {
+            1.0
+        };
         for (x, y, px) in rgb.enumerate_pixels() {
             for ch in 0..3 {
                 let mut v = px.0[ch] as f32 * scale;

@@ -6,6 +6,7 @@
 //! Architecture invariant: no tokio, no tonic, no I/O beyond reading and writing model files.
 
 pub mod batch;
+pub mod bundle;
 pub mod checkpoint;
 pub mod clip;
 pub mod config;

@@ -244,7 +244,10 @@ impl AdamW {
                         var.dims()
                     )));
                 }
-                out.insert(name.clone(), t.to_dtype(DType::F32)?.to_device(var.device())?);
+                out.insert(
+                    name.clone(),
+                    t.to_dtype(DType::F32)?.to_device(var.device())?,
+                );
             }
         }
         if tensors.len() != 2 * self.params.len() {

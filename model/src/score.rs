@@ -55,7 +55,11 @@ fn unpad(t: &Tensor, lengths: &[usize]) -> Result<Vec<Vec<f32>>> {
 
 /// Scores `responses` after their prompts. The LM head runs only at the positions that predict
 /// response tokens, so long image prompts cost no vocabulary projection.
-pub fn score_tokens(model: &Vlm, requests: &[ScoreRequest<'_>], temperature: f64) -> Result<TokenScores> {
+pub fn score_tokens(
+    model: &Vlm,
+    requests: &[ScoreRequest<'_>],
+    temperature: f64,
+) -> Result<TokenScores> {
     if !(temperature.is_finite() && temperature > 0.0) {
         return Err(ModelError::input(format!(
             "scoring temperature {temperature} must be finite and > 0"

@@ -61,7 +61,10 @@ pub struct ChatTokenizer {
 fn token_string(v: &Json) -> Option<String> {
     match v {
         Json::String(s) => Some(s.clone()),
-        Json::Object(o) => o.get("content").and_then(|c| c.as_str()).map(str::to_string),
+        Json::Object(o) => o
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(str::to_string),
         _ => None,
     }
 }
@@ -79,10 +82,11 @@ impl ChatTokenizer {
     /// from a model directory.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let tok_path = dir.join(TOKENIZER_FILE);
-        let inner = tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| ModelError::Tokenizer {
-            what: tok_path.display().to_string(),
-            reason: e.to_string(),
-        })?;
+        let inner =
+            tokenizers::Tokenizer::from_file(&tok_path).map_err(|e| ModelError::Tokenizer {
+                what: tok_path.display().to_string(),
+                reason: e.to_string(),
+            })?;
         let cfg_path = dir.join(TOKENIZER_CONFIG_FILE);
         let config = if cfg_path.is_file() {
             match read_json(&cfg_path)? {
@@ -201,13 +205,16 @@ impl ChatTokenizer {
         let tmpl = env.get_template("chat").expect("just added");
         let mut ctx: BTreeMap<String, Value> = BTreeMap::new();
         for (k, v) in &self.config {
-            if k.ends_with("_token") {
-                if let Some(s) = token_string(v) {
-                    ctx.insert(k.clone(), Value::from(s));
-                }
+            if k.ends_with("_token")
+                && let Some(s) = token_string(v)
+            {
+                ctx.insert(k.clone(), Value::from(s));
             }
         }
-        ctx.insert("messages".into(), Value::from_serialize(drop_null_keys(messages)));
+        ctx.insert(
+            "messages".into(),
+            Value::from_serialize(drop_null_keys(messages)),
+        );
         ctx.insert(
             "add_generation_prompt".into(),
             Value::from(add_generation_prompt),
@@ -218,13 +225,13 @@ impl ChatTokenizer {
 
     /// Token ids of `text`, with or without the tokenizer's own special-token post-processing.
     pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
-        let enc = self
-            .inner
-            .encode(text, add_special_tokens)
-            .map_err(|e| ModelError::Tokenizer {
-                what: self.source.display().to_string(),
-                reason: format!("encoding failed: {e}"),
-            })?;
+        let enc =
+            self.inner
+                .encode(text, add_special_tokens)
+                .map_err(|e| ModelError::Tokenizer {
+                    what: self.source.display().to_string(),
+                    reason: format!("encoding failed: {e}"),
+                })?;
         Ok(enc.get_ids().to_vec())
     }
 
@@ -350,10 +357,15 @@ fn template_env() -> Environment<'static> {
     env.set_lstrip_blocks(true);
     env.set_keep_trailing_newline(false);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |msg: String| -> std::result::Result<Value, JinjaError> {
-        Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> std::result::Result<Value, JinjaError> {
+            Err(JinjaError::new(ErrorKind::InvalidOperation, msg))
+        },
+    );
+    env.add_function("strftime_now", |fmt: String| -> String {
+        strftime_now(&fmt)
     });
-    env.add_function("strftime_now", |fmt: String| -> String { strftime_now(&fmt) });
     env.add_filter("tojson", tojson);
     // Python's str(): True/False/None, as Jinja2 prints them.
     env.set_formatter(|out, state, value| {
@@ -372,7 +384,10 @@ fn template_env() -> Environment<'static> {
 
 /// Python's `json.dumps(value, ensure_ascii=False, indent=indent)`; transformers' templates
 /// use this filter for tool schemas and arguments.
-fn tojson(value: Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<Value, JinjaError> {
+fn tojson(
+    value: Value,
+    kwargs: minijinja::value::Kwargs,
+) -> std::result::Result<Value, JinjaError> {
     let indent: Option<usize> = kwargs.get("indent")?;
     let _: Option<Value> = kwargs.get("separators")?;
     let _: Option<bool> = kwargs.get("sort_keys")?;
@@ -442,11 +457,27 @@ fn strftime_now(fmt: &str) -> String {
 
 fn format_utc(secs: i64, fmt: &str) -> String {
     const MONTHS: [&str; 12] = [
-        "January", "February", "March", "April", "May", "June", "July", "August", "September",
-        "October", "November", "December",
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
     ];
     const DAYS: [&str; 7] = [
-        "Thursday", "Friday", "Saturday", "Sunday", "Monday", "Tuesday", "Wednesday",
+        "Thursday",
+        "Friday",
+        "Saturday",
+        "Sunday",
+        "Monday",
+        "Tuesday",
+        "Wednesday",
     ];
     let days = secs.div_euclid(86_400);
     let rem = secs.rem_euclid(86_400);
@@ -548,7 +579,10 @@ pub fn byte_level_chatml() -> Result<ChatTokenizer> {
     config.insert("pad_token".into(), Json::from("<|endoftext|>"));
     config.insert("image_token".into(), Json::from("<image>"));
     config.insert("model_max_length".into(), Json::from(2048));
-    config.insert("tokenizer_class".into(), Json::from("PreTrainedTokenizerFast"));
+    config.insert(
+        "tokenizer_class".into(),
+        Json::from("PreTrainedTokenizerFast"),
+    );
     ChatTokenizer::new(inner, Some(CHATML_TEMPLATE.to_string()), config)
 }
 

@@ -74,7 +74,11 @@ pub fn encode_example(
 }
 
 /// Four "what colour is the square?" examples with different colours.
-pub fn colour_examples(tok: &ChatTokenizer, cfg: &LlavaConfig, device: &Device) -> Result<Vec<Example>> {
+pub fn colour_examples(
+    tok: &ChatTokenizer,
+    cfg: &LlavaConfig,
+    device: &Device,
+) -> Result<Vec<Example>> {
     let side = cfg.vision_config.image_size as u32;
     let processor = ImageProcessor::new(ImageProcessorConfig::clip(side))?;
     let colours = [

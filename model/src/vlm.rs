@@ -101,8 +101,20 @@ impl Vlm {
         let th = cfg.text_config.hidden_size;
         let pvb = vb.pp(PROJECTOR_PREFIX);
         let projector = (
-            linear(&pvb.pp("linear_1"), vh, th, cfg.multimodal_projector_bias, 0.02)?,
-            linear(&pvb.pp("linear_2"), th, th, cfg.multimodal_projector_bias, 0.02)?,
+            linear(
+                &pvb.pp("linear_1"),
+                vh,
+                th,
+                cfg.multimodal_projector_bias,
+                0.02,
+            )?,
+            linear(
+                &pvb.pp("linear_2"),
+                th,
+                th,
+                cfg.multimodal_projector_bias,
+                0.02,
+            )?,
         );
         let decoder = Decoder::new(
             &cfg.text_config,

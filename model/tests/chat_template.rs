@@ -27,7 +27,11 @@ fn rendered_prompts_and_ids_match_transformers() {
         let msgs = messages(&case["messages"]);
         let add_gen = case["add_generation_prompt"].as_bool().unwrap();
         let text = tok.render(&msgs, add_gen).unwrap();
-        assert_eq!(text, case["text"].as_str().unwrap(), "case {name}: rendered text");
+        assert_eq!(
+            text,
+            case["text"].as_str().unwrap(),
+            "case {name}: rendered text"
+        );
         let ids = tok.apply_chat_template(&msgs, add_gen).unwrap();
         let expected: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
         assert_eq!(ids, expected, "case {name}: ids");
@@ -36,7 +40,11 @@ fn rendered_prompts_and_ids_match_transformers() {
         assert_eq!(tok.encode(&text, false).unwrap(), plain, "case {name}");
         if let Some(with_special) = case.get("encode_add_special_tokens_true_ids") {
             let with_special: Vec<u32> = serde_json::from_value(with_special.clone()).unwrap();
-            assert_eq!(tok.encode(&text, true).unwrap(), with_special, "case {name}: add_special_tokens");
+            assert_eq!(
+                tok.encode(&text, true).unwrap(),
+                with_special,
+                "case {name}: add_special_tokens"
+            );
         }
     }
 }
@@ -47,9 +55,15 @@ fn bad_roles_raise_the_templates_own_error() {
     for case in all["error_cases"].as_array().unwrap() {
         let dir = common::fixtures().join(case["tokenizer_dir"].as_str().unwrap());
         let tok = ChatTokenizer::from_dir(&dir).unwrap();
-        let err = tok.render(&messages(&case["messages"]), true).unwrap_err().to_string();
+        let err = tok
+            .render(&messages(&case["messages"]), true)
+            .unwrap_err()
+            .to_string();
         let expected = case["message"].as_str().unwrap();
-        assert!(err.contains(expected), "error {err:?} should contain {expected:?}");
+        assert!(
+            err.contains(expected),
+            "error {err:?} should contain {expected:?}"
+        );
     }
 }
 
@@ -68,9 +82,15 @@ fn jinja_environment_behaves_like_transformers() {
 fn plain_encoding_matches_transformers() {
     let all = cases();
     let tok = ChatTokenizer::from_dir(&common::fixtures().join("tokenizer_chatml")).unwrap();
-    for case in all["plain_encode_cases_tokenizer_chatml"].as_array().unwrap() {
+    for case in all["plain_encode_cases_tokenizer_chatml"]
+        .as_array()
+        .unwrap()
+    {
         let expected: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
-        assert_eq!(tok.encode(case["text"].as_str().unwrap(), false).unwrap(), expected);
+        assert_eq!(
+            tok.encode(case["text"].as_str().unwrap(), false).unwrap(),
+            expected
+        );
     }
 }
 
@@ -79,8 +99,16 @@ fn special_tokens_come_from_the_config() {
     let all = cases();
     for (dir, ids) in all["special_ids"].as_object().unwrap() {
         let tok = ChatTokenizer::from_dir(&common::fixtures().join(dir)).unwrap();
-        assert_eq!(tok.eos_id().map(u64::from), ids["eos_token_id"].as_u64(), "{dir}");
-        assert_eq!(tok.bos_id().map(u64::from), ids["bos_token_id"].as_u64(), "{dir}");
+        assert_eq!(
+            tok.eos_id().map(u64::from),
+            ids["eos_token_id"].as_u64(),
+            "{dir}"
+        );
+        assert_eq!(
+            tok.bos_id().map(u64::from),
+            ids["bos_token_id"].as_u64(),
+            "{dir}"
+        );
     }
 }
 
@@ -88,9 +116,20 @@ fn special_tokens_come_from_the_config() {
 fn a_broken_template_is_refused_at_load_with_its_location() {
     let dir = tempfile::tempdir().unwrap();
     for f in ["tokenizer.json", "tokenizer_config.json"] {
-        std::fs::copy(common::fixtures().join("tokenizer_chatml").join(f), dir.path().join(f)).unwrap();
+        std::fs::copy(
+            common::fixtures().join("tokenizer_chatml").join(f),
+            dir.path().join(f),
+        )
+        .unwrap();
     }
-    std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}{{ m.role }").unwrap();
+    std::fs::write(
+        dir.path().join("chat_template.jinja"),
+        "{% for m in messages %}{{ m.role }",
+    )
+    .unwrap();
     let err = ChatTokenizer::from_dir(dir.path()).unwrap_err().to_string();
-    assert!(err.contains("chat_template.jinja") || err.contains("template"), "{err}");
+    assert!(
+        err.contains("chat_template.jinja") || err.contains("template"),
+        "{err}"
+    );
 }

@@ -15,14 +15,19 @@ const LEVEL: f32 = 1.0 / (255.0 * 0.2613);
 
 fn processor() -> ImageProcessor {
     let dir = common::fixtures().join("image_preproc");
-    ImageProcessor::new(ImageProcessorConfig::from_file(&dir.join("preprocessor_config.json")).unwrap())
-        .unwrap()
+    ImageProcessor::new(
+        ImageProcessorConfig::from_file(&dir.join("preprocessor_config.json")).unwrap(),
+    )
+    .unwrap()
 }
 
 fn diff(name: &str) -> (f32, f32) {
     let dir = common::fixtures().join("image_preproc");
-    let expected = candle_core::safetensors::load(dir.join("pixel_values.safetensors"), &Device::Cpu).unwrap();
-    let ours = processor().preprocess_file(&dir.join(name), &Device::Cpu).unwrap();
+    let expected =
+        candle_core::safetensors::load(dir.join("pixel_values.safetensors"), &Device::Cpu).unwrap();
+    let ours = processor()
+        .preprocess_file(&dir.join(name), &Device::Cpu)
+        .unwrap();
     let theirs: &Tensor = &expected[name];
     assert_eq!(ours.dims(), theirs.dims(), "{name}");
     let d = (ours - theirs).unwrap().abs().unwrap();
@@ -40,11 +45,22 @@ fn unresized_png_is_exact() {
 #[test]
 fn rgba_is_composited_onto_white_like_transformers() {
     let dir = common::fixtures().join("image_preproc");
-    let inter = candle_core::safetensors::load(dir.join("intermediates.safetensors"), &Device::Cpu).unwrap();
-    let expected: Vec<u8> = inter["rgba_40x30.png/decoded_rgb_hwc_u8"].flatten_all().unwrap().to_vec1().unwrap();
-    let img = ImageProcessor::decode(&std::fs::read(dir.join("rgba_40x30.png")).unwrap(), "rgba").unwrap();
+    let inter = candle_core::safetensors::load(dir.join("intermediates.safetensors"), &Device::Cpu)
+        .unwrap();
+    let expected: Vec<u8> = inter["rgba_40x30.png/decoded_rgb_hwc_u8"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let img = ImageProcessor::decode(&std::fs::read(dir.join("rgba_40x30.png")).unwrap(), "rgba")
+        .unwrap();
     let ours = ril_model::image::to_rgb(&img).into_raw();
-    let worst = ours.iter().zip(&expected).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    let worst = ours
+        .iter()
+        .zip(&expected)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
     assert!(worst <= 1, "RGB conversion differs by {worst} levels");
 }
 
@@ -52,9 +68,21 @@ fn rgba_is_composited_onto_white_like_transformers() {
 fn resized_images_match_within_a_few_levels() {
     for name in ["rgba_40x30.png", "rgb_30x50.jpg", "gray_24x24.png"] {
         let (max, mean) = diff(name);
-        eprintln!("{name}: max {:.2} levels, mean {:.3} levels", max / LEVEL, mean / LEVEL);
-        assert!(max <= 3.0 * LEVEL, "{name}: max diff {} levels", max / LEVEL);
-        assert!(mean <= 0.5 * LEVEL, "{name}: mean diff {} levels", mean / LEVEL);
+        eprintln!(
+            "{name}: max {:.2} levels, mean {:.3} levels",
+            max / LEVEL,
+            mean / LEVEL
+        );
+        assert!(
+            max <= 3.0 * LEVEL,
+            "{name}: max diff {} levels",
+            max / LEVEL
+        );
+        assert!(
+            mean <= 0.5 * LEVEL,
+            "{name}: mean diff {} levels",
+            mean / LEVEL
+        );
     }
 }
 
@@ -64,10 +92,22 @@ fn corrupt_and_empty_images_are_named_errors() {
     let mut bytes = std::fs::read(dir.join("rgb_16x16.png")).unwrap();
     bytes.truncate(bytes.len() / 2);
     let p = processor();
-    let err = p.preprocess_bytes(&bytes, "row 7 image 0", &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("row 7 image 0") && err.contains("decode"), "{err}");
-    let err = p.preprocess_bytes(&[], "empty.png", &Device::Cpu).unwrap_err().to_string();
+    let err = p
+        .preprocess_bytes(&bytes, "row 7 image 0", &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("row 7 image 0") && err.contains("decode"),
+        "{err}"
+    );
+    let err = p
+        .preprocess_bytes(&[], "empty.png", &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("empty.png") && err.contains("empty"), "{err}");
-    let err = p.preprocess_bytes(b"not an image at all", "x.webp", &Device::Cpu).unwrap_err().to_string();
+    let err = p
+        .preprocess_bytes(b"not an image at all", "x.webp", &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("x.webp"), "{err}");
 }

@@ -60,7 +60,10 @@ fn check(name: &str) {
     let dir = common::fixtures().join(name);
     let model = Vlm::from_pretrained(&dir, Head::LanguageModel, &Device::Cpu, DType::F32).unwrap();
     let diff = max_logit_diff(&model, &parity_inputs(&dir));
-    assert!(diff <= TOLERANCE, "{name}: max |logit diff| {diff} > {TOLERANCE}");
+    assert!(
+        diff <= TOLERANCE,
+        "{name}: max |logit diff| {diff} > {TOLERANCE}"
+    );
 }
 
 #[test]
@@ -77,7 +80,8 @@ fn qwen2_decoder_matches_transformers() {
 /// them back: the same logits, bit for bit.
 fn reload_renamed(name: &str, rename: impl Fn(&str) -> String) {
     let dir = common::fixtures().join(name);
-    let tensors = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let tensors =
+        candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
     let renamed: BTreeMap<String, Tensor> =
         tensors.into_iter().map(|(k, v)| (rename(&k), v)).collect();
     let tmp = tempfile::tempdir().unwrap();
@@ -88,12 +92,18 @@ fn reload_renamed(name: &str, rename: impl Fn(&str) -> String) {
     )
     .unwrap();
     let a = Vlm::from_pretrained(&dir, Head::LanguageModel, &Device::Cpu, DType::F32).unwrap();
-    let b = Vlm::from_pretrained(tmp.path(), Head::LanguageModel, &Device::Cpu, DType::F32).unwrap();
+    let b =
+        Vlm::from_pretrained(tmp.path(), Head::LanguageModel, &Device::Cpu, DType::F32).unwrap();
     let inputs = parity_inputs(&dir);
     assert_eq!(max_logit_diff(&a, &inputs), max_logit_diff(&b, &inputs));
     for ((na, va), (nb, vb)) in a.named_vars().iter().zip(b.named_vars().iter()) {
         assert_eq!(na, nb);
-        let d = (va.as_tensor() - vb.as_tensor()).unwrap().abs().unwrap().max_all().unwrap();
+        let d = (va.as_tensor() - vb.as_tensor())
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0, "{na}");
     }
 }
@@ -102,8 +112,10 @@ fn reload_renamed(name: &str, rename: impl Fn(&str) -> String) {
 fn loads_the_hub_llava_layout() {
     // llava-hf uploads: `vision_tower.vision_model.*`.
     reload_renamed("llava_llama", |k| {
-        k.strip_prefix("vision_tower.")
-            .map_or_else(|| k.to_string(), |r| format!("vision_tower.vision_model.{r}"))
+        k.strip_prefix("vision_tower.").map_or_else(
+            || k.to_string(),
+            |r| format!("vision_tower.vision_model.{r}"),
+        )
     });
 }
 
@@ -129,10 +141,11 @@ fn saved_checkpoint_keeps_transformers_names_and_config() {
     let out = tempfile::tempdir().unwrap();
     model.save_pretrained(out.path()).unwrap();
     let names = |p: &Path| -> Vec<String> {
-        let mut v: Vec<String> = candle_core::safetensors::load(p.join("model.safetensors"), &Device::Cpu)
-            .unwrap()
-            .into_keys()
-            .collect();
+        let mut v: Vec<String> =
+            candle_core::safetensors::load(p.join("model.safetensors"), &Device::Cpu)
+                .unwrap()
+                .into_keys()
+                .collect();
         v.sort();
         v
     };
@@ -140,6 +153,7 @@ fn saved_checkpoint_keeps_transformers_names_and_config() {
     let cfg_in: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
     let cfg_out: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg_in, cfg_out, "config.json must round-trip unchanged");
 }

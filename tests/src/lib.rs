@@ -1,1 +1,71 @@
-//! placeholder
+//! Helpers for the integration tests: run the real `ril` binary in a scratch directory.
+//!
+//! The binary is the one cargo builds next to the test executables (`target/<profile>/ril`;
+//! `cargo test --workspace` builds it because the `ril-cli` package has integration tests), or
+//! the one named by `RIL_BIN`.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Path of the `ril` binary under test.
+pub fn ril_binary() -> PathBuf {
+    if let Ok(p) = std::env::var("RIL_BIN") {
+        return PathBuf::from(p);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/ril
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in target/<profile>/deps");
+    let bin = profile_dir.join(format!("ril{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} not found: build it first (`cargo build -p ril-cli`) or set RIL_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// A scratch directory and the binary, for one test.
+#[derive(Debug)]
+pub struct Sandbox {
+    pub dir: tempfile::TempDir,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temporary directory"),
+        }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// Runs `ril ARGS` in the sandbox with one candle thread (tests share the cores).
+    pub fn ril(&self, args: &[&str]) -> Output {
+        Command::new(ril_binary())
+            .args(args)
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .env("CANDLE_NUM_THREADS", "1")
+            .output()
+            .expect("the ril binary runs")
+    }
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}

@@ -1,0 +1,208 @@
+//! `ril bench model`: generation throughput (KV cache against full recomputation) and training
+//! throughput (forward + backward + AdamW) on random models of preset sizes. Prints a markdown
+//! table; `--json` also writes the raw figures.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use candle_core::DType;
+use ril_model::config::ModelSize;
+use ril_model::generate::{DecodeMode, GenerateOptions, Prompt, SamplingParams, generate_with};
+use ril_model::optim::{AdamW, AdamWConfig, Gradients};
+use ril_model::toy::{Example, colour_examples, sft_loss};
+use ril_model::{Head, LlavaConfig, Vlm};
+use serde::Serialize;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Model sizes to measure (test, tiny, medium).
+    #[arg(long, value_delimiter = ',', default_value = "tiny,medium")]
+    pub sizes: Vec<String>,
+    /// Generation batch sizes.
+    #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+    pub batches: Vec<usize>,
+    #[arg(long, default_value_t = 64)]
+    pub new_tokens: usize,
+    /// Largest batch also measured with full recomputation (it is quadratic in length).
+    #[arg(long, default_value_t = 8)]
+    pub recompute_max_batch: usize,
+    #[arg(long, default_value_t = 8)]
+    pub train_batch: usize,
+    /// Timed training steps (after one warm-up step).
+    #[arg(long, default_value_t = 5)]
+    pub train_steps: usize,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Also write the figures as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct GenFigure {
+    size: String,
+    parameters: usize,
+    batch: usize,
+    mode: &'static str,
+    prompt_tokens: usize,
+    new_tokens: usize,
+    seconds: f64,
+    tokens_per_second: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct TrainFigure {
+    size: String,
+    parameters: usize,
+    batch: usize,
+    tokens_per_step: usize,
+    seconds_per_step: f64,
+    tokens_per_second: f64,
+}
+
+fn parse_size(s: &str) -> anyhow::Result<ModelSize> {
+    Ok(match s {
+        "test" => ModelSize::Test,
+        "tiny" => ModelSize::Tiny,
+        "medium" => ModelSize::Medium,
+        other => anyhow::bail!("--sizes: unknown size {other:?} (test, tiny, medium)"),
+    })
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let device = crate::device::parse(&args.device)?;
+    let tok = ril_model::tokenizer::byte_level_chatml()?;
+    let image_id = tok
+        .token_id("<image>")
+        .context("built-in tokenizer has no <image>")?;
+    let mut gen_figures = Vec::new();
+    let mut train_figures = Vec::new();
+    for size_name in &args.sizes {
+        let size = parse_size(size_name)?;
+        let cfg = LlavaConfig::sized(tok.vocab_size(), image_id, size);
+        let model = Vlm::new_random(&cfg, Head::LanguageModel, &device, DType::F32, 0)?;
+        let (parameters, _) = model.parameter_counts();
+        let examples = colour_examples(&tok, &cfg, &device)?;
+        tracing::info!(size = size_name, parameters, "benchmarking");
+
+        // Generation: every sequence produces exactly `new_tokens` (no stop tokens).
+        let params = SamplingParams::paper(args.new_tokens, 0);
+        let prompt_for = |i: usize| Prompt {
+            token_ids: examples[i % examples.len()].prompt_ids.clone(),
+            pixel_values: Some(examples[i % examples.len()].pixel_values.clone()),
+        };
+        // Warm-up (allocations, thread pool).
+        generate_with(
+            &model,
+            &[prompt_for(0)],
+            &SamplingParams::paper(4, 0),
+            GenerateOptions::default(),
+        )?;
+        for &batch in &args.batches {
+            let prompts: Vec<Prompt> = (0..batch).map(prompt_for).collect();
+            for (mode, label) in [
+                (DecodeMode::KvCache, "kv-cache"),
+                (DecodeMode::Recompute, "recompute"),
+            ] {
+                if mode == DecodeMode::Recompute && batch > args.recompute_max_batch {
+                    continue;
+                }
+                let started = Instant::now();
+                let out = generate_with(
+                    &model,
+                    &prompts,
+                    &params,
+                    GenerateOptions {
+                        mode,
+                        record_logits: false,
+                    },
+                )?;
+                let seconds = started.elapsed().as_secs_f64();
+                let produced: usize = out.iter().map(|g| g.token_ids.len()).sum();
+                let fig = GenFigure {
+                    size: size_name.clone(),
+                    parameters,
+                    batch,
+                    mode: label,
+                    prompt_tokens: prompts[0].token_ids.len(),
+                    new_tokens: args.new_tokens,
+                    seconds,
+                    tokens_per_second: produced as f64 / seconds,
+                };
+                tracing::info!(?fig, "generation");
+                gen_figures.push(fig);
+            }
+        }
+
+        // Training: forward + backward + AdamW over a batch of image questions.
+        let batch: Vec<Example> = (0..args.train_batch)
+            .map(|i| examples[i % examples.len()].clone())
+            .collect();
+        let tokens_per_step: usize = batch
+            .iter()
+            .map(|e| e.prompt_ids.len() + e.answer_ids.len())
+            .sum();
+        let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
+        let mut step = || -> anyhow::Result<()> {
+            let loss = sft_loss(&model, &batch)?;
+            let grads = Gradients::backward(&loss, opt.params())?;
+            opt.step(&grads, 1e-4)?;
+            Ok(())
+        };
+        step()?;
+        let started = Instant::now();
+        for _ in 0..args.train_steps {
+            step()?;
+        }
+        let per_step = started.elapsed().as_secs_f64() / args.train_steps.max(1) as f64;
+        let fig = TrainFigure {
+            size: size_name.clone(),
+            parameters,
+            batch: args.train_batch,
+            tokens_per_step,
+            seconds_per_step: per_step,
+            tokens_per_second: tokens_per_step as f64 / per_step,
+        };
+        tracing::info!(?fig, "training");
+        train_figures.push(fig);
+    }
+
+    println!(
+        "| size | parameters | batch | decoding | prompt tokens | new tokens | seconds | new tokens/s |"
+    );
+    println!("|---|---:|---:|---|---:|---:|---:|---:|");
+    for f in &gen_figures {
+        println!(
+            "| {} | {:.1}M | {} | {} | {} | {} | {:.2} | {:.0} |",
+            f.size,
+            f.parameters as f64 / 1e6,
+            f.batch,
+            f.mode,
+            f.prompt_tokens,
+            f.new_tokens,
+            f.seconds,
+            f.tokens_per_second
+        );
+    }
+    println!();
+    println!("| size | parameters | batch | tokens/step | s/step | tokens/s (fwd+bwd+AdamW) |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for f in &train_figures {
+        println!(
+            "| {} | {:.1}M | {} | {} | {:.3} | {:.0} |",
+            f.size,
+            f.parameters as f64 / 1e6,
+            f.batch,
+            f.tokens_per_step,
+            f.seconds_per_step,
+            f.tokens_per_second
+        );
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::json!({"generation": gen_figures, "training": train_figures});
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! The `ril` command's library: argument parsing and the commands, so tests can drive them
+//! in-process as well as through the binary.
+
+pub mod bench;
+pub mod device;
+pub mod logging;
+pub mod model_cmd;
+pub mod selfcheck;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ril",
+    version,
+    about = "RIL: unified reinforcement and imitation learning for vision-language models"
+)]
+pub struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = logging::LogFormat::Human, env = "RIL_LOG_FORMAT")]
+    pub log_format: logging::LogFormat,
+    /// Log filter (tracing-subscriber syntax, e.g. `info` or `ril_model=debug`); `RUST_LOG` wins.
+    #[arg(long, global = true, default_value = "info")]
+    pub log_level: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Model tools: self-check, inspect a checkpoint, generate.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+    /// What this build supports (features) and what this machine offers (CUDA, NCCL).
+    Env,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelCommand {
+    /// Builds a tiny VLM with the built-in tokenizer, saves and reloads it, checks the KV cache
+    /// and log-probs, fine-tunes it on a few image questions and checks its answers.
+    Selfcheck(selfcheck::SelfcheckArgs),
+    /// Loads a model directory and prints what it holds.
+    Info {
+        /// Model directory (config.json, model.safetensors, tokenizer.json, preprocessor_config.json).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Answers a question about images with a model directory.
+    Generate(model_cmd::GenerateArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Generation (KV cache vs recomputation) and training throughput.
+    Model(bench::BenchArgs),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Model(ModelCommand::Selfcheck(args)) => selfcheck::run(&args),
+        Command::Model(ModelCommand::Info { model, device }) => model_cmd::info(&model, &device),
+        Command::Model(ModelCommand::Generate(args)) => model_cmd::generate(&args),
+        Command::Bench(BenchCommand::Model(args)) => bench::run(&args),
+        Command::Env => {
+            env_report();
+            Ok(())
+        }
+    }
+}
+
+fn env_report() {
+    println!("ril {}", env!("CARGO_PKG_VERSION"));
+    println!(
+        "features: cuda={} nccl={}",
+        cfg!(feature = "cuda"),
+        cfg!(feature = "nccl")
+    );
+    println!(
+        "cuda devices: {}",
+        if candle_core::utils::cuda_is_available() {
+            "available"
+        } else {
+            "not compiled in"
+        }
+    );
+    match ril_learner::gpu::nccl_available() {
+        Ok(()) => println!("nccl: libraries found"),
+        Err(e) => println!("nccl: unavailable: {e}"),
+    }
+    println!(
+        "cpu threads for candle: {} (set CANDLE_NUM_THREADS to change)",
+        candle_core::utils::get_num_threads()
+    );
+}
