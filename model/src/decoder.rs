@@ -9,10 +9,37 @@ use crate::config::{Activation, TextConfig};
 use crate::error::Result;
 use crate::ops::{Embedding, Linear, Rotary, activate, rms_norm, softmax_last};
 
-/// Keys and values of one layer, `[B, kv_heads, T, head_dim]` each.
+/// Keys and values of one layer in preallocated buffers `[B, kv_heads, capacity, head_dim]`;
+/// the first `len` positions are valid. Appending writes in place, so a decoding step copies
+/// only the new token's keys and values, not the whole cache.
 #[derive(Debug, Clone, Default)]
 pub struct LayerCache {
-    pub kv: Option<(Tensor, Tensor)>,
+    buffers: Option<(Tensor, Tensor)>,
+    len: usize,
+    capacity_hint: usize,
+}
+
+impl LayerCache {
+    fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, kv, t, hd) = k.dims4()?;
+        let needed = self.len + t;
+        let capacity = self.buffers.as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+        if needed > capacity {
+            let new_capacity = needed.max(self.capacity_hint).max(2 * capacity);
+            let kb = Tensor::zeros((b, kv, new_capacity, hd), k.dtype(), k.device())?;
+            let vb = Tensor::zeros((b, kv, new_capacity, hd), v.dtype(), v.device())?;
+            if let Some((old_k, old_v)) = &self.buffers {
+                kb.slice_set(&old_k.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+                vb.slice_set(&old_v.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            self.buffers = Some((kb, vb));
+        }
+        let (kb, vb) = self.buffers.as_ref().expect("allocated above");
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len = needed;
+        Ok((kb.narrow(2, 0, self.len)?, vb.narrow(2, 0, self.len)?))
+    }
 }
 
 /// The KV cache of a batch of sequences, kept outside the model so one model serves many
@@ -24,17 +51,26 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(n_layers: usize) -> Self {
+        Self::with_capacity(n_layers, 0)
+    }
+
+    /// A cache whose buffers are sized for `capacity` positions on first use (prompt plus new
+    /// tokens), so generation never reallocates.
+    pub fn with_capacity(n_layers: usize, capacity: usize) -> Self {
         Self {
-            layers: vec![LayerCache::default(); n_layers],
+            layers: vec![
+                LayerCache {
+                    capacity_hint: capacity,
+                    ..Default::default()
+                };
+                n_layers
+            ],
         }
     }
 
     /// Number of cached positions.
     pub fn len(&self) -> usize {
-        self.layers
-            .first()
-            .and_then(|l| l.kv.as_ref())
-            .map_or(0, |(k, _)| k.dim(2).unwrap_or(0))
+        self.layers.first().map_or(0, |l| l.len)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -44,8 +80,8 @@ impl KvCache {
     /// Keeps only the given batch rows (sequences that are still generating).
     pub fn retain_rows(&mut self, rows: &Tensor) -> Result<()> {
         for layer in &mut self.layers {
-            if let Some((k, v)) = &layer.kv {
-                layer.kv = Some((k.index_select(rows, 0)?, v.index_select(rows, 0)?));
+            if let Some((k, v)) = &layer.buffers {
+                layer.buffers = Some((k.index_select(rows, 0)?, v.index_select(rows, 0)?));
             }
         }
         Ok(())
@@ -92,39 +128,28 @@ impl Attention {
         let q = Rotary::apply(&q.contiguous()?, cos, sin)?;
         let k = Rotary::apply(&k.contiguous()?, cos, sin)?;
         let (k, v) = match cache {
-            Some(cache) => {
-                let (k, v) = match &cache.kv {
-                    Some((pk, pv)) => (Tensor::cat(&[pk, &k], 2)?, Tensor::cat(&[pv, &v], 2)?),
-                    None => (k, v),
-                };
-                cache.kv = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Some(cache) => cache.append(&k, &v)?,
             None => (k, v),
         };
+        let tk = k.dim(2)?;
+        // Grouped-query attention without copying keys and values per query head: the query
+        // heads that share a kv head (transformers' `repeat_kv` maps head h to kv head
+        // h / n_rep) are stacked along the query axis of that kv head.
         let n_rep = self.heads / self.kv_heads;
-        let (k, v) = if n_rep > 1 {
-            (repeat_kv(&k, n_rep)?, repeat_kv(&v, n_rep)?)
-        } else {
-            (k, v)
-        };
+        let q = q.reshape((b, self.kv_heads, n_rep * t, self.head_dim))?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(mask)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?
+            .reshape((b, self.kv_heads, n_rep, t, tk))?
+            .broadcast_add(&mask.unsqueeze(1)?)?
+            .reshape((b, self.kv_heads, n_rep * t, tk))?;
         let probs = softmax_last(&scores)?;
         let y = probs
             .matmul(&v)?
+            .reshape((b, self.heads, t, self.head_dim))?
             .transpose(1, 2)?
             .reshape((b, t, self.heads * self.head_dim))?;
         self.o.forward(&y)
     }
-}
-
-/// `[B, kv, T, hd]` -> `[B, kv * n_rep, T, hd]`, each kv head repeated for its query group.
-fn repeat_kv(x: &Tensor, n_rep: usize) -> Result<Tensor> {
-    let (b, kv, t, hd) = x.dims4()?;
-    Ok(x.unsqueeze(2)?
-        .broadcast_as((b, kv, n_rep, t, hd))?
-        .reshape((b, kv * n_rep, t, hd))?)
 }
 
 #[derive(Debug, Clone)]

@@ -219,7 +219,7 @@ pub fn generate_with(
     let device = model.device().clone();
     // Rows of the current batch -> sequence index.
     let mut active: Vec<usize> = (0..prompts.len()).collect();
-    let mut cache = model.new_cache();
+    let mut cache = model.new_cache_with_capacity(longest + params.max_new_tokens);
     let mut key_valid: Vec<Vec<u8>> = Vec::new();
     let mut next_positions: Vec<u32> = Vec::new();
     let mut logits = match options.mode {

@@ -404,6 +404,11 @@ impl Vlm {
         KvCache::new(self.n_layers())
     }
 
+    /// A KV cache preallocated for `capacity` positions.
+    pub fn new_cache_with_capacity(&self, capacity: usize) -> KvCache {
+        KvCache::with_capacity(self.n_layers(), capacity)
+    }
+
     /// Saves `config.json` and `model.safetensors` in transformers' layout.
     pub fn save_pretrained(&self, dir: &std::path::Path) -> Result<()> {
         crate::checkpoint::save_model(self, dir)
