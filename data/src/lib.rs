@@ -5,6 +5,11 @@
 //! row and field; skipping them is explicit and counted.
 
 pub mod answer;
+pub mod dataset;
+pub mod error;
+pub mod shapes;
 pub mod types;
 
+pub use dataset::{Row, Split};
+pub use error::{DataError, Result};
 pub use types::AnswerType;

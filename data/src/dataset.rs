@@ -1,0 +1,529 @@
+//! Dataset rows and the JSONL format.
+//!
+//! One JSON object per line:
+//! `{"id", "images": [path relative to the file | {"bytes": base64} | "data:image/png;base64,..."],
+//!   "question" | "messages": [{"role", "content"}], "answer", "answer_type"?,
+//!   "teacher_answers"?: {teacher: [answers]}, "family"?, ...}`.
+//! Unknown keys are kept in `extra` (datasets carry metadata we must not lose). Reading streams
+//! line by line, so a file larger than memory works; a shuffled read keeps only the byte offset
+//! of each row in memory.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use rand::SeedableRng;
+use rand::seq::SliceRandom;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{DataError, Result};
+use crate::types::AnswerType;
+
+/// One chat turn as the ecosystem writes it: `content` is a string or a list of parts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: String,
+    pub content: Value,
+}
+
+/// An image of a row, read into memory and checked to decode.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageData {
+    /// Where it came from: the file path, or `<row id>#image<i>` for inline bytes.
+    pub name: String,
+    pub bytes: Vec<u8>,
+}
+
+/// One question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub id: String,
+    pub images: Vec<ImageData>,
+    /// The conversation up to the question (a single user turn for `question` rows).
+    pub messages: Vec<Message>,
+    pub answer: String,
+    pub answer_type: Option<AnswerType>,
+    pub teacher_answers: BTreeMap<String, Vec<String>>,
+    /// Question family, for per-family accuracy (`family`, or `extra_info.family` in verl data).
+    pub family: Option<String>,
+    pub extra: serde_json::Map<String, Value>,
+}
+
+impl Row {
+    /// The question's text: the last user turn's text parts, joined.
+    pub fn question_text(&self) -> String {
+        self.messages
+            .iter()
+            .rev()
+            .find(|m| m.role == "user")
+            .map(|m| content_text(&m.content))
+            .unwrap_or_default()
+    }
+
+    /// Number of image placeholders in the conversation (`{"type": "image"}` parts, or
+    /// `<image>` in string content).
+    pub fn image_placeholders(&self) -> usize {
+        self.messages.iter().map(|m| count_image_parts(&m.content)).sum()
+    }
+}
+
+pub(crate) fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.replace("<image>", "").trim().to_string(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+fn count_image_parts(content: &Value) -> usize {
+    match content {
+        Value::String(s) => s.matches("<image>").count(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter(|p| p.get("type").and_then(Value::as_str) == Some("image"))
+            .count(),
+        _ => 0,
+    }
+}
+
+/// How a reader treats rows it cannot use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Skip bad rows (counted in [`SkipReport`]) instead of stopping at the first.
+    pub skip_bad_rows: bool,
+}
+
+/// What was skipped, for the end-of-read report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SkipReport {
+    pub skipped: usize,
+    /// The first few skipped rows' ids (or `line N` when the id is unknown) and why.
+    pub first: Vec<String>,
+}
+
+impl SkipReport {
+    const KEEP: usize = 5;
+    fn record(&mut self, err: &DataError) {
+        self.skipped += 1;
+        if self.first.len() < Self::KEEP {
+            self.first.push(err.to_string());
+        }
+    }
+}
+
+/// Parses and validates one JSONL line. `line_no` is 1-based; `base_dir` resolves relative
+/// image paths.
+pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Result<Row> {
+    let bad = |field: &str, reason: String| DataError::BadRow {
+        file: file.to_path_buf(),
+        row: line_no,
+        id: None,
+        field: field.to_string(),
+        reason,
+    };
+    let value: Value =
+        serde_json::from_str(line).map_err(|e| bad("<row>", format!("invalid JSON: {e}")))?;
+    let Value::Object(mut obj) = value else {
+        return Err(bad("<row>", "not a JSON object".into()));
+    };
+    let id = match obj.remove("id") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s,
+        Some(Value::Number(n)) => n.to_string(),
+        Some(_) => return Err(bad("id", "must be a non-empty string or a number".into())),
+        None => return Err(bad("id", "missing".into())),
+    };
+    let bad_id = |field: &str, reason: String| DataError::BadRow {
+        file: file.to_path_buf(),
+        row: line_no,
+        id: Some(id.clone()),
+        field: field.to_string(),
+        reason,
+    };
+    let messages = match (obj.remove("question"), obj.remove("messages")) {
+        (Some(_), Some(_)) => {
+            return Err(bad_id("question", "give `question` or `messages`, not both".into()));
+        }
+        (Some(Value::String(q)), None) => {
+            if q.trim().is_empty() {
+                return Err(bad_id("question", "empty".into()));
+            }
+            vec![Message {
+                role: "user".into(),
+                content: Value::String(q),
+            }]
+        }
+        (Some(_), None) => return Err(bad_id("question", "must be a string".into())),
+        (None, Some(m)) => {
+            let msgs: Vec<Message> = serde_json::from_value(m).map_err(|e| {
+                bad_id("messages", format!("must be a list of {{role, content}}: {e}"))
+            })?;
+            if msgs.is_empty() || msgs.iter().all(|m| content_text(&m.content).is_empty()) {
+                return Err(bad_id("messages", "no question text".into()));
+            }
+            msgs
+        }
+        (None, None) => return Err(bad_id("question", "missing (`question` or `messages`)".into())),
+    };
+    let answer = match obj.remove("answer") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s,
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::Bool(b)) => if b { "yes" } else { "no" }.to_string(),
+        Some(_) => return Err(bad_id("answer", "must be a non-empty string".into())),
+        None => return Err(bad_id("answer", "missing".into())),
+    };
+    let answer_type = match obj.remove("answer_type") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.parse().map_err(|e: String| bad_id("answer_type", e))?),
+        Some(_) => return Err(bad_id("answer_type", "must be a string".into())),
+    };
+    let teacher_answers = match obj.remove("teacher_answers") {
+        None | Some(Value::Null) => BTreeMap::new(),
+        Some(v) => serde_json::from_value(v).map_err(|e| {
+            bad_id("teacher_answers", format!("must map teacher names to lists of strings: {e}"))
+        })?,
+    };
+    let family = match obj.get("family") {
+        Some(Value::String(s)) => Some(s.clone()),
+        _ => None,
+    };
+    let images = match obj.remove("images") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(list)) => list
+            .iter()
+            .enumerate()
+            .map(|(i, v)| load_image(v, i, &id, base_dir).map_err(|r| bad_id(&format!("images[{i}]"), r)))
+            .collect::<Result<_>>()?,
+        Some(_) => return Err(bad_id("images", "must be a list".into())),
+    };
+    let row = Row {
+        id: id.clone(),
+        images,
+        messages,
+        answer,
+        answer_type,
+        teacher_answers,
+        family,
+        extra: obj,
+    };
+    let placeholders = row.image_placeholders();
+    if placeholders > 0 && placeholders != row.images.len() {
+        return Err(bad_id(
+            "images",
+            format!(
+                "the messages have {placeholders} image placeholders but the row has {} images",
+                row.images.len()
+            ),
+        ));
+    }
+    Ok(row)
+}
+
+/// Reads one image reference: a path (relative to the dataset file), a data URL, or
+/// `{"bytes": base64}` / `{"path": ...}`; checks that it decodes.
+fn load_image(v: &Value, index: usize, id: &str, base_dir: &Path) -> std::result::Result<ImageData, String> {
+    let (name, bytes) = match v {
+        Value::String(s) if s.starts_with("data:") => {
+            let b64 = s
+                .split_once(',')
+                .map(|(_, b)| b)
+                .ok_or("a data URL without a comma")?;
+            (format!("{id}#image{index}"), decode_b64(b64)?)
+        }
+        Value::String(p) => read_path(p, base_dir)?,
+        Value::Object(o) => match (o.get("bytes"), o.get("path")) {
+            (Some(Value::String(b)), _) => (format!("{id}#image{index}"), decode_b64(b)?),
+            (_, Some(Value::String(p))) => read_path(p, base_dir)?,
+            _ => return Err("an image object needs `bytes` (base64) or `path`".into()),
+        },
+        _ => return Err("must be a path, a data URL or {\"bytes\": base64}".into()),
+    };
+    image::ImageReader::new(std::io::Cursor::new(&bytes))
+        .with_guessed_format()
+        .map_err(|e| format!("{name}: {e}"))?
+        .decode()
+        .map_err(|e| format!("{name}: cannot decode: {e}"))?;
+    Ok(ImageData { name, bytes })
+}
+
+fn read_path(p: &str, base_dir: &Path) -> std::result::Result<(String, Vec<u8>), String> {
+    let path = base_dir.join(p);
+    let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((path.display().to_string(), bytes))
+}
+
+fn decode_b64(s: &str) -> std::result::Result<Vec<u8>, String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .map_err(|e| format!("invalid base64: {e}"))
+}
+
+/// Serialises a row back to a JSONL line, images inlined as base64 unless `image_paths` gives
+/// a path (relative to the output file) for each.
+pub fn row_to_json(row: &Row, image_paths: Option<&[String]>) -> Value {
+    let mut obj = row.extra.clone();
+    obj.insert("id".into(), Value::String(row.id.clone()));
+    let images: Vec<Value> = match image_paths {
+        Some(paths) => paths.iter().map(|p| Value::String(p.clone())).collect(),
+        None => row
+            .images
+            .iter()
+            .map(|i| serde_json::json!({"bytes": base64::engine::general_purpose::STANDARD.encode(&i.bytes)}))
+            .collect(),
+    };
+    obj.insert("images".into(), Value::Array(images));
+    let single_question = row.messages.len() == 1
+        && row.messages[0].role == "user"
+        && row.messages[0].content.is_string();
+    if single_question {
+        obj.insert("question".into(), row.messages[0].content.clone());
+    } else {
+        obj.insert("messages".into(), serde_json::to_value(&row.messages).unwrap_or(Value::Null));
+    }
+    obj.insert("answer".into(), Value::String(row.answer.clone()));
+    if let Some(t) = row.answer_type {
+        obj.insert("answer_type".into(), serde_json::to_value(t).unwrap_or(Value::Null));
+    }
+    if !row.teacher_answers.is_empty() {
+        obj.insert(
+            "teacher_answers".into(),
+            serde_json::to_value(&row.teacher_answers).unwrap_or(Value::Null),
+        );
+    }
+    if let Some(f) = &row.family {
+        obj.insert("family".into(), Value::String(f.clone()));
+    }
+    Value::Object(obj)
+}
+
+/// A streaming JSONL reader.
+#[derive(Debug)]
+pub struct JsonlReader {
+    path: PathBuf,
+    base_dir: PathBuf,
+    lines: std::io::Lines<BufReader<File>>,
+    line_no: usize,
+    options: ReadOptions,
+    report: SkipReport,
+}
+
+impl JsonlReader {
+    pub fn open(path: &Path, options: ReadOptions) -> Result<Self> {
+        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            base_dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            lines: BufReader::new(file).lines(),
+            line_no: 0,
+            options,
+            report: SkipReport::default(),
+        })
+    }
+
+    pub fn skip_report(&self) -> &SkipReport {
+        &self.report
+    }
+}
+
+impl Iterator for JsonlReader {
+    type Item = Result<Row>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        loop {
+            let line = match self.lines.next()? {
+                Ok(l) => l,
+                Err(e) => return Some(Err(DataError::io(&self.path, e))),
+            };
+            self.line_no += 1;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match parse_row(&line, &self.path, self.line_no, &self.base_dir) {
+                Ok(row) => return Some(Ok(row)),
+                Err(e) if self.options.skip_bad_rows => {
+                    tracing::warn!(error = %e, "skipping a bad row");
+                    self.report.record(&e);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+    }
+}
+
+/// Byte offsets of every non-empty line, for shuffled and random access without holding rows.
+pub fn line_offsets(path: &Path) -> Result<Vec<(u64, usize)>> {
+    let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+    let mut reader = BufReader::new(file);
+    let mut offsets = Vec::new();
+    let mut offset = 0u64;
+    let mut line_no = 0;
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        let n = reader.read_until(b'\n', &mut buf).map_err(|e| DataError::io(path, e))?;
+        if n == 0 {
+            break;
+        }
+        line_no += 1;
+        if buf.iter().any(|b| !b.is_ascii_whitespace()) {
+            offsets.push((offset, line_no));
+        }
+        offset += n as u64;
+    }
+    Ok(offsets)
+}
+
+/// Reads the rows of a JSONL file in an order shuffled deterministically by `seed` (`None`: file
+/// order), one row in memory at a time.
+#[derive(Debug)]
+pub struct ShuffledJsonl {
+    path: PathBuf,
+    base_dir: PathBuf,
+    file: BufReader<File>,
+    order: Vec<(u64, usize)>,
+    next: usize,
+    options: ReadOptions,
+    report: SkipReport,
+}
+
+impl ShuffledJsonl {
+    pub fn open(path: &Path, seed: Option<u64>, options: ReadOptions) -> Result<Self> {
+        let mut order = line_offsets(path)?;
+        if let Some(seed) = seed {
+            order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+        }
+        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            base_dir: path.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            file: BufReader::new(file),
+            order,
+            next: 0,
+            options,
+            report: SkipReport::default(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.order.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.order.is_empty()
+    }
+
+    pub fn skip_report(&self) -> &SkipReport {
+        &self.report
+    }
+
+    /// Starts again at `position` in the shuffled order (a resumed run's cursor).
+    pub fn seek_to(&mut self, position: usize) {
+        self.next = position.min(self.order.len());
+    }
+
+    pub fn position(&self) -> usize {
+        self.next
+    }
+
+    fn read_at(&mut self, offset: u64) -> Result<String> {
+        self.file
+            .seek(SeekFrom::Start(offset))
+            .map_err(|e| DataError::io(&self.path, e))?;
+        let mut line = String::new();
+        (&mut self.file)
+            .take(u64::MAX)
+            .read_line(&mut line)
+            .map_err(|e| DataError::io(&self.path, e))?;
+        Ok(line)
+    }
+}
+
+impl Iterator for ShuffledJsonl {
+    type Item = Result<Row>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.next < self.order.len() {
+            let (offset, line_no) = self.order[self.next];
+            self.next += 1;
+            let line = match self.read_at(offset) {
+                Ok(l) => l,
+                Err(e) => return Some(Err(e)),
+            };
+            match parse_row(&line, &self.path, line_no, &self.base_dir) {
+                Ok(row) => return Some(Ok(row)),
+                Err(e) if self.options.skip_bad_rows => {
+                    tracing::warn!(error = %e, "skipping a bad row");
+                    self.report.record(&e);
+                }
+                Err(e) => return Some(Err(e)),
+            }
+        }
+        None
+    }
+}
+
+/// Dataset splits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+impl Split {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Val => "val",
+            Self::Test => "test",
+        }
+    }
+}
+
+impl std::str::FromStr for Split {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "train" => Ok(Self::Train),
+            "val" | "validation" => Ok(Self::Val),
+            "test" => Ok(Self::Test),
+            other => Err(format!("unknown split {other:?} (train, val, test)")),
+        }
+    }
+}
+
+/// The file of a split: `DIR/<split>.jsonl` when `path` is a directory, else `path` itself.
+pub fn split_file(path: &Path, split: Split) -> Result<PathBuf> {
+    if path.is_dir() {
+        let f = path.join(format!("{}.jsonl", split.name()));
+        if f.is_file() {
+            return Ok(f);
+        }
+        return Err(DataError::Missing {
+            path: f,
+            what: format!("the {} split", split.name()),
+        });
+    }
+    if path.is_file() {
+        return Ok(path.to_path_buf());
+    }
+    Err(DataError::Missing {
+        path: path.to_path_buf(),
+        what: "a dataset file or directory".into(),
+    })
+}
+
+/// Reads a whole split into memory (small datasets: evaluation, tests).
+pub fn read_all(path: &Path, options: ReadOptions) -> Result<(Vec<Row>, SkipReport)> {
+    let mut reader = JsonlReader::open(path, options)?;
+    let rows = reader.by_ref().collect::<Result<Vec<_>>>()?;
+    Ok((rows, reader.report.clone()))
+}

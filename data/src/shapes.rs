@@ -1,0 +1,573 @@
+//! `shapes`: a synthetic visual question-answering benchmark with exact answers.
+//!
+//! Each scene is a small image with 1..=N coloured shapes placed in distinct cells of a 3x3 grid
+//! (with jitter, two sizes, optional pixel noise). Questions come from seven families — colour
+//! of a shape, shape of a colour, counting, spatial relations, existence, count comparison and
+//! arithmetic over counts — and are answered from the scene description, which every row keeps
+//! (`scene`, `query`) so answers can be recomputed. Everything is a pure function of the seed.
+
+use std::io::Write;
+use std::path::Path;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{DataError, Result};
+use crate::types::AnswerType;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    Circle,
+    Square,
+    Triangle,
+    Diamond,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Colour {
+    Red,
+    Green,
+    Blue,
+    Yellow,
+    Purple,
+    Orange,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Size {
+    Small,
+    Large,
+}
+
+pub const SHAPES: [Shape; 4] = [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Diamond];
+pub const COLOURS: [Colour; 6] = [
+    Colour::Red,
+    Colour::Green,
+    Colour::Blue,
+    Colour::Yellow,
+    Colour::Purple,
+    Colour::Orange,
+];
+
+impl Shape {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Circle => "circle",
+            Self::Square => "square",
+            Self::Triangle => "triangle",
+            Self::Diamond => "diamond",
+        }
+    }
+    pub fn plural(self) -> &'static str {
+        match self {
+            Self::Circle => "circles",
+            Self::Square => "squares",
+            Self::Triangle => "triangles",
+            Self::Diamond => "diamonds",
+        }
+    }
+}
+
+impl Colour {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Red => "red",
+            Self::Green => "green",
+            Self::Blue => "blue",
+            Self::Yellow => "yellow",
+            Self::Purple => "purple",
+            Self::Orange => "orange",
+        }
+    }
+    pub fn rgb(self) -> [u8; 3] {
+        match self {
+            Self::Red => [220, 40, 40],
+            Self::Green => [40, 170, 60],
+            Self::Blue => [50, 80, 220],
+            Self::Yellow => [230, 210, 40],
+            Self::Purple => [140, 60, 180],
+            Self::Orange => [240, 140, 30],
+        }
+    }
+}
+
+/// One shape in a scene; `x`, `y` are the centre in pixels, `radius` its half-extent.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Object {
+    pub shape: Shape,
+    pub colour: Colour,
+    pub size: Size,
+    pub x: u32,
+    pub y: u32,
+    pub radius: u32,
+    /// Grid cell (column, row) the object occupies; distinct per object.
+    pub cell: (u32, u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Scene {
+    pub width: u32,
+    pub height: u32,
+    pub objects: Vec<Object>,
+}
+
+/// Which objects a counting question is about (`None` = any).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Filter {
+    pub colour: Option<Colour>,
+    pub shape: Option<Shape>,
+}
+
+impl Filter {
+    pub fn matches(&self, o: &Object) -> bool {
+        self.colour.is_none_or(|c| c == o.colour) && self.shape.is_none_or(|s| s == o.shape)
+    }
+    fn describe_plural(&self) -> String {
+        match (self.colour, self.shape) {
+            (Some(c), Some(s)) => format!("{} {}", c.name(), s.plural()),
+            (Some(c), None) => format!("{} objects", c.name()),
+            (None, Some(s)) => s.plural().to_string(),
+            (None, None) => "objects".to_string(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Relation {
+    Left,
+    Right,
+    Above,
+    Below,
+}
+
+impl Relation {
+    fn phrase(self) -> &'static str {
+        match self {
+            Self::Left => "to the left of",
+            Self::Right => "to the right of",
+            Self::Above => "above",
+            Self::Below => "below",
+        }
+    }
+}
+
+/// A question, by family, with its arguments.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "family", rename_all = "snake_case")]
+pub enum Query {
+    /// "What colour is the {shape}?" (the shape is unique in the scene).
+    Colour { shape: Shape },
+    /// "What shape is the {colour} object?" (the colour is unique).
+    Shape { colour: Colour },
+    /// "How many {filter} are there?"
+    Count { filter: Filter },
+    /// "Is the {a} {relation} the {b}?" (a and b are unique colour+shape descriptions).
+    Relation {
+        a: (Colour, Shape),
+        b: (Colour, Shape),
+        relation: Relation,
+    },
+    /// "Is there a {colour} {shape}?"
+    Exists { colour: Colour, shape: Shape },
+    /// "Are there more {a} than {b}?"
+    Compare { a: Filter, b: Filter },
+    /// "How many {a} and {b} are there in total?" / "How many more {a} than {b} are there?"
+    Arithmetic { a: Filter, b: Filter, subtract: bool },
+}
+
+impl Query {
+    pub fn family(&self) -> &'static str {
+        match self {
+            Self::Colour { .. } => "colour",
+            Self::Shape { .. } => "shape",
+            Self::Count { .. } => "count",
+            Self::Relation { .. } => "relation",
+            Self::Exists { .. } => "exists",
+            Self::Compare { .. } => "compare",
+            Self::Arithmetic { .. } => "arithmetic",
+        }
+    }
+
+    pub fn answer_type(&self) -> AnswerType {
+        match self {
+            Self::Colour { .. } | Self::Shape { .. } => AnswerType::Exact,
+            Self::Count { .. } | Self::Arithmetic { .. } => AnswerType::Number,
+            Self::Relation { .. } | Self::Exists { .. } | Self::Compare { .. } => AnswerType::YesNo,
+        }
+    }
+
+    pub fn question(&self) -> String {
+        match self {
+            Self::Colour { shape } => format!("What colour is the {}?", shape.name()),
+            Self::Shape { colour } => format!("What shape is the {} object?", colour.name()),
+            Self::Count { filter } => format!("How many {} are there?", filter.describe_plural()),
+            Self::Relation { a, b, relation } => format!(
+                "Is the {} {} {} the {} {}?",
+                a.0.name(),
+                a.1.name(),
+                relation.phrase(),
+                b.0.name(),
+                b.1.name()
+            ),
+            Self::Exists { colour, shape } => {
+                format!("Is there a {} {}?", colour.name(), shape.name())
+            }
+            Self::Compare { a, b } => format!(
+                "Are there more {} than {}?",
+                a.describe_plural(),
+                b.describe_plural()
+            ),
+            Self::Arithmetic { a, b, subtract } => {
+                if *subtract {
+                    format!(
+                        "How many more {} than {} are there?",
+                        a.describe_plural(),
+                        b.describe_plural()
+                    )
+                } else {
+                    format!(
+                        "How many {} and {} are there in total?",
+                        a.describe_plural(),
+                        b.describe_plural()
+                    )
+                }
+            }
+        }
+    }
+}
+
+fn count(scene: &Scene, f: &Filter) -> usize {
+    scene.objects.iter().filter(|o| f.matches(o)).count()
+}
+
+fn find(scene: &Scene, c: Colour, s: Shape) -> Option<&Object> {
+    scene.objects.iter().find(|o| o.colour == c && o.shape == s)
+}
+
+fn yes_no(b: bool) -> String {
+    if b { "yes" } else { "no" }.to_string()
+}
+
+/// The answer to `query` in `scene`, or `None` when the question does not apply (e.g. the
+/// shape asked about is not unique).
+pub fn answer(scene: &Scene, query: &Query) -> Option<String> {
+    match query {
+        Query::Colour { shape } => {
+            let mut it = scene.objects.iter().filter(|o| o.shape == *shape);
+            let o = it.next()?;
+            it.next().is_none().then(|| o.colour.name().to_string())
+        }
+        Query::Shape { colour } => {
+            let mut it = scene.objects.iter().filter(|o| o.colour == *colour);
+            let o = it.next()?;
+            it.next().is_none().then(|| o.shape.name().to_string())
+        }
+        Query::Count { filter } => Some(count(scene, filter).to_string()),
+        Query::Relation { a, b, relation } => {
+            let unique = |c: Colour, s: Shape| {
+                scene.objects.iter().filter(|o| o.colour == c && o.shape == s).count() == 1
+            };
+            if !unique(a.0, a.1) || !unique(b.0, b.1) || a == b {
+                return None;
+            }
+            let (oa, ob) = (find(scene, a.0, a.1)?, find(scene, b.0, b.1)?);
+            // Only ask along an axis where the objects sit in different grid cells, so the
+            // answer is unambiguous to a viewer.
+            match relation {
+                Relation::Left | Relation::Right if oa.cell.0 == ob.cell.0 => None,
+                Relation::Above | Relation::Below if oa.cell.1 == ob.cell.1 => None,
+                Relation::Left => Some(yes_no(oa.x < ob.x)),
+                Relation::Right => Some(yes_no(oa.x > ob.x)),
+                Relation::Above => Some(yes_no(oa.y < ob.y)),
+                Relation::Below => Some(yes_no(oa.y > ob.y)),
+            }
+        }
+        Query::Exists { colour, shape } => Some(yes_no(find(scene, *colour, *shape).is_some())),
+        Query::Compare { a, b } => {
+            let (na, nb) = (count(scene, a), count(scene, b));
+            (na != nb).then(|| yes_no(na > nb))
+        }
+        Query::Arithmetic { a, b, subtract } => {
+            let (na, nb) = (count(scene, a), count(scene, b));
+            if *subtract {
+                (na > nb).then(|| (na - nb).to_string())
+            } else {
+                Some((na + nb).to_string())
+            }
+        }
+    }
+}
+
+/// Difficulty knobs and sizes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SynthConfig {
+    pub seed: u64,
+    pub n_train: usize,
+    pub n_val: usize,
+    pub n_test: usize,
+    pub image_size: u32,
+    pub min_objects: usize,
+    pub max_objects: usize,
+    /// Uniform pixel noise amplitude in [0, 1] (fraction of 255).
+    pub noise: f32,
+}
+
+impl Default for SynthConfig {
+    fn default() -> Self {
+        Self {
+            seed: 0,
+            n_train: 2000,
+            n_val: 200,
+            n_test: 500,
+            image_size: 64,
+            min_objects: 1,
+            max_objects: 5,
+            noise: 0.05,
+        }
+    }
+}
+
+impl SynthConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(DataError::Invalid(format!("shapes: {m}")));
+        if self.image_size < 24 {
+            return bad("image_size must be at least 24 pixels");
+        }
+        if self.min_objects == 0 || self.min_objects > self.max_objects || self.max_objects > 9 {
+            return bad("need 1 <= min_objects <= max_objects <= 9 (a 3x3 grid)");
+        }
+        if !(0.0..=1.0).contains(&self.noise) {
+            return bad("noise must be in [0, 1]");
+        }
+        Ok(())
+    }
+}
+
+/// The random stream of one row: a pure function of (seed, split, index), so asking for more
+/// rows never changes the first ones.
+fn row_rng(seed: u64, split: usize, index: usize) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(((split as u64) << 40) | index as u64);
+    rng
+}
+
+pub fn random_scene(cfg: &SynthConfig, rng: &mut ChaCha8Rng) -> Scene {
+    let n = rng.random_range(cfg.min_objects..=cfg.max_objects);
+    let cell = cfg.image_size / 3;
+    let mut cells: Vec<(u32, u32)> = (0..9).map(|i| (i % 3, i / 3)).collect();
+    // Partial Fisher-Yates: the first n cells.
+    for i in 0..n {
+        let j = rng.random_range(i..cells.len());
+        cells.swap(i, j);
+    }
+    let objects = cells[..n]
+        .iter()
+        .map(|&(cx, cy)| {
+            let size = if rng.random_bool(0.5) { Size::Small } else { Size::Large };
+            let radius = match size {
+                Size::Small => (cell * 2 / 9).max(3),
+                Size::Large => (cell * 4 / 11).max(5),
+            };
+            let slack = cell / 2 - radius;
+            let jitter = |rng: &mut ChaCha8Rng| rng.random_range(0..=2 * slack) as i64 - slack as i64;
+            let x = (cx * cell + cell / 2) as i64 + jitter(rng);
+            let y = (cy * cell + cell / 2) as i64 + jitter(rng);
+            Object {
+                shape: SHAPES[rng.random_range(0..SHAPES.len())],
+                colour: COLOURS[rng.random_range(0..COLOURS.len())],
+                size,
+                x: x as u32,
+                y: y as u32,
+                radius,
+                cell: (cx, cy),
+            }
+        })
+        .collect();
+    Scene {
+        width: cfg.image_size,
+        height: cfg.image_size,
+        objects,
+    }
+}
+
+fn random_filter(scene: &Scene, rng: &mut ChaCha8Rng) -> Filter {
+    // Half the time describe an object that is present, so counts are not mostly zero.
+    let from_scene = rng.random_bool(0.6) && !scene.objects.is_empty();
+    let (colour, shape) = if from_scene {
+        let o = scene.objects[rng.random_range(0..scene.objects.len())];
+        (o.colour, o.shape)
+    } else {
+        (
+            COLOURS[rng.random_range(0..COLOURS.len())],
+            SHAPES[rng.random_range(0..SHAPES.len())],
+        )
+    };
+    match rng.random_range(0..3) {
+        0 => Filter { colour: Some(colour), shape: None },
+        1 => Filter { colour: None, shape: Some(shape) },
+        _ => Filter { colour: Some(colour), shape: Some(shape) },
+    }
+}
+
+/// Draws a question that applies to `scene` (families uniformly, retrying inapplicable ones).
+pub fn random_query(scene: &Scene, rng: &mut ChaCha8Rng) -> Query {
+    for _ in 0..64 {
+        let pick = |rng: &mut ChaCha8Rng| scene.objects[rng.random_range(0..scene.objects.len())];
+        let q = match rng.random_range(0..7) {
+            0 => Query::Colour { shape: pick(rng).shape },
+            1 => Query::Shape { colour: pick(rng).colour },
+            2 => Query::Count {
+                filter: if rng.random_bool(0.2) {
+                    Filter { colour: None, shape: None }
+                } else {
+                    random_filter(scene, rng)
+                },
+            },
+            3 => {
+                let (a, b) = (pick(rng), pick(rng));
+                let relation = [Relation::Left, Relation::Right, Relation::Above, Relation::Below]
+                    [rng.random_range(0..4)];
+                Query::Relation { a: (a.colour, a.shape), b: (b.colour, b.shape), relation }
+            }
+            4 => {
+                // Balance yes and no: ask about a present object or a random combination.
+                let (colour, shape) = if rng.random_bool(0.5) {
+                    let o = pick(rng);
+                    (o.colour, o.shape)
+                } else {
+                    (
+                        COLOURS[rng.random_range(0..COLOURS.len())],
+                        SHAPES[rng.random_range(0..SHAPES.len())],
+                    )
+                };
+                Query::Exists { colour, shape }
+            }
+            5 => Query::Compare { a: random_filter(scene, rng), b: random_filter(scene, rng) },
+            _ => Query::Arithmetic {
+                a: random_filter(scene, rng),
+                b: random_filter(scene, rng),
+                subtract: rng.random_bool(0.4),
+            },
+        };
+        let degenerate = match &q {
+            Query::Compare { a, b } | Query::Arithmetic { a, b, .. } => a == b,
+            _ => false,
+        };
+        if !degenerate && answer(scene, &q).is_some() {
+            return q;
+        }
+    }
+    Query::Count { filter: Filter { colour: None, shape: None } }
+}
+
+fn inside(shape: Shape, dx: f32, dy: f32, r: f32) -> bool {
+    match shape {
+        Shape::Circle => dx * dx + dy * dy <= r * r,
+        Shape::Square => dx.abs() <= r * 0.85 && dy.abs() <= r * 0.85,
+        Shape::Diamond => dx.abs() + dy.abs() <= r,
+        // Upward triangle: apex at (0, -r), base at y = +r.
+        Shape::Triangle => dy <= r && dy >= -r && dx.abs() <= (dy + r) / 2.0,
+    }
+}
+
+/// Renders a scene to RGB pixels (light background, optional uniform noise).
+pub fn render(scene: &Scene, noise: f32, rng: &mut ChaCha8Rng) -> image::RgbImage {
+    let mut img = image::RgbImage::from_pixel(scene.width, scene.height, image::Rgb([245, 245, 240]));
+    for o in &scene.objects {
+        let r = o.radius as f32;
+        let x0 = o.x.saturating_sub(o.radius);
+        let y0 = o.y.saturating_sub(o.radius);
+        for y in y0..=(o.y + o.radius).min(scene.height - 1) {
+            for x in x0..=(o.x + o.radius).min(scene.width - 1) {
+                if inside(o.shape, x as f32 - o.x as f32, y as f32 - o.y as f32, r) {
+                    img.put_pixel(x, y, image::Rgb(o.colour.rgb()));
+                }
+            }
+        }
+    }
+    if noise > 0.0 {
+        let amp = noise * 255.0;
+        for px in img.pixels_mut() {
+            for c in px.0.iter_mut() {
+                let v = *c as f32 + rng.random_range(-amp..=amp);
+                *c = v.round().clamp(0.0, 255.0) as u8;
+            }
+        }
+    }
+    img
+}
+
+/// One generated row, before it is written.
+#[derive(Debug, Clone)]
+pub struct Generated {
+    pub id: String,
+    pub scene: Scene,
+    pub query: Query,
+    pub answer: String,
+    pub png: Vec<u8>,
+}
+
+pub fn generate_row(cfg: &SynthConfig, split: usize, index: usize, split_name: &str) -> Result<Generated> {
+    let mut rng = row_rng(cfg.seed, split, index);
+    let scene = random_scene(cfg, &mut rng);
+    let query = random_query(&scene, &mut rng);
+    let answer = answer(&scene, &query).ok_or_else(|| {
+        DataError::Invalid(format!("shapes: no answer for {query:?} (a generator bug)"))
+    })?;
+    let img = render(&scene, cfg.noise, &mut rng);
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png)
+        .map_err(|e| DataError::Invalid(format!("encoding PNG: {e}")))?;
+    Ok(Generated {
+        id: format!("shapes-{split_name}-{index:06}"),
+        scene,
+        query,
+        answer,
+        png: png.into_inner(),
+    })
+}
+
+/// Writes `DIR/{train,val,test}.jsonl` and `DIR/images/<split>/<id>.png`, plus `DIR/synth.json`
+/// with the settings. Returns the number of rows per split.
+pub fn write_dataset(cfg: &SynthConfig, out: &Path) -> Result<[usize; 3]> {
+    cfg.validate()?;
+    let splits = [("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)];
+    std::fs::create_dir_all(out).map_err(|e| DataError::io(out, e))?;
+    for (split_index, (name, n)) in splits.iter().enumerate() {
+        let img_dir = out.join("images").join(name);
+        std::fs::create_dir_all(&img_dir).map_err(|e| DataError::io(&img_dir, e))?;
+        let path = out.join(format!("{name}.jsonl"));
+        let tmp = out.join(format!(".{name}.jsonl.tmp"));
+        let file = std::fs::File::create(&tmp).map_err(|e| DataError::io(&tmp, e))?;
+        let mut w = std::io::BufWriter::new(file);
+        for i in 0..*n {
+            let g = generate_row(cfg, split_index, i, name)?;
+            let rel = format!("images/{name}/{}.png", g.id);
+            let img_path = out.join(&rel);
+            std::fs::write(&img_path, &g.png).map_err(|e| DataError::io(&img_path, e))?;
+            let row = serde_json::json!({
+                "id": g.id,
+                "images": [rel],
+                "question": g.query.question(),
+                "answer": g.answer,
+                "answer_type": g.query.answer_type(),
+                "family": g.query.family(),
+                "query": g.query,
+                "scene": g.scene,
+            });
+            writeln!(w, "{row}").map_err(|e| DataError::io(&tmp, e))?;
+        }
+        w.flush().map_err(|e| DataError::io(&tmp, e))?;
+        drop(w);
+        std::fs::rename(&tmp, &path).map_err(|e| DataError::io(&path, e))?;
+    }
+    let meta = serde_json::to_string_pretty(cfg).map_err(|e| DataError::Invalid(e.to_string()))?;
+    std::fs::write(out.join("synth.json"), meta).map_err(|e| DataError::io(out, e))?;
+    Ok([cfg.n_train, cfg.n_val, cfg.n_test])
+}
