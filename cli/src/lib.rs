@@ -6,6 +6,7 @@ pub mod device;
 pub mod logging;
 pub mod model_cmd;
 pub mod selfcheck;
+pub mod train_cmd;
 
 use std::path::PathBuf;
 
@@ -38,6 +39,30 @@ pub enum Command {
     Bench(BenchCommand),
     /// What this build supports (features) and what this machine offers (CUDA, NCCL).
     Env,
+    /// Datasets: the synthetic benchmark, format checks.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Tokenizers.
+    #[command(subcommand)]
+    Tokenizer(TokenizerCommand),
+    /// Supervised fine-tuning on a dataset's answers.
+    Sft(train_cmd::SftArgs),
+    /// Accuracy of a model on a dataset split, per question family.
+    Eval(train_cmd::EvalArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Writes the synthetic `shapes` benchmark (JSONL + PNG).
+    Synth(train_cmd::SynthArgs),
+    /// Reads every row of a dataset (images decoded) and reports what it holds.
+    Check(train_cmd::CheckArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenizerCommand {
+    /// Trains a byte-level BPE tokenizer with a ChatML template on a dataset's text.
+    Train(train_cmd::TokenizerTrainArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -55,6 +80,8 @@ pub enum ModelCommand {
     },
     /// Answers a question about images with a model directory.
     Generate(model_cmd::GenerateArgs),
+    /// Writes a new, randomly initialised model directory for a tokenizer.
+    Init(train_cmd::InitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -68,6 +95,12 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(ModelCommand::Selfcheck(args)) => selfcheck::run(&args),
         Command::Model(ModelCommand::Info { model, device }) => model_cmd::info(&model, &device),
         Command::Model(ModelCommand::Generate(args)) => model_cmd::generate(&args),
+        Command::Model(ModelCommand::Init(args)) => train_cmd::init(&args),
+        Command::Data(DataCommand::Synth(args)) => train_cmd::synth(&args),
+        Command::Data(DataCommand::Check(args)) => train_cmd::check(&args),
+        Command::Tokenizer(TokenizerCommand::Train(args)) => train_cmd::tokenizer_train(&args),
+        Command::Sft(args) => train_cmd::sft(&args),
+        Command::Eval(args) => train_cmd::eval(&args),
         Command::Bench(BenchCommand::Model(args)) => bench::run(&args),
         Command::Env => {
             env_report();

@@ -8,6 +8,7 @@ pub mod answer;
 pub mod dataset;
 pub mod error;
 pub mod shapes;
+pub mod style;
 pub mod types;
 
 pub use dataset::{Row, Split};

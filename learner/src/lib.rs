@@ -2,8 +2,15 @@
 //! gradient all-reduce across ranks (NCCL on GPUs, a CPU collective for development),
 //! checkpoints and weight publication.
 //!
-//! Status: the optimizer, gradient accumulation and checkpointed optimizer state live in
-//! `ril_model::optim`; the loss, the ranks and the collectives arrive with later issues. What is
-//! here now is the NCCL library probe, so a machine without CUDA gets an error instead of a panic.
+//! Today: supervised fine-tuning (`sft`), evaluation (`eval`), dataset rows as model inputs
+//! (`examples`) and the NCCL library probe (`gpu`). The optimizer, gradient accumulation and
+//! checkpointed optimizer state live in `ril_model::optim`. The RL loss, ranks and collectives
+//! arrive with later issues.
 
+pub mod error;
+pub mod eval;
+pub mod examples;
 pub mod gpu;
+pub mod sft;
+
+pub use error::{LearnerError, Result};

@@ -586,6 +586,54 @@ pub fn byte_level_chatml() -> Result<ChatTokenizer> {
     ChatTokenizer::new(inner, Some(CHATML_TEMPLATE.to_string()), config)
 }
 
+/// Trains a byte-level BPE tokenizer (GPT-2's byte alphabet, so any text encodes) on `texts`,
+/// with the ChatML and image special tokens first (ids 0-3) and the ChatML chat template.
+pub fn train_byte_level_chatml(
+    texts: impl Iterator<Item = String> + Send,
+    vocab_size: usize,
+) -> Result<ChatTokenizer> {
+    use tokenizers::models::TrainerWrapper;
+    use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+    use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+    let specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"];
+    let trainer = BpeTrainerBuilder::new()
+        .vocab_size(vocab_size)
+        .min_frequency(2)
+        .show_progress(false)
+        .special_tokens(
+            specials
+                .iter()
+                .map(|s| tokenizers::AddedToken::from(s.to_string(), true))
+                .collect(),
+        )
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+        .build();
+    let mut trainer = TrainerWrapper::BpeTrainer(trainer);
+    let mut inner = tokenizers::Tokenizer::new(BPE::default());
+    inner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+    inner.with_decoder(Some(ByteLevel::new(false, true, true)));
+    inner.with_post_processor(Some(ByteLevel::new(false, true, true)));
+    let err = |e: tokenizers::Error| ModelError::Tokenizer {
+        what: "tokenizer training".into(),
+        reason: e.to_string(),
+    };
+    inner.train(&mut trainer, texts).map_err(err)?;
+    // Register the specials as added tokens so they are matched atomically in any text.
+    inner.add_special_tokens(
+        specials
+            .iter()
+            .map(|s| tokenizers::AddedToken::from(s.to_string(), true)),
+    )
+    .map_err(err)?;
+    let mut config = serde_json::Map::new();
+    config.insert("eos_token".into(), Json::from("<|im_end|>"));
+    config.insert("pad_token".into(), Json::from("<|endoftext|>"));
+    config.insert("image_token".into(), Json::from("<image>"));
+    config.insert("model_max_length".into(), Json::from(2048));
+    config.insert("tokenizer_class".into(), Json::from("PreTrainedTokenizerFast"));
+    ChatTokenizer::new(inner, Some(CHATML_TEMPLATE.to_string()), config)
+}
+
 /// A ChatML template that accepts string or part-list content (images render as `<image>`).
 pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
 
@@ -612,6 +660,27 @@ mod tests {
         let mut s = String::new();
         python_json(&serde_json::json!({"a": [1]}), Some(2), 0, &mut s);
         assert_eq!(s, "{\n  \"a\": [\n    1\n  ]\n}");
+    }
+
+    #[test]
+    fn trained_bpe_compresses_its_corpus_and_keeps_special_tokens_atomic() {
+        let corpus: Vec<String> = (0..200)
+            .map(|i| format!("How many red circles are there? There are {} red circles.", i % 7))
+            .collect();
+        let tok = train_byte_level_chatml(corpus.clone().into_iter(), 400).unwrap();
+        assert!(tok.vocab_size() > 260 && tok.vocab_size() <= 400, "{}", tok.vocab_size());
+        assert_eq!(tok.token_id("<|endoftext|>"), Some(0));
+        assert_eq!(tok.token_id("<image>"), Some(3));
+        let text = &corpus[3];
+        let ids = tok.encode(text, false).unwrap();
+        assert!(ids.len() * 3 < text.len(), "{} tokens for {} bytes", ids.len(), text.len());
+        assert_eq!(tok.decode(&ids, false).unwrap(), *text);
+        let with_image = tok.encode("<|im_start|>user\n<image>What?<|im_end|>", false).unwrap();
+        assert_eq!(with_image.iter().filter(|&&i| i == 3).count(), 1);
+        assert_eq!(with_image[0], 1);
+        // Never-seen text still encodes (byte fallback through the byte alphabet).
+        let odd = "日本 ✓";
+        assert_eq!(tok.decode(&tok.encode(odd, false).unwrap(), false).unwrap(), odd);
     }
 
     #[test]

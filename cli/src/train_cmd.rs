@@ -1,0 +1,422 @@
+//! `ril data ...`, `ril tokenizer train`, `ril model init`, `ril sft`, `ril eval`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use candle_core::DType;
+use ril_data::dataset::{JsonlReader, ReadOptions, Split, read_all, split_file};
+use ril_data::shapes::{SynthConfig, write_dataset};
+use ril_learner::eval::{EvalConfig, evaluate};
+use ril_learner::sft::{OPTIMIZER_FILE, Schedule, SftConfig, SftEvent, SftState, Target, run_sft};
+use ril_model::bundle::Bundle;
+use ril_model::config::ModelSize;
+use ril_model::image::{ImageProcessor, ImageProcessorConfig};
+use ril_model::optim::{AdamW, AdamWConfig};
+use ril_model::{Head, LlavaConfig, Vlm};
+
+#[derive(Debug, clap::Args)]
+pub struct SynthArgs {
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 2000)]
+    pub n_train: usize,
+    #[arg(long, default_value_t = 200)]
+    pub n_val: usize,
+    #[arg(long, default_value_t = 500)]
+    pub n_test: usize,
+    #[arg(long, default_value_t = 64)]
+    pub image_size: u32,
+    #[arg(long, default_value_t = 1)]
+    pub min_objects: usize,
+    #[arg(long, default_value_t = 5)]
+    pub max_objects: usize,
+    /// Uniform pixel noise in [0, 1].
+    #[arg(long, default_value_t = 0.05)]
+    pub noise: f32,
+}
+
+pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
+    let cfg = SynthConfig {
+        seed: a.seed,
+        n_train: a.n_train,
+        n_val: a.n_val,
+        n_test: a.n_test,
+        image_size: a.image_size,
+        min_objects: a.min_objects,
+        max_objects: a.max_objects,
+        noise: a.noise,
+    };
+    let started = std::time::Instant::now();
+    let [tr, va, te] = write_dataset(&cfg, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    println!(
+        "shapes: {tr} train, {va} val, {te} test rows in {} ({:.1} s)",
+        a.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CheckArgs {
+    /// A JSONL file, or a directory with train/val/test.jsonl.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+/// Reads every row (images decoded) and reports counts, families and skipped rows.
+pub fn check(a: &CheckArgs) -> anyhow::Result<()> {
+    let files: Vec<PathBuf> = if a.data.is_dir() {
+        [Split::Train, Split::Val, Split::Test]
+            .into_iter()
+            .filter_map(|s| split_file(&a.data, s).ok())
+            .collect()
+    } else {
+        vec![a.data.clone()]
+    };
+    if files.is_empty() {
+        bail!("{}: no train/val/test.jsonl found", a.data.display());
+    }
+    for f in files {
+        let mut reader = JsonlReader::open(&f, ReadOptions { skip_bad_rows: a.skip_bad_rows })?;
+        let mut families: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut n = 0;
+        let mut images = 0;
+        for row in reader.by_ref() {
+            let row = row?;
+            n += 1;
+            images += row.images.len();
+            *families.entry(row.family.unwrap_or_else(|| "-".into())).or_default() += 1;
+        }
+        let report = reader.skip_report();
+        println!("{}: {n} rows, {images} images, families {families:?}", f.display());
+        if report.skipped > 0 {
+            println!("  skipped {} bad rows; first: {:#?}", report.skipped, report.first);
+        }
+    }
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TokenizerTrainArgs {
+    /// A JSONL file or a dataset directory (its train split is used).
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    pub vocab_size: usize,
+}
+
+pub fn tokenizer_train(a: &TokenizerTrainArgs) -> anyhow::Result<()> {
+    let file = split_file(&a.data, Split::Train)?;
+    let (rows, _) = read_all(&file, ReadOptions::default())?;
+    let mut texts = Vec::with_capacity(rows.len() * 3);
+    for r in &rows {
+        texts.push(r.question_text());
+        texts.push(r.answer.clone());
+        for style in [ril_data::style::AnswerStyle::Reasoned] {
+            texts.push(ril_data::style::styled_answer(r, style));
+        }
+        for answers in r.teacher_answers.values() {
+            texts.extend(answers.iter().cloned());
+        }
+    }
+    let tok = ril_model::tokenizer::train_byte_level_chatml(texts.into_iter(), a.vocab_size)?;
+    tok.save(&a.out)?;
+    println!("tokenizer: {} tokens -> {}", tok.vocab_size(), a.out.display());
+    Ok(())
+}
+
+fn parse_size(s: &str) -> anyhow::Result<ModelSize> {
+    Ok(match s {
+        "test" => ModelSize::Test,
+        "tiny" => ModelSize::Tiny,
+        "medium" => ModelSize::Medium,
+        other => bail!("--size {other:?}: expected test, tiny or medium"),
+    })
+}
+
+#[derive(Debug, clap::Args)]
+pub struct InitArgs {
+    /// A directory with tokenizer.json (+ tokenizer_config.json, chat template).
+    #[arg(long)]
+    pub tokenizer: PathBuf,
+    /// test, tiny or medium.
+    #[arg(long, default_value = "tiny")]
+    pub size: String,
+    /// Decoder layers, overriding the size's default.
+    #[arg(long)]
+    pub layers: Option<usize>,
+    /// Decoder width, overriding the size's default (heads keep 32 dimensions each).
+    #[arg(long)]
+    pub hidden: Option<usize>,
+    /// Image side in pixels, overriding the size's default (must be a multiple of the patch).
+    #[arg(long)]
+    pub image_size: Option<usize>,
+    #[arg(long)]
+    pub patch_size: Option<usize>,
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+/// A new random model directory for a tokenizer.
+pub fn init(a: &InitArgs) -> anyhow::Result<()> {
+    let tokenizer = ril_model::ChatTokenizer::from_dir(&a.tokenizer)?;
+    let image_id = tokenizer
+        .token_id(tokenizer.special_token("image_token").unwrap_or("<image>"))
+        .context("the tokenizer has no image token")?;
+    let mut cfg = LlavaConfig::sized(tokenizer.vocab_size(), image_id, parse_size(&a.size)?);
+    if let Some(l) = a.layers {
+        cfg.text_config.num_hidden_layers = l;
+    }
+    if let Some(h) = a.hidden {
+        cfg.text_config.hidden_size = h;
+        cfg.text_config.intermediate_size = 3 * h;
+        cfg.text_config.num_attention_heads = (h / 32).max(1);
+        cfg.text_config.num_key_value_heads = Some((h / 64).max(1));
+    }
+    if let Some(s) = a.image_size {
+        cfg.vision_config.image_size = s;
+    }
+    if let Some(p) = a.patch_size {
+        cfg.vision_config.patch_size = p;
+    }
+    cfg.validate()?;
+    if let Some(eos) = tokenizer.eos_id() {
+        cfg.text_config.extra.insert("eos_token_id".into(), eos.into());
+    }
+    let model = Vlm::new_random(&cfg, Head::LanguageModel, &candle_core::Device::Cpu, DType::F32, a.seed)?;
+    let (n, _) = model.parameter_counts();
+    let processor = ImageProcessor::new(ImageProcessorConfig::clip(cfg.vision_config.image_size as u32))?;
+    Bundle { model, tokenizer, processor }.save(&a.out)?;
+    println!("model: {n} parameters -> {}", a.out.display());
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct SftArgs {
+    /// Model directory to start from (ignored with --resume).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Dataset directory (train.jsonl, val.jsonl) or a train JSONL file.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from a checkpoint directory written by a previous run.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long, default_value_t = 200)]
+    pub steps: usize,
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    pub min_lr: f64,
+    #[arg(long, default_value_t = 10)]
+    pub warmup_steps: usize,
+    /// constant, linear or cosine.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: String,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: usize,
+    #[arg(long, default_value_t = 100)]
+    pub eval_rows: usize,
+    #[arg(long, default_value_t = 100)]
+    pub save_every: usize,
+    #[arg(long, default_value_t = 10)]
+    pub log_every: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// reference, teacher:NAME, or style:terse|reasoned.
+    #[arg(long, default_value = "reference")]
+    pub target: String,
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+fn parse_target(s: &str) -> anyhow::Result<Target> {
+    Ok(match s.split_once(':') {
+        None if s == "reference" => Target::Reference,
+        Some(("teacher", name)) if !name.is_empty() => Target::Teacher(name.to_string()),
+        Some(("style", style)) => Target::Style(style.parse().map_err(anyhow::Error::msg)?),
+        _ => bail!("--target {s:?}: expected reference, teacher:NAME or style:terse|reasoned"),
+    })
+}
+
+/// A progress bar on a terminal, plain log lines otherwise.
+fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_prefix(what.to_string());
+    Some(bar)
+}
+
+pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
+    let schedule = match a.schedule.as_str() {
+        "constant" => Schedule::Constant,
+        "linear" => Schedule::Linear,
+        "cosine" => Schedule::Cosine,
+        other => bail!("--schedule {other:?}: expected constant, linear or cosine"),
+    };
+    let cfg = SftConfig {
+        steps: a.steps,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        lr: a.lr,
+        min_lr: a.min_lr,
+        warmup_steps: a.warmup_steps,
+        schedule,
+        eval_every: a.eval_every,
+        eval_rows: a.eval_rows,
+        save_every: a.save_every,
+        keep_checkpoints: 2,
+        log_every: a.log_every,
+        seed: a.seed,
+        target: parse_target(&a.target)?,
+        skip_bad_rows: a.skip_bad_rows,
+    };
+    let start_dir: &Path = match (&a.resume, &a.model) {
+        (Some(r), _) => r,
+        (None, Some(m)) => m,
+        (None, None) => bail!("give --model (a model directory) or --resume (a checkpoint)"),
+    };
+    let device = candle_core::Device::Cpu;
+    let bundle = Bundle::load(start_dir, Head::LanguageModel, &device, DType::F32)
+        .with_context(|| format!("loading {}", start_dir.display()))?;
+    let mut optimizer = AdamW::new(
+        bundle.model.trainable_vars(),
+        AdamWConfig { lr: a.lr, weight_decay: a.weight_decay, ..Default::default() },
+    )?;
+    let state = match &a.resume {
+        Some(r) => {
+            optimizer.load(&r.join(OPTIMIZER_FILE))?;
+            SftState::load(r)?
+        }
+        None => SftState::default(),
+    };
+    let train = split_file(&a.data, Split::Train)?;
+    let val = if a.data.is_dir() { split_file(&a.data, Split::Val).ok() } else { None };
+    let bar = progress_bar(cfg.steps as u64, "sft");
+    if let Some(b) = &bar {
+        b.set_position(state.step as u64);
+    }
+    let summary = run_sft(&bundle, &mut optimizer, &train, val.as_deref(), &a.out, &cfg, state, |e| match e {
+        SftEvent::Step { step, total, loss, lr, grad_norm, tokens_per_second } => match &bar {
+            Some(b) => {
+                b.set_position(*step as u64);
+                b.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s"));
+            }
+            None => tracing::info!(step, total, loss, lr, grad_norm, tokens_per_second, "sft step"),
+        },
+        SftEvent::Eval { step, val_loss } => {
+            tracing::info!(step, val_loss, "validation");
+        }
+        SftEvent::Saved { step, dir } => tracing::info!(step, dir = %dir.display(), "checkpoint saved"),
+    })?;
+    if let Some(b) = bar {
+        b.finish();
+    }
+    println!(
+        "sft: {} steps in {:.1} s; train loss {:.4}; val loss {} -> {}; model: {}",
+        summary.steps,
+        summary.seconds,
+        summary.final_train_loss,
+        summary.first_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        summary.final_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        summary.final_dir.display()
+    );
+    Ok(())
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Dataset directory or JSONL file.
+    #[arg(long)]
+    pub data: PathBuf,
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Evaluate only the first N rows.
+    #[arg(long)]
+    pub max_rows: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// 0: greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f64,
+    #[arg(long, default_value_t = 48)]
+    pub max_new_tokens: usize,
+    #[arg(long, default_value_t = 16)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Write the full report (every row) as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub skip_bad_rows: bool,
+}
+
+pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
+    let split: Split = a.split.parse().map_err(anyhow::Error::msg)?;
+    let file = split_file(&a.data, split)?;
+    let (mut rows, skipped) = read_all(&file, ReadOptions { skip_bad_rows: a.skip_bad_rows })?;
+    if let Some(n) = a.max_rows {
+        rows.truncate(n);
+    }
+    if rows.is_empty() {
+        bail!("{}: no rows to evaluate", file.display());
+    }
+    let bundle = Bundle::load(&a.model, Head::LanguageModel, &candle_core::Device::Cpu, DType::F32)
+        .with_context(|| format!("loading {}", a.model.display()))?;
+    let cfg = EvalConfig {
+        samples: a.samples,
+        temperature: a.temperature,
+        top_p: 1.0,
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        seed: a.seed,
+    };
+    let bar = progress_bar((rows.len() * a.samples.max(1)) as u64, "eval");
+    let report = evaluate(&bundle, &rows, &cfg, |done, total| match &bar {
+        Some(b) => b.set_position(done as u64),
+        None => tracing::debug!(done, total, "evaluating"),
+    })?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    println!("| family | questions | accuracy |");
+    println!("|---|---:|---:|");
+    for (family, s) in &report.per_family {
+        println!("| {family} | {} | {:.3} |", s.total, s.accuracy);
+    }
+    println!("| **all** | {} | **{:.3}** |", report.questions, report.accuracy);
+    if skipped.skipped > 0 {
+        println!("skipped {} bad rows: {:?}", skipped.skipped, skipped.first);
+    }
+    if let Some(out) = &a.out {
+        std::fs::write(out, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("writing {}", out.display()))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! Supervised fine-tuning: next-token loss on the answer tokens of dataset rows (the reference
+//! answer, a teacher's answer, or a styled answer), with warm-up + linear or cosine decay,
+//! gradient accumulation, validation loss, periodic checkpoints and exact resume.
+//!
+//! The loss is the mean negative log-likelihood per target token over the whole accumulated
+//! batch: micro-batches contribute token *sums* and the gradient is divided once by the total,
+//! so accumulation equals one big batch.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use ril_data::Row;
+use ril_data::dataset::{ReadOptions, ShuffledJsonl, read_all};
+use ril_model::bundle::Bundle;
+use ril_model::optim::{AdamW, Gradients};
+use ril_model::score::{ScoreRequest, score_tokens};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LearnerError, Result};
+use crate::examples::{SupervisedExample, supervised};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    Linear,
+    Cosine,
+}
+
+/// What the model learns to say.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// The row's reference answer, verbatim.
+    Reference,
+    /// The first answer of this teacher in the row's `teacher_answers`.
+    Teacher(String),
+    /// The reference answer in a house style (see [`ril_data::style`]).
+    Style(ril_data::style::AnswerStyle),
+}
+
+impl Target {
+    pub fn text(&self, row: &Row) -> Result<String> {
+        match self {
+            Self::Reference => Ok(row.answer.clone()),
+            Self::Teacher(name) => row
+                .teacher_answers
+                .get(name)
+                .and_then(|a| a.first())
+                .cloned()
+                .ok_or_else(|| {
+                    LearnerError::Invalid(format!("row {}: no answer from teacher {name:?}", row.id))
+                }),
+            Self::Style(style) => Ok(ril_data::style::styled_answer(row, *style)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftConfig {
+    pub steps: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_steps: usize,
+    pub schedule: Schedule,
+    pub eval_every: usize,
+    pub eval_rows: usize,
+    pub save_every: usize,
+    pub keep_checkpoints: usize,
+    pub log_every: usize,
+    pub seed: u64,
+    pub target: Target,
+    pub skip_bad_rows: bool,
+}
+
+impl Default for SftConfig {
+    fn default() -> Self {
+        Self {
+            steps: 200,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 10,
+            schedule: Schedule::Cosine,
+            eval_every: 50,
+            eval_rows: 100,
+            save_every: 100,
+            keep_checkpoints: 2,
+            log_every: 10,
+            seed: 0,
+            target: Target::Reference,
+            skip_bad_rows: false,
+        }
+    }
+}
+
+impl SftConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(LearnerError::Invalid(format!("sft: {m}")));
+        if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
+            return bad("steps, batch_size and grad_accum must be positive");
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+            return bad("need lr > 0 and 0 <= min_lr <= lr");
+        }
+        Ok(())
+    }
+}
+
+/// The learning rate at `step` (0-based): linear warm-up to `lr`, then constant, linear or
+/// cosine decay to `min_lr` at the last step.
+pub fn lr_at(cfg: &SftConfig, step: usize) -> f64 {
+    if step < cfg.warmup_steps {
+        return cfg.lr * (step + 1) as f64 / cfg.warmup_steps as f64;
+    }
+    let span = cfg.steps.saturating_sub(cfg.warmup_steps).max(1) as f64;
+    let progress = ((step - cfg.warmup_steps) as f64 / span).clamp(0.0, 1.0);
+    match cfg.schedule {
+        Schedule::Constant => cfg.lr,
+        Schedule::Linear => cfg.lr + (cfg.min_lr - cfg.lr) * progress,
+        Schedule::Cosine => {
+            cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        }
+    }
+}
+
+/// Which checkpoints to delete: all but the newest `keep` (by step).
+pub fn checkpoints_to_delete(mut steps: Vec<usize>, keep: usize) -> Vec<usize> {
+    steps.sort_unstable();
+    let n = steps.len().saturating_sub(keep);
+    steps.truncate(n);
+    steps
+}
+
+/// Where training stands; saved with every checkpoint so a resumed run continues exactly.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SftState {
+    /// Optimizer steps done.
+    pub step: usize,
+    pub epoch: u64,
+    /// Position in the epoch's shuffled order.
+    pub cursor: usize,
+    pub last_val_loss: Option<f64>,
+}
+
+pub const STATE_FILE: &str = "trainer_state.json";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
+
+impl SftState {
+    pub fn load(dir: &Path) -> Result<Self> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| LearnerError::Io { path: path.clone(), source })?;
+        serde_json::from_str(&text).map_err(|e| LearnerError::Invalid(format!("{}: {e}", path.display())))
+    }
+}
+
+/// Progress, for progress bars and logs.
+#[derive(Debug, Clone)]
+pub enum SftEvent {
+    Step { step: usize, total: usize, loss: f64, lr: f64, grad_norm: f64, tokens_per_second: f64 },
+    Eval { step: usize, val_loss: f64 },
+    Saved { step: usize, dir: PathBuf },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SftSummary {
+    pub steps: usize,
+    pub first_val_loss: Option<f64>,
+    pub final_val_loss: Option<f64>,
+    pub final_train_loss: f64,
+    pub seconds: f64,
+    pub final_dir: PathBuf,
+}
+
+/// The training stream: shuffled by (seed, epoch), cycling epochs, resumable at a cursor.
+struct Stream {
+    path: PathBuf,
+    seed: u64,
+    epoch: u64,
+    reader: ShuffledJsonl,
+    options: ReadOptions,
+}
+
+impl Stream {
+    fn open(path: &Path, seed: u64, epoch: u64, cursor: usize, options: ReadOptions) -> Result<Self> {
+        let mut reader = ShuffledJsonl::open(path, Some(seed.wrapping_add(epoch)), options)?;
+        if reader.is_empty() {
+            return Err(LearnerError::Invalid(format!("{}: no rows to train on", path.display())));
+        }
+        reader.seek_to(cursor);
+        Ok(Self { path: path.to_path_buf(), seed, epoch, reader, options })
+    }
+
+    fn next_row(&mut self) -> Result<Row> {
+        loop {
+            match self.reader.next() {
+                Some(r) => return Ok(r?),
+                None => {
+                    self.epoch += 1;
+                    self.reader = ShuffledJsonl::open(&self.path, Some(self.seed.wrapping_add(self.epoch)), self.options)?;
+                    if self.reader.is_empty() {
+                        return Err(LearnerError::Invalid(format!("{}: every row was skipped", self.path.display())));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Sum of target-token negative log-likelihoods of a batch, and the number of target tokens
+/// and of all tokens.
+pub fn nll_sum(bundle: &Bundle, batch: &[SupervisedExample]) -> Result<(candle_core::Tensor, usize, usize)> {
+    let requests: Vec<ScoreRequest<'_>> = batch
+        .iter()
+        .map(|e| ScoreRequest {
+            prompt_ids: &e.prompt_ids,
+            response_ids: &e.target_ids,
+            pixel_values: e.pixel_values.as_ref(),
+        })
+        .collect();
+    let scores = score_tokens(&bundle.model, &requests, 1.0)?;
+    let targets: usize = scores.response_lengths.iter().sum();
+    let all: usize = batch.iter().map(|e| e.prompt_ids.len() + e.target_ids.len()).sum();
+    Ok((scores.logprobs.sum_all()?.neg()?, targets, all))
+}
+
+/// Mean validation loss per target token over the first `max_rows` rows of `rows`.
+pub fn validation_loss(bundle: &Bundle, rows: &[Row], target: &Target, batch_size: usize) -> Result<f64> {
+    let mut total = 0f64;
+    let mut tokens = 0usize;
+    for chunk in rows.chunks(batch_size.max(1)) {
+        let batch = chunk
+            .iter()
+            .map(|r| supervised(bundle, r, &target.text(r)?))
+            .collect::<Result<Vec<_>>>()?;
+        let (sum, n, _) = nll_sum(bundle, &batch)?;
+        total += sum.to_scalar::<f32>()? as f64;
+        tokens += n;
+    }
+    Ok(total / tokens.max(1) as f64)
+}
+
+/// Saves a resumable checkpoint: the model directory, the optimizer and the trainer state.
+pub fn save_checkpoint(bundle: &Bundle, optimizer: &AdamW, state: &SftState, dir: &Path) -> Result<()> {
+    bundle.save(dir)?;
+    optimizer.save(&dir.join(OPTIMIZER_FILE))?;
+    let text = serde_json::to_string_pretty(state).map_err(|e| LearnerError::Invalid(e.to_string()))?;
+    ril_model::checkpoint::write_atomic(&dir.join(STATE_FILE), text.as_bytes())?;
+    Ok(())
+}
+
+/// Runs (or continues, from `state`) supervised fine-tuning of `bundle` on `train`.
+pub fn run_sft(
+    bundle: &Bundle,
+    optimizer: &mut AdamW,
+    train: &Path,
+    val: Option<&Path>,
+    out: &Path,
+    cfg: &SftConfig,
+    mut state: SftState,
+    mut on_event: impl FnMut(&SftEvent),
+) -> Result<SftSummary> {
+    cfg.validate()?;
+    let options = ReadOptions { skip_bad_rows: cfg.skip_bad_rows };
+    let val_rows: Vec<Row> = match val {
+        Some(v) => {
+            let (mut rows, _) = read_all(v, options)?;
+            rows.truncate(cfg.eval_rows);
+            rows
+        }
+        None => Vec::new(),
+    };
+    let mut stream = Stream::open(train, cfg.seed, state.epoch, state.cursor, options)?;
+    let started = Instant::now();
+    let first_val_loss = if val_rows.is_empty() {
+        None
+    } else {
+        let v = validation_loss(bundle, &val_rows, &cfg.target, cfg.batch_size)?;
+        on_event(&SftEvent::Eval { step: state.step, val_loss: v });
+        Some(v)
+    };
+    let mut last_loss = f64::NAN;
+    let mut saved: Vec<usize> = Vec::new();
+    while state.step < cfg.steps {
+        let step_started = Instant::now();
+        let mut grads = Gradients::default();
+        let mut loss_sum = 0f64;
+        let mut target_tokens = 0usize;
+        let mut all_tokens = 0usize;
+        for _ in 0..cfg.grad_accum {
+            let mut batch = Vec::with_capacity(cfg.batch_size);
+            for _ in 0..cfg.batch_size {
+                let row = stream.next_row()?;
+                batch.push(supervised(bundle, &row, &cfg.target.text(&row)?)?);
+            }
+            let (sum, n, all) = nll_sum(bundle, &batch)?;
+            loss_sum += sum.to_scalar::<f32>()? as f64;
+            target_tokens += n;
+            all_tokens += all;
+            grads.accumulate(&Gradients::backward(&sum, optimizer.params())?, 1.0)?;
+        }
+        grads.scale(1.0 / target_tokens.max(1) as f64)?;
+        let lr = lr_at(cfg, state.step);
+        let stats = optimizer.step(&grads, lr)?;
+        last_loss = loss_sum / target_tokens.max(1) as f64;
+        if !last_loss.is_finite() {
+            return Err(LearnerError::Invalid(format!("sft: loss is {last_loss} at step {}", state.step + 1)));
+        }
+        state.step += 1;
+        state.epoch = stream.epoch;
+        state.cursor = stream.reader.position();
+        if state.step % cfg.log_every.max(1) == 0 || state.step == cfg.steps {
+            on_event(&SftEvent::Step {
+                step: state.step,
+                total: cfg.steps,
+                loss: last_loss,
+                lr,
+                grad_norm: stats.grad_norm,
+                tokens_per_second: all_tokens as f64 / step_started.elapsed().as_secs_f64(),
+            });
+        }
+        if !val_rows.is_empty() && cfg.eval_every > 0 && (state.step % cfg.eval_every == 0 || state.step == cfg.steps) {
+            let v = validation_loss(bundle, &val_rows, &cfg.target, cfg.batch_size)?;
+            state.last_val_loss = Some(v);
+            on_event(&SftEvent::Eval { step: state.step, val_loss: v });
+        }
+        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < cfg.steps {
+            let dir = out.join(format!("checkpoint-{:06}", state.step));
+            save_checkpoint(bundle, optimizer, &state, &dir)?;
+            saved.push(state.step);
+            on_event(&SftEvent::Saved { step: state.step, dir });
+            for old in checkpoints_to_delete(saved.clone(), cfg.keep_checkpoints) {
+                let dir = out.join(format!("checkpoint-{old:06}"));
+                std::fs::remove_dir_all(&dir).map_err(|source| LearnerError::Io { path: dir, source })?;
+                saved.retain(|s| *s != old);
+            }
+        }
+    }
+    let final_dir = out.join("final");
+    save_checkpoint(bundle, optimizer, &state, &final_dir)?;
+    on_event(&SftEvent::Saved { step: state.step, dir: final_dir.clone() });
+    Ok(SftSummary {
+        steps: state.step,
+        first_val_loss,
+        final_val_loss: state.last_val_loss,
+        final_train_loss: last_loss,
+        seconds: started.elapsed().as_secs_f64(),
+        final_dir,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_min_lr() {
+        let cfg = SftConfig { steps: 110, warmup_steps: 10, lr: 1.0, min_lr: 0.1, ..Default::default() };
+        assert!((lr_at(&cfg, 0) - 0.1).abs() < 1e-12);
+        assert!((lr_at(&cfg, 9) - 1.0).abs() < 1e-12);
+        assert!((lr_at(&cfg, 10) - 1.0).abs() < 1e-12);
+        assert!((lr_at(&cfg, 60) - 0.55).abs() < 1e-12, "cosine midpoint");
+        assert!((lr_at(&cfg, 110) - 0.1).abs() < 1e-12);
+        let lin = SftConfig { schedule: Schedule::Linear, ..cfg.clone() };
+        assert!((lr_at(&lin, 60) - 0.55).abs() < 1e-12);
+        assert!((lr_at(&lin, 35) - 0.775).abs() < 1e-12);
+        let constant = SftConfig { schedule: Schedule::Constant, ..cfg };
+        assert_eq!(lr_at(&constant, 100), 1.0);
+    }
+
+    #[test]
+    fn checkpoint_policy_keeps_the_newest() {
+        assert_eq!(checkpoints_to_delete(vec![300, 100, 200], 2), vec![100]);
+        assert_eq!(checkpoints_to_delete(vec![100], 2), Vec::<usize>::new());
+        assert_eq!(checkpoints_to_delete(vec![1, 2, 3], 0), vec![1, 2, 3]);
+    }
+}
