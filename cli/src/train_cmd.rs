@@ -50,7 +50,8 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
         noise: a.noise,
     };
     let started = std::time::Instant::now();
-    let [tr, va, te] = write_dataset(&cfg, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
+    let [tr, va, te] =
+        write_dataset(&cfg, &a.out).with_context(|| format!("writing {}", a.out.display()))?;
     println!(
         "shapes: {tr} train, {va} val, {te} test rows in {} ({:.1} s)",
         a.out.display(),
@@ -82,7 +83,12 @@ pub fn check(a: &CheckArgs) -> anyhow::Result<()> {
         bail!("{}: no train/val/test.jsonl found", a.data.display());
     }
     for f in files {
-        let mut reader = JsonlReader::open(&f, ReadOptions { skip_bad_rows: a.skip_bad_rows })?;
+        let mut reader = JsonlReader::open(
+            &f,
+            ReadOptions {
+                skip_bad_rows: a.skip_bad_rows,
+            },
+        )?;
         let mut families: std::collections::BTreeMap<String, usize> = Default::default();
         let mut n = 0;
         let mut images = 0;
@@ -90,12 +96,20 @@ pub fn check(a: &CheckArgs) -> anyhow::Result<()> {
             let row = row?;
             n += 1;
             images += row.images.len();
-            *families.entry(row.family.unwrap_or_else(|| "-".into())).or_default() += 1;
+            *families
+                .entry(row.family.unwrap_or_else(|| "-".into()))
+                .or_default() += 1;
         }
         let report = reader.skip_report();
-        println!("{}: {n} rows, {images} images, families {families:?}", f.display());
+        println!(
+            "{}: {n} rows, {images} images, families {families:?}",
+            f.display()
+        );
         if report.skipped > 0 {
-            println!("  skipped {} bad rows; first: {:#?}", report.skipped, report.first);
+            println!(
+                "  skipped {} bad rows; first: {:#?}",
+                report.skipped, report.first
+            );
         }
     }
     Ok(())
@@ -119,16 +133,21 @@ pub fn tokenizer_train(a: &TokenizerTrainArgs) -> anyhow::Result<()> {
     for r in &rows {
         texts.push(r.question_text());
         texts.push(r.answer.clone());
-        for style in [ril_data::style::AnswerStyle::Reasoned] {
-            texts.push(ril_data::style::styled_answer(r, style));
-        }
+        texts.push(ril_data::style::styled_answer(
+            r,
+            ril_data::style::AnswerStyle::Reasoned,
+        ));
         for answers in r.teacher_answers.values() {
             texts.extend(answers.iter().cloned());
         }
     }
     let tok = ril_model::tokenizer::train_byte_level_chatml(texts.into_iter(), a.vocab_size)?;
     tok.save(&a.out)?;
-    println!("tokenizer: {} tokens -> {}", tok.vocab_size(), a.out.display());
+    println!(
+        "tokenizer: {} tokens -> {}",
+        tok.vocab_size(),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -190,12 +209,27 @@ pub fn init(a: &InitArgs) -> anyhow::Result<()> {
     }
     cfg.validate()?;
     if let Some(eos) = tokenizer.eos_id() {
-        cfg.text_config.extra.insert("eos_token_id".into(), eos.into());
+        cfg.text_config
+            .extra
+            .insert("eos_token_id".into(), eos.into());
     }
-    let model = Vlm::new_random(&cfg, Head::LanguageModel, &candle_core::Device::Cpu, DType::F32, a.seed)?;
+    let model = Vlm::new_random(
+        &cfg,
+        Head::LanguageModel,
+        &candle_core::Device::Cpu,
+        DType::F32,
+        a.seed,
+    )?;
     let (n, _) = model.parameter_counts();
-    let processor = ImageProcessor::new(ImageProcessorConfig::clip(cfg.vision_config.image_size as u32))?;
-    Bundle { model, tokenizer, processor }.save(&a.out)?;
+    let processor = ImageProcessor::new(ImageProcessorConfig::clip(
+        cfg.vision_config.image_size as u32,
+    ))?;
+    Bundle {
+        model,
+        tokenizer,
+        processor,
+    }
+    .save(&a.out)?;
     println!("model: {n} parameters -> {}", a.out.display());
     Ok(())
 }
@@ -263,8 +297,10 @@ fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
     }
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{elapsed_precise}] {wide_bar} {pos}/{len} {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar.set_prefix(what.to_string());
     Some(bar)
@@ -304,7 +340,11 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
         .with_context(|| format!("loading {}", start_dir.display()))?;
     let mut optimizer = AdamW::new(
         bundle.model.trainable_vars(),
-        AdamWConfig { lr: a.lr, weight_decay: a.weight_decay, ..Default::default() },
+        AdamWConfig {
+            lr: a.lr,
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
     )?;
     let state = match &a.resume {
         Some(r) => {
@@ -314,24 +354,56 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
         None => SftState::default(),
     };
     let train = split_file(&a.data, Split::Train)?;
-    let val = if a.data.is_dir() { split_file(&a.data, Split::Val).ok() } else { None };
+    let val = if a.data.is_dir() {
+        split_file(&a.data, Split::Val).ok()
+    } else {
+        None
+    };
     let bar = progress_bar(cfg.steps as u64, "sft");
     if let Some(b) = &bar {
         b.set_position(state.step as u64);
     }
-    let summary = run_sft(&bundle, &mut optimizer, &train, val.as_deref(), &a.out, &cfg, state, |e| match e {
-        SftEvent::Step { step, total, loss, lr, grad_norm, tokens_per_second } => match &bar {
-            Some(b) => {
-                b.set_position(*step as u64);
-                b.set_message(format!("loss {loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s"));
+    let summary = run_sft(
+        &bundle,
+        &mut optimizer,
+        &train,
+        val.as_deref(),
+        &a.out,
+        &cfg,
+        state,
+        |e| match e {
+            SftEvent::Step {
+                step,
+                total,
+                loss,
+                lr,
+                grad_norm,
+                tokens_per_second,
+            } => match &bar {
+                Some(b) => {
+                    b.set_position(*step as u64);
+                    b.set_message(format!(
+                        "loss {loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s"
+                    ));
+                }
+                None => tracing::info!(
+                    step,
+                    total,
+                    loss,
+                    lr,
+                    grad_norm,
+                    tokens_per_second,
+                    "sft step"
+                ),
+            },
+            SftEvent::Eval { step, val_loss } => {
+                tracing::info!(step, val_loss, "validation");
             }
-            None => tracing::info!(step, total, loss, lr, grad_norm, tokens_per_second, "sft step"),
+            SftEvent::Saved { step, dir } => {
+                tracing::info!(step, dir = %dir.display(), "checkpoint saved")
+            }
         },
-        SftEvent::Eval { step, val_loss } => {
-            tracing::info!(step, val_loss, "validation");
-        }
-        SftEvent::Saved { step, dir } => tracing::info!(step, dir = %dir.display(), "checkpoint saved"),
-    })?;
+    )?;
     if let Some(b) = bar {
         b.finish();
     }
@@ -340,8 +412,12 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
         summary.steps,
         summary.seconds,
         summary.final_train_loss,
-        summary.first_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
-        summary.final_val_loss.map_or("-".into(), |v| format!("{v:.4}")),
+        summary
+            .first_val_loss
+            .map_or("-".into(), |v| format!("{v:.4}")),
+        summary
+            .final_val_loss
+            .map_or("-".into(), |v| format!("{v:.4}")),
         summary.final_dir.display()
     );
     Ok(())
@@ -380,15 +456,25 @@ pub struct EvalArgs {
 pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
     let split: Split = a.split.parse().map_err(anyhow::Error::msg)?;
     let file = split_file(&a.data, split)?;
-    let (mut rows, skipped) = read_all(&file, ReadOptions { skip_bad_rows: a.skip_bad_rows })?;
+    let (mut rows, skipped) = read_all(
+        &file,
+        ReadOptions {
+            skip_bad_rows: a.skip_bad_rows,
+        },
+    )?;
     if let Some(n) = a.max_rows {
         rows.truncate(n);
     }
     if rows.is_empty() {
         bail!("{}: no rows to evaluate", file.display());
     }
-    let bundle = Bundle::load(&a.model, Head::LanguageModel, &candle_core::Device::Cpu, DType::F32)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let bundle = Bundle::load(
+        &a.model,
+        Head::LanguageModel,
+        &candle_core::Device::Cpu,
+        DType::F32,
+    )
+    .with_context(|| format!("loading {}", a.model.display()))?;
     let cfg = EvalConfig {
         samples: a.samples,
         temperature: a.temperature,
@@ -410,7 +496,10 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
     for (family, s) in &report.per_family {
         println!("| {family} | {} | {:.3} |", s.total, s.accuracy);
     }
-    println!("| **all** | {} | **{:.3}** |", report.questions, report.accuracy);
+    println!(
+        "| **all** | {} | **{:.3}** |",
+        report.questions, report.accuracy
+    );
     if skipped.skipped > 0 {
         println!("skipped {} bad rows: {:?}", skipped.skipped, skipped.first);
     }

@@ -66,7 +66,10 @@ impl Row {
     /// Number of image placeholders in the conversation (`{"type": "image"}` parts, or
     /// `<image>` in string content).
     pub fn image_placeholders(&self) -> usize {
-        self.messages.iter().map(|m| count_image_parts(&m.content)).sum()
+        self.messages
+            .iter()
+            .map(|m| count_image_parts(&m.content))
+            .sum()
     }
 }
 
@@ -149,7 +152,10 @@ pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Re
     };
     let messages = match (obj.remove("question"), obj.remove("messages")) {
         (Some(_), Some(_)) => {
-            return Err(bad_id("question", "give `question` or `messages`, not both".into()));
+            return Err(bad_id(
+                "question",
+                "give `question` or `messages`, not both".into(),
+            ));
         }
         (Some(Value::String(q)), None) => {
             if q.trim().is_empty() {
@@ -163,14 +169,22 @@ pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Re
         (Some(_), None) => return Err(bad_id("question", "must be a string".into())),
         (None, Some(m)) => {
             let msgs: Vec<Message> = serde_json::from_value(m).map_err(|e| {
-                bad_id("messages", format!("must be a list of {{role, content}}: {e}"))
+                bad_id(
+                    "messages",
+                    format!("must be a list of {{role, content}}: {e}"),
+                )
             })?;
             if msgs.is_empty() || msgs.iter().all(|m| content_text(&m.content).is_empty()) {
                 return Err(bad_id("messages", "no question text".into()));
             }
             msgs
         }
-        (None, None) => return Err(bad_id("question", "missing (`question` or `messages`)".into())),
+        (None, None) => {
+            return Err(bad_id(
+                "question",
+                "missing (`question` or `messages`)".into(),
+            ));
+        }
     };
     let answer = match obj.remove("answer") {
         Some(Value::String(s)) if !s.trim().is_empty() => s,
@@ -187,7 +201,10 @@ pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Re
     let teacher_answers = match obj.remove("teacher_answers") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(v) => serde_json::from_value(v).map_err(|e| {
-            bad_id("teacher_answers", format!("must map teacher names to lists of strings: {e}"))
+            bad_id(
+                "teacher_answers",
+                format!("must map teacher names to lists of strings: {e}"),
+            )
         })?,
     };
     let family = match obj.get("family") {
@@ -199,7 +216,9 @@ pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Re
         Some(Value::Array(list)) => list
             .iter()
             .enumerate()
-            .map(|(i, v)| load_image(v, i, &id, base_dir).map_err(|r| bad_id(&format!("images[{i}]"), r)))
+            .map(|(i, v)| {
+                load_image(v, i, &id, base_dir).map_err(|r| bad_id(&format!("images[{i}]"), r))
+            })
             .collect::<Result<_>>()?,
         Some(_) => return Err(bad_id("images", "must be a list".into())),
     };
@@ -228,7 +247,12 @@ pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Re
 
 /// Reads one image reference: a path (relative to the dataset file), a data URL, or
 /// `{"bytes": base64}` / `{"path": ...}`; checks that it decodes.
-fn load_image(v: &Value, index: usize, id: &str, base_dir: &Path) -> std::result::Result<ImageData, String> {
+fn load_image(
+    v: &Value,
+    index: usize,
+    id: &str,
+    base_dir: &Path,
+) -> std::result::Result<ImageData, String> {
     let (name, bytes) = match v {
         Value::String(s) if s.starts_with("data:") => {
             let b64 = s
@@ -285,11 +309,17 @@ pub fn row_to_json(row: &Row, image_paths: Option<&[String]>) -> Value {
     if single_question {
         obj.insert("question".into(), row.messages[0].content.clone());
     } else {
-        obj.insert("messages".into(), serde_json::to_value(&row.messages).unwrap_or(Value::Null));
+        obj.insert(
+            "messages".into(),
+            serde_json::to_value(&row.messages).unwrap_or(Value::Null),
+        );
     }
     obj.insert("answer".into(), Value::String(row.answer.clone()));
     if let Some(t) = row.answer_type {
-        obj.insert("answer_type".into(), serde_json::to_value(t).unwrap_or(Value::Null));
+        obj.insert(
+            "answer_type".into(),
+            serde_json::to_value(t).unwrap_or(Value::Null),
+        );
     }
     if !row.teacher_answers.is_empty() {
         obj.insert(
@@ -367,7 +397,9 @@ pub fn line_offsets(path: &Path) -> Result<Vec<(u64, usize)>> {
     let mut buf = Vec::new();
     loop {
         buf.clear();
-        let n = reader.read_until(b'\n', &mut buf).map_err(|e| DataError::io(path, e))?;
+        let n = reader
+            .read_until(b'\n', &mut buf)
+            .map_err(|e| DataError::io(path, e))?;
         if n == 0 {
             break;
         }

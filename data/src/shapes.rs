@@ -43,7 +43,12 @@ pub enum Size {
     Large,
 }
 
-pub const SHAPES: [Shape; 4] = [Shape::Circle, Shape::Square, Shape::Triangle, Shape::Diamond];
+pub const SHAPES: [Shape; 4] = [
+    Shape::Circle,
+    Shape::Square,
+    Shape::Triangle,
+    Shape::Diamond,
+];
 pub const COLOURS: [Colour; 6] = [
     Colour::Red,
     Colour::Green,
@@ -177,7 +182,11 @@ pub enum Query {
     /// "Are there more {a} than {b}?"
     Compare { a: Filter, b: Filter },
     /// "How many {a} and {b} are there in total?" / "How many more {a} than {b} are there?"
-    Arithmetic { a: Filter, b: Filter, subtract: bool },
+    Arithmetic {
+        a: Filter,
+        b: Filter,
+        subtract: bool,
+    },
 }
 
 impl Query {
@@ -270,7 +279,12 @@ pub fn answer(scene: &Scene, query: &Query) -> Option<String> {
         Query::Count { filter } => Some(count(scene, filter).to_string()),
         Query::Relation { a, b, relation } => {
             let unique = |c: Colour, s: Shape| {
-                scene.objects.iter().filter(|o| o.colour == c && o.shape == s).count() == 1
+                scene
+                    .objects
+                    .iter()
+                    .filter(|o| o.colour == c && o.shape == s)
+                    .count()
+                    == 1
             };
             if !unique(a.0, a.1) || !unique(b.0, b.1) || a == b {
                 return None;
@@ -369,13 +383,18 @@ pub fn random_scene(cfg: &SynthConfig, rng: &mut ChaCha8Rng) -> Scene {
     let objects = cells[..n]
         .iter()
         .map(|&(cx, cy)| {
-            let size = if rng.random_bool(0.5) { Size::Small } else { Size::Large };
+            let size = if rng.random_bool(0.5) {
+                Size::Small
+            } else {
+                Size::Large
+            };
             let radius = match size {
                 Size::Small => (cell * 2 / 9).max(3),
                 Size::Large => (cell * 4 / 11).max(5),
             };
             let slack = cell / 2 - radius;
-            let jitter = |rng: &mut ChaCha8Rng| rng.random_range(0..=2 * slack) as i64 - slack as i64;
+            let jitter =
+                |rng: &mut ChaCha8Rng| rng.random_range(0..=2 * slack) as i64 - slack as i64;
             let x = (cx * cell + cell / 2) as i64 + jitter(rng);
             let y = (cy * cell + cell / 2) as i64 + jitter(rng);
             Object {
@@ -409,9 +428,18 @@ fn random_filter(scene: &Scene, rng: &mut ChaCha8Rng) -> Filter {
         )
     };
     match rng.random_range(0..3) {
-        0 => Filter { colour: Some(colour), shape: None },
-        1 => Filter { colour: None, shape: Some(shape) },
-        _ => Filter { colour: Some(colour), shape: Some(shape) },
+        0 => Filter {
+            colour: Some(colour),
+            shape: None,
+        },
+        1 => Filter {
+            colour: None,
+            shape: Some(shape),
+        },
+        _ => Filter {
+            colour: Some(colour),
+            shape: Some(shape),
+        },
     }
 }
 
@@ -420,20 +448,35 @@ pub fn random_query(scene: &Scene, rng: &mut ChaCha8Rng) -> Query {
     for _ in 0..64 {
         let pick = |rng: &mut ChaCha8Rng| scene.objects[rng.random_range(0..scene.objects.len())];
         let q = match rng.random_range(0..7) {
-            0 => Query::Colour { shape: pick(rng).shape },
-            1 => Query::Shape { colour: pick(rng).colour },
+            0 => Query::Colour {
+                shape: pick(rng).shape,
+            },
+            1 => Query::Shape {
+                colour: pick(rng).colour,
+            },
             2 => Query::Count {
                 filter: if rng.random_bool(0.2) {
-                    Filter { colour: None, shape: None }
+                    Filter {
+                        colour: None,
+                        shape: None,
+                    }
                 } else {
                     random_filter(scene, rng)
                 },
             },
             3 => {
                 let (a, b) = (pick(rng), pick(rng));
-                let relation = [Relation::Left, Relation::Right, Relation::Above, Relation::Below]
-                    [rng.random_range(0..4)];
-                Query::Relation { a: (a.colour, a.shape), b: (b.colour, b.shape), relation }
+                let relation = [
+                    Relation::Left,
+                    Relation::Right,
+                    Relation::Above,
+                    Relation::Below,
+                ][rng.random_range(0..4)];
+                Query::Relation {
+                    a: (a.colour, a.shape),
+                    b: (b.colour, b.shape),
+                    relation,
+                }
             }
             4 => {
                 // Balance yes and no: ask about a present object or a random combination.
@@ -448,7 +491,10 @@ pub fn random_query(scene: &Scene, rng: &mut ChaCha8Rng) -> Query {
                 };
                 Query::Exists { colour, shape }
             }
-            5 => Query::Compare { a: random_filter(scene, rng), b: random_filter(scene, rng) },
+            5 => Query::Compare {
+                a: random_filter(scene, rng),
+                b: random_filter(scene, rng),
+            },
             _ => Query::Arithmetic {
                 a: random_filter(scene, rng),
                 b: random_filter(scene, rng),
@@ -463,7 +509,12 @@ pub fn random_query(scene: &Scene, rng: &mut ChaCha8Rng) -> Query {
             return q;
         }
     }
-    Query::Count { filter: Filter { colour: None, shape: None } }
+    Query::Count {
+        filter: Filter {
+            colour: None,
+            shape: None,
+        },
+    }
 }
 
 fn inside(shape: Shape, dx: f32, dy: f32, r: f32) -> bool {
@@ -478,7 +529,8 @@ fn inside(shape: Shape, dx: f32, dy: f32, r: f32) -> bool {
 
 /// Renders a scene to RGB pixels (light background, optional uniform noise).
 pub fn render(scene: &Scene, noise: f32, rng: &mut ChaCha8Rng) -> image::RgbImage {
-    let mut img = image::RgbImage::from_pixel(scene.width, scene.height, image::Rgb([245, 245, 240]));
+    let mut img =
+        image::RgbImage::from_pixel(scene.width, scene.height, image::Rgb([245, 245, 240]));
     for o in &scene.objects {
         let r = o.radius as f32;
         let x0 = o.x.saturating_sub(o.radius);
@@ -513,7 +565,12 @@ pub struct Generated {
     pub png: Vec<u8>,
 }
 
-pub fn generate_row(cfg: &SynthConfig, split: usize, index: usize, split_name: &str) -> Result<Generated> {
+pub fn generate_row(
+    cfg: &SynthConfig,
+    split: usize,
+    index: usize,
+    split_name: &str,
+) -> Result<Generated> {
     let mut rng = row_rng(cfg.seed, split, index);
     let scene = random_scene(cfg, &mut rng);
     let query = random_query(&scene, &mut rng);
@@ -537,7 +594,11 @@ pub fn generate_row(cfg: &SynthConfig, split: usize, index: usize, split_name: &
 /// with the settings. Returns the number of rows per split.
 pub fn write_dataset(cfg: &SynthConfig, out: &Path) -> Result<[usize; 3]> {
     cfg.validate()?;
-    let splits = [("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)];
+    let splits = [
+        ("train", cfg.n_train),
+        ("val", cfg.n_val),
+        ("test", cfg.n_test),
+    ];
     std::fs::create_dir_all(out).map_err(|e| DataError::io(out, e))?;
     for (split_index, (name, n)) in splits.iter().enumerate() {
         let img_dir = out.join("images").join(name);

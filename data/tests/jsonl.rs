@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use base64::Engine;
-use ril_data::dataset::{JsonlReader, ReadOptions, ShuffledJsonl, parse_row, read_all, row_to_json};
+use ril_data::dataset::{
+    JsonlReader, ReadOptions, ShuffledJsonl, parse_row, read_all, row_to_json,
+};
 
 fn png() -> Vec<u8> {
     let img = image::RgbImage::from_pixel(8, 8, image::Rgb([10, 200, 30]));
@@ -36,7 +38,10 @@ fn rows_round_trip_with_paths_base64_and_data_urls() {
     let (rows, report) = read_all(&path, ReadOptions::default()).unwrap();
     assert_eq!(report.skipped, 0);
     assert_eq!(rows.len(), 3);
-    assert_eq!(rows[0].teacher_answers["big"], vec!["green", "It is green."]);
+    assert_eq!(
+        rows[0].teacher_answers["big"],
+        vec!["green", "It is green."]
+    );
     assert_eq!(rows[0].extra["source"], "unit");
     assert_eq!(rows[1].id, "2");
     assert_eq!(rows[1].question_text(), "Shape?");
@@ -46,13 +51,37 @@ fn rows_round_trip_with_paths_base64_and_data_urls() {
         assert_eq!(r.images[0].bytes, png());
     }
     // Write back (images inlined) and read again: the same rows, image names aside.
-    let out: Vec<String> = rows.iter().map(|r| row_to_json(r, None).to_string()).collect();
+    let out: Vec<String> = rows
+        .iter()
+        .map(|r| row_to_json(r, None).to_string())
+        .collect();
     let path2 = write(dir.path(), "e.jsonl", &out);
     let (again, _) = read_all(&path2, ReadOptions::default()).unwrap();
     for (a, b) in rows.iter().zip(&again) {
-        assert_eq!((&a.id, &a.messages, &a.answer, a.answer_type, &a.teacher_answers, &a.family, &a.extra),
-                   (&b.id, &b.messages, &b.answer, b.answer_type, &b.teacher_answers, &b.family, &b.extra));
-        assert_eq!(a.images.iter().map(|i| &i.bytes).collect::<Vec<_>>(), b.images.iter().map(|i| &i.bytes).collect::<Vec<_>>());
+        assert_eq!(
+            (
+                &a.id,
+                &a.messages,
+                &a.answer,
+                a.answer_type,
+                &a.teacher_answers,
+                &a.family,
+                &a.extra
+            ),
+            (
+                &b.id,
+                &b.messages,
+                &b.answer,
+                b.answer_type,
+                &b.teacher_answers,
+                &b.family,
+                &b.extra
+            )
+        );
+        assert_eq!(
+            a.images.iter().map(|i| &i.bytes).collect::<Vec<_>>(),
+            b.images.iter().map(|i| &i.bytes).collect::<Vec<_>>()
+        );
     }
 }
 
@@ -64,18 +93,51 @@ fn bad_rows_name_file_row_and_field() {
     let cases = [
         ("{not json", "row 1", "<row>"),
         (r#"{"question": "q", "answer": "a"}"#, "row 1", "`id`"),
-        (r#"{"id": "x", "question": "  ", "answer": "a"}"#, "id x", "`question`"),
+        (
+            r#"{"id": "x", "question": "  ", "answer": "a"}"#,
+            "id x",
+            "`question`",
+        ),
         (r#"{"id": "x", "question": "q"}"#, "id x", "`answer`"),
-        (r#"{"id": "x", "question": "q", "answer": "a", "images": ["missing.png"]}"#, "missing.png", "`images[0]`"),
-        (r#"{"id": "x", "question": "q", "answer": "a", "images": ["corrupt.png"]}"#, "decode", "`images[0]`"),
-        (r#"{"id": "x", "question": "q", "answer": "a", "images": [{"bytes": "%%%"}]}"#, "base64", "`images[0]`"),
-        (r#"{"id": "x", "question": "q", "answer": "a", "answer_type": "fuzzy"}"#, "fuzzy", "`answer_type`"),
-        (r#"{"id": "x", "question": "<image><image> q", "answer": "a", "images": ["ok.png"]}"#, "2 image placeholders", "`images`"),
-        (r#"{"id": "x", "messages": [], "answer": "a"}"#, "no question", "`messages`"),
+        (
+            r#"{"id": "x", "question": "q", "answer": "a", "images": ["missing.png"]}"#,
+            "missing.png",
+            "`images[0]`",
+        ),
+        (
+            r#"{"id": "x", "question": "q", "answer": "a", "images": ["corrupt.png"]}"#,
+            "decode",
+            "`images[0]`",
+        ),
+        (
+            r#"{"id": "x", "question": "q", "answer": "a", "images": [{"bytes": "%%%"}]}"#,
+            "base64",
+            "`images[0]`",
+        ),
+        (
+            r#"{"id": "x", "question": "q", "answer": "a", "answer_type": "fuzzy"}"#,
+            "fuzzy",
+            "`answer_type`",
+        ),
+        (
+            r#"{"id": "x", "question": "<image><image> q", "answer": "a", "images": ["ok.png"]}"#,
+            "2 image placeholders",
+            "`images`",
+        ),
+        (
+            r#"{"id": "x", "messages": [], "answer": "a"}"#,
+            "no question",
+            "`messages`",
+        ),
     ];
     for (line, must, field) in cases {
-        let err = parse_row(line, Path::new("/data/set.jsonl"), 1, dir.path()).unwrap_err().to_string();
-        assert!(err.contains("/data/set.jsonl") && err.contains(must) && err.contains(field), "{line}\n -> {err}");
+        let err = parse_row(line, Path::new("/data/set.jsonl"), 1, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/data/set.jsonl") && err.contains(must) && err.contains(field),
+            "{line}\n -> {err}"
+        );
     }
 }
 
@@ -87,26 +149,49 @@ fn skip_bad_rows_counts_and_reports_them() {
         if i % 3 == 0 {
             lines.push(format!(r#"{{"id": "bad{i}", "question": "q"}}"#));
         } else {
-            lines.push(format!(r#"{{"id": "good{i}", "question": "q{i}", "answer": "a"}}"#));
+            lines.push(format!(
+                r#"{{"id": "good{i}", "question": "q{i}", "answer": "a"}}"#
+            ));
         }
     }
     let path = write(dir.path(), "d.jsonl", &lines);
     // Strict: the first bad row stops the read with its line number.
-    let err = JsonlReader::open(&path, ReadOptions::default()).unwrap().find_map(|r| r.err()).unwrap();
-    assert!(err.to_string().contains("row 1") && err.to_string().contains("bad0"), "{err}");
-    let (rows, report) = read_all(&path, ReadOptions { skip_bad_rows: true }).unwrap();
+    let err = JsonlReader::open(&path, ReadOptions::default())
+        .unwrap()
+        .find_map(|r| r.err())
+        .unwrap();
+    assert!(
+        err.to_string().contains("row 1") && err.to_string().contains("bad0"),
+        "{err}"
+    );
+    let (rows, report) = read_all(
+        &path,
+        ReadOptions {
+            skip_bad_rows: true,
+        },
+    )
+    .unwrap();
     assert_eq!(rows.len(), 6);
     assert_eq!(report.skipped, 4);
-    assert!(report.first[0].contains("bad0") && report.first[3].contains("bad9"), "{:?}", report.first);
+    assert!(
+        report.first[0].contains("bad0") && report.first[3].contains("bad9"),
+        "{:?}",
+        report.first
+    );
 }
 
 #[test]
 fn shuffled_reads_are_deterministic_permutations_and_resumable() {
     let dir = tempfile::tempdir().unwrap();
-    let lines: Vec<String> = (0..50).map(|i| format!(r#"{{"id": "r{i}", "question": "q", "answer": "a"}}"#)).collect();
+    let lines: Vec<String> = (0..50)
+        .map(|i| format!(r#"{{"id": "r{i}", "question": "q", "answer": "a"}}"#))
+        .collect();
     let path = write(dir.path(), "d.jsonl", &lines);
     let ids = |seed| -> Vec<String> {
-        ShuffledJsonl::open(&path, seed, ReadOptions::default()).unwrap().map(|r| r.unwrap().id).collect()
+        ShuffledJsonl::open(&path, seed, ReadOptions::default())
+            .unwrap()
+            .map(|r| r.unwrap().id)
+            .collect()
     };
     let (a, b, c) = (ids(Some(1)), ids(Some(1)), ids(Some(2)));
     assert_eq!(a, b);
@@ -116,7 +201,10 @@ fn shuffled_reads_are_deterministic_permutations_and_resumable() {
     let mut expected: Vec<String> = (0..50).map(|i| format!("r{i}")).collect();
     expected.sort();
     assert_eq!(sorted, expected, "a permutation of the file");
-    assert_eq!(ids(None), (0..50).map(|i| format!("r{i}")).collect::<Vec<_>>());
+    assert_eq!(
+        ids(None),
+        (0..50).map(|i| format!("r{i}")).collect::<Vec<_>>()
+    );
     let mut r = ShuffledJsonl::open(&path, Some(1), ReadOptions::default()).unwrap();
     r.seek_to(20);
     let rest: Vec<String> = r.map(|x| x.unwrap().id).collect();

@@ -8,7 +8,13 @@ use ril_data::shapes::{SynthConfig, write_dataset};
 use serde_json::Value;
 
 fn small(seed: u64, n_train: usize) -> SynthConfig {
-    SynthConfig { seed, n_train, n_val: 20, n_test: 300, ..Default::default() }
+    SynthConfig {
+        seed,
+        n_train,
+        n_val: 20,
+        n_test: 300,
+        ..Default::default()
+    }
 }
 
 fn files(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
@@ -20,7 +26,10 @@ fn files(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
             if p.is_dir() {
                 stack.push(p);
             } else {
-                out.insert(p.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&p).unwrap());
+                out.insert(
+                    p.strip_prefix(dir).unwrap().display().to_string(),
+                    std::fs::read(&p).unwrap(),
+                );
             }
         }
     }
@@ -29,16 +38,35 @@ fn files(dir: &std::path::Path) -> BTreeMap<String, Vec<u8>> {
 
 #[test]
 fn generation_is_deterministic_and_prefix_stable() {
-    let (a, b, c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b, c) = (
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+        tempfile::tempdir().unwrap(),
+    );
     write_dataset(&small(7, 30), a.path()).unwrap();
     write_dataset(&small(7, 30), b.path()).unwrap();
     assert_eq!(files(a.path()), files(b.path()), "same seed, same bytes");
     write_dataset(&small(7, 60), c.path()).unwrap();
-    let first = |d: &std::path::Path| std::fs::read_to_string(d.join("train.jsonl")).unwrap().lines().take(30).map(String::from).collect::<Vec<_>>();
-    assert_eq!(first(a.path()), first(c.path()), "more rows do not change the first ones");
+    let first = |d: &std::path::Path| {
+        std::fs::read_to_string(d.join("train.jsonl"))
+            .unwrap()
+            .lines()
+            .take(30)
+            .map(String::from)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        first(a.path()),
+        first(c.path()),
+        "more rows do not change the first ones"
+    );
     let d = tempfile::tempdir().unwrap();
     write_dataset(&small(8, 30), d.path()).unwrap();
-    assert_ne!(first(a.path()), first(d.path()), "another seed, another dataset");
+    assert_ne!(
+        first(a.path()),
+        first(d.path()),
+        "another seed, another dataset"
+    );
 }
 
 fn count(scene: &Value, colour: &Value, shape: &Value) -> usize {
@@ -46,7 +74,10 @@ fn count(scene: &Value, colour: &Value, shape: &Value) -> usize {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|o| (colour.is_null() || o["colour"] == *colour) && (shape.is_null() || o["shape"] == *shape))
+        .filter(|o| {
+            (colour.is_null() || o["colour"] == *colour)
+                && (shape.is_null() || o["shape"] == *shape)
+        })
         .count()
 }
 
@@ -54,22 +85,44 @@ fn count(scene: &Value, colour: &Value, shape: &Value) -> usize {
 fn recompute(scene: &Value, q: &Value) -> String {
     let objects = scene["objects"].as_array().unwrap();
     let yn = |b: bool| if b { "yes" } else { "no" }.to_string();
-    let by = |c: &Value, s: &Value| objects.iter().find(|o| o["colour"] == *c && o["shape"] == *s).unwrap().clone();
+    let by = |c: &Value, s: &Value| {
+        objects
+            .iter()
+            .find(|o| o["colour"] == *c && o["shape"] == *s)
+            .unwrap()
+            .clone()
+    };
     match q["family"].as_str().unwrap() {
-        "colour" => objects.iter().find(|o| o["shape"] == q["shape"]).unwrap()["colour"].as_str().unwrap().into(),
-        "shape" => objects.iter().find(|o| o["colour"] == q["colour"]).unwrap()["shape"].as_str().unwrap().into(),
+        "colour" => objects.iter().find(|o| o["shape"] == q["shape"]).unwrap()["colour"]
+            .as_str()
+            .unwrap()
+            .into(),
+        "shape" => objects.iter().find(|o| o["colour"] == q["colour"]).unwrap()["shape"]
+            .as_str()
+            .unwrap()
+            .into(),
         "count" => count(scene, &q["filter"]["colour"], &q["filter"]["shape"]).to_string(),
         "exists" => yn(count(scene, &q["colour"], &q["shape"]) > 0),
-        "compare" => yn(count(scene, &q["a"]["colour"], &q["a"]["shape"]) > count(scene, &q["b"]["colour"], &q["b"]["shape"])),
+        "compare" => yn(count(scene, &q["a"]["colour"], &q["a"]["shape"])
+            > count(scene, &q["b"]["colour"], &q["b"]["shape"])),
         "arithmetic" => {
             let a = count(scene, &q["a"]["colour"], &q["a"]["shape"]) as i64;
             let b = count(scene, &q["b"]["colour"], &q["b"]["shape"]) as i64;
-            if q["subtract"] == true { (a - b).to_string() } else { (a + b).to_string() }
+            if q["subtract"] == true {
+                (a - b).to_string()
+            } else {
+                (a + b).to_string()
+            }
         }
         "relation" => {
             let a = by(&q["a"][0], &q["a"][1]);
             let b = by(&q["b"][0], &q["b"][1]);
-            let (ax, ay, bx, by_) = (a["x"].as_i64().unwrap(), a["y"].as_i64().unwrap(), b["x"].as_i64().unwrap(), b["y"].as_i64().unwrap());
+            let (ax, ay, bx, by_) = (
+                a["x"].as_i64().unwrap(),
+                a["y"].as_i64().unwrap(),
+                b["x"].as_i64().unwrap(),
+                b["y"].as_i64().unwrap(),
+            );
             match q["relation"].as_str().unwrap() {
                 "left" => yn(ax < bx),
                 "right" => yn(ax > bx),
@@ -103,31 +156,56 @@ fn answers_follow_from_the_scene_and_images_show_it() {
             yes += usize::from(row.answer == "yes");
         }
         // The pixel at each object's centre has the object's colour (up to the noise).
-        let img = image::load_from_memory(&row.images[0].bytes).unwrap().to_rgb8();
+        let img = image::load_from_memory(&row.images[0].bytes)
+            .unwrap()
+            .to_rgb8();
         for o in scene["objects"].as_array().unwrap() {
-            let px = img.get_pixel(o["x"].as_u64().unwrap() as u32, o["y"].as_u64().unwrap() as u32);
-            let colour: ril_data::shapes::Colour = serde_json::from_value(o["colour"].clone()).unwrap();
+            let px = img.get_pixel(
+                o["x"].as_u64().unwrap() as u32,
+                o["y"].as_u64().unwrap() as u32,
+            );
+            let colour: ril_data::shapes::Colour =
+                serde_json::from_value(o["colour"].clone()).unwrap();
             let want = colour.rgb();
             let tol = (cfg.noise * 255.0).ceil() as i32 + 1;
             for c in 0..3 {
-                assert!((px.0[c] as i32 - want[c] as i32).abs() <= tol, "row {} object {o}", row.id);
+                assert!(
+                    (px.0[c] as i32 - want[c] as i32).abs() <= tol,
+                    "row {} object {o}",
+                    row.id
+                );
             }
         }
     }
     assert_eq!(families.len(), 7, "every family appears: {families:?}");
     assert!(families.values().all(|&n| n >= 15), "{families:?}");
     let share = yes as f64 / yes_no as f64;
-    assert!((0.3..=0.7).contains(&share), "yes share {share} over {yes_no} yes/no questions");
+    assert!(
+        (0.3..=0.7).contains(&share),
+        "yes share {share} over {yes_no} yes/no questions"
+    );
 }
 
 #[test]
 fn bad_settings_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     for cfg in [
-        SynthConfig { max_objects: 12, ..Default::default() },
-        SynthConfig { min_objects: 0, ..Default::default() },
-        SynthConfig { image_size: 8, ..Default::default() },
-        SynthConfig { noise: 2.0, ..Default::default() },
+        SynthConfig {
+            max_objects: 12,
+            ..Default::default()
+        },
+        SynthConfig {
+            min_objects: 0,
+            ..Default::default()
+        },
+        SynthConfig {
+            image_size: 8,
+            ..Default::default()
+        },
+        SynthConfig {
+            noise: 2.0,
+            ..Default::default()
+        },
     ] {
         assert!(write_dataset(&cfg, dir.path()).is_err(), "{cfg:?}");
     }

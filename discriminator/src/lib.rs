@@ -5,3 +5,6 @@
 //!
 //! Status: placeholder crate; the service arrives with the services issue. The scalar head, its
 //! scoring (`ril_model::score::scalar_scores`) and its gradients exist and are tested in `model`.
+//! The answer reward's client, `judge` (an OpenAI-compatible LLM judge), is in place.
+
+pub mod judge;

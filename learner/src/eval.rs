@@ -26,7 +26,14 @@ pub struct EvalConfig {
 
 impl Default for EvalConfig {
     fn default() -> Self {
-        Self { samples: 1, temperature: 0.0, top_p: 1.0, max_new_tokens: 32, batch_size: 16, seed: 0 }
+        Self {
+            samples: 1,
+            temperature: 0.0,
+            top_p: 1.0,
+            max_new_tokens: 32,
+            batch_size: 16,
+            seed: 0,
+        }
     }
 }
 
@@ -64,11 +71,16 @@ pub fn score(rows: &[Row], responses: &[Vec<String>]) -> EvalReport {
     let mut sum = 0f64;
     let samples = responses.first().map_or(1, Vec::len).max(1);
     for (row, resp) in rows.iter().zip(responses) {
-        let verdicts: Vec<_> = resp.iter().map(|r| check(r, &row.answer, row.answer_type)).collect();
+        let verdicts: Vec<_> = resp
+            .iter()
+            .map(|r| check(r, &row.answer, row.answer_type))
+            .collect();
         let correct: Vec<bool> = verdicts.iter().map(|v| v.correct).collect();
         let mean = correct.iter().filter(|c| **c).count() as f64 / correct.len().max(1) as f64;
         sum += mean;
-        let fam = per_family.entry(row.family.clone().unwrap_or_else(|| "all".into())).or_default();
+        let fam = per_family
+            .entry(row.family.clone().unwrap_or_else(|| "all".into()))
+            .or_default();
         fam.correct += mean;
         fam.total += 1;
         results.push(RowResult {
@@ -93,13 +105,23 @@ pub fn score(rows: &[Row], responses: &[Vec<String>]) -> EvalReport {
 }
 
 /// Generates answers for `rows` and scores them.
-pub fn evaluate(bundle: &Bundle, rows: &[Row], cfg: &EvalConfig, mut progress: impl FnMut(usize, usize)) -> Result<EvalReport> {
+pub fn evaluate(
+    bundle: &Bundle,
+    rows: &[Row],
+    cfg: &EvalConfig,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<EvalReport> {
     let samples = cfg.samples.max(1);
     let mut responses: Vec<Vec<String>> = vec![Vec::with_capacity(samples); rows.len()];
     let stop = bundle.stop_token_ids();
-    let prompts = rows.iter().map(|r| prompt(bundle, r)).collect::<Result<Vec<_>>>()?;
+    let prompts = rows
+        .iter()
+        .map(|r| prompt(bundle, r))
+        .collect::<Result<Vec<_>>>()?;
     // One flat list of (row, sample) jobs, batched.
-    let jobs: Vec<(usize, usize)> = (0..rows.len()).flat_map(|r| (0..samples).map(move |s| (r, s))).collect();
+    let jobs: Vec<(usize, usize)> = (0..rows.len())
+        .flat_map(|r| (0..samples).map(move |s| (r, s)))
+        .collect();
     let mut done = 0;
     for (batch_index, chunk) in jobs.chunks(cfg.batch_size.max(1)).enumerate() {
         let batch_prompts: Vec<_> = chunk.iter().map(|&(r, _)| prompts[r].clone()).collect();
@@ -113,7 +135,10 @@ pub fn evaluate(bundle: &Bundle, rows: &[Row], cfg: &EvalConfig, mut progress: i
             suppress_token_ids: Vec::new(),
             seed: cfg.seed.wrapping_add(batch_index as u64),
         };
-        for (&(r, _), g) in chunk.iter().zip(generate(&bundle.model, &batch_prompts, &params)?) {
+        for (&(r, _), g) in chunk
+            .iter()
+            .zip(generate(&bundle.model, &batch_prompts, &params)?)
+        {
             responses[r].push(bundle.tokenizer.decode(&g.token_ids, true)?);
         }
         done += chunk.len();

@@ -19,9 +19,16 @@ pub fn row_messages(row: &Row) -> Vec<ChatMessage> {
         .iter()
         .enumerate()
         .map(|(i, Message { role, content })| {
-            let first_user = i == row.messages.iter().position(|m| m.role == "user").unwrap_or(0);
+            let first_user = i
+                == row
+                    .messages
+                    .iter()
+                    .position(|m| m.role == "user")
+                    .unwrap_or(0);
             match content {
-                serde_json::Value::String(text) if first_user && placeholders == 0 && n_images > 0 => {
+                serde_json::Value::String(text)
+                    if first_user && placeholders == 0 && n_images > 0 =>
+                {
                     ChatMessage::with_images(role, n_images, text)
                 }
                 _ => ChatMessage {

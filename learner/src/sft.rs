@@ -49,7 +49,10 @@ impl Target {
                 .and_then(|a| a.first())
                 .cloned()
                 .ok_or_else(|| {
-                    LearnerError::Invalid(format!("row {}: no answer from teacher {name:?}", row.id))
+                    LearnerError::Invalid(format!(
+                        "row {}: no answer from teacher {name:?}",
+                        row.id
+                    ))
                 }),
             Self::Style(style) => Ok(ril_data::style::styled_answer(row, *style)),
         }
@@ -104,7 +107,7 @@ impl SftConfig {
         if self.steps == 0 || self.batch_size == 0 || self.grad_accum == 0 {
             return bad("steps, batch_size and grad_accum must be positive");
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) || !(self.min_lr >= 0.0 && self.min_lr <= self.lr) {
+        if !(self.lr.is_finite() && self.lr > 0.0 && self.min_lr >= 0.0 && self.min_lr <= self.lr) {
             return bad("need lr > 0 and 0 <= min_lr <= lr");
         }
         Ok(())
@@ -123,7 +126,8 @@ pub fn lr_at(cfg: &SftConfig, step: usize) -> f64 {
         Schedule::Constant => cfg.lr,
         Schedule::Linear => cfg.lr + (cfg.min_lr - cfg.lr) * progress,
         Schedule::Cosine => {
-            cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+            cfg.min_lr
+                + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
         }
     }
 }
@@ -153,17 +157,34 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 impl SftState {
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| LearnerError::Io { path: path.clone(), source })?;
-        serde_json::from_str(&text).map_err(|e| LearnerError::Invalid(format!("{}: {e}", path.display())))
+        let text = std::fs::read_to_string(&path).map_err(|source| LearnerError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| LearnerError::Invalid(format!("{}: {e}", path.display())))
     }
 }
 
 /// Progress, for progress bars and logs.
 #[derive(Debug, Clone)]
 pub enum SftEvent {
-    Step { step: usize, total: usize, loss: f64, lr: f64, grad_norm: f64, tokens_per_second: f64 },
-    Eval { step: usize, val_loss: f64 },
-    Saved { step: usize, dir: PathBuf },
+    Step {
+        step: usize,
+        total: usize,
+        loss: f64,
+        lr: f64,
+        grad_norm: f64,
+        tokens_per_second: f64,
+    },
+    Eval {
+        step: usize,
+        val_loss: f64,
+    },
+    Saved {
+        step: usize,
+        dir: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -186,13 +207,28 @@ struct Stream {
 }
 
 impl Stream {
-    fn open(path: &Path, seed: u64, epoch: u64, cursor: usize, options: ReadOptions) -> Result<Self> {
+    fn open(
+        path: &Path,
+        seed: u64,
+        epoch: u64,
+        cursor: usize,
+        options: ReadOptions,
+    ) -> Result<Self> {
         let mut reader = ShuffledJsonl::open(path, Some(seed.wrapping_add(epoch)), options)?;
         if reader.is_empty() {
-            return Err(LearnerError::Invalid(format!("{}: no rows to train on", path.display())));
+            return Err(LearnerError::Invalid(format!(
+                "{}: no rows to train on",
+                path.display()
+            )));
         }
         reader.seek_to(cursor);
-        Ok(Self { path: path.to_path_buf(), seed, epoch, reader, options })
+        Ok(Self {
+            path: path.to_path_buf(),
+            seed,
+            epoch,
+            reader,
+            options,
+        })
     }
 
     fn next_row(&mut self) -> Result<Row> {
@@ -201,9 +237,16 @@ impl Stream {
                 Some(r) => return Ok(r?),
                 None => {
                     self.epoch += 1;
-                    self.reader = ShuffledJsonl::open(&self.path, Some(self.seed.wrapping_add(self.epoch)), self.options)?;
+                    self.reader = ShuffledJsonl::open(
+                        &self.path,
+                        Some(self.seed.wrapping_add(self.epoch)),
+                        self.options,
+                    )?;
                     if self.reader.is_empty() {
-                        return Err(LearnerError::Invalid(format!("{}: every row was skipped", self.path.display())));
+                        return Err(LearnerError::Invalid(format!(
+                            "{}: every row was skipped",
+                            self.path.display()
+                        )));
                     }
                 }
             }
@@ -213,7 +256,10 @@ impl Stream {
 
 /// Sum of target-token negative log-likelihoods of a batch, and the number of target tokens
 /// and of all tokens.
-pub fn nll_sum(bundle: &Bundle, batch: &[SupervisedExample]) -> Result<(candle_core::Tensor, usize, usize)> {
+pub fn nll_sum(
+    bundle: &Bundle,
+    batch: &[SupervisedExample],
+) -> Result<(candle_core::Tensor, usize, usize)> {
     let requests: Vec<ScoreRequest<'_>> = batch
         .iter()
         .map(|e| ScoreRequest {
@@ -224,12 +270,20 @@ pub fn nll_sum(bundle: &Bundle, batch: &[SupervisedExample]) -> Result<(candle_c
         .collect();
     let scores = score_tokens(&bundle.model, &requests, 1.0)?;
     let targets: usize = scores.response_lengths.iter().sum();
-    let all: usize = batch.iter().map(|e| e.prompt_ids.len() + e.target_ids.len()).sum();
+    let all: usize = batch
+        .iter()
+        .map(|e| e.prompt_ids.len() + e.target_ids.len())
+        .sum();
     Ok((scores.logprobs.sum_all()?.neg()?, targets, all))
 }
 
 /// Mean validation loss per target token over the first `max_rows` rows of `rows`.
-pub fn validation_loss(bundle: &Bundle, rows: &[Row], target: &Target, batch_size: usize) -> Result<f64> {
+pub fn validation_loss(
+    bundle: &Bundle,
+    rows: &[Row],
+    target: &Target,
+    batch_size: usize,
+) -> Result<f64> {
     let mut total = 0f64;
     let mut tokens = 0usize;
     for chunk in rows.chunks(batch_size.max(1)) {
@@ -245,10 +299,16 @@ pub fn validation_loss(bundle: &Bundle, rows: &[Row], target: &Target, batch_siz
 }
 
 /// Saves a resumable checkpoint: the model directory, the optimizer and the trainer state.
-pub fn save_checkpoint(bundle: &Bundle, optimizer: &AdamW, state: &SftState, dir: &Path) -> Result<()> {
+pub fn save_checkpoint(
+    bundle: &Bundle,
+    optimizer: &AdamW,
+    state: &SftState,
+    dir: &Path,
+) -> Result<()> {
     bundle.save(dir)?;
     optimizer.save(&dir.join(OPTIMIZER_FILE))?;
-    let text = serde_json::to_string_pretty(state).map_err(|e| LearnerError::Invalid(e.to_string()))?;
+    let text =
+        serde_json::to_string_pretty(state).map_err(|e| LearnerError::Invalid(e.to_string()))?;
     ril_model::checkpoint::write_atomic(&dir.join(STATE_FILE), text.as_bytes())?;
     Ok(())
 }
@@ -265,7 +325,9 @@ pub fn run_sft(
     mut on_event: impl FnMut(&SftEvent),
 ) -> Result<SftSummary> {
     cfg.validate()?;
-    let options = ReadOptions { skip_bad_rows: cfg.skip_bad_rows };
+    let options = ReadOptions {
+        skip_bad_rows: cfg.skip_bad_rows,
+    };
     let val_rows: Vec<Row> = match val {
         Some(v) => {
             let (mut rows, _) = read_all(v, options)?;
@@ -280,7 +342,10 @@ pub fn run_sft(
         None
     } else {
         let v = validation_loss(bundle, &val_rows, &cfg.target, cfg.batch_size)?;
-        on_event(&SftEvent::Eval { step: state.step, val_loss: v });
+        on_event(&SftEvent::Eval {
+            step: state.step,
+            val_loss: v,
+        });
         Some(v)
     };
     let mut last_loss = f64::NAN;
@@ -308,12 +373,15 @@ pub fn run_sft(
         let stats = optimizer.step(&grads, lr)?;
         last_loss = loss_sum / target_tokens.max(1) as f64;
         if !last_loss.is_finite() {
-            return Err(LearnerError::Invalid(format!("sft: loss is {last_loss} at step {}", state.step + 1)));
+            return Err(LearnerError::Invalid(format!(
+                "sft: loss is {last_loss} at step {}",
+                state.step + 1
+            )));
         }
         state.step += 1;
         state.epoch = stream.epoch;
         state.cursor = stream.reader.position();
-        if state.step % cfg.log_every.max(1) == 0 || state.step == cfg.steps {
+        if state.step.is_multiple_of(cfg.log_every.max(1)) || state.step == cfg.steps {
             on_event(&SftEvent::Step {
                 step: state.step,
                 total: cfg.steps,
@@ -323,26 +391,40 @@ pub fn run_sft(
                 tokens_per_second: all_tokens as f64 / step_started.elapsed().as_secs_f64(),
             });
         }
-        if !val_rows.is_empty() && cfg.eval_every > 0 && (state.step % cfg.eval_every == 0 || state.step == cfg.steps) {
+        if !val_rows.is_empty()
+            && cfg.eval_every > 0
+            && (state.step.is_multiple_of(cfg.eval_every) || state.step == cfg.steps)
+        {
             let v = validation_loss(bundle, &val_rows, &cfg.target, cfg.batch_size)?;
             state.last_val_loss = Some(v);
-            on_event(&SftEvent::Eval { step: state.step, val_loss: v });
+            on_event(&SftEvent::Eval {
+                step: state.step,
+                val_loss: v,
+            });
         }
-        if cfg.save_every > 0 && state.step % cfg.save_every == 0 && state.step < cfg.steps {
+        if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && state.step < cfg.steps
+        {
             let dir = out.join(format!("checkpoint-{:06}", state.step));
             save_checkpoint(bundle, optimizer, &state, &dir)?;
             saved.push(state.step);
-            on_event(&SftEvent::Saved { step: state.step, dir });
+            on_event(&SftEvent::Saved {
+                step: state.step,
+                dir,
+            });
             for old in checkpoints_to_delete(saved.clone(), cfg.keep_checkpoints) {
                 let dir = out.join(format!("checkpoint-{old:06}"));
-                std::fs::remove_dir_all(&dir).map_err(|source| LearnerError::Io { path: dir, source })?;
+                std::fs::remove_dir_all(&dir)
+                    .map_err(|source| LearnerError::Io { path: dir, source })?;
                 saved.retain(|s| *s != old);
             }
         }
     }
     let final_dir = out.join("final");
     save_checkpoint(bundle, optimizer, &state, &final_dir)?;
-    on_event(&SftEvent::Saved { step: state.step, dir: final_dir.clone() });
+    on_event(&SftEvent::Saved {
+        step: state.step,
+        dir: final_dir.clone(),
+    });
     Ok(SftSummary {
         steps: state.step,
         first_val_loss,
@@ -359,16 +441,28 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_min_lr() {
-        let cfg = SftConfig { steps: 110, warmup_steps: 10, lr: 1.0, min_lr: 0.1, ..Default::default() };
+        let cfg = SftConfig {
+            steps: 110,
+            warmup_steps: 10,
+            lr: 1.0,
+            min_lr: 0.1,
+            ..Default::default()
+        };
         assert!((lr_at(&cfg, 0) - 0.1).abs() < 1e-12);
         assert!((lr_at(&cfg, 9) - 1.0).abs() < 1e-12);
         assert!((lr_at(&cfg, 10) - 1.0).abs() < 1e-12);
         assert!((lr_at(&cfg, 60) - 0.55).abs() < 1e-12, "cosine midpoint");
         assert!((lr_at(&cfg, 110) - 0.1).abs() < 1e-12);
-        let lin = SftConfig { schedule: Schedule::Linear, ..cfg.clone() };
+        let lin = SftConfig {
+            schedule: Schedule::Linear,
+            ..cfg.clone()
+        };
         assert!((lr_at(&lin, 60) - 0.55).abs() < 1e-12);
         assert!((lr_at(&lin, 35) - 0.775).abs() < 1e-12);
-        let constant = SftConfig { schedule: Schedule::Constant, ..cfg };
+        let constant = SftConfig {
+            schedule: Schedule::Constant,
+            ..cfg
+        };
         assert_eq!(lr_at(&constant, 100), 1.0);
     }
 

@@ -23,7 +23,10 @@ impl LayerCache {
     fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, kv, t, hd) = k.dims4()?;
         let needed = self.len + t;
-        let capacity = self.buffers.as_ref().map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
+        let capacity = self
+            .buffers
+            .as_ref()
+            .map_or(0, |(kb, _)| kb.dim(2).unwrap_or(0));
         if needed > capacity {
             let new_capacity = needed.max(self.capacity_hint).max(2 * capacity);
             let kb = Tensor::zeros((b, kv, new_capacity, hd), k.dtype(), k.device())?;

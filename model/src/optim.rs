@@ -278,13 +278,24 @@ mod tests {
     use super::*;
 
     fn one_param(values: &[f32]) -> (BTreeMap<String, Var>, Var) {
-        let var = Var::from_tensor(&Tensor::new(values, &Device::Cpu).unwrap().reshape((1, values.len())).unwrap()).unwrap();
+        let var = Var::from_tensor(
+            &Tensor::new(values, &Device::Cpu)
+                .unwrap()
+                .reshape((1, values.len()))
+                .unwrap(),
+        )
+        .unwrap();
         (BTreeMap::from([("w".to_string(), var.clone())]), var)
     }
 
     fn grads(values: &[f32]) -> Gradients {
-        let g = Tensor::new(values, &Device::Cpu).unwrap().reshape((1, values.len())).unwrap();
-        Gradients { grads: BTreeMap::from([("w".to_string(), g)]) }
+        let g = Tensor::new(values, &Device::Cpu)
+            .unwrap()
+            .reshape((1, values.len()))
+            .unwrap();
+        Gradients {
+            grads: BTreeMap::from([("w".to_string(), g)]),
+        }
     }
 
     /// The first AdamW step moves every coordinate by lr * sign(g) (bias-corrected m/sqrt(v) is
@@ -293,18 +304,29 @@ mod tests {
     #[test]
     fn first_step_matches_the_closed_form_and_clipping_scales_the_gradient() {
         let (params, var) = one_param(&[1.0, -2.0]);
-        let cfg = AdamWConfig { weight_decay: 0.1, max_grad_norm: Some(1.0), eps: 0.0, ..Default::default() };
+        let cfg = AdamWConfig {
+            weight_decay: 0.1,
+            max_grad_norm: Some(1.0),
+            eps: 0.0,
+            ..Default::default()
+        };
         let mut opt = AdamW::new(params, cfg).unwrap();
         let stats = opt.step(&grads(&[3.0, -4.0]), 0.01).unwrap();
         assert!((stats.grad_norm - 5.0).abs() < 1e-6);
         assert!((stats.clip_scale - 0.2).abs() < 1e-6);
         let w: Vec<Vec<f32>> = var.as_tensor().to_vec2().unwrap();
-        let expected = [1.0 * (1.0 - 0.01 * 0.1) - 0.01, -2.0 * (1.0 - 0.01 * 0.1) + 0.01];
+        let expected = [
+            1.0 * (1.0 - 0.01 * 0.1) - 0.01,
+            -2.0 * (1.0 - 0.01 * 0.1) + 0.01,
+        ];
         for (a, e) in w[0].iter().zip(expected) {
             assert!((a - e).abs() < 1e-6, "{a} vs {e}");
         }
         let m: Vec<Vec<f32>> = opt.exp_avg["w"].to_vec2().unwrap();
-        assert!((m[0][0] - 0.1 * 3.0 * 0.2).abs() < 1e-6, "moment uses the clipped gradient");
+        assert!(
+            (m[0][0] - 0.1 * 3.0 * 0.2).abs() < 1e-6,
+            "moment uses the clipped gradient"
+        );
     }
 
     #[test]

@@ -619,18 +619,22 @@ pub fn train_byte_level_chatml(
     };
     inner.train(&mut trainer, texts).map_err(err)?;
     // Register the specials as added tokens so they are matched atomically in any text.
-    inner.add_special_tokens(
-        specials
-            .iter()
-            .map(|s| tokenizers::AddedToken::from(s.to_string(), true)),
-    )
-    .map_err(err)?;
+    inner
+        .add_special_tokens(
+            specials
+                .iter()
+                .map(|s| tokenizers::AddedToken::from(s.to_string(), true)),
+        )
+        .map_err(err)?;
     let mut config = serde_json::Map::new();
     config.insert("eos_token".into(), Json::from("<|im_end|>"));
     config.insert("pad_token".into(), Json::from("<|endoftext|>"));
     config.insert("image_token".into(), Json::from("<image>"));
     config.insert("model_max_length".into(), Json::from(2048));
-    config.insert("tokenizer_class".into(), Json::from("PreTrainedTokenizerFast"));
+    config.insert(
+        "tokenizer_class".into(),
+        Json::from("PreTrainedTokenizerFast"),
+    );
     ChatTokenizer::new(inner, Some(CHATML_TEMPLATE.to_string()), config)
 }
 
@@ -665,22 +669,41 @@ mod tests {
     #[test]
     fn trained_bpe_compresses_its_corpus_and_keeps_special_tokens_atomic() {
         let corpus: Vec<String> = (0..200)
-            .map(|i| format!("How many red circles are there? There are {} red circles.", i % 7))
+            .map(|i| {
+                format!(
+                    "How many red circles are there? There are {} red circles.",
+                    i % 7
+                )
+            })
             .collect();
         let tok = train_byte_level_chatml(corpus.clone().into_iter(), 400).unwrap();
-        assert!(tok.vocab_size() > 260 && tok.vocab_size() <= 400, "{}", tok.vocab_size());
+        assert!(
+            tok.vocab_size() > 260 && tok.vocab_size() <= 400,
+            "{}",
+            tok.vocab_size()
+        );
         assert_eq!(tok.token_id("<|endoftext|>"), Some(0));
         assert_eq!(tok.token_id("<image>"), Some(3));
         let text = &corpus[3];
         let ids = tok.encode(text, false).unwrap();
-        assert!(ids.len() * 3 < text.len(), "{} tokens for {} bytes", ids.len(), text.len());
+        assert!(
+            ids.len() * 3 < text.len(),
+            "{} tokens for {} bytes",
+            ids.len(),
+            text.len()
+        );
         assert_eq!(tok.decode(&ids, false).unwrap(), *text);
-        let with_image = tok.encode("<|im_start|>user\n<image>What?<|im_end|>", false).unwrap();
+        let with_image = tok
+            .encode("<|im_start|>user\n<image>What?<|im_end|>", false)
+            .unwrap();
         assert_eq!(with_image.iter().filter(|&&i| i == 3).count(), 1);
         assert_eq!(with_image[0], 1);
         // Never-seen text still encodes (byte fallback through the byte alphabet).
         let odd = "日本 ✓";
-        assert_eq!(tok.decode(&tok.encode(odd, false).unwrap(), false).unwrap(), odd);
+        assert_eq!(
+            tok.decode(&tok.encode(odd, false).unwrap(), false).unwrap(),
+            odd
+        );
     }
 
     #[test]
