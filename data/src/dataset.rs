@@ -269,12 +269,19 @@ fn load_image(
         },
         _ => return Err("must be a path, a data URL or {\"bytes\": base64}".into()),
     };
-    image::ImageReader::new(std::io::Cursor::new(&bytes))
+    check_image_bytes(&bytes, &name)?;
+    Ok(ImageData { name, bytes })
+}
+
+/// Checks that `bytes` decode as an image (the same check for every dataset format); `name`
+/// says which image in the error.
+pub(crate) fn check_image_bytes(bytes: &[u8], name: &str) -> std::result::Result<(), String> {
+    image::ImageReader::new(std::io::Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| format!("{name}: {e}"))?
         .decode()
         .map_err(|e| format!("{name}: cannot decode: {e}"))?;
-    Ok(ImageData { name, bytes })
+    Ok(())
 }
 
 fn read_path(p: &str, base_dir: &Path) -> std::result::Result<(String, Vec<u8>), String> {

@@ -7,6 +7,7 @@
 pub mod answer;
 pub mod dataset;
 pub mod error;
+pub mod parquet;
 pub mod shapes;
 pub mod style;
 pub mod types;

@@ -574,16 +574,7 @@ pub fn byte_level_chatml() -> Result<ChatTokenizer> {
                 what: "built-in byte-level tokenizer".into(),
                 reason: e.to_string(),
             })?;
-    let mut config = serde_json::Map::new();
-    config.insert("eos_token".into(), Json::from("<|im_end|>"));
-    config.insert("pad_token".into(), Json::from("<|endoftext|>"));
-    config.insert("image_token".into(), Json::from("<image>"));
-    config.insert("model_max_length".into(), Json::from(2048));
-    config.insert(
-        "tokenizer_class".into(),
-        Json::from("PreTrainedTokenizerFast"),
-    );
-    ChatTokenizer::new(inner, Some(CHATML_TEMPLATE.to_string()), config)
+    with_chatml(inner)
 }
 
 /// Trains a byte-level BPE tokenizer (GPT-2's byte alphabet, so any text encodes) on `texts`,
@@ -626,6 +617,12 @@ pub fn train_byte_level_chatml(
                 .map(|s| tokenizers::AddedToken::from(s.to_string(), true)),
         )
         .map_err(err)?;
+    with_chatml(inner)
+}
+
+/// Wraps a tokenizer with the ChatML special tokens in `tokenizer_config.json` and the ChatML
+/// template.
+fn with_chatml(inner: tokenizers::Tokenizer) -> Result<ChatTokenizer> {
     let mut config = serde_json::Map::new();
     config.insert("eos_token".into(), Json::from("<|im_end|>"));
     config.insert("pad_token".into(), Json::from("<|endoftext|>"));

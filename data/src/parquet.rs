@@ -1,0 +1,1 @@
+//! verl parquet (stub)
