@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use candle_core::DType;
-use ril_data::dataset::{JsonlReader, ReadOptions, Split, read_all, split_file};
+use ril_data::dataset::{ReadOptions, RowReader, Split, read_all, split_file};
 use ril_data::shapes::{SynthConfig, write_dataset};
 use ril_learner::eval::{EvalConfig, evaluate};
 use ril_learner::sft::{OPTIMIZER_FILE, Schedule, SftConfig, SftEvent, SftState, Target, run_sft};
@@ -62,7 +62,7 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
-    /// A JSONL file, or a directory with train/val/test.jsonl.
+    /// A JSONL or Parquet file, or a directory with train/val/test.{jsonl,parquet}.
     #[arg(long)]
     pub data: PathBuf,
     #[arg(long)]
@@ -83,7 +83,7 @@ pub fn check(a: &CheckArgs) -> anyhow::Result<()> {
         bail!("{}: no train/val/test.jsonl found", a.data.display());
     }
     for f in files {
-        let mut reader = JsonlReader::open(
+        let mut reader = RowReader::open(
             &f,
             ReadOptions {
                 skip_bad_rows: a.skip_bad_rows,

@@ -114,7 +114,7 @@ pub struct SkipReport {
 
 impl SkipReport {
     const KEEP: usize = 5;
-    fn record(&mut self, err: &DataError) {
+    pub(crate) fn record(&mut self, err: &DataError) {
         self.skipped += 1;
         if self.first.len() < Self::KEEP {
             self.first.push(err.to_string());
@@ -539,16 +539,19 @@ impl std::str::FromStr for Split {
     }
 }
 
-/// The file of a split: `DIR/<split>.jsonl` when `path` is a directory, else `path` itself.
+/// The file of a split: `DIR/<split>.jsonl` or `DIR/<split>.parquet` when `path` is a
+/// directory, else `path` itself.
 pub fn split_file(path: &Path, split: Split) -> Result<PathBuf> {
     if path.is_dir() {
-        let f = path.join(format!("{}.jsonl", split.name()));
-        if f.is_file() {
-            return Ok(f);
+        for ext in ["jsonl", "parquet"] {
+            let f = path.join(format!("{}.{ext}", split.name()));
+            if f.is_file() {
+                return Ok(f);
+            }
         }
         return Err(DataError::Missing {
-            path: f,
-            what: format!("the {} split", split.name()),
+            path: path.join(format!("{}.jsonl", split.name())),
+            what: format!("the {} split (.jsonl or .parquet)", split.name()),
         });
     }
     if path.is_file() {
@@ -560,9 +563,49 @@ pub fn split_file(path: &Path, split: Split) -> Result<PathBuf> {
     })
 }
 
-/// Reads a whole split into memory (small datasets: evaluation, tests).
+/// Whether a file is Parquet (by extension); everything else is read as JSONL.
+pub fn is_parquet(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("parquet"))
+}
+
+/// A streaming reader of either format, chosen by the file's extension.
+#[derive(Debug)]
+pub enum RowReader {
+    Jsonl(JsonlReader),
+    Parquet(crate::parquet::ParquetReader),
+}
+
+impl RowReader {
+    pub fn open(path: &Path, options: ReadOptions) -> Result<Self> {
+        Ok(if is_parquet(path) {
+            Self::Parquet(crate::parquet::ParquetReader::open(path, options)?)
+        } else {
+            Self::Jsonl(JsonlReader::open(path, options)?)
+        })
+    }
+
+    pub fn skip_report(&self) -> &SkipReport {
+        match self {
+            Self::Jsonl(r) => r.skip_report(),
+            Self::Parquet(r) => r.skip_report(),
+        }
+    }
+}
+
+impl Iterator for RowReader {
+    type Item = Result<Row>;
+    fn next(&mut self) -> Option<Self::Item> {
+        match self {
+            Self::Jsonl(r) => r.next(),
+            Self::Parquet(r) => r.next(),
+        }
+    }
+}
+
+/// Reads a whole split (JSONL or Parquet) into memory (evaluation, small datasets, tests).
 pub fn read_all(path: &Path, options: ReadOptions) -> Result<(Vec<Row>, SkipReport)> {
-    let mut reader = JsonlReader::open(path, options)?;
+    let mut reader = RowReader::open(path, options)?;
     let rows = reader.by_ref().collect::<Result<Vec<_>>>()?;
-    Ok((rows, reader.report.clone()))
+    Ok((rows, reader.skip_report().clone()))
 }

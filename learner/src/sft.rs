@@ -198,12 +198,31 @@ pub struct SftSummary {
 }
 
 /// The training stream: shuffled by (seed, epoch), cycling epochs, resumable at a cursor.
+/// JSONL streams from disk (only row offsets in memory); Parquet is read into memory once and
+/// shuffled the same way (convert a Parquet set larger than memory to JSONL first).
 struct Stream {
     path: PathBuf,
     seed: u64,
     epoch: u64,
-    reader: ShuffledJsonl,
+    source: Source,
     options: ReadOptions,
+}
+
+enum Source {
+    Jsonl(ShuffledJsonl),
+    Memory {
+        rows: Vec<Row>,
+        order: Vec<usize>,
+        next: usize,
+    },
+}
+
+fn shuffled_order(n: usize, seed: u64) -> Vec<usize> {
+    use rand::SeedableRng;
+    use rand::seq::SliceRandom;
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut rand_chacha::ChaCha8Rng::seed_from_u64(seed));
+    order
 }
 
 impl Stream {
@@ -214,43 +233,67 @@ impl Stream {
         cursor: usize,
         options: ReadOptions,
     ) -> Result<Self> {
-        let mut reader = ShuffledJsonl::open(path, Some(seed.wrapping_add(epoch)), options)?;
-        if reader.is_empty() {
+        let source = if ril_data::dataset::is_parquet(path) {
+            let (rows, _) = read_all(path, options)?;
+            let order = shuffled_order(rows.len(), seed.wrapping_add(epoch));
+            Source::Memory {
+                next: cursor.min(order.len()),
+                rows,
+                order,
+            }
+        } else {
+            let mut reader = ShuffledJsonl::open(path, Some(seed.wrapping_add(epoch)), options)?;
+            reader.seek_to(cursor);
+            Source::Jsonl(reader)
+        };
+        let empty = match &source {
+            Source::Jsonl(r) => r.is_empty(),
+            Source::Memory { rows, .. } => rows.is_empty(),
+        };
+        if empty {
             return Err(LearnerError::Invalid(format!(
                 "{}: no rows to train on",
                 path.display()
             )));
         }
-        reader.seek_to(cursor);
         Ok(Self {
             path: path.to_path_buf(),
             seed,
             epoch,
-            reader,
+            source,
             options,
         })
     }
 
-    fn next_row(&mut self) -> Result<Row> {
-        loop {
-            match self.reader.next() {
-                Some(r) => return Ok(r?),
-                None => {
-                    self.epoch += 1;
-                    self.reader = ShuffledJsonl::open(
-                        &self.path,
-                        Some(self.seed.wrapping_add(self.epoch)),
-                        self.options,
-                    )?;
-                    if self.reader.is_empty() {
-                        return Err(LearnerError::Invalid(format!(
-                            "{}: every row was skipped",
-                            self.path.display()
-                        )));
-                    }
-                }
-            }
+    fn position(&self) -> usize {
+        match &self.source {
+            Source::Jsonl(r) => r.position(),
+            Source::Memory { next, .. } => *next,
         }
+    }
+
+    fn next_row(&mut self) -> Result<Row> {
+        for _ in 0..2 {
+            let row = match &mut self.source {
+                Source::Jsonl(r) => r.next().transpose()?,
+                Source::Memory { rows, order, next } => {
+                    let row = order.get(*next).map(|&i| rows[i].clone());
+                    *next += 1;
+                    row
+                }
+            };
+            if let Some(row) = row {
+                return Ok(row);
+            }
+            // End of the epoch: the next one, reshuffled.
+            self.epoch += 1;
+            let reopened = Self::open(&self.path, self.seed, self.epoch, 0, self.options)?;
+            self.source = reopened.source;
+        }
+        Err(LearnerError::Invalid(format!(
+            "{}: every row was skipped",
+            self.path.display()
+        )))
     }
 }
 
@@ -380,7 +423,7 @@ pub fn run_sft(
         }
         state.step += 1;
         state.epoch = stream.epoch;
-        state.cursor = stream.reader.position();
+        state.cursor = stream.position();
         if state.step.is_multiple_of(cfg.log_every.max(1)) || state.step == cfg.steps {
             on_event(&SftEvent::Step {
                 step: state.step,

@@ -4,25 +4,85 @@
 use ril_tests::{Sandbox, stderr, stdout};
 
 fn ok(out: &std::process::Output) {
-    assert!(out.status.success(), "stdout:\n{}\nstderr:\n{}", stdout(out), stderr(out));
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(out),
+        stderr(out)
+    );
 }
 
 #[test]
 fn synth_tokenizer_init_sft_eval() {
     let sb = Sandbox::new();
     let out = sb.ril(&[
-        "data", "synth", "--out", "shapes", "--seed", "3", "--n-train", "64", "--n-val", "16", "--n-test", "16",
-        "--image-size", "32", "--max-objects", "3",
+        "data",
+        "synth",
+        "--out",
+        "shapes",
+        "--seed",
+        "3",
+        "--n-train",
+        "64",
+        "--n-val",
+        "16",
+        "--n-test",
+        "16",
+        "--image-size",
+        "32",
+        "--max-objects",
+        "3",
     ]);
     ok(&out);
     let out = sb.ril(&["data", "check", "--data", "shapes"]);
     ok(&out);
-    assert!(stdout(&out).contains("train.jsonl: 64 rows, 64 images"), "{}", stdout(&out));
-    ok(&sb.ril(&["tokenizer", "train", "--data", "shapes", "--out", "tok", "--vocab-size", "320"]));
-    ok(&sb.ril(&["model", "init", "--tokenizer", "tok", "--size", "test", "--out", "init"]));
+    assert!(
+        stdout(&out).contains("train.jsonl: 64 rows, 64 images"),
+        "{}",
+        stdout(&out)
+    );
+    ok(&sb.ril(&[
+        "tokenizer",
+        "train",
+        "--data",
+        "shapes",
+        "--out",
+        "tok",
+        "--vocab-size",
+        "320",
+    ]));
+    ok(&sb.ril(&[
+        "model",
+        "init",
+        "--tokenizer",
+        "tok",
+        "--size",
+        "test",
+        "--out",
+        "init",
+    ]));
     let out = sb.ril(&[
-        "sft", "--model", "init", "--data", "shapes", "--out", "sft", "--steps", "12", "--batch-size", "4",
-        "--lr", "3e-3", "--eval-every", "12", "--eval-rows", "16", "--save-every", "6", "--log-every", "4",
+        "sft",
+        "--model",
+        "init",
+        "--data",
+        "shapes",
+        "--out",
+        "sft",
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "12",
+        "--eval-rows",
+        "16",
+        "--save-every",
+        "6",
+        "--log-every",
+        "4",
     ]);
     ok(&out);
     let text = stdout(&out);
@@ -38,25 +98,70 @@ fn synth_tokenizer_init_sft_eval() {
         .map(|v| v.trim().parse().unwrap())
         .collect();
     assert!(losses[1] < losses[0], "{text}");
-    assert!(sb.path("sft/checkpoint-000006/trainer_state.json").is_file());
+    assert!(
+        sb.path("sft/checkpoint-000006/trainer_state.json")
+            .is_file()
+    );
     // Resume from the checkpoint to the same end.
-    ok(&sb.ril(&["sft", "--resume", "sft/checkpoint-000006", "--data", "shapes", "--out", "sft-resumed", "--steps", "12", "--batch-size", "4", "--lr", "3e-3", "--eval-every", "0", "--save-every", "0"]));
+    ok(&sb.ril(&[
+        "sft",
+        "--resume",
+        "sft/checkpoint-000006",
+        "--data",
+        "shapes",
+        "--out",
+        "sft-resumed",
+        "--steps",
+        "12",
+        "--batch-size",
+        "4",
+        "--lr",
+        "3e-3",
+        "--eval-every",
+        "0",
+        "--save-every",
+        "0",
+    ]));
     let a = std::fs::read(sb.path("sft/final/model.safetensors")).unwrap();
     let b = std::fs::read(sb.path("sft-resumed/final/model.safetensors")).unwrap();
     assert_eq!(a, b, "a resumed run ends with the same weights");
 
-    let out = sb.ril(&["eval", "--model", "sft/final", "--data", "shapes", "--split", "test", "--out", "eval.json", "--max-new-tokens", "8"]);
+    let out = sb.ril(&[
+        "eval",
+        "--model",
+        "sft/final",
+        "--data",
+        "shapes",
+        "--split",
+        "test",
+        "--out",
+        "eval.json",
+        "--max-new-tokens",
+        "8",
+    ]);
     ok(&out);
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(sb.path("eval.json")).unwrap()).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.path("eval.json")).unwrap()).unwrap();
     assert_eq!(report["questions"], 16);
     let acc = report["accuracy"].as_f64().unwrap();
     assert!((0.0..=1.0).contains(&acc));
-    assert!(stdout(&out).contains("| **all** | 16 |"), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("| **all** | 16 |"),
+        "{}",
+        stdout(&out)
+    );
 
     // Bad input: a dataset row with a missing answer stops evaluation with file, row and field.
-    std::fs::write(sb.path("bad.jsonl"), "{\"id\": \"q1\", \"question\": \"Why?\"}\n").unwrap();
+    std::fs::write(
+        sb.path("bad.jsonl"),
+        "{\"id\": \"q1\", \"question\": \"Why?\"}\n",
+    )
+    .unwrap();
     let out = sb.ril(&["eval", "--model", "sft/final", "--data", "bad.jsonl"]);
     assert!(!out.status.success());
     let err = stderr(&out);
-    assert!(err.contains("bad.jsonl") && err.contains("row 1") && err.contains("`answer`"), "{err}");
+    assert!(
+        err.contains("bad.jsonl") && err.contains("row 1") && err.contains("`answer`"),
+        "{err}"
+    );
 }
