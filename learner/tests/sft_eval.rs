@@ -273,10 +273,29 @@ fn sft_and_eval_read_verl_parquet_too() {
     let bundle = load(&tmp.path().join("model"));
     let mut opt = AdamW::new(bundle.model.trainable_vars(), AdamWConfig::default()).unwrap();
     // 14 steps of 4 rows cross the 48-row epoch boundary of the in-memory Parquet stream.
-    let summary = run_sft(&bundle, &mut opt, &parquet, None, &tmp.path().join("out"), &cfg(14), SftState::default(), |_| {}).unwrap();
+    let summary = run_sft(
+        &bundle,
+        &mut opt,
+        &parquet,
+        None,
+        &tmp.path().join("out"),
+        &cfg(14),
+        SftState::default(),
+        |_| {},
+    )
+    .unwrap();
     assert_eq!(summary.steps, 14);
     let (back, _) = read_all(&parquet, ReadOptions::default()).unwrap();
     assert_eq!(back.len(), rows.len());
-    let report = evaluate(&bundle, &back[..4], &EvalConfig { max_new_tokens: 4, ..Default::default() }, |_, _| {}).unwrap();
+    let report = evaluate(
+        &bundle,
+        &back[..4],
+        &EvalConfig {
+            max_new_tokens: 4,
+            ..Default::default()
+        },
+        |_, _| {},
+    )
+    .unwrap();
     assert_eq!(report.questions, 4);
 }
