@@ -38,17 +38,29 @@ fn analytic_gradients_match_finite_differences() {
         let var = &params[name];
         let g: Vec<f32> = grads.grads[name].flatten_all().unwrap().to_vec1().unwrap();
         // The element with the largest gradient: finite differences are meaningful there.
-        let (idx, &analytic) = g.iter().enumerate().max_by(|a, b| a.1.abs().total_cmp(&b.1.abs())).unwrap();
+        let (idx, &analytic) = g
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.abs().total_cmp(&b.1.abs()))
+            .unwrap();
         let original: Vec<f32> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let eval_at = |delta: f32| {
             let mut v = original.clone();
             v[idx] += delta;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
-            sft_loss(&model, &examples).unwrap().to_scalar::<f32>().unwrap() as f64
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            sft_loss(&model, &examples)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64
         };
         let numeric = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps as f64);
-        var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
         let rel = (numeric - analytic as f64).abs() / (analytic.abs() as f64).max(1e-4);
-        assert!(rel < 0.05, "{name}[{idx}]: analytic {analytic}, numeric {numeric} (relative error {rel})");
+        assert!(
+            rel < 0.05,
+            "{name}[{idx}]: analytic {analytic}, numeric {numeric} (relative error {rel})"
+        );
     }
 }
