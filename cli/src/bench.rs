@@ -18,7 +18,7 @@ use serde::Serialize;
 pub struct BenchArgs {
     /// Model sizes to measure (test, tiny, medium).
     #[arg(long, value_delimiter = ',', default_value = "tiny,medium")]
-    pub sizes: Vec<String>,
+    pub sizes: Vec<ModelSize>,
     /// Generation batch sizes.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub batches: Vec<usize>,
@@ -61,15 +61,6 @@ struct TrainFigure {
     tokens_per_second: f64,
 }
 
-fn parse_size(s: &str) -> anyhow::Result<ModelSize> {
-    Ok(match s {
-        "test" => ModelSize::Test,
-        "tiny" => ModelSize::Tiny,
-        "medium" => ModelSize::Medium,
-        other => anyhow::bail!("--sizes: unknown size {other:?} (test, tiny, medium)"),
-    })
-}
-
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let device = crate::device::parse(&args.device)?;
     let tok = ril_model::tokenizer::byte_level_chatml()?;
@@ -78,8 +69,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .context("built-in tokenizer has no <image>")?;
     let mut gen_figures = Vec::new();
     let mut train_figures = Vec::new();
-    for size_name in &args.sizes {
-        let size = parse_size(size_name)?;
+    for &size in &args.sizes {
+        let size_name = size.name().to_string();
         let cfg = LlavaConfig::sized(tok.vocab_size(), image_id, size);
         let model = Vlm::new_random(&cfg, Head::LanguageModel, &device, DType::F32, 0)?;
         let (parameters, _) = model.parameter_counts();
@@ -88,10 +79,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
         // Generation: every sequence produces exactly `new_tokens` (no stop tokens).
         let params = SamplingParams::paper(args.new_tokens, 0);
-        let prompt_for = |i: usize| Prompt {
-            token_ids: examples[i % examples.len()].prompt_ids.clone(),
-            pixel_values: Some(examples[i % examples.len()].pixel_values.clone()),
-        };
+        let prompt_for = |i: usize| examples[i % examples.len()].prompt();
         // Warm-up (allocations, thread pool).
         generate_with(
             &model,

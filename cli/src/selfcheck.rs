@@ -12,7 +12,7 @@ use ril_model::generate::{DecodeMode, GenerateOptions, Prompt, SamplingParams, g
 use ril_model::image::{ImageProcessor, ImageProcessorConfig};
 use ril_model::optim::{AdamW, AdamWConfig, Gradients};
 use ril_model::score::{ScoreRequest, score_tokens};
-use ril_model::toy::{colour_examples, sft_loss};
+use ril_model::toy::{Example, colour_examples, sft_loss};
 use ril_model::{Head, LlavaConfig, Vlm};
 use serde::Serialize;
 
@@ -24,22 +24,13 @@ pub struct SelfcheckArgs {
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Model size: `test` (~0.15M parameters) or `tiny` (~4M).
-    #[arg(long, default_value = "test", value_parser = parse_size)]
+    #[arg(long, default_value = "test")]
     pub size: ModelSize,
     /// Fine-tuning steps at most (stops early once the loss is below 0.01).
     #[arg(long, default_value_t = 300)]
     pub max_steps: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
-}
-
-fn parse_size(s: &str) -> Result<ModelSize, String> {
-    match s {
-        "test" => Ok(ModelSize::Test),
-        "tiny" => Ok(ModelSize::Tiny),
-        "medium" => Ok(ModelSize::Medium),
-        _ => Err(format!("unknown size {s:?} (test, tiny, medium)")),
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -123,13 +114,7 @@ pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
     });
 
     let examples = colour_examples(tok, &cfg, &device)?;
-    let prompts: Vec<Prompt> = examples
-        .iter()
-        .map(|e| Prompt {
-            token_ids: e.prompt_ids.clone(),
-            pixel_values: Some(e.pixel_values.clone()),
-        })
-        .collect();
+    let prompts: Vec<Prompt> = examples.iter().map(Example::prompt).collect();
 
     // 2. KV cache against full recomputation.
     let params = SamplingParams::paper(16, args.seed);

@@ -151,15 +151,6 @@ pub fn tokenizer_train(a: &TokenizerTrainArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parse_size(s: &str) -> anyhow::Result<ModelSize> {
-    Ok(match s {
-        "test" => ModelSize::Test,
-        "tiny" => ModelSize::Tiny,
-        "medium" => ModelSize::Medium,
-        other => bail!("--size {other:?}: expected test, tiny or medium"),
-    })
-}
-
 #[derive(Debug, clap::Args)]
 pub struct InitArgs {
     /// A directory with tokenizer.json (+ tokenizer_config.json, chat template).
@@ -167,7 +158,7 @@ pub struct InitArgs {
     pub tokenizer: PathBuf,
     /// test, tiny or medium.
     #[arg(long, default_value = "tiny")]
-    pub size: String,
+    pub size: ModelSize,
     /// Decoder layers, overriding the size's default.
     #[arg(long)]
     pub layers: Option<usize>,
@@ -191,7 +182,7 @@ pub fn init(a: &InitArgs) -> anyhow::Result<()> {
     let image_id = tokenizer
         .token_id(tokenizer.special_token("image_token").unwrap_or("<image>"))
         .context("the tokenizer has no image token")?;
-    let mut cfg = LlavaConfig::sized(tokenizer.vocab_size(), image_id, parse_size(&a.size)?);
+    let mut cfg = LlavaConfig::sized(tokenizer.vocab_size(), image_id, a.size);
     if let Some(l) = a.layers {
         cfg.text_config.num_hidden_layers = l;
     }

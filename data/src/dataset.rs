@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
+use std::io::{BufRead, BufReader, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -322,6 +322,16 @@ pub fn row_to_json(row: &Row, image_paths: Option<&[String]>) -> Value {
         );
     }
     obj.insert("answer".into(), Value::String(row.answer.clone()));
+    insert_answer_metadata(row, &mut obj);
+    if let Some(f) = &row.family {
+        obj.insert("family".into(), Value::String(f.clone()));
+    }
+    Value::Object(obj)
+}
+
+/// Writes a row's optional `answer_type` and `teacher_answers` into a JSON object (the JSONL
+/// row itself, or verl's `extra_info`).
+pub(crate) fn insert_answer_metadata(row: &Row, obj: &mut serde_json::Map<String, Value>) {
     if let Some(t) = row.answer_type {
         obj.insert(
             "answer_type".into(),
@@ -334,10 +344,6 @@ pub fn row_to_json(row: &Row, image_paths: Option<&[String]>) -> Value {
             serde_json::to_value(&row.teacher_answers).unwrap_or(Value::Null),
         );
     }
-    if let Some(f) = &row.family {
-        obj.insert("family".into(), Value::String(f.clone()));
-    }
-    Value::Object(obj)
 }
 
 /// A streaming JSONL reader.
@@ -476,8 +482,7 @@ impl ShuffledJsonl {
             .seek(SeekFrom::Start(offset))
             .map_err(|e| DataError::io(&self.path, e))?;
         let mut line = String::new();
-        (&mut self.file)
-            .take(u64::MAX)
+        self.file
             .read_line(&mut line)
             .map_err(|e| DataError::io(&self.path, e))?;
         Ok(line)

@@ -890,18 +890,7 @@ fn extra_info(row: &Row, position: usize, data_source: &str, split: &str) -> Map
     if let Some(family) = row.family.as_ref().filter(|f| *f != data_source) {
         info.insert("family".into(), Value::String(family.clone()));
     }
-    if let Some(t) = row.answer_type {
-        info.insert(
-            "answer_type".into(),
-            serde_json::to_value(t).unwrap_or(Value::Null),
-        );
-    }
-    if !row.teacher_answers.is_empty() {
-        info.insert(
-            "teacher_answers".into(),
-            serde_json::to_value(&row.teacher_answers).unwrap_or(Value::Null),
-        );
-    }
+    crate::dataset::insert_answer_metadata(row, &mut info);
     info
 }
 

@@ -285,10 +285,19 @@ impl Stream {
             if let Some(row) = row {
                 return Ok(row);
             }
-            // End of the epoch: the next one, reshuffled.
+            // End of the epoch: the next one, reshuffled. In-memory rows are reshuffled in
+            // place; a JSONL file is reopened with the next epoch's order.
             self.epoch += 1;
-            let reopened = Self::open(&self.path, self.seed, self.epoch, 0, self.options)?;
-            self.source = reopened.source;
+            let epoch_seed = self.seed.wrapping_add(self.epoch);
+            match &mut self.source {
+                Source::Memory { rows, order, next } => {
+                    *order = shuffled_order(rows.len(), epoch_seed);
+                    *next = 0;
+                }
+                Source::Jsonl(reader) => {
+                    *reader = ShuffledJsonl::open(&self.path, Some(epoch_seed), self.options)?;
+                }
+            }
         }
         Err(LearnerError::Invalid(format!(
             "{}: every row was skipped",
@@ -320,21 +329,16 @@ pub fn nll_sum(
     Ok((scores.logprobs.sum_all()?.neg()?, targets, all))
 }
 
-/// Mean validation loss per target token over the first `max_rows` rows of `rows`.
+/// Mean validation loss per target token over already-encoded examples.
 pub fn validation_loss(
     bundle: &Bundle,
-    rows: &[Row],
-    target: &Target,
+    examples: &[SupervisedExample],
     batch_size: usize,
 ) -> Result<f64> {
     let mut total = 0f64;
     let mut tokens = 0usize;
-    for chunk in rows.chunks(batch_size.max(1)) {
-        let batch = chunk
-            .iter()
-            .map(|r| supervised(bundle, r, &target.text(r)?))
-            .collect::<Result<Vec<_>>>()?;
-        let (sum, n, _) = nll_sum(bundle, &batch)?;
+    for batch in examples.chunks(batch_size.max(1)) {
+        let (sum, n, _) = nll_sum(bundle, batch)?;
         total += sum.to_scalar::<f32>()? as f64;
         tokens += n;
     }
@@ -371,20 +375,23 @@ pub fn run_sft(
     let options = ReadOptions {
         skip_bad_rows: cfg.skip_bad_rows,
     };
-    let val_rows: Vec<Row> = match val {
+    // Validation examples are decoded and tokenised once, not at every evaluation.
+    let val_examples: Vec<SupervisedExample> = match val {
         Some(v) => {
             let (mut rows, _) = read_all(v, options)?;
             rows.truncate(cfg.eval_rows);
-            rows
+            rows.iter()
+                .map(|r| supervised(bundle, r, &cfg.target.text(r)?))
+                .collect::<Result<_>>()?
         }
         None => Vec::new(),
     };
     let mut stream = Stream::open(train, cfg.seed, state.epoch, state.cursor, options)?;
     let started = Instant::now();
-    let first_val_loss = if val_rows.is_empty() {
+    let first_val_loss = if val_examples.is_empty() {
         None
     } else {
-        let v = validation_loss(bundle, &val_rows, &cfg.target, cfg.batch_size)?;
+        let v = validation_loss(bundle, &val_examples, cfg.batch_size)?;
         on_event(&SftEvent::Eval {
             step: state.step,
             val_loss: v,
@@ -434,11 +441,11 @@ pub fn run_sft(
                 tokens_per_second: all_tokens as f64 / step_started.elapsed().as_secs_f64(),
             });
         }
-        if !val_rows.is_empty()
+        if !val_examples.is_empty()
             && cfg.eval_every > 0
             && (state.step.is_multiple_of(cfg.eval_every) || state.step == cfg.steps)
         {
-            let v = validation_loss(bundle, &val_rows, &cfg.target, cfg.batch_size)?;
+            let v = validation_loss(bundle, &val_examples, cfg.batch_size)?;
             state.last_val_loss = Some(v);
             on_event(&SftEvent::Eval {
                 step: state.step,

@@ -426,7 +426,7 @@ impl LlavaConfig {
     }
 
     /// The unit-test configuration: CLIP 16x16 images in 4x4 patches, a 2-layer Llama decoder
-    /// with grouped-query attention (~0.15M parameters with a byte-level vocabulary).
+    /// with grouped-query attention (~0.13M parameters with a byte-level vocabulary).
     pub fn for_tests(vocab_size: usize, image_token_index: u32) -> Self {
         Self::sized(vocab_size, image_token_index, ModelSize::Test)
     }
@@ -491,10 +491,32 @@ impl LlavaConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelSize {
-    /// ~0.15M parameters: unit tests.
+    /// ~0.13M parameters: unit tests.
     Test,
     /// ~4M parameters, 32x32 images: the built-in models' default size.
     Tiny,
     /// ~25M parameters: the benchmark's larger size.
     Medium,
+}
+
+impl ModelSize {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Test => "test",
+            Self::Tiny => "tiny",
+            Self::Medium => "medium",
+        }
+    }
+}
+
+impl std::str::FromStr for ModelSize {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "test" => Ok(Self::Test),
+            "tiny" => Ok(Self::Tiny),
+            "medium" => Ok(Self::Medium),
+            other => Err(format!("unknown model size {other:?} (test, tiny, medium)")),
+        }
+    }
 }

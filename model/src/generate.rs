@@ -173,15 +173,11 @@ pub fn generate_with(
     params.validate()?;
     // The `<image>` placeholder stands for image features: a sampled one could not be fed back.
     let image_token = model.config().image_token_index;
-    let owned;
-    let params = if params.suppress_token_ids.contains(&image_token) {
-        params
-    } else {
-        let mut p = params.clone();
-        p.suppress_token_ids.push(image_token);
-        owned = p;
-        &owned
-    };
+    let mut params = params.clone();
+    if !params.suppress_token_ids.contains(&image_token) {
+        params.suppress_token_ids.push(image_token);
+    }
+    let params = &params;
     if prompts.is_empty() {
         return Ok(Vec::new());
     }

@@ -22,6 +22,25 @@ pub struct Example {
     pub answer_text: String,
 }
 
+impl Example {
+    /// The example's question as a generation prompt.
+    pub fn prompt(&self) -> crate::generate::Prompt {
+        crate::generate::Prompt {
+            token_ids: self.prompt_ids.clone(),
+            pixel_values: Some(self.pixel_values.clone()),
+        }
+    }
+
+    /// The example's answer, to score under its question.
+    pub fn score_request(&self) -> ScoreRequest<'_> {
+        ScoreRequest {
+            prompt_ids: &self.prompt_ids,
+            response_ids: &self.answer_ids,
+            pixel_values: Some(&self.pixel_values),
+        }
+    }
+}
+
 /// A `w x h` PNG filled with `rgb`, with a centred square of `inner` when given.
 pub fn square_png(w: u32, h: u32, background: [u8; 3], inner: Option<[u8; 3]>) -> Result<Vec<u8>> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
@@ -106,14 +125,7 @@ pub fn colour_examples(
 
 /// Mean negative log-likelihood per answer token (supervised fine-tuning loss).
 pub fn sft_loss(model: &Vlm, examples: &[Example]) -> Result<Tensor> {
-    let requests: Vec<ScoreRequest<'_>> = examples
-        .iter()
-        .map(|e| ScoreRequest {
-            prompt_ids: &e.prompt_ids,
-            response_ids: &e.answer_ids,
-            pixel_values: Some(&e.pixel_values),
-        })
-        .collect();
+    let requests: Vec<ScoreRequest<'_>> = examples.iter().map(Example::score_request).collect();
     let scores = score_tokens(model, &requests, 1.0)?;
     let n_tokens: usize = scores.response_lengths.iter().sum();
     Ok((scores.logprobs.sum_all()?.neg()? / n_tokens as f64)?)

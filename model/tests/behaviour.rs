@@ -87,14 +87,7 @@ fn every_trainable_tensor_gets_a_gradient_from_the_scalar_head() {
     let (tok, cfg, _) = setup(1);
     let model = Vlm::new_random(&cfg, Head::Scalar, &Device::Cpu, DType::F32, 2).unwrap();
     let examples = colour_examples(&tok, &cfg, &Device::Cpu).unwrap();
-    let requests: Vec<ScoreRequest<'_>> = examples
-        .iter()
-        .map(|e| ScoreRequest {
-            prompt_ids: &e.prompt_ids,
-            response_ids: &e.answer_ids,
-            pixel_values: Some(&e.pixel_values),
-        })
-        .collect();
+    let requests: Vec<ScoreRequest<'_>> = examples.iter().map(Example::score_request).collect();
     let logits = scalar_scores(&model, &requests).unwrap();
     assert_eq!(logits.dims(), &[4]);
     // Binary cross-entropy against labels 1, 0, 1, 0 (student / teacher).
@@ -287,13 +280,7 @@ fn a_tiny_model_overfits_and_then_answers_greedily() {
         last < 0.01,
         "loss went from {first} to {last} in {steps} steps"
     );
-    let prompts: Vec<Prompt> = examples
-        .iter()
-        .map(|e| Prompt {
-            token_ids: e.prompt_ids.clone(),
-            pixel_values: Some(e.pixel_values.clone()),
-        })
-        .collect();
+    let prompts: Vec<Prompt> = examples.iter().map(Example::prompt).collect();
     let mut params = SamplingParams::greedy(10);
     params.stop_token_ids = vec![tok.eos_id().unwrap()];
     let gens = ril_model::generate(&model, &prompts, &params).unwrap();
@@ -453,14 +440,7 @@ fn gradient_accumulation_equals_one_big_batch() {
     let examples = colour_examples(&tok, &cfg, &Device::Cpu).unwrap();
     let params = model.trainable_vars();
     let summed = |ex: &[Example]| {
-        let requests: Vec<ScoreRequest<'_>> = ex
-            .iter()
-            .map(|e| ScoreRequest {
-                prompt_ids: &e.prompt_ids,
-                response_ids: &e.answer_ids,
-                pixel_values: Some(&e.pixel_values),
-            })
-            .collect();
+        let requests: Vec<ScoreRequest<'_>> = ex.iter().map(Example::score_request).collect();
         let lp = score_tokens(&model, &requests, 1.0).unwrap().logprobs;
         (lp.sum_all().unwrap().neg().unwrap() / 64.0).unwrap()
     };

@@ -78,10 +78,8 @@ fn image_from_png_as_jpeg(png: &[u8]) -> Vec<u8> {
     // Re-encode through the `image` crate that `ril_model` uses, as a JPEG.
     let decoded = ril_model::image::ImageProcessor::decode(png, "square").unwrap();
     let mut out = std::io::Cursor::new(Vec::new());
-    decoded.write_to(&mut out, image_format_jpeg()).unwrap();
+    decoded
+        .write_to(&mut out, ril_model::image::ImageFormat::Jpeg)
+        .unwrap();
     out.into_inner()
-}
-
-fn image_format_jpeg() -> ril_model::image::ImageFormat {
-    ril_model::image::ImageFormat::Jpeg
 }
