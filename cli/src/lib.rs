@@ -82,6 +82,9 @@ pub enum ModelCommand {
     Generate(model_cmd::GenerateArgs),
     /// Writes a new, randomly initialised model directory for a tokenizer.
     Init(train_cmd::InitArgs),
+    /// Copies a model directory (weights, config, tokenizer, preprocessor; no optimizer state)
+    /// with its weights stored in another dtype, e.g. f16 to halve it for shipping.
+    Export(model_cmd::ExportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -96,6 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Model(ModelCommand::Info { model, device }) => model_cmd::info(&model, &device),
         Command::Model(ModelCommand::Generate(args)) => model_cmd::generate(&args),
         Command::Model(ModelCommand::Init(args)) => train_cmd::init(&args),
+        Command::Model(ModelCommand::Export(args)) => model_cmd::export(&args),
         Command::Data(DataCommand::Synth(args)) => train_cmd::synth(&args),
         Command::Data(DataCommand::Check(args)) => train_cmd::check(&args),
         Command::Tokenizer(TokenizerCommand::Train(args)) => train_cmd::tokenizer_train(&args),

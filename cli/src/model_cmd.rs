@@ -1,4 +1,4 @@
-//! `ril model info` and `ril model generate`.
+//! `ril model info`, `ril model generate` and `ril model export`.
 
 use std::path::{Path, PathBuf};
 
@@ -7,6 +7,48 @@ use candle_core::DType;
 use ril_model::bundle::Bundle;
 use ril_model::generate::SamplingParams;
 use ril_model::{ChatMessage, Head};
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// f32, f16 or bf16.
+    #[arg(long, default_value = "f16")]
+    pub dtype: String,
+}
+
+pub fn export(a: &ExportArgs) -> anyhow::Result<()> {
+    let dtype = match a.dtype.as_str() {
+        "f32" => DType::F32,
+        "f16" => DType::F16,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("--dtype {other:?}: expected f32, f16 or bf16"),
+    };
+    if a.out == a.model {
+        anyhow::bail!("--out must differ from --model ({})", a.model.display());
+    }
+    let bundle = Bundle::load(
+        &a.model,
+        Head::LanguageModel,
+        &candle_core::Device::Cpu,
+        DType::F32,
+    )
+    .with_context(|| format!("loading the model directory {}", a.model.display()))?;
+    bundle
+        .save_as(&a.out, Some(dtype))
+        .with_context(|| format!("writing {}", a.out.display()))?;
+    let bytes = std::fs::metadata(a.out.join(ril_model::checkpoint::WEIGHTS_FILE))?.len();
+    println!(
+        "model: {} -> {} ({:?} weights, {:.1} MB)",
+        a.model.display(),
+        a.out.display(),
+        dtype,
+        bytes as f64 / 1e6
+    );
+    Ok(())
+}
 
 pub fn info(dir: &Path, device: &str) -> anyhow::Result<()> {
     let device = crate::device::parse(device)?;

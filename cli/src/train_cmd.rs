@@ -36,6 +36,16 @@ pub struct SynthArgs {
     /// Uniform pixel noise in [0, 1].
     #[arg(long, default_value_t = 0.05)]
     pub noise: f32,
+    /// How far objects stray from their cell's centre, as a fraction in [0, 1] of the room
+    /// they have.
+    #[arg(long, default_value_t = 1.0)]
+    pub jitter: f32,
+    /// Comma-separated question families to draw from: colour, shape, count, relation,
+    /// exists, compare, arithmetic (the default mix) and describe (dense captions, for
+    /// pre-training). Each row's family is drawn uniformly from the list, so repeating a name
+    /// weights it.
+    #[arg(long, value_delimiter = ',', default_values_t = ril_data::shapes::DEFAULT_FAMILIES.map(String::from))]
+    pub families: Vec<String>,
 }
 
 pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
@@ -48,6 +58,8 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
         min_objects: a.min_objects,
         max_objects: a.max_objects,
         noise: a.noise,
+        jitter: a.jitter,
+        families: a.families.clone(),
     };
     let started = std::time::Instant::now();
     let [tr, va, te] =

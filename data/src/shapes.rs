@@ -187,7 +187,35 @@ pub enum Query {
         b: Filter,
         subtract: bool,
     },
+    /// "Describe the image.": every object in reading order (rows top to bottom, then columns
+    /// left to right) as "{row} {column}: {size} {colour} {shape}", joined by "; ". A dense
+    /// captioning task for pre-training the vision path (LLaVA's first stage); not in the
+    /// default question mix.
+    Describe,
 }
+
+/// Every question family, in the order of [`Query::family`]'s names.
+pub const FAMILIES: [&str; 8] = [
+    "colour",
+    "shape",
+    "count",
+    "relation",
+    "exists",
+    "compare",
+    "arithmetic",
+    "describe",
+];
+
+/// The families a benchmark draws from unless told otherwise: all but `describe`.
+pub const DEFAULT_FAMILIES: [&str; 7] = [
+    "colour",
+    "shape",
+    "count",
+    "relation",
+    "exists",
+    "compare",
+    "arithmetic",
+];
 
 impl Query {
     pub fn family(&self) -> &'static str {
@@ -199,12 +227,13 @@ impl Query {
             Self::Exists { .. } => "exists",
             Self::Compare { .. } => "compare",
             Self::Arithmetic { .. } => "arithmetic",
+            Self::Describe => "describe",
         }
     }
 
     pub fn answer_type(&self) -> AnswerType {
         match self {
-            Self::Colour { .. } | Self::Shape { .. } => AnswerType::Exact,
+            Self::Colour { .. } | Self::Shape { .. } | Self::Describe => AnswerType::Exact,
             Self::Count { .. } | Self::Arithmetic { .. } => AnswerType::Number,
             Self::Relation { .. } | Self::Exists { .. } | Self::Compare { .. } => AnswerType::YesNo,
         }
@@ -231,6 +260,7 @@ impl Query {
                 a.describe_plural(),
                 b.describe_plural()
             ),
+            Self::Describe => "Describe the image.".to_string(),
             Self::Arithmetic { a, b, subtract } => {
                 if *subtract {
                     format!(
@@ -256,6 +286,31 @@ fn count(scene: &Scene, f: &Filter) -> usize {
 
 fn find(scene: &Scene, c: Colour, s: Shape) -> Option<&Object> {
     scene.objects.iter().find(|o| o.colour == c && o.shape == s)
+}
+
+/// "top left: large red circle; middle centre: small blue square" (reading order).
+pub fn describe(scene: &Scene) -> String {
+    const ROWS: [&str; 3] = ["top", "middle", "bottom"];
+    const COLUMNS: [&str; 3] = ["left", "centre", "right"];
+    let mut objects: Vec<&Object> = scene.objects.iter().collect();
+    objects.sort_by_key(|o| (o.cell.1, o.cell.0));
+    objects
+        .iter()
+        .map(|o| {
+            let size = match o.size {
+                Size::Small => "small",
+                Size::Large => "large",
+            };
+            format!(
+                "{} {}: {size} {} {}",
+                ROWS[o.cell.1 as usize % 3],
+                COLUMNS[o.cell.0 as usize % 3],
+                o.colour.name(),
+                o.shape.name()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn yes_no(b: bool) -> String {
@@ -314,6 +369,7 @@ pub fn answer(scene: &Scene, query: &Query) -> Option<String> {
                 Some((na + nb).to_string())
             }
         }
+        Query::Describe => Some(describe(scene)),
     }
 }
 
@@ -330,6 +386,21 @@ pub struct SynthConfig {
     pub max_objects: usize,
     /// Uniform pixel noise amplitude in [0, 1] (fraction of 255).
     pub noise: f32,
+    /// How far an object may sit from its cell's centre, as a fraction in [0, 1] of the room
+    /// it has (half the cell minus its radius).
+    #[serde(default = "default_jitter")]
+    pub jitter: f32,
+    /// The question families to draw from, uniformly (names of [`FAMILIES`]).
+    #[serde(default = "default_families")]
+    pub families: Vec<String>,
+}
+
+fn default_jitter() -> f32 {
+    1.0
+}
+
+fn default_families() -> Vec<String> {
+    DEFAULT_FAMILIES.iter().map(|f| f.to_string()).collect()
 }
 
 impl Default for SynthConfig {
@@ -343,6 +414,8 @@ impl Default for SynthConfig {
             min_objects: 1,
             max_objects: 5,
             noise: 0.05,
+            jitter: default_jitter(),
+            families: default_families(),
         }
     }
 }
@@ -358,6 +431,22 @@ impl SynthConfig {
         }
         if !(0.0..=1.0).contains(&self.noise) {
             return bad("noise must be in [0, 1]");
+        }
+        if !(0.0..=1.0).contains(&self.jitter) {
+            return bad("jitter must be in [0, 1]");
+        }
+        if self.families.is_empty() {
+            return bad("families must name at least one question family");
+        }
+        if let Some(f) = self
+            .families
+            .iter()
+            .find(|f| !FAMILIES.contains(&f.as_str()))
+        {
+            return Err(DataError::Invalid(format!(
+                "shapes: unknown question family {f:?} (known: {})",
+                FAMILIES.join(", ")
+            )));
         }
         Ok(())
     }
@@ -392,7 +481,7 @@ pub fn random_scene(cfg: &SynthConfig, rng: &mut ChaCha8Rng) -> Scene {
                 Size::Small => (cell * 2 / 9).max(3),
                 Size::Large => (cell * 4 / 11).max(5),
             };
-            let slack = cell / 2 - radius;
+            let slack = ((cell / 2 - radius) as f32 * cfg.jitter).floor() as u32;
             let jitter =
                 |rng: &mut ChaCha8Rng| rng.random_range(0..=2 * slack) as i64 - slack as i64;
             let x = (cx * cell + cell / 2) as i64 + jitter(rng);
@@ -443,11 +532,21 @@ fn random_filter(scene: &Scene, rng: &mut ChaCha8Rng) -> Filter {
     }
 }
 
-/// Draws a question that applies to `scene` (families uniformly, retrying inapplicable ones).
-pub fn random_query(scene: &Scene, rng: &mut ChaCha8Rng) -> Query {
+/// Draws a question that applies to `scene` from `families` (names of [`FAMILIES`], drawn
+/// uniformly; inapplicable questions are redrawn).
+pub fn random_query(scene: &Scene, families: &[String], rng: &mut ChaCha8Rng) -> Query {
+    let indices: Vec<usize> = families
+        .iter()
+        .filter_map(|f| FAMILIES.iter().position(|k| k == f))
+        .collect();
     for _ in 0..64 {
         let pick = |rng: &mut ChaCha8Rng| scene.objects[rng.random_range(0..scene.objects.len())];
-        let q = match rng.random_range(0..7) {
+        let family = if indices.is_empty() {
+            rng.random_range(0..7)
+        } else {
+            indices[rng.random_range(0..indices.len())]
+        };
+        let q = match family {
             0 => Query::Colour {
                 shape: pick(rng).shape,
             },
@@ -495,11 +594,12 @@ pub fn random_query(scene: &Scene, rng: &mut ChaCha8Rng) -> Query {
                 a: random_filter(scene, rng),
                 b: random_filter(scene, rng),
             },
-            _ => Query::Arithmetic {
+            6 => Query::Arithmetic {
                 a: random_filter(scene, rng),
                 b: random_filter(scene, rng),
                 subtract: rng.random_bool(0.4),
             },
+            _ => Query::Describe,
         };
         let degenerate = match &q {
             Query::Compare { a, b } | Query::Arithmetic { a, b, .. } => a == b,
@@ -573,7 +673,7 @@ pub fn generate_row(
 ) -> Result<Generated> {
     let mut rng = row_rng(cfg.seed, split, index);
     let scene = random_scene(cfg, &mut rng);
-    let query = random_query(&scene, &mut rng);
+    let query = random_query(&scene, &cfg.families, &mut rng);
     let answer = answer(&scene, &query).ok_or_else(|| {
         DataError::Invalid(format!("shapes: no answer for {query:?} (a generator bug)"))
     })?;

@@ -131,6 +131,24 @@ fn recompute(scene: &Value, q: &Value) -> String {
                 other => panic!("relation {other}"),
             }
         }
+        "describe" => {
+            let mut objs: Vec<&Value> = objects.iter().collect();
+            let cell = |o: &Value, i: usize| o["cell"][i].as_u64().unwrap();
+            objs.sort_by_key(|o| (cell(o, 1), cell(o, 0)));
+            objs.iter()
+                .map(|o| {
+                    let row = ["top", "middle", "bottom"][cell(o, 1) as usize];
+                    let col = ["left", "centre", "right"][cell(o, 0) as usize];
+                    format!(
+                        "{row} {col}: {} {} {}",
+                        o["size"].as_str().unwrap(),
+                        o["colour"].as_str().unwrap(),
+                        o["shape"].as_str().unwrap()
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        }
         other => panic!("family {other}"),
     }
 }
@@ -206,7 +224,71 @@ fn bad_settings_are_refused() {
             noise: 2.0,
             ..Default::default()
         },
+        SynthConfig {
+            jitter: -0.5,
+            ..Default::default()
+        },
+        SynthConfig {
+            families: vec![],
+            ..Default::default()
+        },
+        SynthConfig {
+            families: vec!["colour".into(), "poetry".into()],
+            ..Default::default()
+        },
     ] {
         assert!(write_dataset(&cfg, dir.path()).is_err(), "{cfg:?}");
+    }
+}
+
+#[test]
+fn families_can_be_chosen_and_weighted_and_describe_lists_every_object() {
+    let dir = tempfile::tempdir().unwrap();
+    // "describe" three times and "count" once: about three describe rows per count row.
+    let cfg = SynthConfig {
+        families: ["describe", "describe", "describe", "count"]
+            .map(String::from)
+            .to_vec(),
+        ..small(5, 400)
+    };
+    write_dataset(&cfg, dir.path()).unwrap();
+    let (rows, _) = read_all(&dir.path().join("train.jsonl"), ReadOptions::default()).unwrap();
+    let mut families: BTreeMap<String, usize> = BTreeMap::new();
+    for row in &rows {
+        *families.entry(row.family.clone().unwrap()).or_default() += 1;
+        assert_eq!(
+            recompute(&row.extra["scene"], &row.extra["query"]),
+            row.answer,
+            "row {}",
+            row.id
+        );
+        if row.family.as_deref() == Some("describe") {
+            assert_eq!(row.question_text(), "Describe the image.");
+            let n = row.extra["scene"]["objects"].as_array().unwrap().len();
+            assert_eq!(row.answer.split("; ").count(), n, "{}", row.answer);
+        }
+    }
+    assert_eq!(families.len(), 2, "{families:?}");
+    let share = families["describe"] as f64 / rows.len() as f64;
+    assert!((0.65..=0.85).contains(&share), "describe share {share}");
+}
+
+#[test]
+fn zero_jitter_centres_every_object_in_its_cell() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SynthConfig {
+        jitter: 0.0,
+        image_size: 72,
+        ..small(6, 50)
+    };
+    write_dataset(&cfg, dir.path()).unwrap();
+    let (rows, _) = read_all(&dir.path().join("train.jsonl"), ReadOptions::default()).unwrap();
+    for row in &rows {
+        for o in row.extra["scene"]["objects"].as_array().unwrap() {
+            for (axis, coord) in [(0, "x"), (1, "y")] {
+                let cell = o["cell"][axis].as_u64().unwrap();
+                assert_eq!(o[coord].as_u64().unwrap(), cell * 24 + 12, "{o}");
+            }
+        }
     }
 }

@@ -27,6 +27,7 @@ fn setup(dir: &Path) -> std::path::PathBuf {
             max_objects: 3,
             noise: 0.0,
             min_objects: 1,
+            ..Default::default()
         },
         &data,
     )

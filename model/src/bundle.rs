@@ -69,7 +69,12 @@ impl Bundle {
     }
 
     pub fn save(&self, dir: &Path) -> Result<()> {
-        self.model.save_pretrained(dir)?;
+        self.save_as(dir, None)
+    }
+
+    /// [`Bundle::save`] with the weights stored in `dtype` (`None`: the model's own).
+    pub fn save_as(&self, dir: &Path, dtype: Option<DType>) -> Result<()> {
+        crate::checkpoint::save_model_as(&self.model, dir, dtype)?;
         self.tokenizer.save(dir)?;
         self.processor.config.save(&dir.join(PREPROCESSOR_FILE))
     }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{ModelError, Result};
 use crate::vlm::{Head, SCORE_HEAD, Vlm};
@@ -264,12 +264,34 @@ pub fn safetensors_bytes(
 /// Saves `config.json` and `model.safetensors` (tied LM heads are not written, as transformers
 /// does not write them).
 pub fn save_model(model: &Vlm, dir: &Path) -> Result<()> {
+    save_model_as(model, dir, None)
+}
+
+/// [`save_model`] with the weights stored in `dtype` (e.g. f16 to halve a checkpoint; loading
+/// converts back to the model's dtype). `None` keeps the model's dtype.
+pub fn save_model_as(model: &Vlm, dir: &Path, dtype: Option<DType>) -> Result<()> {
+    if let Some(d) = dtype
+        && !d.is_float()
+    {
+        return Err(ModelError::input(format!(
+            "cannot store weights as {d:?}: not a floating-point dtype"
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
     let tensors: BTreeMap<String, Tensor> = model
         .named_vars()
         .into_iter()
-        .map(|(k, v)| (k, v.as_tensor().clone()))
-        .collect();
+        .map(|(k, v)| {
+            let t = v.as_tensor().clone();
+            Ok((
+                k,
+                match dtype {
+                    Some(d) => t.to_dtype(d)?,
+                    None => t,
+                },
+            ))
+        })
+        .collect::<Result<_>>()?;
     let bytes = safetensors_bytes(&tensors, None)?;
     write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     model.config().save(&dir.join(CONFIG_FILE))

@@ -72,9 +72,44 @@ impl std::fmt::Debug for Vlm {
     }
 }
 
+/// How [`Vlm::init_weights`] draws the weight matrices and embedding tables (norms start at 1,
+/// biases at 0 either way).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Init {
+    /// The default for new models. Embedding tables (token, position, class) N(0, 0.02);
+    /// the discriminator's scalar head N(0, 0.02), so D starts near 1/2; every other matrix
+    /// N(0, 1/fan_in), LeCun normal, with fan_in the product of all but the first dimension
+    /// (a convolution kernel counts its channels x kernel area). transformers' fixed
+    /// `initializer_range` of 0.02 suits widths in the thousands; at the built-in models'
+    /// widths (64-512) it leaves attention uniform and the layers near-linear, and a model
+    /// trained from it learns the answer prior of each question and never reads the image
+    /// (docs/BENCHMARKS.md, "Built-in models").
+    FanIn,
+    /// Every matrix and table N(0, std): for tests that need a particular weight scale.
+    Normal(f32),
+}
+
+impl Init {
+    fn std_for(self, name: &str, dims: &[usize]) -> f32 {
+        match self {
+            Init::Normal(std) => std,
+            Init::FanIn => {
+                let is_table = name.ends_with("embed_tokens.weight")
+                    || name.ends_with("position_embedding.weight")
+                    || name.ends_with("class_embedding");
+                if is_table || name == SCORE_HEAD || dims.len() < 2 {
+                    0.02
+                } else {
+                    let fan_in: usize = dims[1..].iter().product();
+                    1.0 / (fan_in.max(1) as f32).sqrt()
+                }
+            }
+        }
+    }
+}
+
 impl Vlm {
-    /// Builds the model with deterministic random weights (normal(0, 0.02) matrices, unit norms,
-    /// zero biases) from `seed`.
+    /// Builds the model with deterministic random weights from `seed` ([`Init::FanIn`]).
     pub fn new_random(
         cfg: &LlavaConfig,
         head: Head,
@@ -83,7 +118,7 @@ impl Vlm {
         seed: u64,
     ) -> Result<Self> {
         let model = Self::build(cfg, head, device, dtype)?;
-        model.init_weights(seed, 0.02)?;
+        model.init_weights(seed, Init::FanIn)?;
         Ok(model)
     }
 
@@ -169,7 +204,7 @@ impl Vlm {
     ) -> Result<(Self, crate::checkpoint::LoadReport)> {
         let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
         let model = Self::build(&cfg, Head::Scalar, device, dtype)?;
-        model.init_weights(seed, 0.02)?;
+        model.init_weights(seed, Init::FanIn)?;
         let report = crate::checkpoint::load_weights(
             &model,
             dir,
@@ -236,11 +271,11 @@ impl Vlm {
         (all, trainable)
     }
 
-    /// Deterministic re-initialisation: norms' weights 1, biases 0, everything else normal(0, std).
-    pub fn init_weights(&self, seed: u64, std: f32) -> Result<()> {
+    /// Deterministic re-initialisation from `seed`: norms' weights 1, biases 0, the rest drawn
+    /// as `init` says.
+    pub fn init_weights(&self, seed: u64, init: Init) -> Result<()> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let normal = Normal::new(0.0f32, std)
-            .map_err(|e| ModelError::input(format!("init std {std}: {e}")))?;
+        let standard = Normal::new(0.0f32, 1.0).expect("unit normal");
         for (name, var) in self.named_vars() {
             let n = var.elem_count();
             let is_norm = name.ends_with("norm.weight")
@@ -253,7 +288,13 @@ impl Vlm {
             } else if name.ends_with(".bias") {
                 vec![0.0; n]
             } else {
-                (0..n).map(|_| normal.sample(&mut rng)).collect()
+                let std = init.std_for(&name, var.shape().dims());
+                if !(std.is_finite() && std > 0.0) {
+                    return Err(ModelError::input(format!(
+                        "init std {std} for {name} must be finite and > 0"
+                    )));
+                }
+                (0..n).map(|_| standard.sample(&mut rng) * std).collect()
             };
             let t = Tensor::from_vec(values, var.shape(), &self.device)?.to_dtype(self.dtype)?;
             var.set(&t)?;

@@ -138,7 +138,9 @@ fn kv_cache_decoding_equals_full_recomputation() {
     let (tok, cfg, model) = setup(3);
     // Larger weights than the 0.02 default make logits depend strongly on positions and cached
     // keys, so a cache bug cannot hide in near-uniform logits.
-    model.init_weights(3, 0.2).unwrap();
+    model
+        .init_weights(3, ril_model::vlm::Init::Normal(0.2))
+        .unwrap();
     let prompts = prompts(&tok, &cfg);
     for params in [SamplingParams::greedy(12), SamplingParams::paper(12, 7)] {
         let run = |mode| {
@@ -178,7 +180,9 @@ fn kv_cache_decoding_equals_full_recomputation() {
 #[test]
 fn sampled_logprobs_equal_scored_logprobs() {
     let (tok, cfg, model) = setup(4);
-    model.init_weights(4, 0.2).unwrap();
+    model
+        .init_weights(4, ril_model::vlm::Init::Normal(0.2))
+        .unwrap();
     let prompts = prompts(&tok, &cfg);
     for temperature in [1.0, 0.7] {
         let mut params = SamplingParams::paper(10, 11);
@@ -313,6 +317,45 @@ fn save_then_load_is_exact() {
     let loaded =
         Vlm::from_pretrained(dir.path(), Head::LanguageModel, &Device::Cpu, DType::F32).unwrap();
     assert_same_weights(&weights(&model), &weights(&loaded));
+}
+
+#[test]
+fn weights_stored_as_f16_load_as_their_rounded_values_at_half_the_size() {
+    let (_, _, model) = setup(9);
+    let full = tempfile::tempdir().unwrap();
+    let half = tempfile::tempdir().unwrap();
+    model.save_pretrained(full.path()).unwrap();
+    ril_model::checkpoint::save_model_as(&model, half.path(), Some(DType::F16)).unwrap();
+    let size = |d: &std::path::Path| {
+        std::fs::metadata(d.join("model.safetensors"))
+            .unwrap()
+            .len()
+    };
+    let (full_bytes, half_bytes) = (size(full.path()), size(half.path()));
+    assert!(
+        half_bytes * 10 < full_bytes * 6,
+        "f16 file {half_bytes} bytes against f32 {full_bytes}"
+    );
+    let loaded =
+        Vlm::from_pretrained(half.path(), Head::LanguageModel, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(loaded.dtype(), DType::F32);
+    let rounded: BTreeMap<String, Tensor> = weights(&model)
+        .into_iter()
+        .map(|(k, t)| {
+            (
+                k,
+                t.to_dtype(DType::F16)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert_same_weights(&rounded, &weights(&loaded));
+    assert!(
+        ril_model::checkpoint::save_model_as(&model, half.path(), Some(DType::U32)).is_err(),
+        "an integer storage dtype is refused"
+    );
 }
 
 #[test]

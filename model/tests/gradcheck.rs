@@ -12,7 +12,9 @@ fn analytic_gradients_match_finite_differences() {
     let tok = byte_level_chatml().unwrap();
     let cfg = LlavaConfig::for_tests(tok.vocab_size(), tok.token_id("<image>").unwrap());
     let model = Vlm::new_random(&cfg, Head::LanguageModel, &Device::Cpu, DType::F32, 3).unwrap();
-    model.init_weights(3, 0.2).unwrap();
+    model
+        .init_weights(3, ril_model::vlm::Init::Normal(0.2))
+        .unwrap();
     let examples = colour_examples(&tok, &cfg, &Device::Cpu).unwrap();
     let params = model.trainable_vars();
     let loss = sft_loss(&model, &examples).unwrap();
