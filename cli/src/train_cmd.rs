@@ -46,6 +46,9 @@ pub struct SynthArgs {
     /// weights it.
     #[arg(long, value_delimiter = ',', default_values_t = ril_data::shapes::DEFAULT_FAMILIES.map(String::from))]
     pub families: Vec<String>,
+    /// Background colour as R,G,B (0-255); the default is CLIP's mean grey.
+    #[arg(long, value_delimiter = ',', default_values_t = ril_data::shapes::CLIP_MEAN_GREY)]
+    pub background: Vec<u8>,
 }
 
 pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
@@ -60,6 +63,11 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
         noise: a.noise,
         jitter: a.jitter,
         families: a.families.clone(),
+        background: a
+            .background
+            .as_slice()
+            .try_into()
+            .context("--background takes three values, R,G,B")?,
     };
     let started = std::time::Instant::now();
     let [tr, va, te] =

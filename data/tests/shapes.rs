@@ -292,3 +292,33 @@ fn zero_jitter_centres_every_object_in_its_cell() {
         }
     }
 }
+
+#[test]
+fn the_background_colour_is_a_knob_and_defaults_to_clip_mean_grey() {
+    for background in [ril_data::shapes::CLIP_MEAN_GREY, [250, 250, 250]] {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SynthConfig {
+            background,
+            noise: 0.0,
+            max_objects: 1,
+            ..small(7, 5)
+        };
+        write_dataset(&cfg, dir.path()).unwrap();
+        let (rows, _) = read_all(&dir.path().join("train.jsonl"), ReadOptions::default()).unwrap();
+        for row in &rows {
+            let img = image::load_from_memory(&row.images[0].bytes)
+                .unwrap()
+                .to_rgb8();
+            // One object: at least one image corner is uncovered.
+            let corners = [(0, 0), (63, 0), (0, 63), (63, 63)];
+            assert!(
+                corners
+                    .iter()
+                    .any(|&(x, y)| img.get_pixel(x, y).0 == background),
+                "row {}: no corner shows the background {background:?}",
+                row.id
+            );
+        }
+    }
+    assert_eq!(SynthConfig::default().background, [123, 117, 104]);
+}
