@@ -38,7 +38,7 @@ pub struct SynthArgs {
     pub noise: f32,
     /// How far objects stray from their cell's centre, as a fraction in [0, 1] of the room
     /// they have.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 0.25)]
     pub jitter: f32,
     /// Comma-separated question families to draw from: colour, shape, count, relation,
     /// exists, compare, arithmetic (the default mix) and describe (dense captions, for
