@@ -44,7 +44,7 @@ pub struct SynthArgs {
     /// exists, compare, arithmetic (the default mix) and describe (dense captions, for
     /// pre-training). Each row's family is drawn uniformly from the list, so repeating a name
     /// weights it.
-    #[arg(long, value_delimiter = ',', default_values_t = ril_data::shapes::DEFAULT_FAMILIES.map(String::from))]
+    #[arg(long, value_delimiter = ',', default_values_t = ril_data::shapes::default_families())]
     pub families: Vec<String>,
     /// Background colour as R,G,B (0-255); the default is CLIP's mean grey.
     #[arg(long, value_delimiter = ',', default_values_t = ril_data::shapes::CLIP_MEAN_GREY)]

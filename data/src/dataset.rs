@@ -120,6 +120,23 @@ impl SkipReport {
             self.first.push(err.to_string());
         }
     }
+
+    /// The readers' one bad-row policy: a parsed row or, without `skip_bad_rows`, its error is
+    /// handed on (`Some`); with it, a bad row is logged, counted and skipped (`None`).
+    pub(crate) fn pass(
+        &mut self,
+        parsed: Result<Row>,
+        options: ReadOptions,
+    ) -> Option<Result<Row>> {
+        match parsed {
+            Err(e) if options.skip_bad_rows => {
+                tracing::warn!(error = %e, "skipping a bad row");
+                self.record(&e);
+                None
+            }
+            other => Some(other),
+        }
+    }
 }
 
 /// Parses and validates one JSONL line. `line_no` is 1-based; `base_dir` resolves relative
@@ -388,13 +405,11 @@ impl Iterator for JsonlReader {
             if line.trim().is_empty() {
                 continue;
             }
-            match parse_row(&line, &self.path, self.line_no, &self.base_dir) {
-                Ok(row) => return Some(Ok(row)),
-                Err(e) if self.options.skip_bad_rows => {
-                    tracing::warn!(error = %e, "skipping a bad row");
-                    self.report.record(&e);
-                }
-                Err(e) => return Some(Err(e)),
+            if let Some(out) = self.report.pass(
+                parse_row(&line, &self.path, self.line_no, &self.base_dir),
+                self.options,
+            ) {
+                return Some(out);
             }
         }
     }
@@ -500,13 +515,11 @@ impl Iterator for ShuffledJsonl {
                 Ok(l) => l,
                 Err(e) => return Some(Err(e)),
             };
-            match parse_row(&line, &self.path, line_no, &self.base_dir) {
-                Ok(row) => return Some(Ok(row)),
-                Err(e) if self.options.skip_bad_rows => {
-                    tracing::warn!(error = %e, "skipping a bad row");
-                    self.report.record(&e);
-                }
-                Err(e) => return Some(Err(e)),
+            if let Some(out) = self.report.pass(
+                parse_row(&line, &self.path, line_no, &self.base_dir),
+                self.options,
+            ) {
+                return Some(out);
             }
         }
         None

@@ -211,13 +211,11 @@ impl Iterator for ParquetReader {
                 stem: &self.stem,
                 row: self.row,
             };
-            match parse_verl_row(batch, index, &at) {
-                Ok(row) => return Some(Ok(row)),
-                Err(e) if self.options.skip_bad_rows => {
-                    tracing::warn!(error = %e, "skipping a bad row");
-                    self.report.record(&e);
-                }
-                Err(e) => return Some(Err(e)),
+            if let Some(out) = self
+                .report
+                .pass(parse_verl_row(batch, index, &at), self.options)
+            {
+                return Some(out);
             }
         }
         None
