@@ -7,6 +7,8 @@ pub mod v1 {
     tonic::include_proto!("ril.v1");
 }
 
+pub mod server;
+
 /// The encoded `FileDescriptorSet` of every `ril.v1` file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/ril_v1_descriptor.bin"));
