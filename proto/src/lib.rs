@@ -7,6 +7,7 @@ pub mod v1 {
     tonic::include_proto!("ril.v1");
 }
 
+pub mod convert;
 pub mod server;
 
 /// The encoded `FileDescriptorSet` of every `ril.v1` file, for gRPC server reflection.

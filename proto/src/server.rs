@@ -73,7 +73,9 @@ pub async fn health<I: IntoIterator<Item = &'static str>>(
         .set_service_status("", ServingStatus::NotServing)
         .await;
     for s in services {
-        reporter.set_service_status(s, ServingStatus::NotServing).await;
+        reporter
+            .set_service_status(s, ServingStatus::NotServing)
+            .await;
     }
     (reporter, server)
 }
