@@ -1,5 +1,36 @@
-//! The coordinator: owns the run (config, dataset cursor, prompt leases with deadlines, policy
-//! versions, actor membership, learner rendezvous including the NCCL unique id, checkpoint
-//! manifest, status). Control plane only: no tensors flow through it.
+//! The coordinator: the run's control plane. It owns the question stream's cursor, prompt
+//! leases with deadlines, exactly-once accounting of groups, the policy version registry, actor
+//! membership, the learner rendezvous (ranks, addresses, the NCCL unique id) and the run's
+//! status. No tensors flow through it.
 //!
-//! Status: placeholder crate; it arrives with the services issue.
+//! - [`stream`]: position `p` (epochs concatenated, each shuffled by `seed + epoch`) -> dataset
+//!   row; iteration `p / B`. Every row is checked when the stream opens.
+//! - [`coordinator`]: the domain state machine ([`Coordinator`]), free of gRPC types. Leases
+//!   hand out re-issued positions first, then fresh ones, only of iterations
+//!   `<= version + staleness_bound` (0: synchronous on-policy). Expired leases (deadline passed,
+//!   or the actor stopped heartbeating) give their unaccepted positions back; the learner
+//!   accepts each position once.
+//! - [`persist`]: the state file (cursor, accepted positions as a watermark plus a set, version
+//!   history, run id), replaced atomically after every change a restart must see. Reopening the
+//!   same `state_dir` continues the run; positions outstanding at the restart are re-issued. A
+//!   lock file keeps a second coordinator off a `state_dir` in use.
+//! - [`grpc`]: the `ril.v1.Coordinator` adapter and [`serve`] (health, reflection, message
+//!   limits, graceful shutdown that writes the state).
+
+pub mod coordinator;
+pub mod error;
+pub mod grpc;
+pub mod options;
+pub mod persist;
+pub mod stream;
+#[cfg(test)]
+mod testutil;
+
+pub use coordinator::{
+    Acceptance, ActorInfo, Coordinator, HeartbeatReply, LOCK_FILE, LeaseGrant, LeasedQuestion, Now,
+    Rendezvous, Status,
+};
+pub use error::{CoordinatorError, Result};
+pub use grpc::{CoordinatorGrpc, serve};
+pub use options::{ActorSettings, CoordinatorOptions, paper_sampling};
+pub use persist::{STATE_FILE, VersionRecord};

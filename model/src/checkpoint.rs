@@ -146,6 +146,45 @@ pub fn load_weights(model: &Vlm, path: &Path, options: LoadOptions) -> Result<Lo
     load_tensor_map(model, path, tensors, options)
 }
 
+/// Loads weights from an in-memory safetensors payload (a weight transfer); `origin` names it in
+/// errors. Like [`load_weights`], every tensor is checked before any is changed.
+pub fn load_weights_from_bytes(
+    model: &Vlm,
+    bytes: &[u8],
+    origin: &str,
+    options: LoadOptions,
+) -> Result<LoadReport> {
+    let origin_path = PathBuf::from(origin);
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu).map_err(|e| {
+        ModelError::Checkpoint {
+            path: origin_path.clone(),
+            reason: format!("not a readable safetensors payload: {e}"),
+        }
+    })?;
+    let mut map = BTreeMap::new();
+    for (name, tensor) in tensors {
+        let canonical = canonical_name(&name);
+        if map.contains_key(&canonical) {
+            return Err(ModelError::Checkpoint {
+                path: origin_path.clone(),
+                reason: format!("tensor `{name}` maps to `{canonical}` twice"),
+            });
+        }
+        map.insert(canonical, (origin_path.clone(), tensor));
+    }
+    load_tensor_map(model, &origin_path, map, options)
+}
+
+/// The model's weights as one safetensors payload (what a learner serves to actors).
+pub fn weights_bytes(model: &Vlm) -> Result<Vec<u8>> {
+    let tensors: BTreeMap<String, Tensor> = model
+        .named_vars()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_tensor().clone()))
+        .collect();
+    safetensors_bytes(&tensors, None)
+}
+
 pub(crate) fn load_tensor_map(
     model: &Vlm,
     path: &Path,

@@ -320,6 +320,33 @@ fn save_then_load_is_exact() {
 }
 
 #[test]
+fn a_weight_payload_applies_exactly_and_a_damaged_one_changes_nothing() {
+    let (_, _, source) = setup(11);
+    let (_, _, target) = setup(12);
+    let payload = ril_model::checkpoint::weights_bytes(&source).unwrap();
+    let before = weights(&target);
+    // Truncated: refused, the target untouched.
+    let e = ril_model::checkpoint::load_weights_from_bytes(
+        &target,
+        &payload[..payload.len() / 2],
+        "<weights v1>",
+        ril_model::checkpoint::LoadOptions::strict(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("<weights v1>"), "{e}");
+    assert_same_weights(&before, &weights(&target));
+    ril_model::checkpoint::load_weights_from_bytes(
+        &target,
+        &payload,
+        "<weights v1>",
+        ril_model::checkpoint::LoadOptions::strict(),
+    )
+    .unwrap();
+    assert_same_weights(&weights(&source), &weights(&target));
+}
+
+#[test]
 fn weights_stored_as_f16_load_as_their_rounded_values_at_half_the_size() {
     let (_, _, model) = setup(9);
     let full = tempfile::tempdir().unwrap();

@@ -1,0 +1,1021 @@
+//! The coordinator's domain logic, free of gRPC: the question stream's cursor, leases with
+//! deadlines, exactly-once acceptance, the version registry, actor membership, the learner
+//! rendezvous and the run's status.
+//!
+//! Every position below the cursor that is not accepted is in exactly one place: an open lease
+//! (an actor is rolling it out), a completed lease (its group is on its way to the learner, which
+//! has `lease_timeout` to accept it), or the re-issue queue. Expired leases, returned positions and
+//! positions outstanding at a restart go to the queue; the queue is served lowest position first,
+//! before fresh positions.
+//!
+//! Every method takes the time as a [`Now`], so the state machine is deterministic under test.
+//! Changes that a restart must see are written to the state file before the method returns; a
+//! change whose write fails is rolled back.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ril_data::Row;
+
+use crate::error::{CoordinatorError, Result};
+use crate::options::CoordinatorOptions;
+use crate::persist::{STATE_FILE, StateFile, StreamIdentity, VersionRecord};
+use crate::stream::QuestionStream;
+
+/// The window `groups_per_second` is measured over.
+const RATE_WINDOW: Duration = Duration::from_secs(30);
+
+/// Actors not heard from for this many `actor_timeout`s are dropped from the membership list.
+const FORGET_AFTER_TIMEOUTS: u32 = 10;
+
+/// Held locked (advisory) by the coordinator that owns a `state_dir`.
+pub const LOCK_FILE: &str = "coordinator.lock";
+
+/// Longest id (actor, lease, question) a request may carry.
+const MAX_ID_LEN: usize = 512;
+
+/// A point in time, monotonic and wall-clock (for deadlines handed to clients).
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    pub instant: Instant,
+    pub unix_ms: u64,
+}
+
+impl Now {
+    pub fn current() -> Self {
+        Self {
+            instant: Instant::now(),
+            unix_ms: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+        }
+    }
+
+    /// This time plus `d` (for tests that step the clock).
+    pub fn after(self, d: Duration) -> Self {
+        Self {
+            instant: self.instant + d,
+            unix_ms: self.unix_ms + d.as_millis() as u64,
+        }
+    }
+}
+
+/// One leased question.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeasedQuestion {
+    pub position: u64,
+    /// `position / B`: the learner iteration it belongs to.
+    pub iteration: u64,
+    pub row: Row,
+}
+
+/// The answer to a lease request. `items` is empty when nothing may be leased now; then
+/// `retry_after_ms` says when to ask again, and `run_finished` whether to stop asking.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseGrant {
+    /// Empty when no lease was made.
+    pub lease_id: String,
+    pub deadline_unix_ms: u64,
+    /// The policy version at lease time; the actor samples with at least this version.
+    pub policy_version: u64,
+    pub items: Vec<LeasedQuestion>,
+    pub retry_after_ms: u64,
+    pub run_finished: bool,
+}
+
+/// What happened to a group the learner wants to train on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acceptance {
+    Accepted,
+    /// Refused, with the reason (duplicate, unknown position, wrong question).
+    Refused(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatReply {
+    pub latest_version: u64,
+    /// False when this actor is not registered (e.g. after a coordinator restart).
+    pub known: bool,
+    pub run_finished: bool,
+}
+
+/// The learner ranks' rendezvous.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rendezvous {
+    pub world_size: u32,
+    /// Every rank joined; `rank_addrs` and `collective_id` are filled only then.
+    pub ready: bool,
+    pub rank_addrs: Vec<String>,
+    pub collective_id: Vec<u8>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActorInfo {
+    pub actor_id: String,
+    pub device: String,
+    pub policy_version: u64,
+    pub last_seen_ms_ago: u64,
+    pub alive: bool,
+    /// Questions leased to it so far.
+    pub groups_leased: u64,
+}
+
+/// Where the run stands.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Status {
+    pub run_id: String,
+    pub policy_version: u64,
+    /// The iteration being worked on (the version it starts from), at most `total_iterations`.
+    pub iteration: u64,
+    pub total_iterations: u64,
+    /// Next never-issued position.
+    pub cursor: u64,
+    pub groups_accepted: u64,
+    pub duplicates_refused: u64,
+    pub leases_expired: u64,
+    /// Leases still holding questions: being rolled out, or completed with groups the learner
+    /// has not accepted yet.
+    pub leases_outstanding: u64,
+    pub actors: Vec<ActorInfo>,
+    /// The learner's latest metrics (merged over reports, newest value per name).
+    pub metrics: BTreeMap<String, f64>,
+    /// The iteration of the latest metrics report.
+    pub metrics_iteration: Option<u64>,
+    /// Accepted groups per second over the last 30 s.
+    pub groups_per_second: f64,
+    pub finished: bool,
+    pub learner_world_size: u32,
+    pub learner_ranks_joined: u32,
+    /// Published versions, oldest first.
+    pub history: Vec<VersionRecord>,
+}
+
+#[derive(Debug, Clone)]
+struct Lease {
+    actor_id: String,
+    deadline: Instant,
+    /// Every position it was granted.
+    positions: Vec<u64>,
+    /// Those neither accepted nor returned yet.
+    outstanding: BTreeSet<u64>,
+    /// The actor completed it; the rest await the learner's acceptance until `deadline`.
+    completed: bool,
+}
+
+#[derive(Debug, Clone)]
+struct Actor {
+    device: String,
+    policy_version: u64,
+    last_seen: Instant,
+    groups_leased: u64,
+}
+
+/// The mutable part of the coordinator. Cloned for each change so that a change whose state
+/// write fails leaves nothing behind.
+#[derive(Debug, Clone)]
+struct Book {
+    /// What is persisted.
+    state: StateFile,
+    reissue: BTreeSet<u64>,
+    leases: BTreeMap<String, Lease>,
+    /// Position -> the lease holding it.
+    leased: HashMap<u64, String>,
+    actors: BTreeMap<String, Actor>,
+    ranks: BTreeMap<u32, String>,
+    collective_id: Vec<u8>,
+    metrics: BTreeMap<String, f64>,
+    metrics_iteration: Option<u64>,
+    accept_times: VecDeque<Instant>,
+    next_lease: u64,
+    /// A persisted field changed.
+    dirty: bool,
+}
+
+/// The coordinator's state and logic. Not thread-safe by itself: the gRPC adapter holds it in a
+/// mutex.
+pub struct Coordinator {
+    options: CoordinatorOptions,
+    stream: QuestionStream,
+    book: Book,
+    state_path: Option<PathBuf>,
+    /// Held while the coordinator owns `state_dir` (released by [`Coordinator::close`] or drop).
+    _lock: Option<std::fs::File>,
+    started: Instant,
+    /// Makes lease ids unique across restarts.
+    lease_prefix: String,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("run_id", &self.book.state.run_id)
+            .field("stream", &self.stream)
+            .field("cursor", &self.book.state.cursor)
+            .field("version", &self.book.state.version)
+            .field("state_path", &self.state_path)
+            .finish()
+    }
+}
+
+fn check_id(field: &'static str, value: &str) -> Result<()> {
+    if value.trim().is_empty() {
+        return Err(CoordinatorError::invalid(field, "empty"));
+    }
+    if value.len() > MAX_ID_LEN {
+        return Err(CoordinatorError::invalid(
+            field,
+            format!("{} bytes, more than {MAX_ID_LEN}", value.len()),
+        ));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(CoordinatorError::invalid(
+            field,
+            format!("{value:?} contains control characters"),
+        ));
+    }
+    Ok(())
+}
+
+/// Takes `state_dir/coordinator.lock` so that two coordinators never write one run's state.
+fn lock_state_dir(dir: &std::path::Path) -> Result<Option<std::fs::File>> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| CoordinatorError::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(CoordinatorError::State {
+            path,
+            problem: "another coordinator is using this state_dir".into(),
+        }),
+        Err(std::fs::TryLockError::Error(e)) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot lock the state directory");
+            Ok(None)
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl Coordinator {
+    /// Opens the dataset and the state (continuing the run when `state_dir` holds one). Blocks
+    /// while every dataset row is checked.
+    pub fn open(options: CoordinatorOptions) -> Result<Self> {
+        options.validate()?;
+        let now = Now::current();
+        let stream = QuestionStream::open(&options.dataset, options.seed, options.skip_bad_rows)?;
+        let identity = StreamIdentity {
+            dataset_path: stream.path().display().to_string(),
+            rows: stream.rows(),
+            fingerprint: stream.fingerprint().to_string(),
+            seed: options.seed,
+            questions_per_iteration: options.questions_per_iteration,
+        };
+        let (state_path, lock) = match &options.state_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).map_err(|e| CoordinatorError::io(dir, e))?;
+                (Some(dir.join(STATE_FILE)), lock_state_dir(dir)?)
+            }
+            None => (None, None),
+        };
+        let loaded = match &state_path {
+            Some(p) => StateFile::load(p)?,
+            None => None,
+        };
+        let resumed = loaded.is_some();
+        let state = match (loaded, &state_path) {
+            (Some(state), Some(path)) => {
+                state.check_identity(&identity, path)?;
+                if !options.run_id.is_empty() && options.run_id != state.run_id {
+                    return Err(CoordinatorError::State {
+                        path: path.clone(),
+                        problem: format!(
+                            "it belongs to run {:?}, not {:?}; use another state_dir for a new run",
+                            state.run_id, options.run_id
+                        ),
+                    });
+                }
+                if state.cursor > options.total_positions() {
+                    return Err(CoordinatorError::State {
+                        path: path.clone(),
+                        problem: format!(
+                            "the run already issued {} positions, more than total_iterations {} x {} \
+                             questions allow",
+                            state.cursor, options.total_iterations, options.questions_per_iteration
+                        ),
+                    });
+                }
+                state
+            }
+            _ => {
+                let run_id = if options.run_id.is_empty() {
+                    format!("run-{:x}-{:04x}", now.unix_ms, rand::random::<u16>())
+                } else {
+                    options.run_id.clone()
+                };
+                StateFile::new(run_id, identity)
+            }
+        };
+        // Positions issued before a restart and never accepted are re-issued.
+        let reissue: BTreeSet<u64> = (state.accepted.watermark()..state.cursor)
+            .filter(|&p| !state.accepted.contains(p))
+            .collect();
+        let mut coordinator = Self {
+            lease_prefix: format!("L{:x}-{:08x}", now.unix_ms, rand::random::<u32>()),
+            options,
+            stream,
+            book: Book {
+                state,
+                reissue,
+                leases: BTreeMap::new(),
+                leased: HashMap::new(),
+                actors: BTreeMap::new(),
+                ranks: BTreeMap::new(),
+                collective_id: Vec::new(),
+                metrics: BTreeMap::new(),
+                metrics_iteration: None,
+                accept_times: VecDeque::new(),
+                next_lease: 0,
+                dirty: false,
+            },
+            state_path,
+            _lock: lock,
+            started: now.instant,
+        };
+        coordinator.persist()?;
+        let s = &coordinator.book.state;
+        tracing::info!(
+            run_id = %s.run_id,
+            dataset = %coordinator.stream.path().display(),
+            rows = coordinator.stream.rows(),
+            resumed,
+            cursor = s.cursor,
+            accepted = s.accepted.len(),
+            version = s.version,
+            reissue = coordinator.book.reissue.len(),
+            "coordinator state ready"
+        );
+        Ok(coordinator)
+    }
+
+    pub fn options(&self) -> &CoordinatorOptions {
+        &self.options
+    }
+
+    pub fn run_id(&self) -> &str {
+        &self.book.state.run_id
+    }
+
+    /// The latest published policy version.
+    pub fn version(&self) -> u64 {
+        self.book.state.version
+    }
+
+    /// Next never-issued position.
+    pub fn cursor(&self) -> u64 {
+        self.book.state.cursor
+    }
+
+    /// The learner has published the last version.
+    pub fn finished(&self) -> bool {
+        self.book.finished(&self.options)
+    }
+
+    pub fn stream(&self) -> &QuestionStream {
+        &self.stream
+    }
+
+    /// Where the state file is written (`None`: in memory only).
+    pub fn state_path(&self) -> Option<&std::path::Path> {
+        self.state_path.as_deref()
+    }
+
+    /// Writes the state file now (also done after every change that matters).
+    pub fn persist(&mut self) -> Result<()> {
+        if let Some(path) = &self.state_path {
+            self.book.state.written_unix_ms = Now::current().unix_ms;
+            self.book.state.save(path)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the state file one last time and gives up `state_dir`, so that another
+    /// coordinator may open it. Later changes are kept in memory only.
+    pub fn close(&mut self) -> Result<()> {
+        let written = self.persist();
+        self.state_path = None;
+        self._lock = None;
+        written
+    }
+
+    /// Applies `f` to a copy of the book; keeps it only if the state file (when `f` changed a
+    /// persisted field) was written.
+    fn transact<T>(
+        &mut self,
+        now: Now,
+        f: impl FnOnce(&mut Book, &mut QuestionStream, &CoordinatorOptions) -> Result<T>,
+    ) -> Result<T> {
+        let mut book = self.book.clone();
+        book.dirty = false;
+        let out = f(&mut book, &mut self.stream, &self.options)?;
+        if book.dirty {
+            if let Some(path) = &self.state_path {
+                book.state.written_unix_ms = now.unix_ms;
+                book.state.save(path)?;
+            }
+            book.dirty = false;
+        }
+        self.book = book;
+        Ok(out)
+    }
+
+    /// Expires leases past their deadline and the open leases of actors that stopped
+    /// heartbeating; their unaccepted positions go back to the queue. Returns how many leases
+    /// expired. Every request calls this first; a background ticker calls it too.
+    pub fn expire(&mut self, now: Now) -> usize {
+        self.book.expire(&self.options, now)
+    }
+
+    /// An actor joins (or re-joins) the run. Returns the run id.
+    pub fn register_actor(&mut self, actor_id: &str, device: &str, now: Now) -> Result<String> {
+        check_id("actor_id", actor_id)?;
+        if device.len() > MAX_ID_LEN || device.chars().any(char::is_control) {
+            return Err(CoordinatorError::invalid(
+                "device",
+                format!("{device:?} is not a device name"),
+            ));
+        }
+        self.expire(now);
+        let known = self.book.actors.contains_key(actor_id);
+        let actor = self.book.touch_actor(actor_id, now);
+        actor.device = device.to_string();
+        if known {
+            tracing::info!(actor_id, device, "actor registered again");
+        } else {
+            tracing::info!(actor_id, device, "actor registered");
+        }
+        Ok(self.book.state.run_id.clone())
+    }
+
+    pub fn heartbeat(
+        &mut self,
+        actor_id: &str,
+        policy_version: u64,
+        now: Now,
+    ) -> Result<HeartbeatReply> {
+        check_id("actor_id", actor_id)?;
+        self.expire(now);
+        let known = match self.book.actors.get_mut(actor_id) {
+            Some(a) => {
+                a.last_seen = now.instant;
+                a.policy_version = policy_version;
+                true
+            }
+            None => false,
+        };
+        Ok(HeartbeatReply {
+            latest_version: self.book.state.version,
+            known,
+            run_finished: self.finished(),
+        })
+    }
+
+    /// Up to `max_questions` questions for `actor_id`: re-issued positions first, then fresh ones
+    /// from the cursor, only of iterations `<= version + staleness_bound`. An actor that was not
+    /// registered (e.g. the coordinator restarted) is registered on the way.
+    pub fn lease(
+        &mut self,
+        actor_id: &str,
+        max_questions: u32,
+        policy_version: u64,
+        now: Now,
+    ) -> Result<LeaseGrant> {
+        check_id("actor_id", actor_id)?;
+        if max_questions == 0 {
+            return Err(CoordinatorError::invalid(
+                "max_questions",
+                "must be at least 1",
+            ));
+        }
+        self.expire(now);
+        let lease_prefix = self.lease_prefix.clone();
+        self.transact(now, |book, stream, options| {
+            let actor = book.touch_actor(actor_id, now);
+            actor.policy_version = policy_version;
+            let version = book.state.version;
+            let empty = |retry_after_ms, run_finished| LeaseGrant {
+                lease_id: String::new(),
+                deadline_unix_ms: 0,
+                policy_version: version,
+                items: Vec::new(),
+                retry_after_ms,
+                run_finished,
+            };
+            if book.finished(options) {
+                return Ok(empty(0, true));
+            }
+            let b = options.questions_per_iteration;
+            let limit = version
+                .saturating_add(options.staleness_bound)
+                .saturating_add(1)
+                .saturating_mul(b)
+                .min(options.total_positions());
+            let max = max_questions as usize;
+            let mut picked = Vec::new();
+            while picked.len() < max {
+                match book.reissue.first() {
+                    Some(&p) if p < limit => {
+                        book.reissue.pop_first();
+                        picked.push(p);
+                    }
+                    _ => break,
+                }
+            }
+            while picked.len() < max && book.state.cursor < limit {
+                picked.push(book.state.cursor);
+                book.state.cursor += 1;
+                book.dirty = true;
+            }
+            if picked.is_empty() {
+                return Ok(empty(ms(options.lease_retry_after), false));
+            }
+            let items = picked
+                .iter()
+                .map(|&p| {
+                    Ok(LeasedQuestion {
+                        position: p,
+                        iteration: p / b,
+                        row: stream.row_at(p)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let lease_id = format!("{lease_prefix}-{}", book.next_lease);
+            book.next_lease += 1;
+            for &p in &picked {
+                book.leased.insert(p, lease_id.clone());
+            }
+            book.touch_actor(actor_id, now).groups_leased += picked.len() as u64;
+            book.leases.insert(
+                lease_id.clone(),
+                Lease {
+                    actor_id: actor_id.to_string(),
+                    deadline: now.instant + options.lease_timeout,
+                    outstanding: picked.iter().copied().collect(),
+                    positions: picked,
+                    completed: false,
+                },
+            );
+            tracing::debug!(actor_id, lease_id, n = items.len(), version, "leased");
+            Ok(LeaseGrant {
+                lease_id,
+                deadline_unix_ms: now.unix_ms.saturating_add(ms(options.lease_timeout)),
+                policy_version: version,
+                items,
+                retry_after_ms: 0,
+                run_finished: false,
+            })
+        })
+    }
+
+    /// The actor is done with a lease: `returned` positions are re-issued at once; the groups of
+    /// the rest are expected at the learner, which has `lease_timeout` to accept them before they
+    /// are re-issued too. Completing an unknown (e.g. already expired) lease does nothing.
+    pub fn complete_lease(
+        &mut self,
+        actor_id: &str,
+        lease_id: &str,
+        returned: &[u64],
+        now: Now,
+    ) -> Result<()> {
+        check_id("actor_id", actor_id)?;
+        check_id("lease_id", lease_id)?;
+        self.expire(now);
+        self.transact(now, |book, _, options| {
+            if let Some(a) = book.actors.get_mut(actor_id) {
+                a.last_seen = now.instant;
+            }
+            let Some(lease) = book.leases.get_mut(lease_id) else {
+                tracing::debug!(actor_id, lease_id, "completing an unknown or expired lease");
+                return Ok(());
+            };
+            if lease.actor_id != actor_id {
+                return Err(CoordinatorError::invalid(
+                    "actor_id",
+                    format!(
+                        "lease {lease_id} belongs to actor {:?}, not {actor_id:?}",
+                        lease.actor_id
+                    ),
+                ));
+            }
+            if let Some(p) = returned.iter().find(|p| !lease.positions.contains(p)) {
+                return Err(CoordinatorError::invalid(
+                    "returned_positions",
+                    format!("position {p} is not in lease {lease_id}"),
+                ));
+            }
+            for p in returned {
+                if lease.outstanding.remove(p) {
+                    book.leased.remove(p);
+                    book.reissue.insert(*p);
+                }
+            }
+            lease.completed = true;
+            lease.deadline = lease.deadline.max(now.instant + options.lease_timeout);
+            if lease.outstanding.is_empty() {
+                book.leases.remove(lease_id);
+            }
+            if !returned.is_empty() {
+                tracing::info!(
+                    actor_id,
+                    lease_id,
+                    returned = returned.len(),
+                    "positions returned"
+                );
+            }
+            Ok(())
+        })
+    }
+
+    /// The learner commits a group before training on it. Each position is accepted once; the
+    /// question id and iteration must match the position. A group from an expired lease is
+    /// still accepted if no other group for its position was.
+    pub fn accept_group(
+        &mut self,
+        lease_id: &str,
+        position: u64,
+        question_id: &str,
+        iteration: u64,
+        now: Now,
+    ) -> Result<Acceptance> {
+        check_id("lease_id", lease_id)?;
+        check_id("question_id", question_id)?;
+        self.expire(now);
+        let acceptance = self.transact(now, |book, stream, options| {
+            let refuse = |reason: String| Ok(Acceptance::Refused(reason));
+            let total = options.total_positions();
+            if position >= total {
+                return refuse(format!(
+                    "unknown position {position}: the run has {total} positions"
+                ));
+            }
+            if position >= book.state.cursor {
+                return refuse(format!(
+                    "position {position} was never issued (the cursor is at {})",
+                    book.state.cursor
+                ));
+            }
+            let b = options.questions_per_iteration;
+            if iteration != position / b {
+                return refuse(format!(
+                    "position {position} belongs to iteration {}, not {iteration}",
+                    position / b
+                ));
+            }
+            let id = stream.id_at(position);
+            if id != question_id {
+                return refuse(format!(
+                    "position {position} is question {id:?}, not {question_id:?}"
+                ));
+            }
+            if book.state.accepted.contains(position) {
+                book.state.duplicates_refused += 1;
+                book.dirty = true;
+                return refuse(format!(
+                    "duplicate: position {position} ({question_id}) already accepted"
+                ));
+            }
+            book.state.accepted.insert(position);
+            book.dirty = true;
+            book.reissue.remove(&position);
+            if let Some(holder) = book.leased.remove(&position)
+                && let Some(lease) = book.leases.get_mut(&holder)
+            {
+                lease.outstanding.remove(&position);
+                if lease.completed && lease.outstanding.is_empty() {
+                    book.leases.remove(&holder);
+                }
+            }
+            book.accept_times.push_back(now.instant);
+            book.prune_rate_window(now);
+            Ok(Acceptance::Accepted)
+        })?;
+        if let Acceptance::Refused(reason) = &acceptance {
+            tracing::info!(lease_id, position, question_id, reason, "group refused");
+        }
+        Ok(acceptance)
+    }
+
+    /// The learner gives a question back (e.g. its group was too stale): it is no longer
+    /// accepted and is re-issued at once.
+    pub fn return_question(&mut self, position: u64, reason: &str, now: Now) -> Result<()> {
+        self.expire(now);
+        self.transact(now, |book, _, _| {
+            if position >= book.state.cursor {
+                return Err(CoordinatorError::invalid(
+                    "position",
+                    format!(
+                        "position {position} was never issued (the cursor is at {})",
+                        book.state.cursor
+                    ),
+                ));
+            }
+            let was_accepted = book.state.accepted.remove(position);
+            if was_accepted {
+                book.dirty = true;
+            }
+            if let Some(holder) = book.leased.remove(&position)
+                && let Some(lease) = book.leases.get_mut(&holder)
+            {
+                lease.outstanding.remove(&position);
+                if lease.completed && lease.outstanding.is_empty() {
+                    book.leases.remove(&holder);
+                }
+            }
+            book.reissue.insert(position);
+            tracing::info!(
+                position,
+                reason,
+                was_accepted,
+                "question returned by the learner"
+            );
+            Ok(())
+        })
+    }
+
+    /// The learner published `version` (made by `iteration = version - 1`). Versions come in
+    /// order; publishing the latest again with the same checkpoint is a harmless retry.
+    pub fn publish_version(
+        &mut self,
+        version: u64,
+        iteration: u64,
+        checkpoint: &str,
+        now: Now,
+    ) -> Result<()> {
+        if version == 0 {
+            return Err(CoordinatorError::invalid(
+                "version",
+                "published versions start at 1 (version 0 is the policy the run starts from)",
+            ));
+        }
+        if iteration.checked_add(1) != Some(version) {
+            return Err(CoordinatorError::invalid(
+                "iteration",
+                format!(
+                    "version {version} comes from iteration {}, not {iteration}",
+                    version - 1
+                ),
+            ));
+        }
+        if checkpoint.chars().any(char::is_control) {
+            return Err(CoordinatorError::invalid(
+                "checkpoint",
+                "contains control characters",
+            ));
+        }
+        self.expire(now);
+        self.transact(now, |book, _, options| {
+            let latest = book.state.version;
+            if version <= latest {
+                let retry = book
+                    .state
+                    .history
+                    .iter()
+                    .any(|r| r.version == version && r.checkpoint == checkpoint);
+                if retry {
+                    return Ok(());
+                }
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "version {version} is not newer than the latest published version {latest}"
+                )));
+            }
+            if version != latest + 1 {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "version {version} skips ahead: the latest published version is {latest}, \
+                     the next must be {}",
+                    latest + 1
+                )));
+            }
+            if version > options.total_iterations {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "version {version} is past the run's {} iterations",
+                    options.total_iterations
+                )));
+            }
+            book.state.version = version;
+            book.state.history.push(VersionRecord {
+                version,
+                iteration,
+                checkpoint: checkpoint.to_string(),
+                published_unix_ms: now.unix_ms,
+            });
+            book.dirty = true;
+            tracing::info!(version, iteration, checkpoint, "policy version published");
+            Ok(())
+        })
+    }
+
+    /// A learner rank joins. Ranks poll until `ready`; rank 0 brings the collective's id.
+    /// The address of learner rank 0 once it has joined (actors pull weights from it).
+    pub fn learner_rank0_addr(&self) -> Option<String> {
+        self.book.ranks.get(&0).cloned()
+    }
+
+    pub fn join_learner(
+        &mut self,
+        rank: u32,
+        addr: &str,
+        collective_id: &[u8],
+    ) -> Result<Rendezvous> {
+        let world_size = self.options.learner_world_size;
+        if rank >= world_size {
+            return Err(CoordinatorError::invalid(
+                "rank",
+                format!("rank {rank} is outside the learner world of {world_size} ranks"),
+            ));
+        }
+        check_id("addr", addr)?;
+        if rank != 0 && !collective_id.is_empty() {
+            return Err(CoordinatorError::invalid(
+                "collective_id",
+                format!("only rank 0 brings the collective id (rank {rank} sent one)"),
+            ));
+        }
+        let book = &mut self.book;
+        if rank == 0 && book.collective_id != collective_id {
+            if !book.collective_id.is_empty() {
+                tracing::warn!("learner rank 0 joined again with a new collective id");
+            }
+            book.collective_id = collective_id.to_vec();
+        }
+        if book.ranks.insert(rank, addr.to_string()).as_deref() != Some(addr) {
+            tracing::info!(rank, addr, world_size, "learner rank joined");
+        }
+        let ready = book.ranks.len() == world_size as usize;
+        Ok(Rendezvous {
+            world_size,
+            ready,
+            rank_addrs: if ready {
+                book.ranks.values().cloned().collect()
+            } else {
+                Vec::new()
+            },
+            collective_id: if ready {
+                book.collective_id.clone()
+            } else {
+                Vec::new()
+            },
+        })
+    }
+
+    /// The learner's step metrics; merged into the latest values shown by `status`.
+    pub fn report_metrics(
+        &mut self,
+        iteration: u64,
+        metrics: impl IntoIterator<Item = (String, f64)>,
+    ) -> Result<()> {
+        let metrics: Vec<(String, f64)> = metrics.into_iter().collect();
+        if let Some((name, _)) = metrics.iter().find(|(n, _)| {
+            n.trim().is_empty() || n.len() > MAX_ID_LEN || n.chars().any(char::is_control)
+        }) {
+            return Err(CoordinatorError::invalid(
+                "metrics",
+                format!("{name:?} is not a metric name"),
+            ));
+        }
+        self.book.metrics.extend(metrics);
+        self.book.metrics_iteration = Some(iteration);
+        Ok(())
+    }
+
+    pub fn status(&mut self, now: Now) -> Status {
+        self.expire(now);
+        self.book.prune_rate_window(now);
+        let book = &self.book;
+        let options = &self.options;
+        let since = now
+            .instant
+            .checked_sub(RATE_WINDOW)
+            .map_or(self.started, |t| t.max(self.started));
+        let span = now.instant.saturating_duration_since(since).as_secs_f64();
+        let groups_per_second = if book.accept_times.is_empty() {
+            0.0
+        } else {
+            book.accept_times.len() as f64 / span.max(1.0)
+        };
+        Status {
+            run_id: book.state.run_id.clone(),
+            policy_version: book.state.version,
+            iteration: book.state.version.min(options.total_iterations),
+            total_iterations: options.total_iterations,
+            cursor: book.state.cursor,
+            groups_accepted: book.state.accepted.len(),
+            duplicates_refused: book.state.duplicates_refused,
+            leases_expired: book.state.leases_expired,
+            leases_outstanding: book.leases.len() as u64,
+            actors: book
+                .actors
+                .iter()
+                .map(|(id, a)| {
+                    let ago = now.instant.saturating_duration_since(a.last_seen);
+                    ActorInfo {
+                        actor_id: id.clone(),
+                        device: a.device.clone(),
+                        policy_version: a.policy_version,
+                        last_seen_ms_ago: ms(ago),
+                        alive: ago <= options.actor_timeout,
+                        groups_leased: a.groups_leased,
+                    }
+                })
+                .collect(),
+            metrics: book.metrics.clone(),
+            metrics_iteration: book.metrics_iteration,
+            groups_per_second,
+            finished: book.finished(options),
+            learner_world_size: options.learner_world_size,
+            learner_ranks_joined: book.ranks.len() as u32,
+            history: book.state.history.clone(),
+        }
+    }
+}
+
+impl Book {
+    fn finished(&self, options: &CoordinatorOptions) -> bool {
+        self.state.version >= options.total_iterations
+    }
+
+    /// The actor's record, created when new; marks it seen.
+    fn touch_actor(&mut self, actor_id: &str, now: Now) -> &mut Actor {
+        let actor = self
+            .actors
+            .entry(actor_id.to_string())
+            .or_insert_with(|| Actor {
+                device: String::new(),
+                policy_version: 0,
+                last_seen: now.instant,
+                groups_leased: 0,
+            });
+        actor.last_seen = now.instant;
+        actor
+    }
+
+    fn prune_rate_window(&mut self, now: Now) {
+        while self
+            .accept_times
+            .front()
+            .is_some_and(|&t| now.instant.saturating_duration_since(t) > RATE_WINDOW)
+        {
+            self.accept_times.pop_front();
+        }
+    }
+
+    fn expire(&mut self, options: &CoordinatorOptions, now: Now) -> usize {
+        let gone =
+            |a: &Actor| now.instant.saturating_duration_since(a.last_seen) > options.actor_timeout;
+        let expired: Vec<String> = self
+            .leases
+            .iter()
+            .filter(|(_, l)| {
+                now.instant >= l.deadline
+                    || (!l.completed && self.actors.get(&l.actor_id).is_none_or(gone))
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let mut count = 0;
+        for id in expired {
+            let Some(lease) = self.leases.remove(&id) else {
+                continue;
+            };
+            if lease.outstanding.is_empty() {
+                continue;
+            }
+            count += 1;
+            self.state.leases_expired += 1;
+            for p in &lease.outstanding {
+                self.leased.remove(p);
+                self.reissue.insert(*p);
+            }
+            tracing::info!(
+                lease_id = id,
+                actor_id = lease.actor_id,
+                positions = lease.outstanding.len(),
+                completed = lease.completed,
+                "lease expired: its questions will be re-issued"
+            );
+        }
+        let forget = options.actor_timeout * FORGET_AFTER_TIMEOUTS;
+        self.actors
+            .retain(|_, a| now.instant.saturating_duration_since(a.last_seen) <= forget);
+        count
+    }
+}
+
+#[cfg(test)]
+#[path = "coordinator_tests.rs"]
+mod tests;

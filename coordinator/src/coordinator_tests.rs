@@ -1,0 +1,591 @@
+//! The domain state machine under a stepped clock.
+
+use std::time::Duration;
+
+use super::*;
+use crate::testutil::shapes_dataset;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    options: CoordinatorOptions,
+}
+
+/// B = 4, 3 iterations, a 10-row dataset, state in a temp dir.
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let dataset = shapes_dataset(dir.path(), 10);
+    let options = CoordinatorOptions {
+        run_id: "test-run".into(),
+        dataset,
+        seed: 11,
+        questions_per_iteration: 4,
+        total_iterations: 3,
+        lease_timeout: Duration::from_secs(10),
+        heartbeat_interval: Duration::from_secs(1),
+        actor_timeout: Duration::from_secs(30),
+        state_dir: Some(dir.path().join("state")),
+        ..Default::default()
+    };
+    Fixture { _dir: dir, options }
+}
+
+fn positions(g: &LeaseGrant) -> Vec<u64> {
+    g.items.iter().map(|i| i.position).collect()
+}
+
+fn accept(c: &mut Coordinator, g: &LeaseGrant, position: u64, now: Now) -> Acceptance {
+    let item = g.items.iter().find(|i| i.position == position).unwrap();
+    c.accept_group(&g.lease_id, position, &item.row.id, item.iteration, now)
+        .unwrap()
+}
+
+fn refused(a: Acceptance) -> String {
+    match a {
+        Acceptance::Refused(r) => r,
+        Acceptance::Accepted => panic!("expected a refusal"),
+    }
+}
+
+#[test]
+fn a_group_is_accepted_once_and_bad_groups_are_refused_with_a_reason() {
+    let f = fixture();
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    let t = Now::current();
+    c.register_actor("a", "cpu", t).unwrap();
+    let g = c.lease("a", 2, 0, t).unwrap();
+    assert_eq!(positions(&g), [0, 1]);
+    assert_eq!(g.policy_version, 0);
+    assert!(
+        g.items
+            .iter()
+            .all(|i| i.iteration == 0 && i.row.images.len() == 1)
+    );
+    assert!(!g.lease_id.is_empty() && g.deadline_unix_ms >= t.unix_ms + 10_000);
+    assert_eq!(accept(&mut c, &g, 0, t), Acceptance::Accepted);
+    let id0 = g.items[0].row.id.clone();
+    let dup = refused(accept(&mut c, &g, 0, t));
+    assert_eq!(
+        dup,
+        format!("duplicate: position 0 ({id0}) already accepted")
+    );
+    // The wrong question, the wrong iteration, a position never issued, one past the run.
+    let r = refused(c.accept_group(&g.lease_id, 1, &id0, 0, t).unwrap());
+    assert!(r.contains("position 1 is question"), "{r}");
+    let id1 = g.items[1].row.id.clone();
+    let r = refused(c.accept_group(&g.lease_id, 1, &id1, 2, t).unwrap());
+    assert!(r.contains("belongs to iteration 0"), "{r}");
+    let r = refused(c.accept_group(&g.lease_id, 3, "x", 0, t).unwrap());
+    assert!(r.contains("never issued"), "{r}");
+    let r = refused(c.accept_group(&g.lease_id, 12, "x", 3, t).unwrap());
+    assert!(r.contains("unknown position 12"), "{r}");
+    // Malformed requests name the field.
+    let e = c.accept_group(&g.lease_id, 1, "", 0, t).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::InvalidArgument {
+                field: "question_id",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = c.lease("", 1, 0, t).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::InvalidArgument {
+                field: "actor_id",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = c.lease("a", 0, 0, t).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::InvalidArgument {
+                field: "max_questions",
+                ..
+            }
+        ),
+        "{e}"
+    );
+
+    assert_eq!(accept(&mut c, &g, 1, t), Acceptance::Accepted);
+    let s = c.status(t);
+    assert_eq!(
+        (s.groups_accepted, s.duplicates_refused, s.cursor),
+        (2, 1, 2)
+    );
+    assert!(s.groups_per_second > 0.0);
+    assert_eq!(s.actors.len(), 1);
+    assert!(s.actors[0].alive && s.actors[0].groups_leased == 2 && s.actors[0].device == "cpu");
+    // The lease is still open until the actor completes it.
+    assert_eq!(s.leases_outstanding, 1);
+    c.complete_lease("a", &g.lease_id, &[], t).unwrap();
+    assert_eq!(c.status(t).leases_outstanding, 0);
+}
+
+#[test]
+fn an_expired_lease_is_reissued_and_its_late_group_still_counts_once() {
+    let f = fixture();
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    let t0 = Now::current();
+    let ga = c.lease("a", 2, 0, t0).unwrap();
+    assert_eq!(positions(&ga), [0, 1]);
+    // b keeps heartbeating; a is silent but within actor_timeout. a's lease expires at 10 s.
+    let t1 = t0.after(Duration::from_secs(11));
+    c.heartbeat("a", 0, t1).unwrap();
+    let gb = c.lease("b", 4, 0, t1).unwrap();
+    assert_eq!(
+        positions(&gb),
+        [0, 1, 2, 3],
+        "re-issued positions first, then fresh"
+    );
+    assert_eq!(c.status(t1).leases_expired, 1);
+    // a's late group for position 0 is valid work: accepted once; b's is then a duplicate.
+    assert_eq!(accept(&mut c, &ga, 0, t1), Acceptance::Accepted);
+    assert!(refused(accept(&mut c, &gb, 0, t1)).starts_with("duplicate"));
+    // b's lease expires too: position 0 (accepted) is not re-issued, the rest are.
+    let t2 = t1.after(Duration::from_secs(11));
+    c.heartbeat("b", 0, t2).unwrap();
+    let gc = c.lease("c", 10, 0, t2).unwrap();
+    assert_eq!(positions(&gc), [1, 2, 3]);
+    assert_eq!(c.status(t2).leases_expired, 2);
+    // Completing an expired lease is harmless.
+    c.complete_lease("a", &ga.lease_id, &[1], t2).unwrap();
+    assert_eq!(c.status(t2).leases_outstanding, 1);
+}
+
+#[test]
+fn an_actor_that_stops_heartbeating_loses_its_leases() {
+    let f = fixture();
+    let options = CoordinatorOptions {
+        lease_timeout: Duration::from_secs(600),
+        actor_timeout: Duration::from_secs(5),
+        state_dir: None,
+        ..f.options.clone()
+    };
+    let mut c = Coordinator::open(options).unwrap();
+    let t0 = Now::current();
+    c.register_actor("quiet", "cpu", t0).unwrap();
+    c.register_actor("chatty", "cpu", t0).unwrap();
+    let g = c.lease("quiet", 2, 0, t0).unwrap();
+    let mut t = t0;
+    for _ in 0..3 {
+        t = t.after(Duration::from_secs(2));
+        assert!(c.heartbeat("chatty", 0, t).unwrap().known);
+    }
+    let s = c.status(t);
+    assert_eq!(s.leases_expired, 1);
+    let quiet = s.actors.iter().find(|a| a.actor_id == "quiet").unwrap();
+    assert!(!quiet.alive && quiet.last_seen_ms_ago >= 6000);
+    assert!(
+        s.actors
+            .iter()
+            .find(|a| a.actor_id == "chatty")
+            .unwrap()
+            .alive
+    );
+    assert_eq!(
+        positions(&c.lease("chatty", 2, 0, t).unwrap()),
+        positions(&g)
+    );
+    // Unknown actors are told to register.
+    assert!(!c.heartbeat("stranger", 0, t).unwrap().known);
+}
+
+#[test]
+fn on_policy_runs_wait_for_the_next_version_and_staleness_lets_them_run_ahead() {
+    let f = fixture();
+    let mut c = Coordinator::open(CoordinatorOptions {
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    let t = Now::current();
+    let g = c.lease("a", 100, 0, t).unwrap();
+    assert_eq!(
+        positions(&g),
+        [0, 1, 2, 3],
+        "only iteration 0 before version 1"
+    );
+    let empty = c.lease("a", 100, 0, t).unwrap();
+    assert!(empty.items.is_empty() && empty.lease_id.is_empty());
+    assert!(empty.retry_after_ms > 0 && !empty.run_finished);
+    c.publish_version(1, 0, "ckpt/v1", t).unwrap();
+    let g1 = c.lease("a", 100, 1, t).unwrap();
+    assert_eq!(positions(&g1), [4, 5, 6, 7]);
+    assert!(g1.items.iter().all(|i| i.iteration == 1));
+    assert_eq!(g1.policy_version, 1);
+
+    // Version rules: in order, from the matching iteration, a retry is harmless.
+    let e = c.publish_version(0, 0, "", t).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::InvalidArgument {
+                field: "version",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = c.publish_version(2, 0, "", t).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::InvalidArgument {
+                field: "iteration",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = c.publish_version(3, 2, "", t).unwrap_err();
+    assert!(e.to_string().contains("skips ahead"), "{e}");
+    c.publish_version(1, 0, "ckpt/v1", t).unwrap();
+    let e = c.publish_version(1, 0, "elsewhere", t).unwrap_err();
+    assert!(e.to_string().contains("not newer"), "{e}");
+    c.publish_version(2, 1, "ckpt/v2", t).unwrap();
+    c.publish_version(3, 2, "ckpt/v3", t).unwrap();
+    let e = c.publish_version(4, 3, "", t).unwrap_err();
+    assert!(e.to_string().contains("past the run's 3 iterations"), "{e}");
+    let done = c.lease("a", 1, 3, t).unwrap();
+    assert!(done.run_finished && done.items.is_empty());
+    assert!(c.heartbeat("a", 3, t).unwrap().run_finished);
+    let s = c.status(t);
+    assert!(s.finished);
+    assert_eq!(s.history.len(), 3);
+    assert_eq!(s.history[2].checkpoint, "ckpt/v3");
+
+    // Staleness 1: iterations 0 and 1 are leased at version 0.
+    let mut c = Coordinator::open(CoordinatorOptions {
+        staleness_bound: 1,
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    let g = c.lease("a", 100, 0, t).unwrap();
+    assert_eq!(positions(&g), (0..8).collect::<Vec<_>>());
+    assert!(c.lease("a", 100, 0, t).unwrap().items.is_empty());
+    c.publish_version(1, 0, "", t).unwrap();
+    assert_eq!(
+        positions(&c.lease("a", 100, 1, t).unwrap()),
+        (8..12).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_reopened_run_continues_and_reissues_what_was_outstanding() {
+    let f = fixture();
+    let t = Now::current();
+    let (ids, lease_id) = {
+        let mut c = Coordinator::open(f.options.clone()).unwrap();
+        let e = Coordinator::open(f.options.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("another coordinator") && e.contains(LOCK_FILE),
+            "{e}"
+        );
+        let g = c.lease("a", 3, 0, t).unwrap();
+        assert_eq!(positions(&g), [0, 1, 2]);
+        assert_eq!(accept(&mut c, &g, 0, t), Acceptance::Accepted);
+        assert_eq!(accept(&mut c, &g, 2, t), Acceptance::Accepted);
+        assert!(refused(accept(&mut c, &g, 2, t)).starts_with("duplicate"));
+        c.publish_version(1, 0, "ckpt/v1", t).unwrap();
+        let ids: Vec<String> = g.items.iter().map(|i| i.row.id.clone()).collect();
+        (ids, g.lease_id)
+        // Dropped without a shutdown: every change was already written.
+    };
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    assert_eq!((c.cursor(), c.version(), c.run_id()), (3, 1, "test-run"));
+    let s = c.status(t);
+    assert_eq!((s.groups_accepted, s.duplicates_refused), (2, 1));
+    assert_eq!(s.history.len(), 1);
+    // The same stream: position 0 is the same question, still accepted.
+    let r = refused(c.accept_group(&lease_id, 0, &ids[0], 0, t).unwrap());
+    assert!(r.starts_with("duplicate"), "{r}");
+    // Position 1 was outstanding: re-issued first, then fresh positions up to iteration 1.
+    let g = c.lease("b", 10, 1, t).unwrap();
+    assert_eq!(positions(&g), [1, 3, 4, 5, 6, 7]);
+    assert_eq!(g.items[0].row.id, ids[1]);
+    assert_ne!(g.lease_id, lease_id, "lease ids are unique across restarts");
+    drop(c);
+
+    // Another run's settings are refused with a clear error.
+    for (options, needle) in [
+        (
+            CoordinatorOptions {
+                seed: 12,
+                ..f.options.clone()
+            },
+            "seed 11",
+        ),
+        (
+            CoordinatorOptions {
+                questions_per_iteration: 5,
+                ..f.options.clone()
+            },
+            "4 questions per iteration",
+        ),
+        (
+            CoordinatorOptions {
+                run_id: "other".into(),
+                ..f.options.clone()
+            },
+            "belongs to run \"test-run\"",
+        ),
+        (
+            CoordinatorOptions {
+                dataset: shapes_dataset(&f._dir.path().join("other"), 9),
+                ..f.options.clone()
+            },
+            "another dataset",
+        ),
+    ] {
+        let e = Coordinator::open(options).unwrap_err().to_string();
+        assert!(e.contains(needle) && e.contains(STATE_FILE), "{e}");
+    }
+    // An empty run id resumes the stored one.
+    let c = Coordinator::open(CoordinatorOptions {
+        run_id: String::new(),
+        ..f.options.clone()
+    })
+    .unwrap();
+    assert_eq!(c.run_id(), "test-run");
+}
+
+#[test]
+fn completed_leases_return_positions_and_wait_a_lease_timeout_for_acceptance() {
+    let f = fixture();
+    let mut c = Coordinator::open(CoordinatorOptions {
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    let t0 = Now::current();
+    let g = c.lease("a", 3, 0, t0).unwrap();
+    let e = c.complete_lease("b", &g.lease_id, &[], t0).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::InvalidArgument {
+                field: "actor_id",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = c.complete_lease("a", &g.lease_id, &[3], t0).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::InvalidArgument {
+                field: "returned_positions",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert_eq!(accept(&mut c, &g, 0, t0), Acceptance::Accepted);
+    c.complete_lease("a", &g.lease_id, &[2], t0).unwrap();
+    // Position 2 comes back at once; position 1's group is awaited.
+    assert_eq!(positions(&c.lease("b", 10, 0, t0).unwrap()), [2, 3]);
+    let t1 = t0.after(Duration::from_secs(11));
+    c.heartbeat("b", 0, t1).unwrap();
+    let g2 = c.lease("b", 10, 0, t1).unwrap();
+    assert_eq!(positions(&g2), [1, 2, 3], "position 1 was never accepted");
+}
+
+#[test]
+fn a_returned_question_is_unaccepted_and_reissued() {
+    let f = fixture();
+    let mut c = Coordinator::open(CoordinatorOptions {
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    let t = Now::current();
+    let g = c.lease("a", 4, 0, t).unwrap();
+    for p in 0..4 {
+        assert_eq!(accept(&mut c, &g, p, t), Acceptance::Accepted);
+    }
+    c.return_question(1, "too stale", t).unwrap();
+    assert_eq!(c.status(t).groups_accepted, 3);
+    let again = c.lease("b", 4, 0, t).unwrap();
+    assert_eq!(positions(&again), [1]);
+    assert_eq!(accept(&mut c, &again, 1, t), Acceptance::Accepted);
+    assert_eq!(c.status(t).groups_accepted, 4);
+    let e = c.return_question(9, "", t).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::InvalidArgument {
+                field: "position",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn learner_ranks_rendezvous_with_rank_zeros_collective_id() {
+    let f = fixture();
+    let mut c = Coordinator::open(CoordinatorOptions {
+        learner_world_size: 2,
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    let e = c.join_learner(2, "h:2", &[]).unwrap_err();
+    assert!(
+        matches!(e, CoordinatorError::InvalidArgument { field: "rank", .. }),
+        "{e}"
+    );
+    let e = c.join_learner(1, "", &[]).unwrap_err();
+    assert!(
+        matches!(e, CoordinatorError::InvalidArgument { field: "addr", .. }),
+        "{e}"
+    );
+    let e = c.join_learner(1, "h:1", &[1]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::InvalidArgument {
+                field: "collective_id",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let r1 = c.join_learner(1, "h:1", &[]).unwrap();
+    assert!(!r1.ready && r1.rank_addrs.is_empty() && r1.world_size == 2);
+    assert_eq!(c.status(Now::current()).learner_ranks_joined, 1);
+    let id = vec![7u8; 128];
+    let r0 = c.join_learner(0, "h:0", &id).unwrap();
+    assert!(r0.ready);
+    assert_eq!(r0.rank_addrs, ["h:0", "h:1"]);
+    assert_eq!(r0.collective_id, id);
+    assert_eq!(c.join_learner(1, "h:1", &[]).unwrap(), r0);
+    let s = c.status(Now::current());
+    assert_eq!((s.learner_world_size, s.learner_ranks_joined), (2, 2));
+}
+
+#[test]
+fn metrics_are_merged_and_bad_names_refused() {
+    let f = fixture();
+    let mut c = Coordinator::open(CoordinatorOptions {
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    c.report_metrics(0, [("loss".to_string(), 1.5), ("kl".to_string(), 0.1)])
+        .unwrap();
+    c.report_metrics(1, [("loss".to_string(), 1.0)]).unwrap();
+    let s = c.status(Now::current());
+    assert_eq!(s.metrics["loss"], 1.0);
+    assert_eq!(s.metrics["kl"], 0.1);
+    assert_eq!(s.metrics_iteration, Some(1));
+    let e = c.report_metrics(2, [(String::new(), 1.0)]).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            CoordinatorError::InvalidArgument {
+                field: "metrics",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+#[test]
+fn epochs_are_reshuffled_permutations_of_the_dataset() {
+    let f = fixture();
+    let mut c = Coordinator::open(CoordinatorOptions {
+        total_iterations: 10,
+        staleness_bound: 9,
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    let t = Now::current();
+    let g = c.lease("a", 40, 0, t).unwrap();
+    let ids: Vec<&str> = g.items.iter().map(|i| i.row.id.as_str()).collect();
+    assert_eq!(ids.len(), 40);
+    let epochs: Vec<Vec<&str>> = ids.chunks(10).map(|c| c.to_vec()).collect();
+    let mut sorted0 = epochs[0].clone();
+    sorted0.sort();
+    for e in &epochs {
+        let mut s = e.clone();
+        s.sort();
+        assert_eq!(s, sorted0, "every epoch holds every row once");
+    }
+    assert!(
+        epochs.windows(2).any(|w| w[0] != w[1]),
+        "epochs are reshuffled"
+    );
+    // The order depends only on (seed, epoch): a second coordinator agrees.
+    let mut d = Coordinator::open(CoordinatorOptions {
+        total_iterations: 10,
+        staleness_bound: 9,
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    let again: Vec<String> = d
+        .lease("a", 40, 0, t)
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|i| i.row.id)
+        .collect();
+    assert_eq!(again, ids);
+}
+
+#[test]
+fn datasets_that_cannot_be_used_are_errors_naming_the_file() {
+    let f = fixture();
+    let missing = f._dir.path().join("nowhere");
+    let e = Coordinator::open(CoordinatorOptions {
+        dataset: missing.clone(),
+        ..f.options.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains(&missing.display().to_string()), "{e}");
+
+    // A row whose image is missing: refused naming the row, or skipped when asked.
+    let train = f.options.dataset.join("train.jsonl");
+    let mut text = std::fs::read_to_string(&train).unwrap();
+    text.push_str(
+        "{\"id\": \"broken\", \"images\": [\"images/none.png\"], \"question\": \"what?\", \"answer\": \"x\"}\n",
+    );
+    let bad = f._dir.path().join("data").join("bad.jsonl");
+    std::fs::write(&bad, text).unwrap();
+    let e = Coordinator::open(CoordinatorOptions {
+        dataset: bad.clone(),
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("bad.jsonl") && e.contains("broken") && e.contains("images[0]"),
+        "{e}"
+    );
+    let c = Coordinator::open(CoordinatorOptions {
+        dataset: bad,
+        skip_bad_rows: true,
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    assert_eq!(c.stream().rows(), 10);
+    assert_eq!(c.stream().skipped().skipped, 1);
+}

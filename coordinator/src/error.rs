@@ -1,0 +1,83 @@
+//! The coordinator's errors. Request errors name the field that was wrong; dataset and state
+//! errors name the file.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// A request field is missing or out of range (gRPC `INVALID_ARGUMENT`).
+    #[error("field `{field}`: {problem}")]
+    InvalidArgument {
+        field: &'static str,
+        problem: String,
+    },
+
+    /// The request is well-formed but the run's state does not allow it (gRPC
+    /// `FAILED_PRECONDITION`), e.g. publishing a version out of order.
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    /// Not ready for this request yet; retry (gRPC `UNAVAILABLE`), e.g. an actor registering
+    /// before the learner has joined.
+    #[error("{0}")]
+    Unavailable(String),
+
+    /// The options are inconsistent (a setting named in the message).
+    #[error("coordinator options: {0}")]
+    Options(String),
+
+    /// The dataset cannot be opened or read.
+    #[error("dataset {path}: {source}")]
+    Dataset {
+        path: PathBuf,
+        #[source]
+        source: Box<ril_data::DataError>,
+    },
+
+    /// The dataset opened but cannot drive a run (no usable rows, changed under us, ...).
+    #[error("dataset {path}: {problem}")]
+    DatasetInvalid { path: PathBuf, problem: String },
+
+    /// The state file belongs to another run or cannot be read.
+    #[error("state file {path}: {problem}")]
+    State { path: PathBuf, problem: String },
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error(transparent)]
+    Serve(#[from] ril_proto::server::ServeError),
+
+    /// A background task failed (a panic in a blocking task, a closed channel).
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl CoordinatorError {
+    pub(crate) fn invalid(field: &'static str, problem: impl Into<String>) -> Self {
+        Self::InvalidArgument {
+            field,
+            problem: problem.into(),
+        }
+    }
+
+    pub(crate) fn dataset(path: impl Into<PathBuf>, source: ril_data::DataError) -> Self {
+        Self::Dataset {
+            path: path.into(),
+            source: Box::new(source),
+        }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}
+
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
