@@ -1,0 +1,256 @@
+//! The thin gRPC adapter: validates and converts `ril.v1` messages, calls the domain service,
+//! maps errors to status codes through one table ([`status`]); and [`serve`], which runs it
+//! with health, reflection, explicit message limits and graceful shutdown.
+
+use std::future::Future;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::Device;
+use ril_proto::convert::question_to_row;
+use ril_proto::server::{
+    Bound, ServeError, ServingStatus, builder, health, incoming, names, reflection, set_status,
+};
+use ril_proto::v1;
+use ril_proto::v1::discriminator_server::{Discriminator, DiscriminatorServer};
+use tonic::{Code, Request, Response, Status};
+use tracing::{info, instrument, warn};
+
+use crate::answer_judge::AnswerJudge;
+use crate::error::{DiscriminatorError, Result};
+use crate::judge::JudgeError;
+use crate::model::LabelledResponse;
+use crate::options::DiscriminatorOptions;
+use crate::service::{DiscriminatorService, wait_for_judge};
+
+/// The one table from domain errors to gRPC status codes.
+pub fn status(error: &DiscriminatorError) -> Status {
+    let code = match error {
+        DiscriminatorError::InvalidRequest { .. } | DiscriminatorError::Question { .. } => {
+            Code::InvalidArgument
+        }
+        DiscriminatorError::NotReady(_) => Code::Unavailable,
+        DiscriminatorError::Judge(JudgeError::InvalidConfig { .. })
+        | DiscriminatorError::Judge(JudgeError::ClientBuild { .. })
+        | DiscriminatorError::Config { .. } => Code::FailedPrecondition,
+        // The judge is down, overloaded or garbled its reply: asking again later may work.
+        DiscriminatorError::Judge(_) | DiscriminatorError::Teacher { .. } => Code::Unavailable,
+        DiscriminatorError::NonFiniteLoss { .. }
+        | DiscriminatorError::Model(_)
+        | DiscriminatorError::Io { .. }
+        | DiscriminatorError::Checkpoint { .. }
+        | DiscriminatorError::Data(_)
+        | DiscriminatorError::Serve(_)
+        | DiscriminatorError::Task(_) => Code::Internal,
+    };
+    Status::new(code, error.to_string())
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Status {
+    status(&DiscriminatorError::invalid(field, problem))
+}
+
+/// A question as a row, or InvalidArgument naming the field under `prefix`.
+fn row_of(question: Option<&v1::Question>, prefix: &str) -> Result<ril_data::Row, Status> {
+    let question = question.ok_or_else(|| invalid(prefix, "missing"))?;
+    question_to_row(question).map_err(|e| invalid(format!("{prefix}.{}", e.field), e.to_string()))
+}
+
+/// The gRPC face of [`DiscriminatorService`]. Until the service is set (model loaded, judge
+/// answering) every call is UNAVAILABLE.
+#[derive(Debug, Clone, Default)]
+pub struct DiscriminatorGrpc {
+    service: Arc<OnceLock<Arc<DiscriminatorService>>>,
+}
+
+impl DiscriminatorGrpc {
+    pub fn new(service: Arc<DiscriminatorService>) -> Self {
+        let slot = OnceLock::new();
+        let _ = slot.set(service);
+        Self {
+            service: Arc::new(slot),
+        }
+    }
+
+    fn service(&self) -> Result<&Arc<DiscriminatorService>, Status> {
+        self.service.get().ok_or_else(|| {
+            status(&DiscriminatorError::NotReady(
+                "loading the model or waiting for the judge",
+            ))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl Discriminator for DiscriminatorGrpc {
+    #[instrument(skip(self, request))]
+    async fn score(
+        &self,
+        request: Request<v1::ScoreRequest>,
+    ) -> Result<Response<v1::ScoreResponse>, Status> {
+        let service = self.service()?;
+        let request = request.into_inner();
+        let row = row_of(request.question.as_ref(), "question")?;
+        let outcome = service
+            .score(Arc::new(row), request.responses)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(v1::ScoreResponse {
+            scores: outcome
+                .scores
+                .into_iter()
+                .map(|s| v1::ResponseScore {
+                    d_prob: s.d_prob,
+                    answer_score: f32::from(s.answer_score),
+                    judge: s.judge,
+                    extracted_answer: s.extracted_answer,
+                })
+                .collect(),
+            discriminator_step: outcome.discriminator_step,
+        }))
+    }
+
+    #[instrument(skip(self, request))]
+    async fn train(
+        &self,
+        request: Request<v1::TrainRequest>,
+    ) -> Result<Response<v1::TrainResponse>, Status> {
+        let service = self.service()?;
+        let request = request.into_inner();
+        // Items of one question usually repeat it: each distinct question becomes one shared
+        // row, so D renders it and decodes its images once.
+        let mut rows: Vec<(&v1::Question, Arc<ril_data::Row>)> = Vec::new();
+        let mut items = Vec::with_capacity(request.items.len());
+        for (i, item) in request.items.iter().enumerate() {
+            let prefix = format!("items[{i}].question");
+            let question = item
+                .question
+                .as_ref()
+                .ok_or_else(|| invalid(&prefix, "missing"))?;
+            let row = match rows.iter().find(|(q, _)| *q == question) {
+                Some((_, row)) => row.clone(),
+                None => {
+                    let row = Arc::new(row_of(Some(question), &prefix)?);
+                    rows.push((question, row.clone()));
+                    row
+                }
+            };
+            items.push(LabelledResponse {
+                question: row,
+                response: item.response.clone(),
+                from_student: item.from_student,
+            });
+        }
+        let outcome = service
+            .train(request.iteration, items)
+            .await
+            .map_err(|e| status(&e))?;
+        Ok(Response::new(v1::TrainResponse {
+            loss: outcome.loss,
+            accuracy: outcome.accuracy,
+            step: outcome.step,
+            skipped: outcome.skipped,
+        }))
+    }
+
+    #[instrument(skip(self, _request))]
+    async fn info(
+        &self,
+        _request: Request<v1::DiscriminatorInfoRequest>,
+    ) -> Result<Response<v1::DiscriminatorInfo>, Status> {
+        let info = self.service()?.info();
+        Ok(Response::new(v1::DiscriminatorInfo {
+            step: info.step,
+            judge: info.judge,
+            frozen: info.frozen,
+        }))
+    }
+}
+
+/// Runs the discriminator service on `bound` until `shutdown` resolves.
+///
+/// Health (`ril.v1.Discriminator` and the server as a whole) is NOT_SERVING while D loads and
+/// (for the LLM judge) until the judge has answered a probe, then SERVING; NOT_SERVING again
+/// once shutdown begins. Reflection is served. On shutdown the server stops taking calls,
+/// finishes the ones in flight, and then D is saved to `checkpoint_dir` (unless frozen or
+/// already saved at this step). A model that fails to load is the error.
+pub async fn serve(
+    options: DiscriminatorOptions,
+    device: Device,
+    bound: Bound,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    options.validate()?;
+    let addr = bound.addr;
+    let (reporter, health_service) = health([names::DISCRIMINATOR]).await;
+    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let adapter = DiscriminatorGrpc::default();
+    let slot = adapter.service.clone();
+    let limit = options.max_message_bytes;
+    let discriminator = DiscriminatorServer::new(adapter)
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let draining = reporter.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown => {}
+            _ = stop_rx => {}
+        }
+        info!("discriminator shutting down");
+        set_status(
+            &draining,
+            &[names::DISCRIMINATOR],
+            ServingStatus::NotServing,
+        )
+        .await;
+    };
+    let server = builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(discriminator)
+        .serve_with_incoming_shutdown(incoming(bound), stop);
+    let mut server = std::pin::pin!(server);
+    let serve_error = |source| DiscriminatorError::Serve(ServeError::Serve { addr, source });
+    info!(%addr, judge = %options.judge_name(), "discriminator listening; loading D");
+
+    let startup = async {
+        let judge = AnswerJudge::new(&options.judge)?;
+        let (service, ()) = tokio::join!(
+            DiscriminatorService::load(options.clone(), device),
+            wait_for_judge(&judge)
+        );
+        Ok::<_, DiscriminatorError>(Arc::new(service?))
+    };
+    let started = tokio::select! {
+        served = &mut server => {
+            // Shut down before D was ready: nothing to save.
+            served.map_err(serve_error)?;
+            return Ok(());
+        }
+        started = startup => started,
+    };
+    let service = match started {
+        Ok(service) => service,
+        Err(e) => {
+            let _ = stop_tx.send(());
+            if let Err(serve_failure) = server.await {
+                warn!(error = %serve_failure, "the server failed while stopping");
+            }
+            return Err(e);
+        }
+    };
+    let _ = slot.set(service.clone());
+    set_status(&reporter, &[names::DISCRIMINATOR], ServingStatus::Serving).await;
+    info!(%addr, step = service.info().step, "discriminator serving");
+
+    let served = server.await;
+    drop(stop_tx);
+    let saved = service.save_checkpoint().await;
+    served.map_err(serve_error)?;
+    if let Some(dir) = saved? {
+        info!(dir = %dir.display(), "discriminator saved on shutdown");
+    }
+    Ok(())
+}
