@@ -172,7 +172,8 @@ pub async fn run_actor(
         sampling_from_proto(reg.sampling.as_ref().ok_or_else(|| {
             ActorError::Config("the coordinator sent no sampling settings".into())
         })?)?;
-    let teacher_sampling = reg.teacher_sampling;
+    // Unset (max_new_tokens 0): the teacher servers' own settings.
+    let teacher_sampling = reg.teacher_sampling.filter(|s| s.max_new_tokens > 0);
     let group_size = reg.group_size as usize;
     if group_size == 0 {
         return Err(ActorError::Config("group_size is 0".into()));

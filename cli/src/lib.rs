@@ -2,10 +2,15 @@
 //! in-process as well as through the binary.
 
 pub mod bench;
+pub mod cluster;
+pub mod config;
+pub mod demo;
 pub mod device;
 pub mod logging;
 pub mod model_cmd;
+pub mod roles;
 pub mod selfcheck;
+pub mod supervise;
 pub mod train_cmd;
 
 use std::path::PathBuf;
@@ -49,6 +54,43 @@ pub enum Command {
     Sft(train_cmd::SftArgs),
     /// Accuracy of a model on a dataset split, per question family.
     Eval(train_cmd::EvalArgs),
+    /// The run's coordinator: dataset cursor, leases, versions, membership, rendezvous.
+    Coordinator(roles::CoordinatorArgs),
+    /// A learner rank: Dr.GRPO over mixed groups, weight publication, checkpoints.
+    Learner(roles::LearnerArgs),
+    /// A teacher server (one `[[teachers]]` entry) with its persistent answer cache.
+    Teacher(roles::TeacherArgs),
+    /// The discriminator service, or its offline pre-training.
+    #[command(subcommand)]
+    Discriminator(DiscriminatorCommand),
+    /// A rollout actor (run as many as you like; they join and leave at any time).
+    Actor(roles::ActorArgs),
+    /// The local cluster: every role as its own process on loopback, until the run finishes.
+    Train(cluster::TrainArgs),
+    /// The whole loop on the built-in tiny models: data, models, a short RIL run, evaluation.
+    Demo(demo::DemoArgs),
+    /// A run's state from its coordinator.
+    Status(roles::StatusArgs),
+    /// Run config tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DiscriminatorCommand {
+    /// Serves D (Score, Train) with the judge.
+    Serve(roles::DiscriminatorServeArgs),
+    /// Trains D offline on student and teacher answers (the paper: 16 of each per question).
+    Pretrain(roles::PretrainArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Parses and validates a run config (unknown keys, contradictions, missing paths).
+    Check {
+        /// The run config (TOML).
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +148,16 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sft(args) => train_cmd::sft(&args),
         Command::Eval(args) => train_cmd::eval(&args),
         Command::Bench(BenchCommand::Model(args)) => bench::run(&args),
+        Command::Coordinator(args) => roles::coordinator(&args),
+        Command::Learner(args) => roles::learner(&args),
+        Command::Teacher(args) => roles::teacher(&args),
+        Command::Discriminator(DiscriminatorCommand::Serve(args)) => roles::discriminator(&args),
+        Command::Discriminator(DiscriminatorCommand::Pretrain(args)) => roles::pretrain(&args),
+        Command::Actor(args) => roles::actor(&args),
+        Command::Train(args) => cluster::train(&args),
+        Command::Demo(args) => demo::run(&args),
+        Command::Status(args) => roles::status(&args),
+        Command::Config(ConfigCommand::Check { path }) => roles::config_check(&path),
         Command::Env => {
             env_report();
             Ok(())

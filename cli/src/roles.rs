@@ -1,0 +1,413 @@
+//! `ril coordinator | learner | discriminator | teacher | actor | status | config check`: each
+//! role as its own process, configured from the run's TOML file. `--listen` picks the bind
+//! address (port 0: any free port) and `--addr-file` tells a supervisor where it ended up.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::config::RunConfig;
+
+/// Flags every serving role takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// The run config (TOML).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Address to listen on, e.g. 0.0.0.0:50051 (port 0: any free port).
+    #[arg(long, default_value = "0.0.0.0:0")]
+    pub listen: String,
+    /// Writes the bound address here once listening (for supervisors and scripts).
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Teacher addresses as NAME=ADDR (override `[network] teachers`).
+    #[arg(long = "teacher-addr", value_name = "NAME=ADDR")]
+    pub teacher_addrs: Vec<String>,
+    /// Overrides `[network] discriminator`.
+    #[arg(long)]
+    pub discriminator_addr: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct LearnerArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Overrides `[network] coordinator`.
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// The address others reach this learner at (default: the bound address).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub rank: u32,
+    /// Overrides `[network] discriminator` (the service trained once per iteration).
+    #[arg(long)]
+    pub discriminator_addr: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct TeacherArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Which `[[teachers]]` entry to serve.
+    #[arg(long)]
+    pub name: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DiscriminatorServeArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct PretrainArgs {
+    /// The student checkpoint D starts from.
+    #[arg(long)]
+    pub student: PathBuf,
+    /// Dataset dir or file (train split).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Teacher servers (host:port) for answers the rows do not carry.
+    #[arg(long = "teacher")]
+    pub teachers: Vec<String>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Student and teacher answers per question (the paper: 16 each).
+    #[arg(long, default_value_t = 16)]
+    pub answers: usize,
+    #[arg(long)]
+    pub max_questions: Option<usize>,
+    #[arg(long)]
+    pub steps: Option<u64>,
+    #[arg(long)]
+    pub lr: Option<f64>,
+    #[arg(long)]
+    pub max_new_tokens: Option<usize>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ActorArgs {
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Overrides `[network] coordinator`.
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// Unique actor id (default: host name + pid).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Overrides `[actors] device`.
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Stop after this many leases.
+    #[arg(long)]
+    pub max_leases: Option<u64>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    #[arg(long)]
+    pub coordinator: String,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value_t = 10)]
+    pub timeout_s: u64,
+}
+
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn bind(args: &ServeArgs) -> anyhow::Result<ril_proto::server::Bound> {
+    let bound = ril_proto::server::bind(&args.listen).await?;
+    tracing::info!(addr = %bound.addr, "listening");
+    if let Some(f) = &args.addr_file {
+        crate::supervise::write_addr_file(f, &bound.addr)?;
+    }
+    Ok(bound)
+}
+
+fn parse_named(list: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    list.iter()
+        .map(|s| {
+            s.split_once('=')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .ok_or_else(|| anyhow::anyhow!("expected NAME=ADDR, got {s:?}"))
+        })
+        .collect()
+}
+
+pub fn coordinator(args: &CoordinatorArgs) -> anyhow::Result<()> {
+    let mut cfg = RunConfig::load(&args.serve.config)?;
+    for (name, addr) in parse_named(&args.teacher_addrs)? {
+        cfg.network.teachers.insert(name, addr);
+    }
+    let teachers = cfg.teacher_addrs()?;
+    let disc = args
+        .discriminator_addr
+        .clone()
+        .or(cfg.network.discriminator.clone())
+        .ok_or_else(|| anyhow::anyhow!("no discriminator address: set [network] discriminator"))?;
+    let opts = cfg.coordinator_options(teachers, disc);
+    runtime()?.block_on(async {
+        let bound = bind(&args.serve).await?;
+        ril_coordinator::serve(opts, bound, ril_proto::server::shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn learner(args: &LearnerArgs) -> anyhow::Result<()> {
+    let cfg = RunConfig::load(&args.serve.config)?;
+    let mut opts = cfg.learner.clone();
+    if let Some(c) = &args.coordinator {
+        opts.coordinator_addr = c.clone();
+    }
+    if opts.coordinator_addr.is_empty() {
+        bail!("no coordinator address: set [network] coordinator or pass --coordinator");
+    }
+    opts.rank = args.rank;
+    if args.advertise.is_some() {
+        opts.advertise_addr = args.advertise.clone();
+    }
+    if args.discriminator_addr.is_some() {
+        opts.discriminator_addr = args.discriminator_addr.clone();
+    }
+    if opts.discriminator_addr.is_none() {
+        opts.discriminator_addr = cfg.network.discriminator.clone();
+    }
+    if cfg.discriminator.frozen {
+        // A frozen D never trains: no per-iteration step to ask for.
+        opts.discriminator_addr = None;
+    }
+    runtime()?.block_on(async {
+        let bound = bind(&args.serve).await?;
+        ril_learner::grpc::serve(opts, bound, ril_proto::server::shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn teacher(args: &TeacherArgs) -> anyhow::Result<()> {
+    let cfg = RunConfig::load(&args.serve.config)?;
+    let opts = cfg
+        .teachers
+        .iter()
+        .find(|t| t.name == args.name)
+        .cloned()
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: no [[teachers]] entry named {:?} (have: {})",
+                cfg.path.display(),
+                args.name,
+                cfg.teachers
+                    .iter()
+                    .map(|t| t.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+    runtime()?.block_on(async {
+        let bound = bind(&args.serve).await?;
+        ril_teacher::serve(opts, bound, ril_proto::server::shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+pub fn discriminator(args: &DiscriminatorServeArgs) -> anyhow::Result<()> {
+    let cfg = RunConfig::load(&args.serve.config)?;
+    let device = crate::device::parse(&args.device)?;
+    runtime()?.block_on(async {
+        let bound = bind(&args.serve).await?;
+        ril_discriminator::serve(
+            cfg.discriminator.clone(),
+            device,
+            bound,
+            ril_proto::server::shutdown_signal(),
+        )
+        .await?;
+        Ok(())
+    })
+}
+
+pub fn pretrain(args: &PretrainArgs) -> anyhow::Result<()> {
+    let mut p = ril_discriminator::PretrainOptions::new(&args.student, &args.data, &args.out);
+    p.teachers = args.teachers.clone();
+    p.n_student_answers = args.answers;
+    p.n_teacher_answers = args.answers;
+    p.max_questions = args.max_questions;
+    if let Some(s) = args.steps {
+        p.steps = s;
+    }
+    if let Some(lr) = args.lr {
+        p.discriminator.lr = lr;
+    }
+    if let Some(m) = args.max_new_tokens {
+        p.max_new_tokens = m;
+    }
+    let device = crate::device::parse(&args.device)?;
+    let report = runtime()?.block_on(ril_discriminator::run_pretrain(p, device, |e| {
+        if let ril_discriminator::pretrain::PretrainEvent::Eval { step, held_out } = e {
+            tracing::info!(step, ?held_out, "held-out");
+        }
+    }))?;
+    println!(
+        "discriminator pre-training: {} steps on {} examples; held-out accuracy {:?} -> {:?}; saved {:?}",
+        report.steps,
+        report.n_train,
+        report.initial_held_out.as_ref().map(|e| e.accuracy),
+        report.final_held_out.as_ref().map(|e| e.accuracy),
+        report.checkpoint
+    );
+    Ok(())
+}
+
+pub fn actor(args: &ActorArgs) -> anyhow::Result<()> {
+    let cfg = RunConfig::load(&args.config)?;
+    let coordinator = args
+        .coordinator
+        .clone()
+        .or(cfg.network.coordinator.clone())
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "no coordinator address: set [network] coordinator or pass --coordinator"
+            )
+        })?;
+    let id = args.id.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "actor".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let mut opts = ril_actor::ActorOptions::new(id, coordinator, cfg.student.checkpoint.clone());
+    opts.device = crate::device::parse(args.device.as_deref().unwrap_or(&cfg.actors.device))?;
+    opts.questions_per_lease = cfg.actors.questions_per_lease;
+    opts.seed = cfg.run.seed;
+    opts.max_leases = args.max_leases;
+    let summary = runtime()?.block_on(ril_actor::run_actor(
+        opts,
+        ril_proto::server::shutdown_signal(),
+    ))?;
+    tracing::info!(
+        leases = summary.leases,
+        groups_pushed = summary.groups_pushed,
+        groups_refused = summary.groups_refused,
+        returned = summary.positions_returned,
+        version = summary.final_version,
+        phase_ms = ?summary.phase_ms,
+        "actor done"
+    );
+    Ok(())
+}
+
+/// Fetches the run's status.
+pub async fn fetch_status(
+    addr: &str,
+    timeout: Duration,
+) -> anyhow::Result<ril_proto::v1::RunStatus> {
+    let ch = ril_proto::server::connect(addr, timeout).await?;
+    let mut c = ril_proto::v1::coordinator_client::CoordinatorClient::new(ch);
+    let s = tokio::time::timeout(timeout, c.get_status(ril_proto::v1::GetStatusRequest {}))
+        .await
+        .map_err(|_| anyhow::anyhow!("coordinator at {addr}: status timed out after {timeout:?}"))?
+        .map_err(|s| anyhow::anyhow!("coordinator at {addr}: {:?}: {}", s.code(), s.message()))?;
+    Ok(s.into_inner())
+}
+
+pub fn format_status(s: &ril_proto::v1::RunStatus) -> String {
+    let mut out = format!(
+        "run {}: iteration {}/{} (policy version {}){}\n\
+         groups accepted {}, duplicates refused {}, leases expired {}, outstanding {}, {:.2} groups/s\n\
+         learner ranks {}/{}\n",
+        s.run_id,
+        s.iteration,
+        s.total_iterations,
+        s.policy_version,
+        if s.finished { ", finished" } else { "" },
+        s.groups_accepted,
+        s.duplicates_refused,
+        s.leases_expired,
+        s.leases_outstanding,
+        s.groups_per_second,
+        s.learner_ranks_joined,
+        s.learner_world_size,
+    );
+    let alive = s.actors.iter().filter(|a| a.alive).count();
+    out.push_str(&format!("actors: {alive} alive of {}\n", s.actors.len()));
+    for a in &s.actors {
+        out.push_str(&format!(
+            "  {} ({}) version {} seen {} ms ago, {} questions{}\n",
+            a.actor_id,
+            a.device,
+            a.policy_version,
+            a.last_seen_ms_ago,
+            a.groups_leased,
+            if a.alive { "" } else { ", gone" }
+        ));
+    }
+    if !s.metrics.is_empty() {
+        out.push_str("last step:\n");
+        let mut m: Vec<_> = s.metrics.iter().collect();
+        m.sort_by(|a, b| a.0.cmp(b.0));
+        for (k, v) in m {
+            out.push_str(&format!("  {k} = {v:.6}\n"));
+        }
+    }
+    out
+}
+
+pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let s = runtime()?.block_on(fetch_status(
+        &args.coordinator,
+        Duration::from_secs(args.timeout_s),
+    ))?;
+    if args.json {
+        let v = serde_json::json!({
+            "run_id": s.run_id, "policy_version": s.policy_version, "iteration": s.iteration,
+            "total_iterations": s.total_iterations, "cursor": s.cursor,
+            "groups_accepted": s.groups_accepted, "duplicates_refused": s.duplicates_refused,
+            "leases_expired": s.leases_expired, "leases_outstanding": s.leases_outstanding,
+            "groups_per_second": s.groups_per_second, "finished": s.finished,
+            "actors": s.actors.iter().map(|a| serde_json::json!({
+                "actor_id": a.actor_id, "device": a.device, "policy_version": a.policy_version,
+                "last_seen_ms_ago": a.last_seen_ms_ago, "alive": a.alive,
+                "groups_leased": a.groups_leased})).collect::<Vec<_>>(),
+            "metrics": s.metrics,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", format_status(&s));
+    }
+    Ok(())
+}
+
+pub fn config_check(path: &std::path::Path) -> anyhow::Result<()> {
+    let cfg = RunConfig::load(path)?;
+    println!(
+        "{}: ok — run {:?}, {} iterations x {} questions, G = {} + {} teacher slots, {} teacher(s): {}",
+        path.display(),
+        cfg.run.id,
+        cfg.run.iterations,
+        cfg.run.questions_per_iteration,
+        cfg.rollout.group_size,
+        cfg.teacher_slots(),
+        cfg.teachers.len(),
+        cfg.teachers
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}

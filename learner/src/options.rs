@@ -1,0 +1,264 @@
+//! The learner's settings, as the run's TOML file holds them (`[learner]`, with the loss and
+//! optimizer under `[learner.grpo]`). Validated once, before anything is loaded.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{LearnerError, Result};
+use crate::grpo::GrpoConfig;
+
+fn default_save_every() -> u64 {
+    50
+}
+fn default_keep_checkpoints() -> usize {
+    2
+}
+fn default_coordinator_timeout_ms() -> u64 {
+    10_000
+}
+fn default_world_size() -> u32 {
+    1
+}
+fn default_device() -> String {
+    "cpu".into()
+}
+fn default_dtype() -> String {
+    "f32".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LearnerOptions {
+    /// The student's starting checkpoint (a model directory: config.json, model.safetensors,
+    /// tokenizer.json, preprocessor_config.json), usually the SFT output. Version 0.
+    pub init_checkpoint: PathBuf,
+    /// The frozen reference of the KL term. Default: `init_checkpoint`.
+    #[serde(default)]
+    pub reference_checkpoint: Option<PathBuf>,
+    /// Checkpoints go to `<out_dir>/checkpoint-<version, 6 digits>`.
+    pub out_dir: PathBuf,
+    /// Continue from the newest checkpoint in `out_dir`; a fresh start when there is none.
+    #[serde(default)]
+    pub resume: bool,
+    /// B: groups (questions) per iteration, i.e. per optimizer step.
+    pub questions_per_iteration: usize,
+    /// The run ends when the policy reaches this version.
+    pub total_iterations: u64,
+    /// k: a group whose student responses were sampled with a policy more than k versions behind
+    /// the current one is dropped and its question handed back. 0 = synchronous on-policy.
+    /// Groups of up to k iterations ahead of the current one are buffered.
+    #[serde(default)]
+    pub staleness_bound: u64,
+    /// Write a checkpoint every this many versions (0: only at the end and at shutdown).
+    #[serde(default = "default_save_every")]
+    pub save_every: u64,
+    /// Keep the newest this many checkpoints (0: keep all).
+    #[serde(default = "default_keep_checkpoints")]
+    pub keep_checkpoints: usize,
+    /// `host:port` of the coordinator.
+    pub coordinator_addr: String,
+    /// Deadline of each coordinator RPC.
+    #[serde(default = "default_coordinator_timeout_ms")]
+    pub coordinator_timeout_ms: u64,
+    /// The address other roles reach this learner at, sent with JoinLearner. Default: the bound
+    /// address.
+    #[serde(default)]
+    pub advertise_addr: Option<String>,
+    /// The discriminator service (`host:port`). When set, the learner sends it each trained
+    /// iteration's student and teacher responses for one `Train` step before publishing the
+    /// next version. Unset: D is not updated online (a frozen or absent discriminator).
+    #[serde(default)]
+    pub discriminator_addr: Option<String>,
+    #[serde(default)]
+    pub rank: u32,
+    /// Learner ranks. Only 1 today (the multi-rank collective is a later issue).
+    #[serde(default = "default_world_size")]
+    pub world_size: u32,
+    /// `cpu`, `cuda` or `cuda:N`.
+    #[serde(default = "default_device")]
+    pub device: String,
+    /// Weights' dtype in memory: `f32`, `bf16` or `f16` (optimizer moments stay f32).
+    #[serde(default = "default_dtype")]
+    pub dtype: String,
+    /// Seeds the learner's own random stream (the order groups are processed in).
+    #[serde(default)]
+    pub seed: u64,
+    /// Stop serving once `total_iterations` is reached (after the final checkpoint). Default:
+    /// keep serving the final weights until shut down.
+    #[serde(default)]
+    pub exit_when_finished: bool,
+    #[serde(default)]
+    pub grpo: GrpoConfig,
+}
+
+impl LearnerOptions {
+    /// Settings for tests: small iterations, checkpoints every version.
+    pub fn for_test(init_checkpoint: &Path, out_dir: &Path, coordinator_addr: &str) -> Self {
+        Self {
+            init_checkpoint: init_checkpoint.to_path_buf(),
+            reference_checkpoint: None,
+            out_dir: out_dir.to_path_buf(),
+            resume: false,
+            questions_per_iteration: 2,
+            total_iterations: 10,
+            staleness_bound: 0,
+            save_every: 1,
+            keep_checkpoints: 0,
+            coordinator_addr: coordinator_addr.to_string(),
+            coordinator_timeout_ms: default_coordinator_timeout_ms(),
+            advertise_addr: None,
+            discriminator_addr: None,
+            rank: 0,
+            world_size: 1,
+            device: default_device(),
+            dtype: default_dtype(),
+            seed: 0,
+            exit_when_finished: false,
+            grpo: GrpoConfig {
+                lr: 1e-3,
+                loss_normalizer: 16,
+                micro_batch_size: 4,
+                ..GrpoConfig::default()
+            },
+        }
+    }
+
+    pub fn reference_checkpoint(&self) -> &Path {
+        self.reference_checkpoint
+            .as_deref()
+            .unwrap_or(&self.init_checkpoint)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(LearnerError::Invalid(format!("learner: {m}")));
+        self.grpo.validate()?;
+        if self.questions_per_iteration == 0 {
+            return bad("questions_per_iteration must be positive".into());
+        }
+        if self.total_iterations == 0 {
+            return bad("total_iterations must be positive".into());
+        }
+        if self.world_size != 1 || self.rank != 0 {
+            return bad(format!(
+                "rank {} of world_size {}: only a single learner rank (rank 0 of 1) is supported \
+                 so far",
+                self.rank, self.world_size
+            ));
+        }
+        if self.coordinator_addr.is_empty() {
+            return bad("coordinator_addr is empty".into());
+        }
+        if self.coordinator_timeout_ms == 0 {
+            return bad("coordinator_timeout_ms must be positive".into());
+        }
+        self.parse_device()?;
+        self.parse_dtype()?;
+        Ok(())
+    }
+
+    pub fn parse_device(&self) -> Result<Device> {
+        let bad =
+            |m: String| LearnerError::Invalid(format!("learner.device {:?}: {m}", self.device));
+        match self.device.as_str() {
+            "cpu" => Ok(Device::Cpu),
+            spec => {
+                let ordinal = match spec.strip_prefix("cuda") {
+                    Some("") => 0,
+                    Some(rest) => rest
+                        .strip_prefix(':')
+                        .and_then(|n| n.parse::<usize>().ok())
+                        .ok_or_else(|| bad("expected cpu, cuda or cuda:N".into()))?,
+                    None => return Err(bad("expected cpu, cuda or cuda:N".into())),
+                };
+                if !candle_core::utils::cuda_is_available() {
+                    return Err(bad(
+                        "this build has no CUDA support (rebuild with `--features cuda`)".into(),
+                    ));
+                }
+                Device::new_cuda(ordinal).map_err(|e| bad(format!("cannot open the GPU: {e}")))
+            }
+        }
+    }
+
+    pub fn parse_dtype(&self) -> Result<DType> {
+        match self.dtype.as_str() {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            "f16" => Ok(DType::F16),
+            other => Err(LearnerError::Invalid(format!(
+                "learner.dtype {other:?}: expected f32, bf16 or f16"
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `[learner]` table as a run's TOML file writes it (the CLI embeds it).
+    const EXAMPLE: &str = r#"
+init_checkpoint = "runs/sft/final"
+out_dir = "runs/ril/learner"
+resume = true
+questions_per_iteration = 32
+total_iterations = 1000
+staleness_bound = 1
+save_every = 50
+coordinator_addr = "ril-coordinator:50051"
+advertise_addr = "ril-learner-0.ril-learner:50054"
+device = "cpu"
+dtype = "f32"
+
+[grpo]
+clip_eps = 0.2
+kl_beta = 0.01
+use_sim_reward = true
+use_ans_reward = true
+teachers_in_group = true
+loss_normalizer = 256
+lr = 1e-6
+micro_batch_size = 4
+logprob_temperature = 1.0
+"#;
+
+    #[test]
+    fn the_documented_toml_parses_with_defaults_and_unknown_keys_are_refused() {
+        let o: LearnerOptions = toml::from_str(EXAMPLE).unwrap();
+        o.validate().unwrap();
+        assert_eq!(o.reference_checkpoint(), Path::new("runs/sft/final"));
+        assert_eq!((o.rank, o.world_size, o.keep_checkpoints), (0, 1, 2));
+        assert_eq!(o.grpo.loss_normalizer, 256);
+        assert_eq!(
+            o.grpo.max_grad_norm, 1.0,
+            "defaults fill what the file leaves out"
+        );
+        let typo = EXAMPLE.replace("kl_beta", "kl_coef");
+        let e = toml::from_str::<LearnerOptions>(&typo)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kl_coef"), "{e}");
+        let two_ranks = LearnerOptions {
+            world_size: 2,
+            ..o.clone()
+        };
+        assert!(
+            two_ranks
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("world_size")
+        );
+        let no_reward = LearnerOptions {
+            grpo: GrpoConfig {
+                use_sim_reward: false,
+                use_ans_reward: false,
+                ..o.grpo.clone()
+            },
+            ..o
+        };
+        assert!(no_reward.validate().is_err());
+    }
+}

@@ -1,0 +1,335 @@
+//! The local-checkpoint backend: a model directory loaded with `ril_model` (on the CPU), run by
+//! one generation thread that batches requests. The first request of a batch waits up to the
+//! batching window for others; the batch closes early when it holds `max_batch` answers. While a
+//! batch runs, new requests queue and form the next one.
+//!
+//! A request for `n` answers is `n` sequences of the same prompt; answer `i` samples from the
+//! random stream `(seed, i)` (see `decode`), so it does not depend on its batch. One question's
+//! bad input (an image that does not decode, a prompt too long) fails that request alone.
+
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use ril_data::Row;
+use ril_data::dataset::Message;
+use ril_model::bundle::Bundle;
+use ril_model::generate::Prompt;
+use ril_model::{ChatMessage, Head};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
+
+use super::decode::{Sequence, generate_sequences};
+use crate::error::TeacherError;
+use crate::options::{CandleOptions, SamplingSettings};
+
+/// Counters of the generation thread, for tests and logs.
+#[derive(Debug, Default)]
+pub struct BatchStats {
+    batches: AtomicU64,
+    sequences: AtomicU64,
+}
+
+impl BatchStats {
+    /// `generate` calls made (one per batch).
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+
+    /// Answers generated in them.
+    pub fn sequences(&self) -> u64 {
+        self.sequences.load(Ordering::Relaxed)
+    }
+}
+
+struct Job {
+    row: Arc<Row>,
+    settings: SamplingSettings,
+    indices: Range<u32>,
+    reply: oneshot::Sender<Result<Vec<String>, TeacherError>>,
+}
+
+impl Job {
+    fn len(&self) -> usize {
+        self.indices.len()
+    }
+}
+
+#[derive(Debug)]
+pub struct CandleBackend {
+    jobs: std_mpsc::Sender<Job>,
+    stats: Arc<BatchStats>,
+    checkpoint: PathBuf,
+    max_batch: usize,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Job")
+            .field("id", &self.row.id)
+            .field("indices", &self.indices)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CandleBackend {
+    /// Loads the checkpoint (on the blocking pool) and starts the generation thread.
+    pub async fn load(options: &CandleOptions) -> Result<Self, TeacherError> {
+        let dir = options.checkpoint.clone();
+        let started = Instant::now();
+        let bundle = tokio::task::spawn_blocking(move || {
+            Bundle::load(&dir, Head::LanguageModel, &Device::Cpu, DType::F32)
+        })
+        .await
+        .map_err(|e| TeacherError::Internal(format!("checkpoint loading panicked: {e}")))?
+        .map_err(|e| TeacherError::Load {
+            backend: "candle",
+            what: options.checkpoint.display().to_string(),
+            reason: crate::error::chain(&e),
+        })?;
+        info!(checkpoint = %options.checkpoint.display(), elapsed = ?started.elapsed(), "teacher checkpoint loaded");
+        let (jobs, rx) = std_mpsc::channel();
+        let stats = Arc::new(BatchStats::default());
+        let worker = Worker {
+            bundle,
+            window: options.batch_window(),
+            max_batch: options.max_batch,
+            stats: stats.clone(),
+        };
+        std::thread::Builder::new()
+            .name("teacher-generate".into())
+            .spawn(move || worker.run(rx))
+            .map_err(|e| TeacherError::Load {
+                backend: "candle",
+                what: options.checkpoint.display().to_string(),
+                reason: format!("cannot start the generation thread: {e}"),
+            })?;
+        Ok(Self {
+            jobs,
+            stats,
+            checkpoint: options.checkpoint.clone(),
+            max_batch: options.max_batch,
+        })
+    }
+
+    pub fn checkpoint(&self) -> &Path {
+        &self.checkpoint
+    }
+
+    pub fn stats(&self) -> &Arc<BatchStats> {
+        &self.stats
+    }
+
+    /// Generates answers `indices` of `row` and sends them, in order, to `out`.
+    pub async fn generate(
+        &self,
+        row: Arc<Row>,
+        settings: &SamplingSettings,
+        indices: Range<u32>,
+        out: &mpsc::Sender<(u32, String)>,
+    ) -> Result<(), TeacherError> {
+        // Submit every chunk at once, so that they fill batches back to back.
+        let mut replies = Vec::new();
+        let mut start = indices.start;
+        while start < indices.end {
+            let end = indices.end.min(start + self.max_batch as u32);
+            let (reply, rx) = oneshot::channel();
+            self.jobs
+                .send(Job {
+                    row: row.clone(),
+                    settings: settings.clone(),
+                    indices: start..end,
+                    reply,
+                })
+                .map_err(|_| TeacherError::ShuttingDown("the generation thread stopped".into()))?;
+            replies.push((start, rx));
+            start = end;
+        }
+        for (start, rx) in replies {
+            let texts = rx.await.map_err(|_| {
+                TeacherError::Internal(
+                    "the generation thread dropped the request (see the server log)".into(),
+                )
+            })??;
+            for (i, text) in texts.into_iter().enumerate() {
+                // A closed receiver means nobody wants more answers: stop quietly.
+                if out.send((start + i as u32, text)).await.is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Worker {
+    bundle: Bundle,
+    window: Duration,
+    max_batch: usize,
+    stats: Arc<BatchStats>,
+}
+
+impl Worker {
+    fn run(self, rx: std_mpsc::Receiver<Job>) {
+        let mut carry: Option<Job> = None;
+        loop {
+            let first = match carry.take() {
+                Some(job) => job,
+                None => match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+            };
+            let mut size = first.len();
+            let mut batch = vec![first];
+            let deadline = Instant::now() + self.window;
+            while size < self.max_batch {
+                let now = Instant::now();
+                // Past the window, only jobs already queued join.
+                let next = if now < deadline {
+                    rx.recv_timeout(deadline - now).ok()
+                } else {
+                    rx.try_recv().ok()
+                };
+                let Some(job) = next else { break };
+                if size + job.len() > self.max_batch {
+                    carry = Some(job);
+                    break;
+                }
+                size += job.len();
+                batch.push(job);
+            }
+            // A panic inside the model must not take the thread (and every later request)
+            // with it: the batch's requesters see their replies dropped, the next batch runs.
+            let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.run_batch(batch);
+            }));
+            if run.is_err() {
+                error!("a teacher batch panicked; its requests fail, the next batch runs");
+            }
+        }
+        debug!("teacher generation thread: every sender is gone; stopping");
+    }
+
+    fn run_batch(&self, batch: Vec<Job>) {
+        let model = &self.bundle.model;
+        let mut accepted: Vec<Job> = Vec::with_capacity(batch.len());
+        let mut seqs = Vec::new();
+        // Sequence -> its job in `accepted`.
+        let mut owners = Vec::new();
+        for job in batch {
+            match self.prompt(&job.row, &job.settings) {
+                Ok(prompt) => {
+                    for index in job.indices.clone() {
+                        seqs.push(Sequence {
+                            prompt: prompt.clone(),
+                            settings: job.settings.clone(),
+                            index,
+                        });
+                        owners.push(accepted.len());
+                    }
+                    accepted.push(job);
+                }
+                Err(e) => {
+                    debug!(id = %job.row.id, error = %e, "question rejected");
+                    // The requester may have gone; nothing to do then.
+                    let _ = job.reply.send(Err(e));
+                }
+            }
+        }
+        if seqs.is_empty() {
+            return;
+        }
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .sequences
+            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+        let started = Instant::now();
+        let outcome = generate_sequences(model, &seqs, &self.bundle.stop_token_ids());
+        debug!(
+            jobs = accepted.len(),
+            sequences = seqs.len(),
+            elapsed = ?started.elapsed(),
+            "teacher batch generated"
+        );
+        let mut texts: Vec<Result<Vec<String>, TeacherError>> =
+            (0..accepted.len()).map(|_| Ok(Vec::new())).collect();
+        match outcome {
+            Ok(outputs) => {
+                for (s, ids) in outputs.iter().enumerate() {
+                    let j = owners[s];
+                    let Ok(list) = &mut texts[j] else { continue };
+                    match self.bundle.tokenizer.decode(ids, true) {
+                        Ok(text) => list.push(text.trim().to_string()),
+                        Err(e) => texts[j] = Err(TeacherError::model(&accepted[j].row.id, e)),
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "teacher batch failed");
+                for (j, job) in accepted.iter().enumerate() {
+                    texts[j] = Err(TeacherError::Internal(format!(
+                        "generation of a batch holding question {:?} failed: {e}",
+                        job.row.id
+                    )));
+                }
+            }
+        }
+        for (job, result) in accepted.into_iter().zip(texts) {
+            let _ = job.reply.send(result);
+        }
+    }
+
+    /// The question's generation prompt, checked to fit the model's context.
+    fn prompt(&self, row: &Row, settings: &SamplingSettings) -> Result<Prompt, TeacherError> {
+        let images: Vec<(&str, &[u8])> = row
+            .images
+            .iter()
+            .map(|i| (i.name.as_str(), i.bytes.as_slice()))
+            .collect();
+        let prompt = self
+            .bundle
+            .prompt(&chat_messages(row), &images)
+            .map_err(|e| TeacherError::model(&row.id, e))?;
+        let context = self.bundle.model.max_positions();
+        let needed = prompt.token_ids.len() + settings.max_new_tokens as usize;
+        if needed > context {
+            return Err(TeacherError::BadQuestion {
+                id: row.id.clone(),
+                reason: format!(
+                    "a prompt of {} tokens plus max_new_tokens {} exceeds the teacher's context of {context} tokens",
+                    prompt.token_ids.len(),
+                    settings.max_new_tokens
+                ),
+            });
+        }
+        Ok(prompt)
+    }
+}
+
+/// The row's conversation for the chat template: a string question gets one image part per
+/// row image before its text (LLaVA's convention) unless it places `<image>` itself.
+pub(crate) fn chat_messages(row: &Row) -> Vec<ChatMessage> {
+    let n_images = row.images.len();
+    let placeholders = row.image_placeholders();
+    let first_user = row.messages.iter().position(|m| m.role == "user");
+    row.messages
+        .iter()
+        .enumerate()
+        .map(|(i, Message { role, content })| match content {
+            serde_json::Value::String(text)
+                if Some(i) == first_user && placeholders == 0 && n_images > 0 =>
+            {
+                ChatMessage::with_images(role, n_images, text)
+            }
+            _ => ChatMessage {
+                role: role.clone(),
+                content: content.clone(),
+            },
+        })
+        .collect()
+}

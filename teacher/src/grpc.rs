@@ -1,0 +1,316 @@
+//! The gRPC adapter: `ril.v1.Teacher` over a [`Teacher`], with `grpc.health.v1`, server
+//! reflection, explicit message-size limits and graceful shutdown.
+//!
+//! The server accepts connections at once and reports NOT_SERVING (for `ril.v1.Teacher` and
+//! the server as a whole) until the backend is loaded; requests meanwhile get UNAVAILABLE. On
+//! shutdown it reports NOT_SERVING, stops accepting, lets in-flight answer streams finish, and
+//! closes the cache file before returning.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::Stream;
+use ril_proto::convert::question_to_row;
+use ril_proto::server::{self, Bound, DEFAULT_MAX_MESSAGE_BYTES, ServingStatus, names, set_status};
+use ril_proto::v1;
+use ril_proto::v1::teacher_server::TeacherServer;
+use tokio::sync::{mpsc, watch};
+use tonic::{Request, Response, Status};
+use tracing::{error, info, warn};
+
+use crate::error::{ErrorKind, TeacherError};
+use crate::options::{DEFAULT_SHUTDOWN_GRACE, SamplingSettings, TeacherOptions};
+use crate::service::{Answer, AnswerQuery, Teacher};
+
+/// The gRPC status of a teacher error; the message carries the whole cause.
+pub fn to_status(e: &TeacherError) -> Status {
+    let message = e.to_string();
+    match e.kind() {
+        ErrorKind::InvalidArgument => Status::invalid_argument(message),
+        ErrorKind::NotFound => Status::not_found(message),
+        ErrorKind::Unavailable => Status::unavailable(message),
+        ErrorKind::Internal => Status::internal(message),
+    }
+}
+
+pub fn sampling_from_proto(s: &v1::SamplingSettings) -> SamplingSettings {
+    SamplingSettings {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        repetition_penalty: s.repetition_penalty,
+        max_new_tokens: s.max_new_tokens,
+        seed: s.seed,
+    }
+}
+
+pub fn sampling_to_proto(s: &SamplingSettings) -> v1::SamplingSettings {
+    v1::SamplingSettings {
+        temperature: s.temperature,
+        top_p: s.top_p,
+        top_k: s.top_k,
+        repetition_penalty: s.repetition_penalty,
+        max_new_tokens: s.max_new_tokens,
+        seed: s.seed,
+    }
+}
+
+/// Validates an `AnswerRequest` into a domain query; errors name the field.
+pub fn query_from_proto(request: &v1::AnswerRequest) -> Result<AnswerQuery, TeacherError> {
+    let question = request
+        .question
+        .as_ref()
+        .ok_or_else(|| TeacherError::invalid("question", "missing"))?;
+    if request.n == 0 {
+        return Err(TeacherError::invalid("n", "must be at least 1"));
+    }
+    let row = question_to_row(question).map_err(|e| {
+        TeacherError::invalid(
+            format!("question.{}", e.field),
+            format!("(question {:?}): {}", e.id, e.problem),
+        )
+    })?;
+    let sampling = request.sampling.as_ref().map(sampling_from_proto);
+    if let Some(s) = &sampling {
+        s.validate("sampling")?;
+    }
+    Ok(AnswerQuery {
+        row,
+        n: request.n,
+        sampling,
+    })
+}
+
+/// Where the loaded teacher appears; empty while loading and after shutdown.
+type Slot = Arc<RwLock<Option<Arc<Teacher>>>>;
+
+struct TeacherGrpc {
+    name: String,
+    slot: Slot,
+}
+
+impl TeacherGrpc {
+    fn teacher(&self) -> Result<Arc<Teacher>, Status> {
+        self.slot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or_else(|| {
+                to_status(&TeacherError::Loading {
+                    name: self.name.clone(),
+                })
+            })
+    }
+}
+
+/// The answers of one request, as a gRPC stream.
+pub struct AnswerStream {
+    teacher: String,
+    rx: mpsc::Receiver<Result<Answer, TeacherError>>,
+}
+
+impl Stream for AnswerStream {
+    type Item = Result<v1::TeacherAnswer, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|item| {
+            item.map(|r| match r {
+                Ok(a) => Ok(v1::TeacherAnswer {
+                    teacher: self.teacher.clone(),
+                    index: a.index,
+                    text: a.text,
+                    from_cache: a.from_cache,
+                }),
+                Err(e) => Err(to_status(&e)),
+            })
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl v1::teacher_server::Teacher for TeacherGrpc {
+    type AnswerStream = AnswerStream;
+
+    async fn answer(
+        &self,
+        request: Request<v1::AnswerRequest>,
+    ) -> Result<Response<Self::AnswerStream>, Status> {
+        let query = query_from_proto(request.get_ref()).map_err(|e| to_status(&e))?;
+        let teacher = self.teacher()?;
+        let rx = teacher.answer(query).map_err(|e| to_status(&e))?;
+        Ok(Response::new(AnswerStream {
+            teacher: teacher.name().to_string(),
+            rx,
+        }))
+    }
+
+    async fn info(
+        &self,
+        _request: Request<v1::TeacherInfoRequest>,
+    ) -> Result<Response<v1::TeacherInfo>, Status> {
+        let info = self.teacher()?.info().await.map_err(|e| to_status(&e))?;
+        Ok(Response::new(v1::TeacherInfo {
+            name: info.name,
+            backend: info.backend,
+            cache_entries: info.cache_entries,
+            cache_hits: info.cache_hits,
+            generated: info.generated,
+        }))
+    }
+}
+
+/// Serves the teacher `options` describe on `bound` until `shutdown` resolves. The backend
+/// loads while the server already answers health checks (NOT_SERVING); a backend that fails to
+/// load stops the server and is the error returned.
+pub async fn serve(
+    options: TeacherOptions,
+    bound: Bound,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TeacherError> {
+    options.validate()?;
+    let name = options.name.clone();
+    let grace = options.shutdown_grace;
+    serve_loading(
+        name,
+        async move { Teacher::load(options).await.map(Arc::new) },
+        grace,
+        bound,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves an already loaded teacher (tests, embedding), with [`DEFAULT_SHUTDOWN_GRACE`]. A
+/// teacher is served once: its cache is closed when the server stops.
+pub async fn serve_teacher(
+    teacher: Arc<Teacher>,
+    bound: Bound,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TeacherError> {
+    let name = teacher.name().to_string();
+    serve_loading(
+        name,
+        async move { Ok(teacher) },
+        DEFAULT_SHUTDOWN_GRACE,
+        bound,
+        shutdown,
+    )
+    .await
+}
+
+/// Serves the teacher `loader` produces once it has produced it: NOT_SERVING until then.
+/// `grace`: see [`TeacherOptions::shutdown_grace`].
+pub async fn serve_loading<L>(
+    name: String,
+    loader: L,
+    grace: Duration,
+    bound: Bound,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), TeacherError>
+where
+    L: Future<Output = Result<Arc<Teacher>, TeacherError>> + Send + 'static,
+{
+    let addr = bound.addr;
+    let (reporter, health_service) = server::health([names::TEACHER]).await;
+    let (reflection_v1, reflection_v1alpha) = server::reflection()?;
+    let slot: Slot = Arc::new(RwLock::new(None));
+    let service = TeacherServer::new(TeacherGrpc {
+        name: name.clone(),
+        slot: slot.clone(),
+    })
+    .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES);
+
+    // Raised by the caller's shutdown or by a failed load.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
+    let watcher = {
+        let stop_tx = stop_tx.clone();
+        let draining = reporter.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            set_status(&draining, &[names::TEACHER], ServingStatus::NotServing).await;
+            let _ = stop_tx.send(true);
+        })
+    };
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let server = tokio::spawn(
+        server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(service)
+            .serve_with_incoming_shutdown(server::incoming(bound), stopped(stop_rx.clone())),
+    );
+    info!(teacher = %name, %addr, "teacher server listening; loading the backend");
+
+    let loaded = tokio::select! {
+        result = loader => Some(result),
+        _ = stopped(stop_rx.clone()) => None,
+    };
+    let mut load_error = None;
+    match loaded {
+        Some(Ok(teacher)) => {
+            *slot.write().unwrap_or_else(|p| p.into_inner()) = Some(teacher);
+            if !*stop_rx.borrow() {
+                set_status(&reporter, &[names::TEACHER], ServingStatus::Serving).await;
+                info!(teacher = %name, %addr, "teacher serving");
+            }
+        }
+        Some(Err(e)) => {
+            error!(teacher = %name, error = %e, "teacher backend failed to load; stopping");
+            load_error = Some(e);
+            let _ = stop_tx.send(true);
+        }
+        None => info!(teacher = %name, "shut down while loading"),
+    }
+
+    // Graceful shutdown waits for every open stream, and a health `Watch` never ends on its
+    // own: once the answer streams are produced, connections get `grace` to finish, then close.
+    let mut server = server;
+    let drained = {
+        let slot = slot.clone();
+        let stop_rx = stop_rx.clone();
+        async move {
+            stopped(stop_rx).await;
+            let teacher = slot.read().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Some(teacher) = teacher {
+                teacher.wait_idle().await;
+            }
+            tokio::time::sleep(grace).await;
+        }
+    };
+    let joined = tokio::select! {
+        joined = &mut server => Some(joined),
+        () = drained => None,
+    };
+    // After a failed load the caller's shutdown never came: stop waiting for it.
+    watcher.abort();
+    let served = match joined {
+        Some(joined) => joined
+            .map_err(|e| TeacherError::Internal(format!("the gRPC server task failed: {e}")))?
+            .map_err(|source| ril_proto::server::ServeError::Serve { addr, source }),
+        None => {
+            warn!(teacher = %name, ?grace, "connections still open after the shutdown grace (health watchers?); closing them");
+            server.abort();
+            let _ = server.await;
+            Ok(())
+        }
+    };
+    // Streams still being produced finish (into the cache) before the file is closed.
+    let teacher = slot.write().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(teacher) = teacher {
+        teacher.close().await;
+    }
+    info!(teacher = %name, "teacher server stopped");
+    if let Some(e) = load_error {
+        return Err(e);
+    }
+    served?;
+    Ok(())
+}
