@@ -215,10 +215,18 @@ name = "terse"
 backend = "candle"
 checkpoint = "{models}/teacher-terse"
 
+[teachers.sampling]
+temperature = 1.0
+max_new_tokens = 48
+
 [[teachers]]
 name = "reasoned"
 backend = "candle"
 checkpoint = "{models}/teacher-reasoned"
+
+[teachers.sampling]
+temperature = 1.0
+max_new_tokens = 48
 "#,
         iterations = args.iterations,
         b = args.questions_per_iteration,

@@ -1,0 +1,403 @@
+//! The distributed actor-learner as a user runs it: every role a separate `ril` process talking
+//! gRPC on loopback ports. Tiny models are made here with the project's own commands (nothing
+//! is downloaded); waits are on predicates (status, files), never fixed sleeps.
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use ril_proto::v1;
+use ril_proto::v1::coordinator_client::CoordinatorClient;
+use ril_tests::{Sandbox, ril_binary, stderr, stdout};
+
+fn ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(out),
+        stderr(out)
+    );
+}
+
+/// A small dataset, a tokenizer, a student and a teacher (random test-size models: the
+/// mechanics, not the learning, are under test here).
+fn make_models(sb: &Sandbox) {
+    ok(&sb.ril(&[
+        "data",
+        "synth",
+        "--out",
+        "data",
+        "--seed",
+        "5",
+        "--n-train",
+        "24",
+        "--n-val",
+        "4",
+        "--n-test",
+        "4",
+        "--image-size",
+        "32",
+        "--max-objects",
+        "2",
+    ]));
+    ok(&sb.ril(&[
+        "tokenizer",
+        "train",
+        "--data",
+        "data",
+        "--out",
+        "tok",
+        "--vocab-size",
+        "300",
+    ]));
+    for (name, seed) in [("student", "1"), ("teacher", "2")] {
+        ok(&sb.ril(&[
+            "model",
+            "init",
+            "--tokenizer",
+            "tok",
+            "--size",
+            "test",
+            "--layers",
+            "1",
+            "--seed",
+            seed,
+            "--out",
+            name,
+        ]));
+    }
+}
+
+fn write_config(sb: &Sandbox, extra: &str) {
+    let toml = format!(
+        r#"
+[run]
+id = "t"
+dir = "run"
+seed = 1
+iterations = 2
+questions_per_iteration = 2
+
+[data]
+path = "data"
+
+[student]
+checkpoint = "student"
+
+[rollout]
+group_size = 2
+max_new_tokens = 6
+
+[coordinator]
+lease_timeout_s = 2
+heartbeat_interval_ms = 200
+actor_timeout_s = 2
+
+[actors]
+count = 2
+
+[learner]
+save_every = 1
+
+[learner.grpo]
+lr = 1e-3
+loss_normalizer = 6
+
+[discriminator]
+lr = 1e-3
+
+[[teachers]]
+name = "t1"
+backend = "candle"
+checkpoint = "teacher"
+
+[teachers.sampling]
+max_new_tokens = 6
+{extra}
+"#
+    );
+    std::fs::write(sb.path("run.toml"), toml).unwrap();
+}
+
+#[test]
+fn a_full_run_across_processes_trains_and_advances_the_version() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    ok(&sb.ril(&["config", "check", "run.toml"]));
+    let out = sb.ril(&[
+        "train",
+        "--config",
+        "run.toml",
+        "--startup-timeout-s",
+        "120",
+    ]);
+    ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.contains("iteration 2/2 (policy version 2), finished"),
+        "{text}"
+    );
+    assert!(
+        text.contains("groups accepted 4, duplicates refused 0"),
+        "{text}"
+    );
+    // Every role ran as its own process and logged.
+    for role in [
+        "coordinator",
+        "learner",
+        "discriminator",
+        "teacher-t1",
+        "actor-0",
+        "actor-1",
+    ] {
+        assert!(sb.path(&format!("run/logs/{role}.log")).is_file(), "{role}");
+    }
+    // The learner's weights changed: version 2's checkpoint differs from the student.
+    let before = std::fs::read(sb.path("student/model.safetensors")).unwrap();
+    let after = std::fs::read(sb.path("run/learner/checkpoint-000002/model.safetensors")).unwrap();
+    assert_ne!(before, after, "the policy did not change");
+    let learner_log = std::fs::read_to_string(sb.path("run/logs/learner.log")).unwrap();
+    assert_eq!(
+        learner_log.matches("learner step").count(),
+        2,
+        "{learner_log}"
+    );
+    // The teacher cached its answers on disk, keyed per question.
+    assert!(sb.path("run/teachers/t1.redb").is_file());
+}
+
+#[test]
+fn bad_configs_are_refused_naming_the_problem() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "colour = \"red\"\n");
+    let out = sb.ril(&["config", "check", "run.toml"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("unknown field `colour`") && stderr(&out).contains("t1"),
+        "{}",
+        stderr(&out)
+    );
+
+    write_config(&sb, "[network]\ncoordinators = \"x:1\"\n");
+    let out = sb.ril(&["config", "check", "run.toml"]);
+    assert!(stderr(&out).contains("coordinators"), "{}", stderr(&out));
+
+    // A run-level setting repeated in a role section with another value.
+    let text = std::fs::read_to_string(sb.path("run.toml"))
+        .unwrap()
+        .replace("[network]\ncoordinators = \"x:1\"\n", "")
+        .replace("save_every = 1", "save_every = 1\ntotal_iterations = 7");
+    std::fs::write(sb.path("run.toml"), text).unwrap();
+    let out = sb.ril(&["config", "check", "run.toml"]);
+    assert!(
+        stderr(&out).contains("total_iterations") && stderr(&out).contains("[run] iterations"),
+        "{}",
+        stderr(&out)
+    );
+
+    std::fs::write(sb.path("bad.toml"), "[run\nid = 1").unwrap();
+    let out = sb.ril(&["config", "check", "bad.toml"]);
+    assert!(stderr(&out).contains("not valid TOML"), "{}", stderr(&out));
+}
+
+struct Role {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Role {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(sb: &Sandbox, name: &str, args: &[&str]) -> Role {
+    let log = std::fs::File::create(sb.path(&format!("{name}.log"))).unwrap();
+    let child = Command::new(ril_binary())
+        .args(args)
+        .current_dir(sb.dir.path())
+        .env("CANDLE_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    Role {
+        name: name.to_string(),
+        child,
+    }
+}
+
+fn wait_addr(sb: &Sandbox, role: &mut Role, file: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(s) = std::fs::read_to_string(sb.path(file))
+            && !s.trim().is_empty()
+        {
+            return s.trim().to_string();
+        }
+        if let Ok(Some(st)) = role.child.try_wait() {
+            panic!(
+                "{} exited ({st}): {}",
+                role.name,
+                std::fs::read_to_string(sb.path(&format!("{}.log", role.name))).unwrap_or_default()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} never wrote {file}",
+            role.name
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn serve(sb: &Sandbox, name: &str, args: &[&str]) -> (Role, String) {
+    let file = format!("{name}.addr");
+    let mut a: Vec<&str> = args.to_vec();
+    a.extend([
+        "--config",
+        "run.toml",
+        "--listen",
+        "127.0.0.1:0",
+        "--addr-file",
+        &file,
+    ]);
+    let mut role = start(sb, name, &a);
+    let addr = wait_addr(sb, &mut role, &file);
+    (role, addr)
+}
+
+async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while !f().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn status(addr: &str) -> Option<v1::RunStatus> {
+    let ch = ril_proto::server::connect(addr, Duration::from_secs(2))
+        .await
+        .ok()?;
+    CoordinatorClient::new(ch)
+        .get_status(v1::GetStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// Every role reports NOT_SERVING or SERVING over grpc.health.v1; the run's roles come up
+/// SERVING. An actor that dies holding a lease loses it when it expires; another actor rolls
+/// the question out and every question is trained on exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    let (_teacher, teacher) = serve(&sb, "teacher", &["teacher", "--name", "t1"]);
+    let (_disc, disc) = serve(&sb, "discriminator", &["discriminator", "serve"]);
+    let t_flag = format!("t1={teacher}");
+    let (_coord, coord) = serve(
+        &sb,
+        "coordinator",
+        &[
+            "coordinator",
+            "--teacher-addr",
+            &t_flag,
+            "--discriminator-addr",
+            &disc,
+        ],
+    );
+    let (_learner, learner) = serve(
+        &sb,
+        "learner",
+        &[
+            "learner",
+            "--coordinator",
+            &coord,
+            "--discriminator-addr",
+            &disc,
+        ],
+    );
+    for (addr, role) in [
+        (&teacher, "teacher"),
+        (&disc, "discriminator"),
+        (&coord, "coordinator"),
+        (&learner, "learner"),
+    ] {
+        wait_until(role, Duration::from_secs(120), || async {
+            matches!(
+                ril_proto::server::health_check(addr, "", Duration::from_secs(2)).await,
+                Ok(ril_proto::server::ServingStatus::Serving)
+            )
+        })
+        .await;
+    }
+
+    // An actor registers, takes a lease, and dies without completing it.
+    let ch = ril_proto::server::connect(&coord, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut c = CoordinatorClient::new(ch);
+    c.register_actor(v1::RegisterActorRequest {
+        actor_id: "doomed".into(),
+        device: "cpu".into(),
+    })
+    .await
+    .unwrap();
+    let lease = c
+        .lease_prompts(v1::LeasePromptsRequest {
+            actor_id: "doomed".into(),
+            max_questions: 1,
+            policy_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(lease.items.len(), 1);
+    let dead_position = lease.items[0].position;
+    drop(c);
+
+    // A real actor process does the rest, including the dead actor's question once its lease
+    // expires.
+    let mut actor = start(
+        &sb,
+        "actor",
+        &[
+            "actor",
+            "--config",
+            "run.toml",
+            "--coordinator",
+            &coord,
+            "--id",
+            "survivor",
+        ],
+    );
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        if let Ok(Some(st)) = actor.child.try_wait() {
+            panic!(
+                "the actor exited ({st}): {}",
+                std::fs::read_to_string(sb.path("actor.log")).unwrap_or_default()
+            );
+        }
+        if status(&coord).await.is_some_and(|s| s.finished) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let s = status(&coord).await.unwrap();
+    assert_eq!(s.groups_accepted, 4, "{s:?}");
+    assert_eq!(s.duplicates_refused, 0, "{s:?}");
+    assert!(s.leases_expired >= 1, "{s:?}");
+    assert_eq!(s.metrics.get("groups_trained").copied(), Some(4.0), "{s:?}");
+    assert!(dead_position < 4);
+    let _ = actor.child.wait();
+}
