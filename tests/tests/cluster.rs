@@ -401,3 +401,108 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
     assert!(dead_position < 4);
     let _ = actor.child.wait();
 }
+
+/// An unreachable teacher: the actor hands its question back with an error naming the teacher's
+/// address, nothing is accepted, and the run's state stays intact. An oversized message to the
+/// learner is refused with the size named, and the learner keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    let (_disc, disc) = serve(&sb, "discriminator", &["discriminator", "serve"]);
+    let (_coord, coord) = serve(
+        &sb,
+        "coordinator",
+        &[
+            "coordinator",
+            "--teacher-addr",
+            "t1=127.0.0.1:1",
+            "--discriminator-addr",
+            &disc,
+        ],
+    );
+    let (_learner, learner) = serve(
+        &sb,
+        "learner",
+        &[
+            "learner",
+            "--coordinator",
+            &coord,
+            "--discriminator-addr",
+            &disc,
+        ],
+    );
+    for (addr, role) in [
+        (&disc, "discriminator"),
+        (&coord, "coordinator"),
+        (&learner, "learner"),
+    ] {
+        wait_until(role, Duration::from_secs(120), || async {
+            matches!(
+                ril_proto::server::health_check(addr, "", Duration::from_secs(2)).await,
+                Ok(ril_proto::server::ServingStatus::Serving)
+            )
+        })
+        .await;
+    }
+    let mut actor = start(
+        &sb,
+        "actor",
+        &[
+            "actor",
+            "--config",
+            "run.toml",
+            "--coordinator",
+            &coord,
+            "--max-leases",
+            "1",
+        ],
+    );
+    let st = actor.child.wait().unwrap();
+    let log = std::fs::read_to_string(sb.path("actor.log")).unwrap();
+    assert!(st.success(), "{log}");
+    assert!(
+        log.contains("question handed back") && log.contains("teacher at 127.0.0.1:1"),
+        "{log}"
+    );
+    let s = status(&coord).await.unwrap();
+    assert_eq!(s.groups_accepted, 0, "{s:?}");
+    assert_eq!(s.policy_version, 0, "{s:?}");
+
+    // 65 MiB of "image" in one PushGroups: over the 64 MiB limit.
+    let ch = ril_proto::server::connect(&learner, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let mut l = v1::learner_client::LearnerClient::new(ch).max_encoding_message_size(128 << 20);
+    let big = v1::ScoredGroup {
+        question: Some(v1::Question {
+            id: "huge".into(),
+            images: vec![v1::Image {
+                name: "huge.png".into(),
+                data: vec![0u8; 65 << 20].into(),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let e = l
+        .push_groups(v1::PushGroupsRequest { groups: vec![big] })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.code(),
+            tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+        ),
+        "{e:?}"
+    );
+    assert!(
+        e.message().contains("message length too large") || e.message().contains("size"),
+        "{e:?}"
+    );
+    assert!(matches!(
+        ril_proto::server::health_check(&learner, "", Duration::from_secs(2)).await,
+        Ok(ril_proto::server::ServingStatus::Serving)
+    ));
+}
