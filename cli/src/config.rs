@@ -140,6 +140,14 @@ pub struct CoordinatorSection {
     pub heartbeat_interval_ms: u64,
     #[serde(default = "d_actor_timeout")]
     pub actor_timeout_s: u64,
+    /// How soon an actor asks again when nothing may be leased yet (on-policy runs wait for
+    /// the next version this way).
+    #[serde(default = "d_lease_retry")]
+    pub lease_retry_ms: u64,
+}
+
+fn d_lease_retry() -> u64 {
+    50
 }
 
 impl Default for CoordinatorSection {
@@ -148,6 +156,7 @@ impl Default for CoordinatorSection {
             lease_timeout_s: d_lease(),
             heartbeat_interval_ms: d_heartbeat(),
             actor_timeout_s: d_actor_timeout(),
+            lease_retry_ms: d_lease_retry(),
         }
     }
 }
@@ -553,6 +562,7 @@ impl RunConfig {
             state_dir: Some(self.run.dir.join("coordinator")),
             skip_bad_rows: self.data.skip_bad_rows,
             learner_world_size: self.learner.world_size,
+            lease_retry_after: Duration::from_millis(self.coordinator.lease_retry_ms),
             ..Default::default()
         };
         o.actor.group_size = self.rollout.group_size;

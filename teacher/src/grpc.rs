@@ -271,7 +271,8 @@ where
     }
 
     // Graceful shutdown waits for every open stream, and a health `Watch` never ends on its
-    // own: once the answer streams are produced, connections get `grace` to finish, then close.
+    // own: once the answer streams are produced, connections get `grace` to finish; then serve
+    // stops waiting for them (their tasks end when their clients go, or with the process).
     let mut server = server;
     let drained = {
         let slot = slot.clone();
@@ -296,7 +297,7 @@ where
             .map_err(|e| TeacherError::Internal(format!("the gRPC server task failed: {e}")))?
             .map_err(|source| ril_proto::server::ServeError::Serve { addr, source }),
         None => {
-            warn!(teacher = %name, ?grace, "connections still open after the shutdown grace (health watchers?); closing them");
+            warn!(teacher = %name, ?grace, "connections still open after the shutdown grace (health watchers?); not waiting for them");
             server.abort();
             let _ = server.await;
             Ok(())

@@ -7,7 +7,7 @@
 //! backend = "openai"                  # "candle" | "openai" | "replay"
 //! cache = "runs/demo/teacher-big.redb"  # optional; without it the cache lives in memory
 //! max_n = 64                          # most answers one request may ask for
-//! shutdown_grace = 10                 # seconds idle connections may stay open at shutdown
+//! shutdown_grace = 10                 # seconds serve waits for open connections at shutdown
 //! base_url = "http://127.0.0.1:8000/v1"
 //! model = "Qwen/Qwen2.5-VL-72B-Instruct"
 //! api_key_env = "OPENAI_API_KEY"      # the NAME of the variable holding the key, never the key
@@ -126,9 +126,10 @@ pub struct TeacherOptions {
     pub sampling: SamplingSettings,
     /// The most answers one request may ask for.
     pub max_n: u32,
-    /// At shutdown, once every answer stream has been produced, how long connections may stay
-    /// open (clients reading their last answers) before they are closed. Bounds the wait for
-    /// clients that never close on their own, such as health `Watch` streams.
+    /// At shutdown, once every answer stream has been produced, how long `serve` waits for
+    /// connections to finish (clients reading their last answers) before it returns anyway.
+    /// Bounds the wait for clients that never close on their own, such as health `Watch`
+    /// streams.
     #[serde(with = "seconds")]
     pub shutdown_grace: Duration,
 }
