@@ -90,19 +90,22 @@ type Slot = Arc<RwLock<Option<Arc<Teacher>>>>;
 struct TeacherGrpc {
     name: String,
     slot: Slot,
+    /// Raised at shutdown.
+    stopping: watch::Receiver<bool>,
 }
 
 impl TeacherGrpc {
     fn teacher(&self) -> Result<Arc<Teacher>, Status> {
-        self.slot
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or_else(|| {
-                to_status(&TeacherError::Loading {
+        let teacher = self.slot.read().unwrap_or_else(|p| p.into_inner()).clone();
+        teacher.ok_or_else(|| {
+            to_status(&if *self.stopping.borrow() {
+                TeacherError::ShuttingDown("not taking new requests".into())
+            } else {
+                TeacherError::Loading {
                     name: self.name.clone(),
-                })
+                }
             })
+        })
     }
 }
 
@@ -216,17 +219,17 @@ where
     let addr = bound.addr;
     let (reporter, health_service) = server::health([names::TEACHER]).await;
     let (reflection_v1, reflection_v1alpha) = server::reflection()?;
+    // Raised by the caller's shutdown or by a failed load.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop_tx = Arc::new(stop_tx);
     let slot: Slot = Arc::new(RwLock::new(None));
     let service = TeacherServer::new(TeacherGrpc {
         name: name.clone(),
         slot: slot.clone(),
+        stopping: stop_rx.clone(),
     })
     .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
     .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES);
-
-    // Raised by the caller's shutdown or by a failed load.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stop_tx = Arc::new(stop_tx);
     let watcher = {
         let stop_tx = stop_tx.clone();
         let draining = reporter.clone();

@@ -399,6 +399,18 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
     assert!(s.leases_expired >= 1, "{s:?}");
     assert_eq!(s.metrics.get("groups_trained").copied(), Some(4.0), "{s:?}");
     assert!(dead_position < 4);
+    // `ril status` prints the same state.
+    let out = sb.ril(&["status", "--coordinator", &coord]);
+    ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.contains("iteration 2/2 (policy version 2), finished"),
+        "{text}"
+    );
+    assert!(
+        text.contains("survivor") && text.contains("groups_trained = 4"),
+        "{text}"
+    );
     let _ = actor.child.wait();
 }
 
