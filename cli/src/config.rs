@@ -435,10 +435,14 @@ impl RunConfig {
                 .and_then(Value::as_str)
                 .map(str::to_string)
                 .ok_or_else(|| anyhow::anyhow!("{}: teachers[{i}] has no name", path.display()))?;
-            for key in ["model", "checkpoint", "path", "file"] {
+            // File paths of the backends (an OpenAI `model` is a model name, not a path).
+            for key in ["checkpoint", "dataset", "answers"] {
                 if let Some(Value::String(p)) = t.get(key).cloned() {
                     t.insert(key.into(), path_value(&resolve(Path::new(&p))));
                 }
+            }
+            if let Some(Value::String(p)) = t.get("cache").cloned() {
+                t.insert("cache".into(), path_value(&resolve(Path::new(&p))));
             }
             if !t.contains_key("cache") {
                 t.insert(
@@ -591,5 +595,97 @@ impl RunConfig {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base(dir: &Path) -> String {
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        std::fs::create_dir_all(dir.join("student")).unwrap();
+        r#"
+[run]
+id = "r"
+dir = "out"
+iterations = 3
+questions_per_iteration = 2
+[data]
+path = "data"
+[student]
+checkpoint = "student"
+[rollout]
+group_size = 2
+[network]
+teachers = { big = "teacher-big:50061" }
+[[teachers]]
+name = "big"
+backend = "openai"
+base_url = "http://127.0.0.1:8000/v1"
+model = "Qwen/Qwen2.5-VL-72B-Instruct"
+"#
+        .to_string()
+    }
+
+    #[test]
+    fn run_level_keys_fill_the_roles_and_names_stay_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path());
+        let cfg = RunConfig::parse(&text, &dir.path().join("run.toml")).unwrap();
+        // An OpenAI model is a name, not a path next to the config.
+        let t = format!("{:?}", cfg.teachers[0]);
+        assert!(t.contains("\"Qwen/Qwen2.5-VL-72B-Instruct\""), "{t}");
+        assert!(
+            !t.contains(&format!("{}/Qwen", dir.path().display())),
+            "{t}"
+        );
+        // The teacher's cache and the learner's dirs land under the run dir.
+        assert!(
+            t.contains(
+                &dir.path()
+                    .join("out/teachers/big.redb")
+                    .display()
+                    .to_string()
+            ),
+            "{t}"
+        );
+        assert_eq!(cfg.learner.out_dir, dir.path().join("out/learner"));
+        assert_eq!(cfg.learner.questions_per_iteration, 2);
+        assert_eq!(cfg.learner.total_iterations, 3);
+        assert_eq!(cfg.learner.init_checkpoint, dir.path().join("student"));
+        assert_eq!(cfg.discriminator.init, dir.path().join("student"));
+        assert_eq!(
+            cfg.teacher_addrs().unwrap(),
+            vec!["teacher-big:50061".to_string()]
+        );
+        let c = cfg.coordinator_options(cfg.teacher_addrs().unwrap(), "d:1".into());
+        assert_eq!(c.actor.teacher_slots, 2);
+        assert_eq!(c.total_iterations, 3);
+
+        // Contradictions and unknown keys are refused by name.
+        let bad = text.replace(
+            "[rollout]",
+            "[learner]\nquestions_per_iteration = 5\n[rollout]",
+        );
+        let e = RunConfig::parse(&bad, &dir.path().join("run.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("questions_per_iteration") && e.contains("[run]"),
+            "{e}"
+        );
+        let bad = text.replace("[rollout]", "[rollout]\ngroup_sise = 3");
+        let e = RunConfig::parse(&bad, &dir.path().join("run.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("group_sise"), "{e}");
+        let bad = text
+            .replace("teacher-big:50061", "x")
+            .replace("name = \"big\"", "name = \"small\"");
+        let e = RunConfig::parse(&bad, &dir.path().join("run.toml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("big"), "{e}");
     }
 }

@@ -126,6 +126,38 @@ pub struct StatusArgs {
     pub timeout_s: u64,
 }
 
+/// How long a role may take to stop after SIGTERM before the process exits anyway. Graceful
+/// shutdown waits for open streams; a client's `grpc.health.v1` Watch never ends by itself.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(20);
+
+/// Runs a role's `serve` with the process's shutdown signal, returning at most
+/// [`SHUTDOWN_GRACE`] after the signal even when open streams keep the server draining.
+pub async fn serve_role<F, Fut, E>(serve: F) -> anyhow::Result<()>
+where
+    F: FnOnce(std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: Into<anyhow::Error>,
+{
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        ril_proto::server::shutdown_signal().await;
+        let _ = tx.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|v| *v).await;
+    };
+    let signal: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+        Box::pin(wait(rx.clone()));
+    let fut = serve(signal);
+    tokio::select! {
+        r = fut => r.map_err(Into::into),
+        _ = async { wait(rx).await; tokio::time::sleep(SHUTDOWN_GRACE).await } => {
+            tracing::warn!(grace = ?SHUTDOWN_GRACE, "still draining open streams after the shutdown grace; exiting");
+            Ok(())
+        }
+    }
+}
+
 pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -166,8 +198,7 @@ pub fn coordinator(args: &CoordinatorArgs) -> anyhow::Result<()> {
     let opts = cfg.coordinator_options(teachers, disc);
     runtime()?.block_on(async {
         let bound = bind(&args.serve).await?;
-        ril_coordinator::serve(opts, bound, ril_proto::server::shutdown_signal()).await?;
-        Ok(())
+        serve_role(|stop| ril_coordinator::serve(opts, bound, stop)).await
     })
 }
 
@@ -196,8 +227,7 @@ pub fn learner(args: &LearnerArgs) -> anyhow::Result<()> {
     }
     runtime()?.block_on(async {
         let bound = bind(&args.serve).await?;
-        ril_learner::grpc::serve(opts, bound, ril_proto::server::shutdown_signal()).await?;
-        Ok(())
+        serve_role(|stop| ril_learner::grpc::serve(opts, bound, stop)).await
     })
 }
 
@@ -222,8 +252,7 @@ pub fn teacher(args: &TeacherArgs) -> anyhow::Result<()> {
         })?;
     runtime()?.block_on(async {
         let bound = bind(&args.serve).await?;
-        ril_teacher::serve(opts, bound, ril_proto::server::shutdown_signal()).await?;
-        Ok(())
+        serve_role(|stop| ril_teacher::serve(opts, bound, stop)).await
     })
 }
 
@@ -232,14 +261,8 @@ pub fn discriminator(args: &DiscriminatorServeArgs) -> anyhow::Result<()> {
     let device = crate::device::parse(&args.device)?;
     runtime()?.block_on(async {
         let bound = bind(&args.serve).await?;
-        ril_discriminator::serve(
-            cfg.discriminator.clone(),
-            device,
-            bound,
-            ril_proto::server::shutdown_signal(),
-        )
-        .await?;
-        Ok(())
+        serve_role(|stop| ril_discriminator::serve(cfg.discriminator.clone(), device, bound, stop))
+            .await
     })
 }
 
