@@ -2,6 +2,7 @@
 //! in-process as well as through the binary.
 
 pub mod bench;
+pub mod bench_rpc;
 pub mod cluster;
 pub mod config;
 pub mod demo;
@@ -133,6 +134,8 @@ pub enum ModelCommand {
 pub enum BenchCommand {
     /// Generation (KV cache vs recomputation) and training throughput.
     Model(bench::BenchArgs),
+    /// The wire cost of one scored group (prost codec, a loopback gRPC round trip).
+    Rpc(bench_rpc::RpcBenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -148,6 +151,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Sft(args) => train_cmd::sft(&args),
         Command::Eval(args) => train_cmd::eval(&args),
         Command::Bench(BenchCommand::Model(args)) => bench::run(&args),
+        Command::Bench(BenchCommand::Rpc(args)) => bench_rpc::run(&args),
         Command::Coordinator(args) => roles::coordinator(&args),
         Command::Learner(args) => roles::learner(&args),
         Command::Teacher(args) => roles::teacher(&args),
