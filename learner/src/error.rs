@@ -44,6 +44,9 @@ pub enum LearnerError {
     /// A training step failed earlier; the learner takes no more groups.
     #[error("the learner stopped after a failed training step: {0}")]
     Failed(String),
+    /// A collective operation failed (a dead or stalled peer rank, ranks out of step).
+    #[error("collective: {0}")]
+    Collective(String),
     #[error("the learner is shutting down")]
     ShuttingDown,
     #[error(transparent)]

@@ -4,8 +4,9 @@
 //!
 //! - `grpo`: the RIL policy loss (RIL.md, Eq. 2) and one update ([`grpo::train_step`]): pure
 //!   maths on the model, no I/O.
-//! - `collective`: how ranks sum gradients ([`collective::Collective`]); today the single-rank
-//!   identity, the CPU and NCCL collectives slot in behind the same trait.
+//! - `collective`: how ranks sum gradients ([`collective::Collective`]): the single-rank
+//!   identity, and `ring` ([`ring::TcpRing`]), the CPU ring all-reduce over TCP with timeouts
+//!   (the NCCL one slots in behind the same trait).
 //! - `trainer`: policy, reference, AdamW, version and random stream on one rank; checkpoints
 //!   that resume exactly; the safetensors weight payload with its SHA-256.
 //! - `service`: the learner as a service without gRPC types: group validation, commit with the
@@ -27,6 +28,7 @@ pub mod gpu;
 pub mod grpc;
 pub mod grpo;
 pub mod options;
+pub mod ring;
 pub mod service;
 pub mod sft;
 pub mod trainer;

@@ -428,3 +428,83 @@ fn a_nan_loss_is_an_error_and_the_weights_are_untouched() {
         assert!(metrics.contains_key(key), "{key} missing from {metrics:?}");
     }
 }
+
+/// Data parallelism: two learner ranks, each with one group, joined by the CPU ring collective,
+/// end three steps with the weights one rank gets from both groups. The sums differ only in
+/// float order (per-rank partial sums, then the ring's addition), so the weights agree to
+/// ~1e-6 of the step size; Adam's eps is raised from 1e-8 to 1e-6 so that gradients which are
+/// pure rounding noise (exactly zero in exact arithmetic) do not take full-size steps.
+#[test]
+fn two_ring_ranks_equal_one_rank_after_several_steps() {
+    use ril_learner::ring::TcpRing;
+    let s = setup(1.0);
+    let dir = s._tmp.path().join("policy");
+    let cfg = GrpoConfig {
+        lr: 1e-3,
+        adam_eps: 1e-6,
+        loss_normalizer: 16,
+        micro_batch_size: 4,
+        ..GrpoConfig::default()
+    };
+    let steps = 3;
+    let single = load(&dir);
+    let mut opt = AdamW::new(single.model.trainable_vars(), cfg.adamw()).unwrap();
+    for _ in 0..steps {
+        train_step(
+            &single.model,
+            &s.reference,
+            &mut opt,
+            &s.groups,
+            &cfg,
+            &SingleRank,
+        )
+        .unwrap();
+    }
+
+    let listeners: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    let results: Vec<Vec<(String, Vec<f32>)>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (addrs, cfg, dir, s) = (addrs.clone(), cfg.clone(), dir.clone(), &s);
+                sc.spawn(move || {
+                    let ring =
+                        TcpRing::connect(rank, l, &addrs, std::time::Duration::from_secs(30), 1000)
+                            .unwrap();
+                    let policy = load(&dir);
+                    let mut opt = AdamW::new(policy.model.trainable_vars(), cfg.adamw()).unwrap();
+                    let shard = &s.groups[rank..rank + 1];
+                    for _ in 0..steps {
+                        train_step(&policy.model, &s.reference, &mut opt, shard, &cfg, &ring)
+                            .unwrap();
+                    }
+                    weights(&policy.model)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let one = weights(&single.model);
+    let initial = weights(&load(&dir).model);
+    let mut moved = 0f32;
+    for ranked in &results {
+        for (((name, a), (_, b)), (_, w0)) in one.iter().zip(ranked).zip(&initial) {
+            for ((x, y), z) in a.iter().zip(b).zip(w0) {
+                assert!(
+                    (x - y).abs() <= 1e-6,
+                    "`{name}`: one rank {x}, two ranks {y} (initial {z})"
+                );
+                moved = moved.max((x - z).abs());
+            }
+        }
+    }
+    // The test would be empty if nothing moved: three steps of lr 1e-3 move weights ~1e-3.
+    assert!(moved > 1e-4, "the weights did not move ({moved})");
+}

@@ -1,0 +1,503 @@
+//! The CPU collective: a ring all-reduce between learner processes over TCP, for development,
+//! CI and CPU clusters. Each rank listens on its own address, connects to the next rank and
+//! accepts the previous one; a sum all-reduce is a reduce-scatter then an all-gather around the
+//! ring (each rank sends and receives 2 (R-1)/R of the buffer), in buckets of a configurable
+//! size. Every socket operation has a timeout, so a dead or stalled peer becomes an error naming
+//! the rank and the operation instead of a hang; after such an error the ring is unusable and the
+//! learner stops (the run resumes from its last checkpoint with the ranks restarted).
+//!
+//! Frames carry the operation number, the step and the payload length, so ranks that disagree
+//! on what they are reducing (a different call order, a different gradient layout) fail loudly.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use candle_core::Tensor;
+use ril_model::optim::Gradients;
+
+use crate::collective::Collective;
+use crate::error::{LearnerError, Result};
+
+const MAGIC: u32 = 0x5249_4c52; // "RILR"
+/// Default bucket: 4 Mi f32 elements (16 MiB).
+pub const DEFAULT_BUCKET_ELEMS: usize = 4 << 20;
+
+/// A rank of the TCP ring.
+#[derive(Debug)]
+pub struct TcpRing {
+    rank: usize,
+    world: usize,
+    next: Mutex<TcpStream>,
+    prev: Mutex<TcpStream>,
+    timeout: Duration,
+    bucket_elems: usize,
+    op: Mutex<u64>,
+}
+
+fn err(rank: usize, what: impl Into<String>) -> LearnerError {
+    LearnerError::Collective(format!("rank {rank}: {}", what.into()))
+}
+
+impl TcpRing {
+    /// Joins the ring: `listener` is this rank's bound socket, `addrs[r]` rank r's address.
+    /// Connects to rank + 1 and accepts rank - 1, both within `timeout`.
+    pub fn connect(
+        rank: usize,
+        listener: TcpListener,
+        addrs: &[String],
+        timeout: Duration,
+        bucket_elems: usize,
+    ) -> Result<Self> {
+        let world = addrs.len();
+        if world < 2 || rank >= world {
+            return Err(err(
+                rank,
+                format!("a ring needs rank < world >= 2 (world {world})"),
+            ));
+        }
+        let next_rank = (rank + 1) % world;
+        let prev_rank = (rank + world - 1) % world;
+        let deadline = Instant::now() + timeout;
+        // Connect to the next rank (it may not be listening yet) while accepting the previous.
+        let next_addr = addrs[next_rank].clone();
+        let connector = std::thread::spawn(move || -> std::result::Result<TcpStream, String> {
+            let addr: SocketAddr = next_addr
+                .parse()
+                .map_err(|e| format!("rank {next_rank}'s address {next_addr:?}: {e}"))?;
+            loop {
+                match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                    Ok(s) => return Ok(s),
+                    Err(e) if Instant::now() < deadline => {
+                        let _ = e;
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        return Err(format!("cannot reach rank {next_rank} at {addr}: {e}"));
+                    }
+                }
+            }
+        });
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| err(rank, format!("listener: {e}")))?;
+        let mut prev = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if Instant::now() > deadline {
+                        return Err(err(
+                            rank,
+                            format!("rank {prev_rank} did not connect within {timeout:?}"),
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => return Err(err(rank, format!("accepting rank {prev_rank}: {e}"))),
+            }
+        };
+        let mut next = connector
+            .join()
+            .map_err(|_| err(rank, "the connecting thread panicked"))?
+            .map_err(|e| err(rank, e))?;
+        for s in [&prev, &next] {
+            s.set_nonblocking(false)
+                .and_then(|_| s.set_nodelay(true))
+                .and_then(|_| s.set_read_timeout(Some(timeout)))
+                .and_then(|_| s.set_write_timeout(Some(timeout)))
+                .map_err(|e| err(rank, format!("socket options: {e}")))?;
+        }
+        // Hello: who we are and the world we think we are in.
+        let mut hello = Vec::with_capacity(12);
+        hello.extend_from_slice(&MAGIC.to_le_bytes());
+        hello.extend_from_slice(&(rank as u32).to_le_bytes());
+        hello.extend_from_slice(&(world as u32).to_le_bytes());
+        next.write_all(&hello)
+            .map_err(|e| err(rank, format!("hello to rank {next_rank}: {e}")))?;
+        let mut got = [0u8; 12];
+        prev.read_exact(&mut got)
+            .map_err(|e| err(rank, format!("hello from rank {prev_rank}: {e}")))?;
+        let field = |i: usize| u32::from_le_bytes([got[i], got[i + 1], got[i + 2], got[i + 3]]);
+        if field(0) != MAGIC || field(4) as usize != prev_rank || field(8) as usize != world {
+            return Err(err(
+                rank,
+                format!(
+                    "expected rank {prev_rank} of {world} to connect; got rank {} of {} (magic {:#x})",
+                    field(4),
+                    field(8),
+                    field(0)
+                ),
+            ));
+        }
+        Ok(Self {
+            rank,
+            world,
+            next: Mutex::new(next),
+            prev: Mutex::new(prev),
+            timeout,
+            bucket_elems: bucket_elems.max(world),
+            op: Mutex::new(0),
+        })
+    }
+
+    /// Sums `buf` across ranks in place (ring reduce-scatter + all-gather, in buckets).
+    pub fn all_reduce_f32(&self, buf: &mut [f32]) -> Result<()> {
+        let mut op = self.op.lock().map_err(|_| err(self.rank, "poisoned"))?;
+        for bucket in buf.chunks_mut(self.bucket_elems) {
+            *op += 1;
+            self.ring(bucket, *op)?;
+        }
+        Ok(())
+    }
+
+    /// The same for f64 values (loss sums, counts), sent exactly.
+    pub fn all_reduce_f64(&self, buf: &mut [f64]) -> Result<()> {
+        let mut op = self.op.lock().map_err(|_| err(self.rank, "poisoned"))?;
+        *op += 1;
+        self.ring(buf, *op)
+    }
+
+    fn ring<T: Elem>(&self, buf: &mut [T], op: u64) -> Result<()> {
+        let (w, r) = (self.world, self.rank);
+        let n = buf.len();
+        let bounds = |c: usize| (n * c / w, n * (c + 1) / w);
+        let mut next = self.next.lock().map_err(|_| err(r, "poisoned"))?;
+        let mut prev = self.prev.lock().map_err(|_| err(r, "poisoned"))?;
+        let prev_rank = (r + w - 1) % w;
+        let next_rank = (r + 1) % w;
+        for phase in 0..2 {
+            for s in 0..w - 1 {
+                // Reduce-scatter sends chunk r - s; all-gather sends chunk r + 1 - s.
+                let send_c = (r + w * 2 - s - (1 - phase)) % w;
+                let recv_c = (r + w * 2 - s - 1 - (1 - phase)) % w;
+                let (a, b) = bounds(send_c);
+                let payload = T::to_bytes(&buf[a..b]);
+                let step = (phase * w + s) as u32;
+                let header = header(op, step, payload.len());
+                let (c0, c1) = bounds(recv_c);
+                let expected = (c1 - c0) * T::SIZE;
+                let stream_next: &mut TcpStream = &mut next;
+                let stream_prev: &mut TcpStream = &mut prev;
+                let timeout = self.timeout;
+                let received = std::thread::scope(|scope| {
+                    let sender = scope.spawn(move || {
+                        stream_next
+                            .write_all(&header)
+                            .and_then(|_| stream_next.write_all(&payload))
+                    });
+                    let got = read_frame(stream_prev, op, step, expected);
+                    let sent = sender.join();
+                    (got, sent)
+                });
+                match received {
+                    (_, Err(_)) => return Err(err(r, "the sending thread panicked")),
+                    (_, Ok(Err(e))) => {
+                        return Err(err(
+                            r,
+                            format!(
+                                "all-reduce #{op} step {step}: sending to rank {next_rank} failed \
+                                 within {timeout:?}: {e} (rank {next_rank} dead or stalled?)"
+                            ),
+                        ));
+                    }
+                    (Err(e), _) => {
+                        return Err(err(
+                            r,
+                            format!("all-reduce #{op} step {step}: from rank {prev_rank}: {e}"),
+                        ));
+                    }
+                    (Ok(bytes), Ok(Ok(()))) => {
+                        let vals = T::from_bytes(&bytes);
+                        let dst = &mut buf[c0..c1];
+                        if phase == 0 {
+                            for (d, v) in dst.iter_mut().zip(vals) {
+                                *d = d.add(v);
+                            }
+                        } else {
+                            dst.copy_from_slice(&vals);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn header(op: u64, step: u32, len: usize) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&op.to_le_bytes());
+    h[8..12].copy_from_slice(&step.to_le_bytes());
+    h[12..16].copy_from_slice(&(len as u32).to_le_bytes());
+    h
+}
+
+fn read_frame(
+    s: &mut TcpStream,
+    op: u64,
+    step: u32,
+    expected: usize,
+) -> std::result::Result<Vec<u8>, String> {
+    let mut h = [0u8; 16];
+    s.read_exact(&mut h).map_err(describe_read)?;
+    let got_op = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+    let got_step = u32::from_le_bytes(h[8..12].try_into().expect("4 bytes"));
+    let len = u32::from_le_bytes(h[12..16].try_into().expect("4 bytes")) as usize;
+    if got_op != op || got_step != step || len != expected {
+        return Err(format!(
+            "out of step: expected operation #{op} step {step} with {expected} bytes, got #{got_op} \
+             step {got_step} with {len} bytes (the ranks reduce different things)"
+        ));
+    }
+    let mut data = vec![0u8; len];
+    s.read_exact(&mut data).map_err(describe_read)?;
+    Ok(data)
+}
+
+fn describe_read(e: std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => {
+            "no data within the timeout (peer dead or stalled)".to_string()
+        }
+        std::io::ErrorKind::UnexpectedEof => "the peer closed the connection".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+trait Elem: Copy + Send + Sync {
+    const SIZE: usize;
+    fn to_bytes(v: &[Self]) -> Vec<u8>;
+    fn from_bytes(b: &[u8]) -> Vec<Self>;
+    fn add(self, o: Self) -> Self;
+}
+
+impl Elem for f32 {
+    const SIZE: usize = 4;
+    fn to_bytes(v: &[Self]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+    fn from_bytes(b: &[u8]) -> Vec<Self> {
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    }
+    fn add(self, o: Self) -> Self {
+        self + o
+    }
+}
+
+impl Elem for f64 {
+    const SIZE: usize = 8;
+    fn to_bytes(v: &[Self]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+    fn from_bytes(b: &[u8]) -> Vec<Self> {
+        b.chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+            .collect()
+    }
+    fn add(self, o: Self) -> Self {
+        self + o
+    }
+}
+
+impl Collective for TcpRing {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+
+    fn all_reduce_sum(&self, grads: &mut Gradients) -> Result<()> {
+        // One flat buffer in name order; every rank must hold the same names and shapes.
+        let mut flat: Vec<f32> = Vec::new();
+        let mut layout = Vec::with_capacity(grads.grads.len());
+        for (name, g) in &grads.grads {
+            let v = g.flatten_all()?.to_vec1::<f32>()?;
+            layout.push((
+                name.clone(),
+                g.dims().to_vec(),
+                g.device().clone(),
+                flat.len(),
+                v.len(),
+            ));
+            flat.extend(v);
+        }
+        // The layout's size travels first: ranks with different gradients fail here.
+        let mut shape = [flat.len() as f64, layout.len() as f64];
+        let mine = shape;
+        self.all_reduce_f64(&mut shape)?;
+        if shape[0] != mine[0] * self.world as f64 || shape[1] != mine[1] * self.world as f64 {
+            return Err(err(
+                self.rank,
+                format!(
+                    "gradient layouts differ across ranks: this rank has {} tensors / {} values",
+                    mine[1], mine[0]
+                ),
+            ));
+        }
+        self.all_reduce_f32(&mut flat)?;
+        for (name, dims, device, start, len) in layout {
+            let t = Tensor::from_slice(&flat[start..start + len], dims.as_slice(), &device)?;
+            grads.grads.insert(name, t);
+        }
+        Ok(())
+    }
+
+    fn all_reduce_sum_scalars(&self, values: &mut [f64]) -> Result<()> {
+        self.all_reduce_f64(values)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(world: usize, timeout: Duration, bucket: usize) -> Vec<TcpRing> {
+        let listeners: Vec<TcpListener> = (0..world)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<String> = listeners
+            .iter()
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(r, l)| {
+                let addrs = addrs.clone();
+                std::thread::spawn(move || TcpRing::connect(r, l, &addrs, timeout, bucket).unwrap())
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    }
+
+    #[test]
+    fn ring_sums_equal_plain_sums_for_2_and_3_ranks_and_odd_sizes() {
+        for world in [2usize, 3] {
+            for (n, bucket) in [(1usize, 4usize), (7, 4), (1000, 64), (4099, 1 << 20)] {
+                let ranks = ring(world, Duration::from_secs(10), bucket);
+                let inputs: Vec<Vec<f32>> = (0..world)
+                    .map(|r| {
+                        (0..n)
+                            .map(|i| ((i * 7 + r * 13) % 17) as f32 - 8.0)
+                            .collect()
+                    })
+                    .collect();
+                let expected: Vec<f32> =
+                    (0..n).map(|i| inputs.iter().map(|v| v[i]).sum()).collect();
+                let outs: Vec<Vec<f32>> = std::thread::scope(|s| {
+                    let hs: Vec<_> = ranks
+                        .iter()
+                        .zip(inputs.clone())
+                        .map(|(rk, mut v)| {
+                            s.spawn(move || {
+                                rk.all_reduce_f32(&mut v).unwrap();
+                                let mut c = [rk.rank() as f64, 1.0];
+                                rk.all_reduce_f64(&mut c).unwrap();
+                                assert_eq!(c[1], world as f64);
+                                v
+                            })
+                        })
+                        .collect();
+                    hs.into_iter().map(|h| h.join().unwrap()).collect()
+                });
+                for o in outs {
+                    // Small integers: every summation order is exact.
+                    assert_eq!(o, expected, "world {world} n {n}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_dead_peer_is_an_error_naming_the_rank_within_the_timeout() {
+        let mut ranks = ring(3, Duration::from_millis(500), 1 << 20);
+        let dead = ranks.remove(2);
+        drop(dead);
+        let started = Instant::now();
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = ranks
+                .iter()
+                .map(|rk| {
+                    s.spawn(move || {
+                        let mut v = vec![1f32; 10_000];
+                        rk.all_reduce_f32(&mut v).unwrap_err().to_string()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        for e in &errors {
+            assert!(e.contains("all-reduce #1"), "{e}");
+        }
+        // Rank 0 receives from the dead rank 2; rank 1 sends to it.
+        assert!(
+            errors[0].contains("rank 0") && errors[0].contains("from rank 2"),
+            "{}",
+            errors[0]
+        );
+        assert!(
+            errors[1].contains("rank 1") && errors[1].contains("rank 2"),
+            "{}",
+            errors[1]
+        );
+    }
+
+    #[test]
+    fn a_stalled_peer_times_out_instead_of_hanging() {
+        let ranks = ring(3, Duration::from_millis(400), 1 << 20);
+        let started = Instant::now();
+        // Rank 2 is alive but never joins the operation.
+        let errors: Vec<String> = std::thread::scope(|s| {
+            let hs: Vec<_> = ranks[..2]
+                .iter()
+                .map(|rk| {
+                    s.spawn(move || {
+                        let mut v = vec![1f32; 1000];
+                        rk.all_reduce_f32(&mut v).unwrap_err().to_string()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(
+            errors[0].contains("from rank 2") && errors[0].contains("within the timeout"),
+            "{}",
+            errors[0]
+        );
+        assert!(errors[1].contains("rank 1:"), "{}", errors[1]);
+        drop(ranks);
+    }
+
+    #[test]
+    fn ranks_reducing_different_things_fail_loudly() {
+        let ranks = ring(2, Duration::from_secs(5), 1 << 20);
+        let errors: Vec<bool> = std::thread::scope(|s| {
+            let hs: Vec<_> = ranks
+                .iter()
+                .map(|rk| {
+                    s.spawn(move || {
+                        let mut v = vec![1f32; 10 + rk.rank() * 5];
+                        rk.all_reduce_f32(&mut v)
+                            .is_err_and(|e| e.to_string().contains("out of step"))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(errors.iter().any(|&e| e), "{errors:?}");
+    }
+}
