@@ -2,6 +2,7 @@
 //! in-process as well as through the binary.
 
 pub mod bench;
+pub mod bench_allreduce;
 pub mod bench_rpc;
 pub mod cluster;
 pub mod config;
@@ -136,6 +137,8 @@ pub enum BenchCommand {
     Model(bench::BenchArgs),
     /// The wire cost of one scored group (prost codec, a loopback gRPC round trip).
     Rpc(bench_rpc::RpcBenchArgs),
+    /// The CPU ring all-reduce's bandwidth between ranks, against memcpy.
+    Allreduce(bench_allreduce::AllReduceBenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -152,6 +155,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => train_cmd::eval(&args),
         Command::Bench(BenchCommand::Model(args)) => bench::run(&args),
         Command::Bench(BenchCommand::Rpc(args)) => bench_rpc::run(&args),
+        Command::Bench(BenchCommand::Allreduce(args)) => bench_allreduce::run(&args),
         Command::Coordinator(args) => roles::coordinator(&args),
         Command::Learner(args) => roles::learner(&args),
         Command::Teacher(args) => roles::teacher(&args),
