@@ -38,7 +38,10 @@ pub fn run(args: &AllReduceBenchArgs) -> anyhow::Result<()> {
             .enumerate()
             .map(|(r, l)| {
                 let addrs = addrs.clone();
-                s.spawn(move || TcpRing::connect(r, l, &addrs, Duration::from_secs(60), bucket))
+                s.spawn(move || {
+                    TcpRing::connect(r, l, &addrs, Duration::from_secs(60), bucket)
+                        .map_err(anyhow::Error::from)
+                })
             })
             .collect();
         hs.into_iter()
@@ -61,7 +64,9 @@ pub fn run(args: &AllReduceBenchArgs) -> anyhow::Result<()> {
                     .map(|(ring, buf)| {
                         s.spawn(move || {
                             let t = Instant::now();
-                            ring.all_reduce_f32(buf).map(|_| t.elapsed())
+                            ring.all_reduce_f32(buf)
+                                .map(|_| t.elapsed())
+                                .map_err(anyhow::Error::from)
                         })
                     })
                     .collect();

@@ -138,13 +138,28 @@ pub async fn run_cluster(
         let coord = wait_addr(&mut procs[ci], &f, startup).await?;
         wait_serving(&coord, "coordinator", &mut procs[ci], startup).await?;
 
-        let (mut a, f) = serve_args("learner");
-        a.splice(0..0, ["learner".to_string()]);
-        a.extend(["--coordinator".into(), coord.clone(), "--discriminator-addr".into(), disc_addr.clone()]);
-        procs.push(spawn("learner", &a, Some(&logs.join("learner.log")))?);
-        let li = procs.len() - 1;
-        let learner = wait_addr(&mut procs[li], &f, startup).await?;
-        wait_serving(&learner, "learner", &mut procs[li], startup).await?;
+        // Learner ranks 0..R-1 (rank 0, `learner`, is the one actors and status use). All start
+        // before any is waited on: they meet at the coordinator before serving.
+        let mut ranks = Vec::new();
+        for rank in 0..cfg.learner.world_size.max(1) {
+            let role = if rank == 0 { "learner".to_string() } else { format!("learner-{rank}") };
+            let (mut a, f) = serve_args(&role);
+            a.splice(0..0, ["learner".to_string()]);
+            a.extend([
+                "--coordinator".into(), coord.clone(), "--discriminator-addr".into(), disc_addr.clone(),
+                "--rank".into(), rank.to_string(), "--collective-listen".into(), listen.clone(),
+            ]);
+            procs.push(spawn(&role, &a, Some(&logs.join(format!("{role}.log"))))?);
+            ranks.push((procs.len() - 1, role, f));
+        }
+        let mut learner = String::new();
+        for (i, role, f) in &ranks {
+            let addr = wait_addr(&mut procs[*i], f, startup).await?;
+            wait_serving(&addr, role, &mut procs[*i], startup).await?;
+            if learner.is_empty() {
+                learner = addr;
+            }
+        }
 
         let n_actors = args.actors.unwrap_or(cfg.actors.count);
         if n_actors == 0 {

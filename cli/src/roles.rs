@@ -47,6 +47,10 @@ pub struct LearnerArgs {
     pub advertise: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub rank: u32,
+    /// Overrides `[learner] collective_listen` (the ring collective's listen address, with
+    /// world_size > 1).
+    #[arg(long)]
+    pub collective_listen: Option<String>,
     /// Overrides `[network] discriminator` (the service trained once per iteration).
     #[arg(long)]
     pub discriminator_addr: Option<String>,
@@ -212,6 +216,9 @@ pub fn learner(args: &LearnerArgs) -> anyhow::Result<()> {
         bail!("no coordinator address: set [network] coordinator or pass --coordinator");
     }
     opts.rank = args.rank;
+    if let Some(c) = &args.collective_listen {
+        opts.collective_listen = c.clone();
+    }
     if args.advertise.is_some() {
         opts.advertise_addr = args.advertise.clone();
     }

@@ -109,6 +109,9 @@ pub struct Rendezvous {
     pub ready: bool,
     pub rank_addrs: Vec<String>,
     pub collective_id: Vec<u8>,
+    /// Each rank's collective (ring) address, indexed by rank; empty for a rank that has not
+    /// joined yet (complete when `ready`).
+    pub collective_addrs: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -184,6 +187,8 @@ struct Book {
     leased: HashMap<u64, String>,
     actors: BTreeMap<String, Actor>,
     ranks: BTreeMap<u32, String>,
+    /// Rank -> its collective (ring) address.
+    collective_addrs: BTreeMap<u32, String>,
     collective_id: Vec<u8>,
     metrics: BTreeMap<String, f64>,
     metrics_iteration: Option<u64>,
@@ -338,6 +343,7 @@ impl Coordinator {
                 leased: HashMap::new(),
                 actors: BTreeMap::new(),
                 ranks: BTreeMap::new(),
+                collective_addrs: BTreeMap::new(),
                 collective_id: Vec::new(),
                 metrics: BTreeMap::new(),
                 metrics_iteration: None,
@@ -832,6 +838,7 @@ impl Coordinator {
         rank: u32,
         addr: &str,
         collective_id: &[u8],
+        collective_addr: &str,
     ) -> Result<Rendezvous> {
         let world_size = self.options.learner_world_size;
         if rank >= world_size {
@@ -857,8 +864,14 @@ impl Coordinator {
         if book.ranks.insert(rank, addr.to_string()).as_deref() != Some(addr) {
             tracing::info!(rank, addr, world_size, "learner rank joined");
         }
+        book.collective_addrs
+            .insert(rank, collective_addr.to_string());
         let ready = book.ranks.len() == world_size as usize;
+        let collective_addrs = (0..world_size)
+            .map(|r| book.collective_addrs.get(&r).cloned().unwrap_or_default())
+            .collect();
         Ok(Rendezvous {
+            collective_addrs,
             world_size,
             ready,
             rank_addrs: if ready {

@@ -442,17 +442,17 @@ fn learner_ranks_rendezvous_with_rank_zeros_collective_id() {
         ..f.options.clone()
     })
     .unwrap();
-    let e = c.join_learner(2, "h:2", &[]).unwrap_err();
+    let e = c.join_learner(2, "h:2", &[], "").unwrap_err();
     assert!(
         matches!(e, CoordinatorError::InvalidArgument { field: "rank", .. }),
         "{e}"
     );
-    let e = c.join_learner(1, "", &[]).unwrap_err();
+    let e = c.join_learner(1, "", &[], "").unwrap_err();
     assert!(
         matches!(e, CoordinatorError::InvalidArgument { field: "addr", .. }),
         "{e}"
     );
-    let e = c.join_learner(1, "h:1", &[1]).unwrap_err();
+    let e = c.join_learner(1, "h:1", &[1], "").unwrap_err();
     assert!(
         matches!(
             e,
@@ -463,15 +463,21 @@ fn learner_ranks_rendezvous_with_rank_zeros_collective_id() {
         ),
         "{e}"
     );
-    let r1 = c.join_learner(1, "h:1", &[]).unwrap();
+    let r1 = c.join_learner(1, "h:1", &[], "c:1").unwrap();
     assert!(!r1.ready && r1.rank_addrs.is_empty() && r1.world_size == 2);
+    assert_eq!(
+        r1.collective_addrs,
+        ["", "c:1"],
+        "the missing rank shows as empty"
+    );
     assert_eq!(c.status(Now::current()).learner_ranks_joined, 1);
     let id = vec![7u8; 128];
-    let r0 = c.join_learner(0, "h:0", &id).unwrap();
+    let r0 = c.join_learner(0, "h:0", &id, "c:0").unwrap();
     assert!(r0.ready);
     assert_eq!(r0.rank_addrs, ["h:0", "h:1"]);
+    assert_eq!(r0.collective_addrs, ["c:0", "c:1"]);
     assert_eq!(r0.collective_id, id);
-    assert_eq!(c.join_learner(1, "h:1", &[]).unwrap(), r0);
+    assert_eq!(c.join_learner(1, "h:1", &[], "c:1").unwrap(), r0);
     let s = c.status(Now::current());
     assert_eq!((s.learner_world_size, s.learner_ranks_joined), (2, 2));
 }

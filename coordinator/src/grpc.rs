@@ -240,13 +240,14 @@ impl CoordinatorService for CoordinatorGrpc {
     ) -> std::result::Result<Response<v1::JoinLearnerResponse>, Status> {
         let r = request.into_inner();
         let j = self
-            .with(move |c, _| c.join_learner(r.rank, &r.addr, &r.collective_id))
+            .with(move |c, _| c.join_learner(r.rank, &r.addr, &r.collective_id, &r.collective_addr))
             .await?;
         Ok(Response::new(v1::JoinLearnerResponse {
             world_size: j.world_size,
             ready: j.ready,
             rank_addrs: j.rank_addrs,
             collective_id: j.collective_id.into(),
+            collective_addrs: j.collective_addrs,
         }))
     }
 

@@ -183,6 +183,7 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
             rank: 3,
             addr: "h:1".into(),
             collective_id: Default::default(),
+            collective_addr: String::new(),
         })
         .await
         .unwrap_err();
@@ -203,6 +204,7 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
             rank: 0,
             addr: "h:0".into(),
             collective_id: vec![9u8; 128].into(),
+            collective_addr: String::new(),
         })
         .await
         .unwrap()

@@ -2,8 +2,9 @@
 //! its shard of an iteration's groups, the collective sums them across ranks, and every rank then
 //! takes the same optimizer step.
 //!
-//! Today only [`SingleRank`] exists (world size 1, identity). A CPU collective for development and
-//! the NCCL one (feature `nccl`) implement the same trait.
+//! [`SingleRank`] is world size 1 (identity); the CPU ring (`ring::TcpRing`) and the NCCL one
+//! (feature `nccl`) implement the same trait. [`verify_identical_weights`] checks the ranks
+//! still agree.
 
 use ril_model::optim::Gradients;
 
@@ -40,4 +41,41 @@ impl Collective for SingleRank {
     fn all_reduce_sum_scalars(&self, _values: &mut [f64]) -> Result<()> {
         Ok(())
     }
+}
+
+/// Checks that every rank holds the same weights: rank r writes its weights' SHA-256 (one byte
+/// per value) into slot r of a `world_size * 32` vector, zeros elsewhere; after the sum every
+/// rank sees every rank's digest and compares them with rank 0's. A mismatch is an error naming
+/// the ranks that differ from rank 0 (on every rank alike).
+pub fn verify_identical_weights(collective: &dyn Collective, sha256: &[u8; 32]) -> Result<()> {
+    let world = collective.world_size();
+    if world <= 1 {
+        return Ok(());
+    }
+    let rank = collective.rank();
+    let mut slots = vec![0.0f64; world * 32];
+    for (slot, b) in slots[rank * 32..(rank + 1) * 32].iter_mut().zip(sha256) {
+        *slot = f64::from(*b);
+    }
+    collective.all_reduce_sum_scalars(&mut slots)?;
+    let digest = |r: usize| -> String {
+        slots[r * 32..(r + 1) * 32]
+            .iter()
+            .map(|v| format!("{:02x}", *v as u8))
+            .collect()
+    };
+    let reference = digest(0);
+    let differing: Vec<usize> = (1..world).filter(|&r| digest(r) != reference).collect();
+    if differing.is_empty() {
+        return Ok(());
+    }
+    let detail: Vec<String> = differing
+        .iter()
+        .map(|&r| format!("rank {r} holds {}", digest(r)))
+        .collect();
+    Err(crate::error::LearnerError::Collective(format!(
+        "the learner ranks' weights diverged: rank 0 holds {reference}, {} (checked on rank \
+         {rank})",
+        detail.join(", ")
+    )))
 }

@@ -17,6 +17,8 @@ use ril_proto::server::{self, Bound, DEFAULT_MAX_MESSAGE_BYTES, ServingStatus, n
 use ril_proto::v1 as pb;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
 use ril_proto::v1::discriminator_client::DiscriminatorClient;
+use ril_proto::v1::learner_ranks_client::LearnerRanksClient;
+use ril_proto::v1::learner_ranks_server::{LearnerRanks, LearnerRanksServer};
 use ril_proto::v1::learner_server::{Learner, LearnerServer};
 use tokio::sync::watch;
 use tonic::transport::Channel;
@@ -27,7 +29,8 @@ use crate::error::{LearnerError, Result};
 use crate::grpo::{Response, ResponseSource};
 use crate::options::LearnerOptions;
 use crate::service::{
-    Acceptance, CoordinatorLink, GroupKey, IncomingGroup, LearnerService, Rejection, Verdict,
+    Acceptance, CoordinatorLink, GroupKey, IncomingGroup, LearnerService, Rejection, ShardPeers,
+    Verdict,
 };
 use crate::trainer::Trainer;
 
@@ -189,11 +192,17 @@ impl GrpcCoordinator {
     }
 
     /// JoinLearner: the rank rendezvous, and the learner's first contact with the coordinator.
-    pub async fn join_learner(&self, rank: u32, addr: &str) -> Result<pb::JoinLearnerResponse> {
+    pub async fn join_learner(
+        &self,
+        rank: u32,
+        addr: &str,
+        collective_addr: &str,
+    ) -> Result<pb::JoinLearnerResponse> {
         let req = self.request(pb::JoinLearnerRequest {
             rank,
             addr: addr.to_string(),
             collective_id: Bytes::new(),
+            collective_addr: collective_addr.to_string(),
         });
         self.client
             .clone()
@@ -320,6 +329,8 @@ impl CoordinatorLink for GrpcCoordinator {
 pub struct LearnerGrpc<C: CoordinatorLink> {
     service: Arc<OnceLock<LearnerService<C>>>,
     discriminator_buffer: Option<DiscriminatorBuffer>,
+    /// Rank 0's address (from the rendezvous): where a rank > 0 sends groups pushed to it.
+    rank0_addr: Arc<OnceLock<String>>,
 }
 
 impl<C: CoordinatorLink> LearnerGrpc<C> {
@@ -327,7 +338,13 @@ impl<C: CoordinatorLink> LearnerGrpc<C> {
         Self {
             service,
             discriminator_buffer: None,
+            rank0_addr: Arc::new(OnceLock::new()),
         }
+    }
+
+    /// The cell `serve` fills with rank 0's address once the ranks have met.
+    pub fn rank0_addr(&self) -> Arc<OnceLock<String>> {
+        self.rank0_addr.clone()
     }
 
     /// Accepted groups' responses also go to `buffer` (the discriminator's per-iteration data).
@@ -363,6 +380,16 @@ impl<C: CoordinatorLink> Learner for LearnerGrpc<C> {
         request: Request<pb::PushGroupsRequest>,
     ) -> std::result::Result<GrpcResponse<pb::PushGroupsResponse>, Status> {
         let service = self.ready()?;
+        let rank = service.options().rank;
+        if rank > 0 {
+            return Err(Status::failed_precondition(format!(
+                "this is learner rank {rank}: push to rank 0 at {}",
+                self.rank0_addr
+                    .get()
+                    .map(String::as_str)
+                    .unwrap_or("(unknown)")
+            )));
+        }
         let groups = request.into_inner().groups;
         tracing::Span::current().record("groups", groups.len());
         let mut verdicts = Vec::with_capacity(groups.len());
@@ -448,20 +475,152 @@ impl<C: CoordinatorLink> Learner for LearnerGrpc<C> {
     }
 }
 
+#[tonic::async_trait]
+impl<C: CoordinatorLink> LearnerRanks for LearnerGrpc<C> {
+    #[tracing::instrument(skip(self, request), fields(iteration, groups))]
+    async fn train_shard(
+        &self,
+        request: Request<pb::TrainShardRequest>,
+    ) -> std::result::Result<GrpcResponse<pb::TrainShardResponse>, Status> {
+        let service = self.ready()?;
+        if service.options().rank == 0 {
+            return Err(Status::failed_precondition(
+                "TrainShard goes to learner ranks > 0; this is rank 0",
+            ));
+        }
+        let req = request.into_inner();
+        tracing::Span::current().record("iteration", req.iteration);
+        tracing::Span::current().record("groups", req.groups.len());
+        let shard = req
+            .groups
+            .iter()
+            .map(incoming_group)
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|r| Status::invalid_argument(r.to_string()))?;
+        let policy_version =
+            service
+                .train_shard(req.iteration, shard)
+                .await
+                .map_err(|e| match e {
+                    LearnerError::Invalid(m) => Status::failed_precondition(m),
+                    e => status(&e),
+                })?;
+        Ok(GrpcResponse::new(pb::TrainShardResponse { policy_version }))
+    }
+}
+
+/// A domain group back in its wire form (for sending it to another rank).
+pub fn scored_group(g: &IncomingGroup) -> pb::ScoredGroup {
+    pb::ScoredGroup {
+        lease_id: g.lease_id.clone(),
+        position: g.position,
+        iteration: g.iteration,
+        question: Some(ril_proto::convert::row_to_question(&g.row)),
+        prompt_token_ids: g.prompt_ids.clone(),
+        responses: g
+            .responses
+            .iter()
+            .map(|r| pb::ScoredResponse {
+                source: match r.source {
+                    ResponseSource::Student => pb::ResponseSource::Student,
+                    ResponseSource::Teacher => pb::ResponseSource::Teacher,
+                } as i32,
+                token_ids: r.token_ids.clone(),
+                behaviour_logprobs: r.behaviour_logprobs.clone(),
+                policy_version: r.policy_version,
+                d_prob: r.d_prob,
+                r_sim: r.r_sim,
+                r_ans: r.r_ans,
+                ..Default::default()
+            })
+            .collect(),
+        actor_id: g.actor_id.clone(),
+        timings_ms: g.timings_ms.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+    }
+}
+
+/// Rank 0's clients of the other ranks' `LearnerRanks` service.
+#[derive(Debug, Clone)]
+pub struct GrpcPeers {
+    /// Indexed by rank (rank 0's entry is unused).
+    peers: Vec<(String, LearnerRanksClient<Channel>)>,
+    timeout: Duration,
+}
+
+impl GrpcPeers {
+    /// Clients of `rank_addrs` (every rank's learner address); `timeout` bounds a whole
+    /// TrainShard call (the step included).
+    pub fn connect_lazy(rank_addrs: &[String], timeout: Duration) -> Result<Self> {
+        let peers = rank_addrs
+            .iter()
+            .map(|a| {
+                Ok((
+                    a.clone(),
+                    LearnerRanksClient::new(server::connect_lazy(a, timeout)?)
+                        .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES),
+                ))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { peers, timeout })
+    }
+}
+
+impl ShardPeers for GrpcPeers {
+    fn train_shard(
+        &self,
+        rank: u32,
+        iteration: u64,
+        groups: Vec<IncomingGroup>,
+    ) -> Pin<Box<dyn Future<Output = Result<u64>> + Send + '_>> {
+        Box::pin(async move {
+            let (addr, client) = self.peers.get(rank as usize).ok_or_else(|| {
+                LearnerError::Invalid(format!("no learner rank {rank} to send a shard to"))
+            })?;
+            let mut req = Request::new(pb::TrainShardRequest {
+                iteration,
+                groups: groups.iter().map(scored_group).collect(),
+            });
+            req.set_timeout(self.timeout);
+            client
+                .clone()
+                .train_shard(req)
+                .await
+                .map(|r| r.into_inner().policy_version)
+                .map_err(|s| {
+                    LearnerError::Collective(format!(
+                        "learner rank {rank} at {addr}: TrainShard for iteration {iteration}: \
+                         {:?}: {}",
+                        s.code(),
+                        s.message()
+                    ))
+                })
+        })
+    }
+}
+
 /// Waits for `flag` to become true.
 async fn raised(mut flag: watch::Receiver<bool>) {
     let _ = flag.wait_for(|s| *s).await;
 }
 
-/// Rendezvous with the coordinator (JoinLearner), retrying until it answers.
+/// Rendezvous with the coordinator (JoinLearner), retrying until it answers; with several ranks,
+/// polling until all have joined (at most `collective_timeout_ms` after the coordinator first
+/// answered). Returns the ready answer (None: a coordinator without JoinLearner, one rank only).
 async fn join_coordinator(
     link: &GrpcCoordinator,
     options: &LearnerOptions,
     advertise: &str,
-) -> Result<()> {
+    collective_addr: &str,
+) -> Result<Option<pb::JoinLearnerResponse>> {
     let mut attempt = 0u32;
+    let mut waiting_since: Option<std::time::Instant> = None;
+    let wait_limit = Duration::from_millis(options.collective_timeout_ms);
     loop {
-        match link.join_learner(options.rank, advertise).await {
+        match link
+            .join_learner(options.rank, advertise, collective_addr)
+            .await
+        {
             Ok(reply) => {
                 if reply.world_size != 0 && reply.world_size != options.world_size {
                     return Err(LearnerError::Invalid(format!(
@@ -471,7 +630,41 @@ async fn join_coordinator(
                     )));
                 }
                 if reply.ready {
-                    return Ok(());
+                    if options.world_size > 1
+                        && (reply.rank_addrs.len() != options.world_size as usize
+                            || reply.collective_addrs.len() != options.world_size as usize
+                            || reply.collective_addrs.iter().any(String::is_empty))
+                    {
+                        return Err(LearnerError::Invalid(format!(
+                            "the coordinator at {} answered the rendezvous of {} ranks with \
+                             learner addresses {:?} and collective addresses {:?} (a coordinator \
+                             too old to hand out collective addresses?)",
+                            options.coordinator_addr,
+                            options.world_size,
+                            reply.rank_addrs,
+                            reply.collective_addrs
+                        )));
+                    }
+                    return Ok(Some(reply));
+                }
+                let since = *waiting_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() >= wait_limit {
+                    let missing: Vec<String> = (0..options.world_size)
+                        .filter(|&r| {
+                            reply
+                                .collective_addrs
+                                .get(r as usize)
+                                .is_none_or(String::is_empty)
+                        })
+                        .map(|r| r.to_string())
+                        .collect();
+                    return Err(LearnerError::Collective(format!(
+                        "learner rank {}: the other learner ranks did not all join within {} ms \
+                         (collective_timeout_ms): missing rank(s) {}",
+                        options.rank,
+                        options.collective_timeout_ms,
+                        missing.join(", ")
+                    )));
                 }
             }
             Err(LearnerError::Coordinator { source, .. })
@@ -479,11 +672,18 @@ async fn join_coordinator(
                     .downcast_ref::<Status>()
                     .is_some_and(|s| s.code() == tonic::Code::Unimplemented) =>
             {
+                if options.world_size > 1 {
+                    return Err(LearnerError::Invalid(format!(
+                        "the coordinator at {} does not implement JoinLearner, which {} learner \
+                         ranks need to meet",
+                        options.coordinator_addr, options.world_size
+                    )));
+                }
                 tracing::warn!(
                     coordinator = %options.coordinator_addr,
                     "the coordinator does not implement JoinLearner; going on without a rendezvous"
                 );
-                return Ok(());
+                return Ok(None);
             }
             Err(e) => {
                 if attempt.is_multiple_of(10) {
@@ -523,6 +723,10 @@ pub async fn serve(
     if let Some(d) = &discriminator {
         grpc = grpc.with_discriminator_buffer(d.buffer());
     }
+    let rank0_cell = grpc.rank0_addr();
+    let ranks = LearnerRanksServer::new(grpc.clone())
+        .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES);
     let learner = LearnerServer::new(grpc)
         .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
         .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES);
@@ -538,6 +742,7 @@ pub async fn serve(
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(learner)
+            .add_service(ranks)
             .serve_with_incoming_shutdown(server::incoming(bound), raised(stop_rx)),
     );
     tracing::info!(%addr, "learner listening (NOT_SERVING while loading)");
@@ -555,9 +760,54 @@ pub async fn serve(
         }
     };
 
+    let advertise = options
+        .advertise_addr
+        .clone()
+        .unwrap_or_else(|| addr.to_string());
+    // The ring's listener is bound before the rendezvous, so its address can be announced.
+    let ring_listener = if options.world_size > 1 {
+        let fail = |e: String| {
+            LearnerError::Collective(format!(
+                "learner rank {}: collective_listen {:?}: {e}",
+                options.rank, options.collective_listen
+            ))
+        };
+        let listener = std::net::TcpListener::bind(&options.collective_listen)
+            .map_err(|e| fail(e.to_string()));
+        let listener = match listener {
+            Ok(l) => l,
+            Err(e) => {
+                stop_server(stop_tx, server).await?;
+                return Err(e);
+            }
+        };
+        let port = match listener.local_addr() {
+            Ok(a) => a.port(),
+            Err(e) => {
+                stop_server(stop_tx, server).await?;
+                return Err(fail(e.to_string()));
+            }
+        };
+        Some((listener, port))
+    } else {
+        None
+    };
+    let collective_addr = match (&ring_listener, &options.collective_advertise) {
+        (None, _) => String::new(),
+        (Some(_), Some(a)) if !a.is_empty() => a.clone(),
+        (Some((_, port)), _) => {
+            let host = advertise
+                .rsplit_once(':')
+                .map(|(h, _)| h)
+                .unwrap_or(advertise.as_str());
+            format!("{host}:{port}")
+        }
+    };
+    // The model loads first, so the coordinator hands this learner's address to actors only
+    // once it can serve weights.
     let opts = options.clone();
     let load = tokio::task::spawn_blocking(move || Trainer::open(&opts, Box::new(SingleRank)));
-    let trainer = tokio::select! {
+    let mut trainer = tokio::select! {
         loaded = load => match loaded {
             Ok(Ok(t)) => t,
             Ok(Err(e)) => {
@@ -575,20 +825,69 @@ pub async fn serve(
     if let Some(d) = discriminator {
         link = link.with_discriminator(d);
     }
-    let advertise = options
-        .advertise_addr
-        .clone()
-        .unwrap_or_else(|| addr.to_string());
-    tokio::select! {
-        joined = join_coordinator(&link, &options, &advertise) => if let Err(e) = joined {
-            stop_server(stop_tx, server).await?;
-            return Err(e);
+    let rendezvous = tokio::select! {
+        joined = join_coordinator(&link, &options, &advertise, &collective_addr) => match joined {
+            Ok(r) => r,
+            Err(e) => {
+                stop_server(stop_tx, server).await?;
+                return Err(e);
+            }
         },
         _ = raised(signal_rx.clone()) => return stop_server(stop_tx, server).await,
+    };
+    if let Some(r0) = rendezvous.as_ref().and_then(|r| r.rank_addrs.first()) {
+        let _ = rank0_cell.set(r0.clone());
     }
+    if let Some((listener, _)) = ring_listener {
+        let opts = options.clone();
+        let collective_addrs = rendezvous
+            .as_ref()
+            .map(|r| r.collective_addrs.clone())
+            .unwrap_or_default();
+        let join_ring = tokio::task::spawn_blocking(move || {
+            let ring = crate::ring::TcpRing::connect(
+                opts.rank as usize,
+                listener,
+                &collective_addrs,
+                Duration::from_millis(opts.collective_timeout_ms),
+                (opts.bucket_mb << 20) / std::mem::size_of::<f32>(),
+            )?;
+            trainer.set_collective(Box::new(ring));
+            // Every rank starts from the same weights (or the run stops here, naming who
+            // differs).
+            trainer.verify_replicas(&trainer.weights_payload()?)?;
+            Ok::<_, LearnerError>(trainer)
+        });
+        trainer = tokio::select! {
+            joined = join_ring => match joined {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => {
+                    stop_server(stop_tx, server).await?;
+                    return Err(e);
+                }
+                Err(e) => {
+                    stop_server(stop_tx, server).await?;
+                    return Err(LearnerError::Failed(format!("joining the ring failed: {e}")));
+                }
+            },
+            _ = raised(signal_rx.clone()) => return stop_server(stop_tx, server).await,
+        };
+    }
+    let peers: Option<Arc<dyn ShardPeers>> = match &rendezvous {
+        Some(r) if options.rank == 0 && options.world_size > 1 => {
+            // A TrainShard call covers the peer's whole step; the ring's own timeouts catch a
+            // dead peer much sooner.
+            let call_timeout = Duration::from_millis(options.collective_timeout_ms) * 10;
+            Some(Arc::new(GrpcPeers::connect_lazy(
+                &r.rank_addrs,
+                call_timeout,
+            )?))
+        }
+        _ => None,
+    };
     let exit_when_finished = options.exit_when_finished;
     let service = match tokio::task::spawn_blocking(move || {
-        LearnerService::new(trainer, link, options)
+        LearnerService::with_peers(trainer, link, options, peers)
     })
     .await
     {

@@ -597,6 +597,35 @@ fn micro_batch(
     Ok(())
 }
 
+/// Sums `grads` across ranks when ranks' shards touched different parameters (or, for an empty
+/// shard, none): every rank all-reduces one entry per trainable parameter (zeros where its shard
+/// gave no gradient), and afterwards a parameter no rank had a gradient for is absent again, as
+/// it would be on a single rank holding every group (AdamW skips it).
+fn align_gradients(
+    grads: &mut Gradients,
+    params: &BTreeMap<String, Var>,
+    collective: &dyn Collective,
+) -> Result<()> {
+    let mut present: Vec<f64> = params
+        .keys()
+        .map(|name| f64::from(u8::from(grads.grads.contains_key(name))))
+        .collect();
+    collective.all_reduce_sum_scalars(&mut present)?;
+    for (name, var) in params {
+        if !grads.grads.contains_key(name) {
+            let zeros = Tensor::zeros(var.shape(), DType::F32, var.device())?;
+            grads.grads.insert(name.clone(), zeros);
+        }
+    }
+    collective.all_reduce_sum(grads)?;
+    for (name, n) in params.keys().zip(present) {
+        if n == 0.0 {
+            grads.grads.remove(name);
+        }
+    }
+    Ok(())
+}
+
 /// One RIL policy update on this rank's `groups`: gradients of `-J`, summed across ranks, then
 /// one AdamW step at `cfg.lr`. A non-finite loss or gradient is an error and nothing changes
 /// (weights, optimizer moments and step count stay as they were).
@@ -625,7 +654,11 @@ pub fn train_step(
         cfg,
         n_groups_total,
     )?;
-    collective.all_reduce_sum(&mut grads)?;
+    if collective.world_size() > 1 {
+        align_gradients(&mut grads, optimizer.params(), collective)?;
+    } else {
+        collective.all_reduce_sum(&mut grads)?;
+    }
     let mut flat = sums.to_vec();
     collective.all_reduce_sum_scalars(&mut flat)?;
     let sums = LossSums::from_slice(&flat)?;

@@ -21,6 +21,18 @@ fn default_coordinator_timeout_ms() -> u64 {
 fn default_world_size() -> u32 {
     1
 }
+fn default_collective_listen() -> String {
+    "0.0.0.0:0".into()
+}
+fn default_collective_timeout_ms() -> u64 {
+    60_000
+}
+fn default_bucket_mb() -> usize {
+    16
+}
+fn default_verify_every() -> u64 {
+    10
+}
 fn default_device() -> String {
     "cpu".into()
 }
@@ -73,9 +85,28 @@ pub struct LearnerOptions {
     pub discriminator_addr: Option<String>,
     #[serde(default)]
     pub rank: u32,
-    /// Learner ranks. Only 1 today (the multi-rank collective is a later issue).
+    /// Learner ranks (data parallel). Rank 0 takes the actors' groups and sends every other
+    /// rank its shard of each iteration (`TrainShard`); gradients are summed with the CPU ring
+    /// collective.
     #[serde(default = "default_world_size")]
     pub world_size: u32,
+    /// Where the ring collective listens (world_size > 1).
+    #[serde(default = "default_collective_listen")]
+    pub collective_listen: String,
+    /// The ring address other ranks connect to. Default: the host of `advertise_addr` (or of
+    /// the bound address) with the ring listener's port.
+    #[serde(default)]
+    pub collective_advertise: Option<String>,
+    /// The rendezvous wait for the other ranks, connecting the ring, and each transfer in it.
+    #[serde(default = "default_collective_timeout_ms")]
+    pub collective_timeout_ms: u64,
+    /// The ring's bucket size in MiB.
+    #[serde(default = "default_bucket_mb")]
+    pub bucket_mb: usize,
+    /// All ranks check they hold identical weights at start and every this many iterations
+    /// (0: only at start).
+    #[serde(default = "default_verify_every")]
+    pub verify_every: u64,
     /// `cpu`, `cuda` or `cuda:N`.
     #[serde(default = "default_device")]
     pub device: String,
@@ -112,6 +143,11 @@ impl LearnerOptions {
             discriminator_addr: None,
             rank: 0,
             world_size: 1,
+            collective_listen: "127.0.0.1:0".into(),
+            collective_advertise: None,
+            collective_timeout_ms: default_collective_timeout_ms(),
+            bucket_mb: default_bucket_mb(),
+            verify_every: default_verify_every(),
             device: default_device(),
             dtype: default_dtype(),
             seed: 0,
@@ -140,12 +176,22 @@ impl LearnerOptions {
         if self.total_iterations == 0 {
             return bad("total_iterations must be positive".into());
         }
-        if self.world_size != 1 || self.rank != 0 {
+        if self.world_size == 0 || self.rank >= self.world_size {
             return bad(format!(
-                "rank {} of world_size {}: only a single learner rank (rank 0 of 1) is supported \
-                 so far",
+                "rank {} of world_size {}: world_size must be positive and rank below it",
                 self.rank, self.world_size
             ));
+        }
+        if self.world_size > 1 {
+            if self.collective_listen.is_empty() {
+                return bad("collective_listen is empty".into());
+            }
+            if self.collective_timeout_ms == 0 {
+                return bad("collective_timeout_ms must be positive".into());
+            }
+            if self.bucket_mb == 0 {
+                return bad("bucket_mb must be positive".into());
+            }
         }
         if self.coordinator_addr.is_empty() {
             return bad("coordinator_addr is empty".into());
@@ -242,10 +288,17 @@ logprob_temperature = 1.0
         assert!(e.contains("kl_coef"), "{e}");
         let two_ranks = LearnerOptions {
             world_size: 2,
+            rank: 1,
             ..o.clone()
         };
+        two_ranks.validate().unwrap();
+        assert_eq!(two_ranks.collective_timeout_ms, 60_000);
+        let outside = LearnerOptions {
+            rank: 2,
+            ..two_ranks
+        };
         assert!(
-            two_ranks
+            outside
                 .validate()
                 .unwrap_err()
                 .to_string()

@@ -15,6 +15,14 @@
 //! version older than `current - k`. Groups of up to k iterations ahead are buffered, and checked
 //! again when their iteration comes up.
 //!
+//! Several ranks (world_size R > 1): rank 0 alone takes groups, commits, publishes, reports,
+//! drives the discriminator and writes checkpoints. When an iteration is complete it sorts the
+//! groups by position, gives group i to rank i % R, sends ranks 1..R their shards through
+//! [`ShardPeers`] (concurrently) and trains shard 0 itself; every rank's step (an empty shard
+//! included) meets the others' in the collective. Ranks > 0 train what they are sent
+//! ([`LearnerService::train_shard`]) and keep their version in step. All ranks compare their
+//! weights' SHA-256 at start and every `verify_every` versions.
+//!
 //! A failed training step (e.g. a non-finite loss) leaves the weights as they were and stops the
 //! learner: it refuses further groups and [`Progress::failed`] says why, so the process can exit
 //! and be resumed from its last checkpoint.
@@ -22,6 +30,7 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -143,6 +152,23 @@ pub trait CoordinatorLink: Send + Sync + 'static {
     ) -> impl Future<Output = Result<BTreeMap<String, f64>>> + Send {
         async { Ok(BTreeMap::new()) }
     }
+}
+
+/// Rank 0's line to the other learner ranks (the gRPC client in `grpc`): each takes its shard
+/// of an iteration (possibly empty) and trains on it; its step joins rank 0's in the gradient
+/// all-reduce. Resolves with the rank's new policy version once its step is done.
+pub trait ShardPeers: Send + Sync + 'static {
+    fn train_shard(
+        &self,
+        rank: u32,
+        iteration: u64,
+        groups: Vec<IncomingGroup>,
+    ) -> Pin<Box<dyn Future<Output = Result<u64>> + Send + '_>>;
+}
+
+/// Group `i` of an iteration (in position order) goes to rank `i % world_size`.
+pub fn shard_of(index: usize, world_size: u32) -> usize {
+    index % world_size.max(1) as usize
 }
 
 /// Checks incoming groups against the model and turns them into model inputs. Holds copies of
@@ -357,6 +383,9 @@ pub struct LearnerInfo {
 #[derive(Debug)]
 struct Buffered {
     group: Group,
+    /// The group as it came (with the prompt the learner trained on), kept to send it to
+    /// another rank; only with world_size > 1.
+    incoming: Option<IncomingGroup>,
     key: GroupKey,
     oldest_student_version: Option<u64>,
     timings_ms: BTreeMap<String, f64>,
@@ -380,6 +409,7 @@ struct Inner<C> {
     options: LearnerOptions,
     preparer: GroupPreparer,
     trainer: Arc<Mutex<Trainer>>,
+    peers: Option<Arc<dyn ShardPeers>>,
     pending: Mutex<Pending>,
     weights: RwLock<Arc<WeightsPayload>>,
     progress: watch::Sender<Progress>,
@@ -406,6 +436,11 @@ impl<C: CoordinatorLink> std::fmt::Debug for LearnerService<C> {
     }
 }
 
+/// Whether all ranks compare their weights after reaching `version`.
+fn verify_due(verify_every: u64, version: u64) -> bool {
+    verify_every > 0 && version.is_multiple_of(verify_every)
+}
+
 fn poisoned() -> LearnerError {
     LearnerError::Failed("a learner thread panicked while holding the trainer".into())
 }
@@ -414,7 +449,36 @@ impl<C: CoordinatorLink> LearnerService<C> {
     /// Wraps an opened trainer. Serialises the current weights (CPU work: call it off the async
     /// runtime's threads for large models).
     pub fn new(trainer: Trainer, link: C, options: LearnerOptions) -> Result<Self> {
+        Self::with_peers(trainer, link, options, None)
+    }
+
+    /// [`Self::new`] for one of several ranks: rank 0 sends the other ranks their shards
+    /// through `peers` (required when world_size > 1); ranks > 0 take theirs with
+    /// [`Self::train_shard`].
+    pub fn with_peers(
+        trainer: Trainer,
+        link: C,
+        options: LearnerOptions,
+        peers: Option<Arc<dyn ShardPeers>>,
+    ) -> Result<Self> {
         options.validate()?;
+        if options.rank == 0 && options.world_size > 1 && peers.is_none() {
+            return Err(LearnerError::Invalid(format!(
+                "learner rank 0 of {} needs its peers to send them their shards",
+                options.world_size
+            )));
+        }
+        if trainer.collective().world_size() != options.world_size as usize
+            || trainer.collective().rank() != options.rank as usize
+        {
+            return Err(LearnerError::Invalid(format!(
+                "the trainer's collective is rank {} of {}, the options say rank {} of {}",
+                trainer.collective().rank(),
+                trainer.collective().world_size(),
+                options.rank,
+                options.world_size
+            )));
+        }
         let preparer = GroupPreparer::new(trainer.policy(), options.grpo.teachers_in_group);
         let payload = trainer.weights_payload()?;
         let state = trainer.state().clone();
@@ -446,6 +510,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
                 options,
                 preparer,
                 trainer: Arc::new(Mutex::new(trainer)),
+                peers,
                 pending: Mutex::new(pending),
                 weights: RwLock::new(Arc::new(payload)),
                 progress,
@@ -652,8 +717,14 @@ impl<C: CoordinatorLink> LearnerService<C> {
             .filter(|r| r.source == ResponseSource::Student)
             .map(|r| r.policy_version)
             .min();
+        let to_send = (self.inner.options.world_size > 1).then(|| IncomingGroup {
+            prompt_ids: group.prompt_ids.clone(),
+            timings_ms: BTreeMap::new(),
+            ..incoming.clone()
+        });
         let buffered = Buffered {
             group,
+            incoming: to_send,
             key,
             oldest_student_version,
             timings_ms: incoming.timings_ms,
@@ -829,18 +900,39 @@ impl<C: CoordinatorLink> LearnerService<C> {
                 e.1 += 1.0;
             }
         }
-        let groups: Vec<Group> = batch.into_iter().map(|b| b.group).collect();
+        // Shards: group i (in position order) to rank i % R; rank 0 trains shard 0 itself.
+        let world = opts.world_size;
+        let mut batch = batch;
+        batch.sort_by_key(|b| b.key.position);
+        let mut shards: Vec<Vec<IncomingGroup>> = vec![Vec::new(); world as usize];
+        let mut groups: Vec<Group> = Vec::new();
+        for (i, b) in batch.into_iter().enumerate() {
+            match shard_of(i, world) {
+                0 => groups.push(b.group),
+                r => shards[r].push(b.incoming.ok_or_else(|| {
+                    LearnerError::Failed(format!(
+                        "group at position {} was buffered without its wire form",
+                        b.key.position
+                    ))
+                })?),
+            }
+        }
         let stale = self.lock_pending().stale_groups_dropped;
         let trainer = self.inner.trainer.clone();
         let save_every = opts.save_every;
         let total = opts.total_iterations;
+        let verify_every = opts.verify_every;
         let started = Instant::now();
-        let (stats, payload, checkpoint, state) = tokio::task::spawn_blocking(move || {
+        let iteration_now = self.lock_pending().iteration;
+        let local = tokio::task::spawn_blocking(move || {
             let mut t = trainer.lock().map_err(|_| poisoned())?;
             t.set_stale_groups_dropped(stale);
-            let stats = t.train_iteration(groups)?;
+            let stats = t.train_shard(groups, n_groups)?;
             let payload = t.weights_payload()?;
             let version = t.state().version;
+            if verify_due(verify_every, version) {
+                t.verify_replicas(&payload)?;
+            }
             let checkpoint =
                 if (save_every > 0 && version.is_multiple_of(save_every)) || version >= total {
                     Some(t.save_checkpoint()?)
@@ -848,9 +940,38 @@ impl<C: CoordinatorLink> LearnerService<C> {
                     None
                 };
             Ok::<_, LearnerError>((stats, payload, checkpoint, t.state().clone()))
-        })
-        .await
-        .map_err(|e| LearnerError::Failed(format!("the training thread failed: {e}")))??;
+        });
+        let remote = async {
+            let Some(peers) = &self.inner.peers else {
+                return Ok(());
+            };
+            let calls = shards
+                .into_iter()
+                .enumerate()
+                .skip(1)
+                .map(|(r, shard)| peers.train_shard(r as u32, iteration_now, shard));
+            for (r, result) in futures_util::future::join_all(calls)
+                .await
+                .into_iter()
+                .enumerate()
+            {
+                let v = result?;
+                if v != iteration_now + 1 {
+                    return Err(LearnerError::Collective(format!(
+                        "learner rank {} is at version {v} after iteration {iteration_now}, \
+                         rank 0 at {}",
+                        r + 1,
+                        iteration_now + 1
+                    )));
+                }
+            }
+            Ok(())
+        };
+        let (local, remote) = tokio::join!(local, remote);
+        let local =
+            local.map_err(|e| LearnerError::Failed(format!("the training thread failed: {e}")))?;
+        remote?;
+        let (stats, payload, checkpoint, state) = local?;
         let seconds = started.elapsed().as_secs_f64();
         let version = state.version;
         let iteration = version - 1;
@@ -933,6 +1054,88 @@ impl<C: CoordinatorLink> LearnerService<C> {
         Ok(())
     }
 
+    /// Rank r > 0: trains on its shard of `iteration` (sent by rank 0; possibly empty), in
+    /// step with the other ranks through the collective, and returns the new version. Only
+    /// rank 0 publishes, reports and checkpoints.
+    pub async fn train_shard(&self, iteration: u64, shard: Vec<IncomingGroup>) -> Result<u64> {
+        let opts = &self.inner.options;
+        if opts.rank == 0 {
+            return Err(LearnerError::Invalid(
+                "TrainShard goes to learner ranks > 0; this is rank 0".into(),
+            ));
+        }
+        {
+            let mut p = self.lock_pending();
+            if let Some(f) = &p.failed {
+                return Err(LearnerError::Failed(format!(
+                    "this rank stopped after a failed step: {f}"
+                )));
+            }
+            if p.closing {
+                return Err(LearnerError::ShuttingDown);
+            }
+            if p.training {
+                return Err(LearnerError::Invalid(format!(
+                    "iteration {} is already training on this rank",
+                    p.iteration
+                )));
+            }
+            if iteration != p.iteration {
+                return Err(LearnerError::Invalid(format!(
+                    "a shard of iteration {iteration}, but this rank is at iteration {} \
+                     (version {})",
+                    p.iteration, p.version
+                )));
+            }
+            p.training = true;
+            self.publish_progress(&p);
+        }
+        let n_groups = shard.len();
+        let result = self.train_shard_inner(shard).await;
+        let mut p = self.lock_pending();
+        p.training = false;
+        match &result {
+            Ok((version, iteration)) => {
+                tracing::info!(
+                    rank = self.inner.options.rank,
+                    version,
+                    groups = n_groups,
+                    "learner shard trained"
+                );
+                p.version = *version;
+                p.iteration = *iteration;
+            }
+            Err(e) => p.failed = Some(e.to_string()),
+        }
+        self.publish_progress(&p);
+        result.map(|(v, _)| v)
+    }
+
+    async fn train_shard_inner(&self, shard: Vec<IncomingGroup>) -> Result<(u64, u64)> {
+        let preparer = self.inner.preparer.clone();
+        let trainer = self.inner.trainer.clone();
+        let verify_every = self.inner.options.verify_every;
+        let (payload, state) = tokio::task::spawn_blocking(move || {
+            let groups = shard
+                .iter()
+                .map(|g| preparer.prepare(g))
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|r| LearnerError::Invalid(r.to_string()))?;
+            let n = groups.len();
+            let mut t = trainer.lock().map_err(|_| poisoned())?;
+            t.train_shard(groups, n)?;
+            let payload = t.weights_payload()?;
+            if verify_due(verify_every, t.state().version) {
+                t.verify_replicas(&payload)?;
+            }
+            Ok::<_, LearnerError>((payload, t.state().clone()))
+        })
+        .await
+        .map_err(|e| LearnerError::Failed(format!("the training thread failed: {e}")))??;
+        *self.inner.weights.write().map_err(|_| poisoned())? = Arc::new(payload);
+        Ok((state.version, state.iteration))
+    }
+
     /// Stops taking groups, hands buffered ones back, waits for a running step, and writes a
     /// checkpoint of the current version unless one is already on disk. Returns its directory.
     pub async fn shutdown(&self) -> Result<Option<PathBuf>> {
@@ -956,10 +1159,25 @@ impl<C: CoordinatorLink> LearnerService<C> {
         let mut rx = self.progress();
         // The sender lives in `self`, so this only ends when no step is running.
         let _ = rx.wait_for(|p| !p.training).await;
+        if self.inner.options.rank > 0 {
+            // Rank 0 writes the run's checkpoints.
+            return Ok(None);
+        }
         let trainer = self.inner.trainer.clone();
+        let completed = self.lock_pending().version;
         let saved = tokio::task::spawn_blocking(move || {
             let mut t = trainer.lock().map_err(|_| poisoned())?;
             if t.saved_version() == Some(t.state().version) {
+                return Ok(None);
+            }
+            if t.state().version != completed {
+                // A multi-rank step failed after this rank's update (another rank failed):
+                // that version was never completed, so it is not checkpointed.
+                tracing::warn!(
+                    version = t.state().version,
+                    completed,
+                    "not checkpointing a version whose step failed"
+                );
                 return Ok(None);
             }
             t.save_checkpoint().map(Some)

@@ -261,6 +261,11 @@ impl Trainer {
     pub fn collective(&self) -> &dyn Collective {
         self.collective.as_ref()
     }
+    /// Replaces the collective (the model is loaded before the ranks meet; the ring joins
+    /// after). Call it between steps only.
+    pub fn set_collective(&mut self, collective: Box<dyn Collective>) {
+        self.collective = collective;
+    }
     /// The version whose checkpoint is on disk, if any.
     pub fn saved_version(&self) -> Option<u64> {
         self.saved_version
@@ -273,7 +278,18 @@ impl Trainer {
     /// Trains on one iteration's groups and advances the version. The groups are ordered by
     /// position, then shuffled with the learner's random stream, so the result does not depend
     /// on the order they arrived in. On error nothing changes.
-    pub fn train_iteration(&mut self, mut groups: Vec<Group>) -> Result<GrpoStats> {
+    pub fn train_iteration(&mut self, groups: Vec<Group>) -> Result<GrpoStats> {
+        let n = groups.len();
+        self.train_shard(groups, n)
+    }
+
+    /// [`Self::train_iteration`] on this rank's shard of an iteration of `iteration_groups`
+    /// groups (every rank takes part, an empty shard included: the collective joins them).
+    pub fn train_shard(
+        &mut self,
+        mut groups: Vec<Group>,
+        iteration_groups: usize,
+    ) -> Result<GrpoStats> {
         groups.sort_by_key(|g| g.position);
         let mut rng = self.state.rng.clone();
         groups.shuffle(&mut rng);
@@ -288,8 +304,14 @@ impl Trainer {
         self.state.rng = rng;
         self.state.version += 1;
         self.state.iteration += 1;
-        self.state.groups_trained += groups.len() as u64;
+        self.state.groups_trained += iteration_groups as u64;
         Ok(stats)
+    }
+
+    /// Checks that every rank holds the weights of `payload` (this rank's current weights):
+    /// an error names the ranks that differ.
+    pub fn verify_replicas(&self, payload: &WeightsPayload) -> Result<()> {
+        crate::collective::verify_identical_weights(self.collective.as_ref(), &payload.sha256)
     }
 
     /// The current policy as a safetensors payload (every tensor, as `Bundle::save` writes

@@ -508,3 +508,106 @@ fn two_ring_ranks_equal_one_rank_after_several_steps() {
     // The test would be empty if nothing moved: three steps of lr 1e-3 move weights ~1e-3.
     assert!(moved > 1e-4, "the weights did not move ({moved})");
 }
+
+/// SHA-256 of a model's weights (names and values in name order), as the ranks compare them.
+fn weights_digest(model: &Vlm) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    for (name, values) in weights(model) {
+        h.update(name.as_bytes());
+        for v in values {
+            h.update(v.to_le_bytes());
+        }
+    }
+    h.finalize().into()
+}
+
+/// A rank whose shard is empty still takes part (zero gradients for every parameter, so the
+/// ring's layouts match) and both ranks end with the weights one rank gets from all groups.
+/// Then the replica check: it passes while the ranks agree, and after a divergence injected on
+/// rank 1 it fails on every rank, naming rank 1.
+#[test]
+fn an_empty_shard_takes_part_and_the_replica_check_catches_divergence() {
+    use ril_learner::collective::verify_identical_weights;
+    use ril_learner::ring::TcpRing;
+    let s = setup(1.0);
+    let dir = s._tmp.path().join("policy");
+    let cfg = GrpoConfig {
+        lr: 1e-3,
+        adam_eps: 1e-6,
+        loss_normalizer: 16,
+        micro_batch_size: 4,
+        ..GrpoConfig::default()
+    };
+    let single = load(&dir);
+    let mut opt = AdamW::new(single.model.trainable_vars(), cfg.adamw()).unwrap();
+    train_step(
+        &single.model,
+        &s.reference,
+        &mut opt,
+        &s.groups,
+        &cfg,
+        &SingleRank,
+    )
+    .unwrap();
+
+    let listeners: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    type RankResult = (
+        Vec<(String, Vec<f32>)>,
+        Result<(), String>,
+        Result<(), String>,
+    );
+    let results: Vec<RankResult> = std::thread::scope(|sc| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (addrs, cfg, dir, s) = (addrs.clone(), cfg.clone(), dir.clone(), &s);
+                sc.spawn(move || {
+                    let ring =
+                        TcpRing::connect(rank, l, &addrs, std::time::Duration::from_secs(30), 1000)
+                            .unwrap();
+                    let policy = load(&dir);
+                    let mut opt = AdamW::new(policy.model.trainable_vars(), cfg.adamw()).unwrap();
+                    let shard: &[Group] = if rank == 0 { &s.groups } else { &[] };
+                    train_step(&policy.model, &s.reference, &mut opt, shard, &cfg, &ring).unwrap();
+                    let trained = weights(&policy.model);
+                    let agreed = verify_identical_weights(&ring, &weights_digest(&policy.model))
+                        .map_err(|e| e.to_string());
+                    if rank == 1 {
+                        let (_, var) = policy.model.named_vars().into_iter().next().unwrap();
+                        let nudged = (var.as_tensor() + 1e-3).unwrap();
+                        var.set(&nudged).unwrap();
+                    }
+                    let diverged = verify_identical_weights(&ring, &weights_digest(&policy.model))
+                        .map_err(|e| e.to_string());
+                    (trained, agreed, diverged)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let one = weights(&single.model);
+    for (rank, (trained, agreed, diverged)) in results.iter().enumerate() {
+        for ((name, a), (_, b)) in one.iter().zip(trained) {
+            for (x, y) in a.iter().zip(b) {
+                assert!(
+                    (x - y).abs() <= 1e-6,
+                    "rank {rank} `{name}`: one rank {x}, two ranks {y}"
+                );
+            }
+        }
+        assert_eq!(agreed, &Ok(()), "rank {rank}");
+        let e = diverged.as_ref().unwrap_err();
+        assert!(
+            e.contains("diverged") && e.contains("rank 1 holds"),
+            "rank {rank}: {e}"
+        );
+    }
+}

@@ -26,6 +26,10 @@ struct Record {
     published: Vec<pb::PublishVersionRequest>,
     metrics: Vec<pb::ReportMetricsRequest>,
     joins: u32,
+    /// Learner ranks to wait for (0: answer every join as a world of one).
+    world: u32,
+    /// Rank -> (learner address, collective address).
+    ranks: std::collections::BTreeMap<u32, (String, String)>,
 }
 
 /// Accepts each position once (a position in `taken` counts as accepted elsewhere).
@@ -99,12 +103,32 @@ impl Coordinator for TestCoordinator {
         request: Request<pb::JoinLearnerRequest>,
     ) -> Result<Response<pb::JoinLearnerResponse>, Status> {
         let r = request.into_inner();
-        self.0.lock().unwrap().joins += 1;
+        let mut rec = self.0.lock().unwrap();
+        rec.joins += 1;
+        if rec.world > 0 {
+            rec.ranks.insert(r.rank, (r.addr, r.collective_addr));
+            let ready = rec.ranks.len() == rec.world as usize;
+            let collective_addrs = (0..rec.world)
+                .map(|k| rec.ranks.get(&k).map(|a| a.1.clone()).unwrap_or_default())
+                .collect();
+            return Ok(Response::new(pb::JoinLearnerResponse {
+                world_size: rec.world,
+                ready,
+                rank_addrs: if ready {
+                    rec.ranks.values().map(|a| a.0.clone()).collect()
+                } else {
+                    Vec::new()
+                },
+                collective_id: Default::default(),
+                collective_addrs,
+            }));
+        }
         Ok(Response::new(pb::JoinLearnerResponse {
             world_size: 1,
             ready: true,
             rank_addrs: vec![r.addr],
             collective_id: Default::default(),
+            collective_addrs: vec![r.collective_addr],
         }))
     }
     async fn report_metrics(
@@ -466,4 +490,157 @@ async fn the_learner_trains_publishes_and_serves_its_weights() {
     assert!(checkpoint_dir(&out, 2).join("trainer_state.json").is_file());
     let _ = stop_coordinator.send(());
     coordinator_task.await.unwrap().unwrap();
+}
+
+async fn serve_coordinator(
+    world: u32,
+) -> (String, Arc<Mutex<Record>>, tokio::sync::oneshot::Sender<()>) {
+    let bound = server::bind("127.0.0.1:0").await.unwrap();
+    let addr = bound.addr.to_string();
+    let coordinator = TestCoordinator::default();
+    coordinator.0.lock().unwrap().world = world;
+    let record = coordinator.0.clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(
+        server::builder()
+            .add_service(CoordinatorServer::new(coordinator))
+            .serve_with_incoming_shutdown(server::incoming(bound), async move {
+                let _ = stopped.await;
+            }),
+    );
+    (addr, record, stop)
+}
+
+/// Two learner ranks over real gRPC and the ring: rank 0 takes the pushed groups and sends rank
+/// 1 its shard (TrainShard); both reach version 1 with identical weights (checked by the ranks
+/// themselves too: verify_every = 1); rank 1 refuses pushes, pointing at rank 0; only rank 0
+/// publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ranks_train_in_step_and_rank_1_refuses_pushes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tiny_model(tmp.path(), "init", 11);
+    let bundle = load(&init);
+    let out = tmp.path().join("out");
+    let (coordinator_addr, record, _stop_coordinator) = serve_coordinator(2).await;
+    let mut addrs = Vec::new();
+    let mut stops = Vec::new();
+    let mut tasks = Vec::new();
+    for rank in 0..2u32 {
+        let bound = server::bind("127.0.0.1:0").await.unwrap();
+        addrs.push(bound.addr.to_string());
+        let options = LearnerOptions {
+            questions_per_iteration: 3,
+            total_iterations: 3,
+            coordinator_timeout_ms: 1_000,
+            rank,
+            world_size: 2,
+            verify_every: 1,
+            ..LearnerOptions::for_test(&init, &out, &coordinator_addr)
+        };
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        stops.push(stop);
+        tasks.push(tokio::spawn(ril_learner::serve(
+            options,
+            bound,
+            async move {
+                let _ = stopped.await;
+            },
+        )));
+    }
+    for addr in &addrs {
+        wait_until("SERVING", 120, || async {
+            health(addr).await == Some(ServingStatus::Serving)
+        })
+        .await;
+    }
+    let mut clients = Vec::new();
+    for addr in &addrs {
+        clients.push(
+            LearnerClient::new(server::connect(addr, Duration::from_secs(5)).await.unwrap())
+                .max_decoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES),
+        );
+    }
+    let refused = clients[1]
+        .push_groups(pb::PushGroupsRequest {
+            groups: vec![scored_group(&bundle, 0, 0, 0)],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+    assert!(
+        refused
+            .message()
+            .contains(&format!("push to rank 0 at {}", addrs[0])),
+        "{}",
+        refused.message()
+    );
+    let groups = (0..3).map(|p| scored_group(&bundle, p, 0, 0)).collect();
+    let reply = push(&mut clients[0], groups).await;
+    assert!(reply.verdicts.iter().all(|v| v.accepted), "{reply:?}");
+    for c in &clients {
+        wait_until("version 1 on every rank", 120, || {
+            let mut c = c.clone();
+            async move { version(&mut c).await == 1 }
+        })
+        .await;
+    }
+    let mut shas = Vec::new();
+    for c in &mut clients {
+        let info = c
+            .info(pb::LearnerInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(info.world_size, 2);
+        shas.push(info.weights_sha256);
+    }
+    assert_eq!(shas[0], shas[1], "the ranks' weights differ");
+    let initial = hex::encode(Sha256::digest(
+        ril_model::checkpoint::safetensors_bytes(
+            &bundle
+                .model
+                .named_vars()
+                .into_iter()
+                .map(|(k, v)| (k, v.as_tensor().clone()))
+                .collect(),
+            None,
+        )
+        .unwrap(),
+    ));
+    assert_ne!(shas[0], initial, "the policy did not change");
+    wait_until("PublishVersion(1)", 30, || async {
+        !record.lock().unwrap().published.is_empty()
+    })
+    .await;
+    assert_eq!(
+        record.lock().unwrap().published.len(),
+        1,
+        "only rank 0 publishes"
+    );
+    for stop in stops {
+        let _ = stop.send(());
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+}
+
+/// A rank whose peers never join gives up after collective_timeout_ms, naming them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_whose_peers_never_join_names_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tiny_model(tmp.path(), "init", 11);
+    let (coordinator_addr, _record, _stop) = serve_coordinator(3).await;
+    let options = LearnerOptions {
+        rank: 1,
+        world_size: 3,
+        collective_timeout_ms: 300,
+        ..LearnerOptions::for_test(&init, &tmp.path().join("out"), &coordinator_addr)
+    };
+    let bound = server::bind("127.0.0.1:0").await.unwrap();
+    let e = ril_learner::serve(options, bound, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("missing rank(s) 0, 2"), "{e}");
 }

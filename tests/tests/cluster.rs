@@ -166,6 +166,58 @@ fn a_full_run_across_processes_trains_and_advances_the_version() {
     assert!(sb.path("run/teachers/t1.redb").is_file());
 }
 
+/// Data-parallel learning: `[learner] world_size = 2` starts two learner ranks; rank 0 takes the
+/// actors' groups and sends rank 1 its shard of each iteration, the ring collective joins their
+/// steps, and the ranks compare their weights after every iteration (verify_every = 1).
+#[test]
+fn a_run_with_two_learner_ranks_finishes_and_rank_0_checkpoints() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    let path = sb.path("run.toml");
+    let toml = std::fs::read_to_string(&path).unwrap();
+    let toml = toml.replace(
+        "[learner]\nsave_every = 1\n",
+        "[learner]\nsave_every = 1\nworld_size = 2\nverify_every = 1\n",
+    );
+    assert!(toml.contains("world_size = 2"));
+    std::fs::write(&path, toml).unwrap();
+    ok(&sb.ril(&["config", "check", "run.toml"]));
+    let out = sb.ril(&[
+        "train",
+        "--config",
+        "run.toml",
+        "--startup-timeout-s",
+        "120",
+    ]);
+    ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.contains("iteration 2/2 (policy version 2), finished"),
+        "{text}"
+    );
+    assert!(
+        text.contains("groups accepted 4, duplicates refused 0"),
+        "{text}"
+    );
+    assert!(
+        sb.path("run/learner/checkpoint-000002/model.safetensors")
+            .is_file()
+    );
+    let rank0 = std::fs::read_to_string(sb.path("run/logs/learner.log")).unwrap();
+    assert_eq!(rank0.matches("learner step").count(), 2, "{rank0}");
+    let rank1 = std::fs::read_to_string(sb.path("run/logs/learner-1.log")).unwrap();
+    assert!(
+        !rank1.contains("checkpoint written") && !rank1.contains("learner step"),
+        "only rank 0 checkpoints and reports: {rank1}"
+    );
+    assert_eq!(
+        rank1.matches("learner shard trained").count(),
+        2,
+        "rank 1 trains its shard of every iteration: {rank1}"
+    );
+}
+
 #[test]
 fn bad_configs_are_refused_naming_the_problem() {
     let sb = Sandbox::new();
