@@ -197,11 +197,12 @@ impl GrpcCoordinator {
         rank: u32,
         addr: &str,
         collective_addr: &str,
+        collective_id: &[u8],
     ) -> Result<pb::JoinLearnerResponse> {
         let req = self.request(pb::JoinLearnerRequest {
             rank,
             addr: addr.to_string(),
-            collective_id: Bytes::new(),
+            collective_id: Bytes::copy_from_slice(collective_id),
             collective_addr: collective_addr.to_string(),
         });
         self.client
@@ -612,13 +613,14 @@ async fn join_coordinator(
     options: &LearnerOptions,
     advertise: &str,
     collective_addr: &str,
+    collective_id: &[u8],
 ) -> Result<Option<pb::JoinLearnerResponse>> {
     let mut attempt = 0u32;
     let mut waiting_since: Option<std::time::Instant> = None;
     let wait_limit = Duration::from_millis(options.collective_timeout_ms);
     loop {
         match link
-            .join_learner(options.rank, advertise, collective_addr)
+            .join_learner(options.rank, advertise, collective_addr, collective_id)
             .await
         {
             Ok(reply) => {
@@ -765,7 +767,7 @@ pub async fn serve(
         .clone()
         .unwrap_or_else(|| addr.to_string());
     // The ring's listener is bound before the rendezvous, so its address can be announced.
-    let ring_listener = if options.world_size > 1 {
+    let ring_listener = if options.world_size > 1 && options.collective == "ring" {
         let fail = |e: String| {
             LearnerError::Collective(format!(
                 "learner rank {}: collective_listen {:?}: {e}",
@@ -825,8 +827,21 @@ pub async fn serve(
     if let Some(d) = discriminator {
         link = link.with_discriminator(d);
     }
+    // With NCCL, rank 0 makes the communicator's unique id and the rendezvous hands it out.
+    let nccl = options.world_size > 1 && options.collective == "nccl";
+    let collective_id: Vec<u8> = if nccl && options.rank == 0 {
+        match new_nccl_id() {
+            Ok(id) => id,
+            Err(e) => {
+                stop_server(stop_tx, server).await?;
+                return Err(e);
+            }
+        }
+    } else {
+        Vec::new()
+    };
     let rendezvous = tokio::select! {
-        joined = join_coordinator(&link, &options, &advertise, &collective_addr) => match joined {
+        joined = join_coordinator(&link, &options, &advertise, &collective_addr, &collective_id) => match joined {
             Ok(r) => r,
             Err(e) => {
                 stop_server(stop_tx, server).await?;
@@ -838,7 +853,30 @@ pub async fn serve(
     if let Some(r0) = rendezvous.as_ref().and_then(|r| r.rank_addrs.first()) {
         let _ = rank0_cell.set(r0.clone());
     }
-    if let Some((listener, _)) = ring_listener {
+    if nccl {
+        let opts = options.clone();
+        let id = rendezvous
+            .as_ref()
+            .map(|r| r.collective_id.to_vec())
+            .unwrap_or_default();
+        let join = tokio::task::spawn_blocking(move || {
+            let c = connect_nccl(&opts, &id)?;
+            trainer.set_collective(c);
+            trainer.verify_replicas(&trainer.weights_payload()?)?;
+            Ok::<_, LearnerError>(trainer)
+        });
+        trainer = match join.await {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                stop_server(stop_tx, server).await?;
+                return Err(e);
+            }
+            Err(e) => {
+                stop_server(stop_tx, server).await?;
+                return Err(LearnerError::Failed(format!("joining NCCL failed: {e}")));
+            }
+        };
+    } else if let Some((listener, _)) = ring_listener {
         let opts = options.clone();
         let collective_addrs = rendezvous
             .as_ref()
@@ -926,4 +964,56 @@ pub async fn serve(
     }
     saved?;
     stopped
+}
+
+#[cfg(feature = "nccl")]
+fn new_nccl_id() -> Result<Vec<u8>> {
+    crate::nccl::new_unique_id()
+}
+
+#[cfg(not(feature = "nccl"))]
+fn new_nccl_id() -> Result<Vec<u8>> {
+    Err(LearnerError::Invalid(
+        "collective = \"nccl\" needs a build with `--features nccl`".into(),
+    ))
+}
+
+/// The NCCL collective on this rank's CUDA device (`device = "cuda:N"`).
+#[cfg(feature = "nccl")]
+fn connect_nccl(
+    opts: &LearnerOptions,
+    id: &[u8],
+) -> Result<Box<dyn crate::collective::Collective>> {
+    let ordinal = opts
+        .device
+        .strip_prefix("cuda")
+        .map(|r| r.trim_start_matches(':'))
+        .map(|r| {
+            if r.is_empty() {
+                Ok(0)
+            } else {
+                r.parse::<usize>()
+            }
+        })
+        .transpose()
+        .map_err(|e| LearnerError::Invalid(format!("device {:?}: {e}", opts.device)))?
+        .unwrap_or(0);
+    Ok(Box::new(crate::nccl::NcclCollective::connect(
+        opts.rank as usize,
+        opts.world_size as usize,
+        ordinal,
+        id,
+        Duration::from_millis(opts.collective_timeout_ms),
+        (opts.bucket_mb << 20) / std::mem::size_of::<f32>(),
+    )?))
+}
+
+#[cfg(not(feature = "nccl"))]
+fn connect_nccl(
+    _opts: &LearnerOptions,
+    _id: &[u8],
+) -> Result<Box<dyn crate::collective::Collective>> {
+    Err(LearnerError::Invalid(
+        "collective = \"nccl\" needs a build with `--features nccl`".into(),
+    ))
 }

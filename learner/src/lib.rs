@@ -27,6 +27,8 @@ pub mod examples;
 pub mod gpu;
 pub mod grpc;
 pub mod grpo;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod options;
 pub mod ring;
 pub mod service;

@@ -21,6 +21,9 @@ fn default_coordinator_timeout_ms() -> u64 {
 fn default_world_size() -> u32 {
     1
 }
+fn default_collective() -> String {
+    "ring".into()
+}
 fn default_collective_listen() -> String {
     "0.0.0.0:0".into()
 }
@@ -90,6 +93,11 @@ pub struct LearnerOptions {
     /// collective.
     #[serde(default = "default_world_size")]
     pub world_size: u32,
+    /// The gradient collective when world_size > 1: `ring` (CPU, TCP between the learner
+    /// processes) or `nccl` (GPUs; needs the `nccl` build feature and `device = "cuda:N"`; the
+    /// unique id travels through the coordinator's rendezvous).
+    #[serde(default = "default_collective")]
+    pub collective: String,
     /// Where the ring collective listens (world_size > 1).
     #[serde(default = "default_collective_listen")]
     pub collective_listen: String,
@@ -143,6 +151,7 @@ impl LearnerOptions {
             discriminator_addr: None,
             rank: 0,
             world_size: 1,
+            collective: default_collective(),
             collective_listen: "127.0.0.1:0".into(),
             collective_advertise: None,
             collective_timeout_ms: default_collective_timeout_ms(),
@@ -181,6 +190,27 @@ impl LearnerOptions {
                 "rank {} of world_size {}: world_size must be positive and rank below it",
                 self.rank, self.world_size
             ));
+        }
+        match self.collective.as_str() {
+            "ring" => {}
+            "nccl" if cfg!(feature = "nccl") => {
+                if !self.device.starts_with("cuda") {
+                    return bad(format!(
+                        "collective = \"nccl\" needs a CUDA device (device = \"cuda:N\"), not {:?}",
+                        self.device
+                    ));
+                }
+            }
+            "nccl" => {
+                return bad(
+                    "collective = \"nccl\" needs a build with `--features nccl`".to_string()
+                );
+            }
+            other => {
+                return bad(format!(
+                    "collective {other:?}: expected \"ring\" or \"nccl\""
+                ));
+            }
         }
         if self.world_size > 1 {
             if self.collective_listen.is_empty() {
@@ -313,5 +343,21 @@ logprob_temperature = 1.0
             ..o
         };
         assert!(no_reward.validate().is_err());
+    }
+
+    #[test]
+    fn the_collective_is_ring_or_nccl_and_nccl_needs_the_feature_and_a_gpu() {
+        let mut o = LearnerOptions::for_test(Path::new("m"), Path::new("o"), "c:1");
+        assert_eq!(o.collective, "ring");
+        o.validate().unwrap();
+        o.collective = "mpi".into();
+        assert!(o.validate().unwrap_err().to_string().contains("mpi"));
+        o.collective = "nccl".into();
+        let e = o.validate().unwrap_err().to_string();
+        if cfg!(feature = "nccl") {
+            assert!(e.contains("cuda"), "{e}");
+        } else {
+            assert!(e.contains("--features nccl"), "{e}");
+        }
     }
 }
