@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod bench_allreduce;
+pub mod bench_nccl;
 pub mod bench_rpc;
 pub mod cluster;
 pub mod config;
@@ -139,6 +140,8 @@ pub enum BenchCommand {
     Rpc(bench_rpc::RpcBenchArgs),
     /// The CPU ring all-reduce's bandwidth between ranks, against memcpy.
     Allreduce(bench_allreduce::AllReduceBenchArgs),
+    /// The GPU check: NCCL all-reduce on device buffers, its bandwidth, the error path.
+    Nccl(bench_nccl::NcclBenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -156,6 +159,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Bench(BenchCommand::Model(args)) => bench::run(&args),
         Command::Bench(BenchCommand::Rpc(args)) => bench_rpc::run(&args),
         Command::Bench(BenchCommand::Allreduce(args)) => bench_allreduce::run(&args),
+        Command::Bench(BenchCommand::Nccl(args)) => bench_nccl::run(&args),
         Command::Coordinator(args) => roles::coordinator(&args),
         Command::Learner(args) => roles::learner(&args),
         Command::Teacher(args) => roles::teacher(&args),
