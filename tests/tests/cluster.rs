@@ -608,3 +608,73 @@ async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
         Ok(ril_proto::server::ServingStatus::Serving)
     ));
 }
+
+/// Ctrl-C on `ril train` stops every role: the run's servers stop answering, and the learner
+/// writes its checkpoint on the way out.
+#[test]
+fn ctrl_c_stops_every_role() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    // Long enough that the run is still going when it is interrupted.
+    write_config(&sb, "");
+    let text = std::fs::read_to_string(sb.path("run.toml"))
+        .unwrap()
+        .replace("iterations = 2", "iterations = 10000")
+        // Checkpoints only at the end or at shutdown: one in the log proves a graceful stop.
+        .replace("save_every = 1", "save_every = 0");
+    std::fs::write(sb.path("run.toml"), text).unwrap();
+    let mut train = Command::new(ril_binary())
+        .args(["train", "--config", "run.toml"])
+        .current_dir(sb.dir.path())
+        .env("CANDLE_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until the actors are running (their logs exist and the learner has stepped).
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let addrs = ["coordinator", "learner", "discriminator", "teacher-t1"];
+    loop {
+        let stepped = std::fs::read_to_string(sb.path("run/logs/learner.log"))
+            .is_ok_and(|l| l.contains("learner step"));
+        if stepped {
+            break;
+        }
+        assert!(
+            train.try_wait().unwrap().is_none(),
+            "ril train exited early"
+        );
+        assert!(Instant::now() < deadline, "the run never stepped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let bound: Vec<String> = addrs
+        .iter()
+        .map(|r| std::fs::read_to_string(sb.path(&format!("run/addrs/{r}.addr"))).unwrap())
+        .collect();
+    let st = Command::new("kill")
+        .args(["-INT", &train.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = train.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ril train did not stop after Ctrl-C"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "an interrupted run is not a success");
+    for (role, addr) in addrs.iter().zip(&bound) {
+        let a: std::net::SocketAddr = addr.trim().parse().unwrap();
+        assert!(
+            std::net::TcpStream::connect_timeout(&a, Duration::from_millis(500)).is_err(),
+            "{role} at {addr} still accepts connections"
+        );
+    }
+    let learner_log = std::fs::read_to_string(sb.path("run/logs/learner.log")).unwrap();
+    assert!(learner_log.contains("checkpoint written"), "{learner_log}");
+}
