@@ -202,11 +202,12 @@ pub async fn run_cluster(
                     continue;
                 }
             };
-            if status.policy_version != last_version {
+            let advanced = status.policy_version != last_version;
+            if advanced {
                 last_version = status.policy_version;
                 last_change = Instant::now();
             }
-            report_progress(&bar, &status);
+            report_progress(&bar, &status, advanced);
             if status.finished {
                 if let Some(b) = &bar {
                     b.finish();
@@ -247,7 +248,11 @@ fn progress_bar(total: u64) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-fn report_progress(bar: &Option<indicatif::ProgressBar>, s: &ril_proto::v1::RunStatus) {
+fn report_progress(
+    bar: &Option<indicatif::ProgressBar>,
+    s: &ril_proto::v1::RunStatus,
+    advanced: bool,
+) {
     let metric = |k: &str| s.metrics.get(k).copied().unwrap_or(f64::NAN);
     let msg = format!(
         "reward student {:.2} teacher {:.2}, kl {:.4}, {} actors, {:.2} groups/s",
@@ -262,18 +267,14 @@ fn report_progress(bar: &Option<indicatif::ProgressBar>, s: &ril_proto::v1::RunS
             b.set_position(s.policy_version);
             b.set_message(msg);
         }
-        None => {
-            static LAST: std::sync::Mutex<u64> = std::sync::Mutex::new(u64::MAX);
-            if let Ok(mut l) = LAST.lock()
-                && *l != s.policy_version
-            {
-                *l = s.policy_version;
-                tracing::info!(
-                    iteration = s.policy_version,
-                    total = s.total_iterations,
-                    "{msg}"
-                );
-            }
+        // Without a terminal: one log line per new version.
+        None if advanced => {
+            tracing::info!(
+                iteration = s.policy_version,
+                total = s.total_iterations,
+                "{msg}"
+            );
         }
+        None => {}
     }
 }

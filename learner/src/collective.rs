@@ -79,3 +79,62 @@ pub fn verify_identical_weights(collective: &dyn Collective, sha256: &[u8; 32]) 
         detail.join(", ")
     )))
 }
+
+/// Gradients as one f32 buffer in name order (what a collective reduces), and the layout to put
+/// them back. Every collective implementation flattens through this.
+#[derive(Debug)]
+pub struct FlatGradients {
+    pub values: Vec<f32>,
+    /// (name, dims, device, offset, length) per tensor.
+    layout: Vec<(String, Vec<usize>, candle_core::Device, usize, usize)>,
+}
+
+impl FlatGradients {
+    pub fn new(grads: &Gradients) -> Result<Self> {
+        let mut values: Vec<f32> = Vec::new();
+        let mut layout = Vec::with_capacity(grads.grads.len());
+        for (name, g) in &grads.grads {
+            let v = g.flatten_all()?.to_vec1::<f32>()?;
+            layout.push((
+                name.clone(),
+                g.dims().to_vec(),
+                g.device().clone(),
+                values.len(),
+                v.len(),
+            ));
+            values.extend(v);
+        }
+        Ok(Self { values, layout })
+    }
+
+    /// Sums (value count, tensor count) across ranks first: ranks whose gradients differ in
+    /// layout fail here, naming this rank's layout, instead of reducing mismatched buffers.
+    pub fn check_same_layout(&self, collective: &dyn Collective) -> Result<()> {
+        let mine = [self.values.len() as f64, self.layout.len() as f64];
+        let mut sum = mine;
+        collective.all_reduce_sum_scalars(&mut sum)?;
+        let world = collective.world_size() as f64;
+        if sum[0] != mine[0] * world || sum[1] != mine[1] * world {
+            return Err(crate::error::LearnerError::Collective(format!(
+                "rank {}: gradient layouts differ across ranks: this rank has {} tensors / {} values",
+                collective.rank(),
+                mine[1],
+                mine[0]
+            )));
+        }
+        Ok(())
+    }
+
+    /// Writes `values` (after the reduction) back into `grads`, tensor by tensor.
+    pub fn write_back(self, grads: &mut Gradients) -> Result<()> {
+        for (name, dims, device, start, len) in self.layout {
+            let t = candle_core::Tensor::from_slice(
+                &self.values[start..start + len],
+                dims.as_slice(),
+                &device,
+            )?;
+            grads.grads.insert(name, t);
+        }
+        Ok(())
+    }
+}

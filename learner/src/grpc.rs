@@ -761,6 +761,13 @@ pub async fn serve(
             ))),
         }
     };
+    // A failure while starting up stops the already-running server, then returns the error.
+    macro_rules! stop_with {
+        ($e:expr) => {{
+            stop_server(stop_tx, server).await?;
+            return Err($e);
+        }};
+    }
 
     let advertise = options
         .advertise_addr
@@ -778,17 +785,11 @@ pub async fn serve(
             .map_err(|e| fail(e.to_string()));
         let listener = match listener {
             Ok(l) => l,
-            Err(e) => {
-                stop_server(stop_tx, server).await?;
-                return Err(e);
-            }
+            Err(e) => stop_with!(e),
         };
         let port = match listener.local_addr() {
             Ok(a) => a.port(),
-            Err(e) => {
-                stop_server(stop_tx, server).await?;
-                return Err(fail(e.to_string()));
-            }
+            Err(e) => stop_with!(fail(e.to_string())),
         };
         Some((listener, port))
     } else {
@@ -812,14 +813,8 @@ pub async fn serve(
     let mut trainer = tokio::select! {
         loaded = load => match loaded {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                stop_server(stop_tx, server).await?;
-                return Err(e);
-            }
-            Err(e) => {
-                stop_server(stop_tx, server).await?;
-                return Err(LearnerError::Failed(format!("loading the model failed: {e}")));
-            }
+            Ok(Err(e)) => stop_with!(e),
+            Err(e) => stop_with!(LearnerError::Failed(format!("loading the model failed: {e}"))),
         },
         _ = raised(signal_rx.clone()) => return stop_server(stop_tx, server).await,
     };
@@ -832,10 +827,7 @@ pub async fn serve(
     let collective_id: Vec<u8> = if nccl && options.rank == 0 {
         match new_nccl_id() {
             Ok(id) => id,
-            Err(e) => {
-                stop_server(stop_tx, server).await?;
-                return Err(e);
-            }
+            Err(e) => stop_with!(e),
         }
     } else {
         Vec::new()
@@ -843,10 +835,7 @@ pub async fn serve(
     let rendezvous = tokio::select! {
         joined = join_coordinator(&link, &options, &advertise, &collective_addr, &collective_id) => match joined {
             Ok(r) => r,
-            Err(e) => {
-                stop_server(stop_tx, server).await?;
-                return Err(e);
-            }
+            Err(e) => stop_with!(e),
         },
         _ = raised(signal_rx.clone()) => return stop_server(stop_tx, server).await,
     };
@@ -867,14 +856,8 @@ pub async fn serve(
         });
         trainer = match join.await {
             Ok(Ok(t)) => t,
-            Ok(Err(e)) => {
-                stop_server(stop_tx, server).await?;
-                return Err(e);
-            }
-            Err(e) => {
-                stop_server(stop_tx, server).await?;
-                return Err(LearnerError::Failed(format!("joining NCCL failed: {e}")));
-            }
+            Ok(Err(e)) => stop_with!(e),
+            Err(e) => stop_with!(LearnerError::Failed(format!("joining NCCL failed: {e}"))),
         };
     } else if let Some((listener, _)) = ring_listener {
         let opts = options.clone();
@@ -899,14 +882,8 @@ pub async fn serve(
         trainer = tokio::select! {
             joined = join_ring => match joined {
                 Ok(Ok(t)) => t,
-                Ok(Err(e)) => {
-                    stop_server(stop_tx, server).await?;
-                    return Err(e);
-                }
-                Err(e) => {
-                    stop_server(stop_tx, server).await?;
-                    return Err(LearnerError::Failed(format!("joining the ring failed: {e}")));
-                }
+                Ok(Err(e)) => stop_with!(e),
+                Err(e) => stop_with!(LearnerError::Failed(format!("joining the ring failed: {e}"))),
             },
             _ = raised(signal_rx.clone()) => return stop_server(stop_tx, server).await,
         };
@@ -930,16 +907,10 @@ pub async fn serve(
     .await
     {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            stop_server(stop_tx, server).await?;
-            return Err(e);
-        }
-        Err(e) => {
-            stop_server(stop_tx, server).await?;
-            return Err(LearnerError::Failed(format!(
-                "starting the service failed: {e}"
-            )));
-        }
+        Ok(Err(e)) => stop_with!(e),
+        Err(e) => stop_with!(LearnerError::Failed(format!(
+            "starting the service failed: {e}"
+        ))),
     };
     let _ = cell.set(service.clone());
     server::set_status(&reporter, &[names::LEARNER], ServingStatus::Serving).await;
@@ -984,20 +955,7 @@ fn connect_nccl(
     opts: &LearnerOptions,
     id: &[u8],
 ) -> Result<Box<dyn crate::collective::Collective>> {
-    let ordinal = opts
-        .device
-        .strip_prefix("cuda")
-        .map(|r| r.trim_start_matches(':'))
-        .map(|r| {
-            if r.is_empty() {
-                Ok(0)
-            } else {
-                r.parse::<usize>()
-            }
-        })
-        .transpose()
-        .map_err(|e| LearnerError::Invalid(format!("device {:?}: {e}", opts.device)))?
-        .unwrap_or(0);
+    let ordinal = opts.cuda_ordinal()?.unwrap_or(0);
     Ok(Box::new(crate::nccl::NcclCollective::connect(
         opts.rank as usize,
         opts.world_size as usize,

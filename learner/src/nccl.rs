@@ -17,12 +17,11 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use cudarc::driver::CudaContext;
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use ril_model::optim::Gradients;
 
-use crate::collective::Collective;
+use crate::collective::{Collective, FlatGradients};
 use crate::error::{LearnerError, Result};
 
 /// The NCCL unique id's length (bytes shipped through the coordinator).
@@ -235,29 +234,15 @@ impl Collective for NcclCollective {
     }
 
     fn all_reduce_sum(&self, grads: &mut Gradients) -> Result<()> {
-        let mut flat: Vec<f32> = Vec::new();
-        let mut layout = Vec::with_capacity(grads.grads.len());
-        for (name, g) in &grads.grads {
-            let v = g.flatten_all()?.to_vec1::<f32>()?;
-            layout.push((
-                name.clone(),
-                g.dims().to_vec(),
-                g.device().clone(),
-                flat.len(),
-                v.len(),
-            ));
-            flat.extend(v);
-        }
-        let mut out = Vec::with_capacity(flat.len());
-        for bucket in flat.chunks(self.bucket_elems) {
+        let mut flat = FlatGradients::new(grads)?;
+        flat.check_same_layout(self)?;
+        let mut out = Vec::with_capacity(flat.values.len());
+        for bucket in flat.values.chunks(self.bucket_elems) {
             let b = bucket.to_vec();
             out.extend(self.call(|tx| Request::F32(b, tx))?);
         }
-        for (name, dims, device, start, len) in layout {
-            let t = Tensor::from_slice(&out[start..start + len], dims.as_slice(), &device)?;
-            grads.grads.insert(name, t);
-        }
-        Ok(())
+        flat.values = out;
+        flat.write_back(grads)
     }
 
     fn all_reduce_sum_scalars(&self, values: &mut [f64]) -> Result<()> {

@@ -234,28 +234,40 @@ impl LearnerOptions {
         Ok(())
     }
 
+    /// `None` for `cpu`, the ordinal for `cuda` (0) or `cuda:N`.
+    pub fn cuda_ordinal(&self) -> Result<Option<usize>> {
+        let bad = || {
+            LearnerError::Invalid(format!(
+                "learner.device {:?}: expected cpu, cuda or cuda:N",
+                self.device
+            ))
+        };
+        match self.device.as_str() {
+            "cpu" => Ok(None),
+            spec => match spec.strip_prefix("cuda") {
+                Some("") => Ok(Some(0)),
+                Some(rest) => rest
+                    .strip_prefix(':')
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .map(Some)
+                    .ok_or_else(bad),
+                None => Err(bad()),
+            },
+        }
+    }
+
     pub fn parse_device(&self) -> Result<Device> {
         let bad =
             |m: String| LearnerError::Invalid(format!("learner.device {:?}: {m}", self.device));
-        match self.device.as_str() {
-            "cpu" => Ok(Device::Cpu),
-            spec => {
-                let ordinal = match spec.strip_prefix("cuda") {
-                    Some("") => 0,
-                    Some(rest) => rest
-                        .strip_prefix(':')
-                        .and_then(|n| n.parse::<usize>().ok())
-                        .ok_or_else(|| bad("expected cpu, cuda or cuda:N".into()))?,
-                    None => return Err(bad("expected cpu, cuda or cuda:N".into())),
-                };
-                if !candle_core::utils::cuda_is_available() {
-                    return Err(bad(
-                        "this build has no CUDA support (rebuild with `--features cuda`)".into(),
-                    ));
-                }
-                Device::new_cuda(ordinal).map_err(|e| bad(format!("cannot open the GPU: {e}")))
-            }
+        let Some(ordinal) = self.cuda_ordinal()? else {
+            return Ok(Device::Cpu);
+        };
+        if !candle_core::utils::cuda_is_available() {
+            return Err(bad(
+                "this build has no CUDA support (rebuild with `--features cuda`)".into(),
+            ));
         }
+        Device::new_cuda(ordinal).map_err(|e| bad(format!("cannot open the GPU: {e}")))
     }
 
     pub fn parse_dtype(&self) -> Result<DType> {

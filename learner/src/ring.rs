@@ -14,10 +14,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use candle_core::Tensor;
 use ril_model::optim::Gradients;
 
-use crate::collective::Collective;
+use crate::collective::{Collective, FlatGradients};
 use crate::error::{LearnerError, Result};
 
 const MAGIC: u32 = 0x5249_4c52; // "RILR"
@@ -311,39 +310,10 @@ impl Collective for TcpRing {
     }
 
     fn all_reduce_sum(&self, grads: &mut Gradients) -> Result<()> {
-        // One flat buffer in name order; every rank must hold the same names and shapes.
-        let mut flat: Vec<f32> = Vec::new();
-        let mut layout = Vec::with_capacity(grads.grads.len());
-        for (name, g) in &grads.grads {
-            let v = g.flatten_all()?.to_vec1::<f32>()?;
-            layout.push((
-                name.clone(),
-                g.dims().to_vec(),
-                g.device().clone(),
-                flat.len(),
-                v.len(),
-            ));
-            flat.extend(v);
-        }
-        // The layout's size travels first: ranks with different gradients fail here.
-        let mut shape = [flat.len() as f64, layout.len() as f64];
-        let mine = shape;
-        self.all_reduce_f64(&mut shape)?;
-        if shape[0] != mine[0] * self.world as f64 || shape[1] != mine[1] * self.world as f64 {
-            return Err(err(
-                self.rank,
-                format!(
-                    "gradient layouts differ across ranks: this rank has {} tensors / {} values",
-                    mine[1], mine[0]
-                ),
-            ));
-        }
-        self.all_reduce_f32(&mut flat)?;
-        for (name, dims, device, start, len) in layout {
-            let t = Tensor::from_slice(&flat[start..start + len], dims.as_slice(), &device)?;
-            grads.grads.insert(name, t);
-        }
-        Ok(())
+        let mut flat = FlatGradients::new(grads)?;
+        flat.check_same_layout(self)?;
+        self.all_reduce_f32(&mut flat.values)?;
+        flat.write_back(grads)
     }
 
     fn all_reduce_sum_scalars(&self, values: &mut [f64]) -> Result<()> {
