@@ -12,23 +12,38 @@
 # candle's CUDA backend (`--features cuda`) needs nvcc to build, which the build machine lacks;
 # this check covers the NCCL collective only.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+here="$(cd "$(dirname "$0")" && pwd)"
+[ -d "$here/../.git" ] && cd "$here/.."
 case "${1:-}" in
   build)
     cargo build --release -p ril-cli --features nccl
     mkdir -p target/gpu-check
-    cp target/release/ril target/gpu-check/ril
+    # Stripped: the release profile keeps debug info (~230 MB), over what travels to the GPU machine.
+    strip -o target/gpu-check/ril target/release/ril
     cp tools/gpu-check.sh target/gpu-check/
     echo "carry target/gpu-check/ to the GPU machine and run: ./gpu-check.sh run"
     ;;
   run)
     out="${2:-${OUT:-.}}"
     mkdir -p "$out"
-    here="$(cd "$(dirname "$0")" && pwd)"
     ril="${RIL:-$here/ril}"
     [ -x "$ril" ] || ril=target/gpu-check/ril
     # NCCL from the Python wheel, when that is how it was installed.
-    nccl_lib=$(python3 -c 'import nvidia.nccl, os; print(os.path.join(os.path.dirname(nvidia.nccl.__file__), "lib"))' 2>/dev/null || true)
+    # (nvidia-nccl-cu12 puts it in nvidia/nccl/lib, the cu13 wheels may use another folder: search.)
+    nccl_lib=$(python3 - <<'PY' 2>/dev/null || true
+import glob, os
+try:
+    import nvidia
+    roots = list(nvidia.__path__)
+except Exception:
+    roots = []
+for root in roots:
+    hits = sorted(glob.glob(os.path.join(root, "**", "libnccl.so*"), recursive=True))
+    if hits:
+        print(os.path.dirname(hits[0]))
+        break
+PY
+)
     [ -n "$nccl_lib" ] && export LD_LIBRARY_PATH="$nccl_lib:${LD_LIBRARY_PATH:-}"
     {
       echo "== nvidia-smi"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true

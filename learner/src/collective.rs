@@ -91,7 +91,9 @@ pub struct FlatGradients {
 
 impl FlatGradients {
     pub fn new(grads: &Gradients) -> Result<Self> {
-        let mut values: Vec<f32> = Vec::new();
+        // Sized once: growing a multi-GB buffer by doubling copies it again and again.
+        let total: usize = grads.grads.values().map(|g| g.elem_count()).sum();
+        let mut values: Vec<f32> = Vec::with_capacity(total);
         let mut layout = Vec::with_capacity(grads.grads.len());
         for (name, g) in &grads.grads {
             let v = g.flatten_all()?.to_vec1::<f32>()?;

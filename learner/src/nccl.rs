@@ -2,8 +2,10 @@
 //!
 //! cudarc's `Comm` is not `Send`, and NCCL gives no deadline of its own: a dead peer leaves the
 //! all-reduce kernel spinning forever. So one worker thread owns the communicator, and every
-//! operation is a request to it: the worker copies the bucket to the device, launches the
-//! all-reduce, records an event and polls it until it completes or the timeout passes. On a
+//! operation is a request to it. The worker reduces the flat gradient buffer bucket by bucket
+//! through one reused page-locked host buffer and one device buffer (allocated once, at
+//! connect): stage, copy to the device, launch the all-reduce, copy back, record an event and
+//! poll it until it completes or the timeout passes. On a
 //! timeout the worker drops the communicator (cudarc's `Drop` is `ncclCommAbort`), which ends
 //! the kernel; the operation and every later one fail with an error naming the rank, the
 //! operation and the timeout, and the learner stops (restart the ranks to resume from the last
@@ -14,10 +16,10 @@
 //! tensors that may live on the CPU; with candle's `cuda` feature a device-resident path can skip
 //! the copies. This module is compile-checked in CI; it runs only where CUDA and NCCL are.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::{Duration, Instant};
 
-use cudarc::driver::CudaContext;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
 use ril_model::optim::Gradients;
 
@@ -64,7 +66,6 @@ enum Request {
 pub struct NcclCollective {
     rank: usize,
     world: usize,
-    bucket_elems: usize,
     timeout: Duration,
     requests: std::sync::Mutex<mpsc::Sender<Request>>,
 }
@@ -88,11 +89,23 @@ impl NcclCollective {
     ) -> Result<Self> {
         crate::gpu::nccl_available().map_err(|e| LearnerError::Collective(e.to_string()))?;
         let id = id_from_bytes(id)?;
+        let bucket_elems = bucket_elems.max(1);
         let (tx, rx) = mpsc::channel::<Request>();
         let (ready_tx, ready_rx) = mpsc::channel::<std::result::Result<(), String>>();
         std::thread::Builder::new()
             .name(format!("nccl-rank-{rank}"))
-            .spawn(move || worker(rank, world, ordinal, id, timeout, rx, ready_tx))
+            .spawn(move || {
+                worker(
+                    rank,
+                    world,
+                    ordinal,
+                    id,
+                    timeout,
+                    bucket_elems,
+                    rx,
+                    ready_tx,
+                )
+            })
             .map_err(|e| {
                 LearnerError::Collective(format!("rank {rank}: spawning the NCCL thread: {e}"))
             })?;
@@ -109,7 +122,6 @@ impl NcclCollective {
         Ok(Self {
             rank,
             world,
-            bucket_elems: bucket_elems.max(1),
             timeout,
             requests: std::sync::Mutex::new(tx),
         })
@@ -142,12 +154,58 @@ impl NcclCollective {
     }
 }
 
+/// Reused transfer buffers: one bucket of page-locked host memory (DMA straight from it, no
+/// driver-side staging of pageable memory) and one bucket on the device.
+struct Staging {
+    pinned: PinnedHostSlice<f32>,
+    dev: CudaSlice<f32>,
+}
+
+impl Staging {
+    fn new(stream: &Arc<CudaStream>, elems: usize) -> std::result::Result<Self, String> {
+        let ctx = stream.context();
+        // Default flags: not write-combined, since the host reads the reduced bucket back.
+        // SAFETY: cuMemHostAlloc returns uninitialised memory; every bit pattern is a valid
+        // f32, and each bucket is written before the device reads it.
+        #[allow(unsafe_code)]
+        let pinned = unsafe { ctx.alloc_pinned_with_flags::<f32>(elems, 0) }
+            .map_err(|e| format!("allocating {elems} pinned host floats: {e:?}"))?;
+        let dev = stream
+            .alloc_zeros::<f32>(elems)
+            .map_err(|e| format!("allocating {elems} device floats: {e:?}"))?;
+        Ok(Self { pinned, dev })
+    }
+}
+
+/// Polls `event`-style completion of everything queued on `stream` until `deadline`.
+fn wait(stream: &Arc<CudaStream>, op: u64, timeout: Duration) -> std::result::Result<(), String> {
+    let done = stream
+        .record_event(None)
+        .map_err(|e| format!("all-reduce #{op}: event: {e:?}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match done.try_is_complete() {
+            Ok(true) => return Ok(()),
+            Ok(false) if Instant::now() < deadline => std::thread::sleep(Duration::from_micros(50)),
+            Ok(false) => {
+                return Err(format!(
+                    "all-reduce #{op} did not complete within {timeout:?} (a peer rank dead or \
+                     stalled); the communicator was aborted"
+                ));
+            }
+            Err(e) => return Err(format!("all-reduce #{op}: {e:?}")),
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn worker(
     rank: usize,
     world: usize,
     ordinal: usize,
     id: Id,
     timeout: Duration,
+    bucket_elems: usize,
     rx: mpsc::Receiver<Request>,
     ready: mpsc::Sender<std::result::Result<(), String>>,
 ) {
@@ -155,11 +213,12 @@ fn worker(
         .map_err(|e| format!("CUDA device {ordinal}: {e:?}"))
         .and_then(|ctx| {
             let stream = ctx.default_stream();
+            let staging = Staging::new(&stream, bucket_elems)?;
             Comm::from_rank(stream.clone(), rank, world, id)
-                .map(|c| (c, stream))
+                .map(|c| (c, stream, staging))
                 .map_err(|e| format!("ncclCommInitRank (rank {rank} of {world}): {e:?}"))
         });
-    let (comm, stream) = match setup {
+    let (comm, stream, mut staging) = match setup {
         Ok(x) => {
             let _ = ready.send(Ok(()));
             x
@@ -176,46 +235,52 @@ fn worker(
         let Some(c) = comm.as_ref() else {
             break;
         };
-        // Launch, then poll an event against the deadline; abort the communicator on timeout.
-        macro_rules! reduce {
-            ($host:expr, $reply:expr) => {{
-                let result = (|| -> std::result::Result<_, String> {
+        let failed = match req {
+            // Gradients: bucket by bucket through the reused pinned and device buffers, in place.
+            Request::F32(mut host, reply) => {
+                let result = (|| -> std::result::Result<(), String> {
+                    for chunk in host.chunks_mut(bucket_elems) {
+                        let n = chunk.len();
+                        let pinned = staging
+                            .pinned
+                            .as_mut_slice()
+                            .map_err(|e| format!("all-reduce #{op}: pinned buffer: {e:?}"))?;
+                        pinned[..n].copy_from_slice(chunk);
+                        let mut dev = staging.dev.slice_mut(..n);
+                        stream
+                            .memcpy_htod(&pinned[..n], &mut dev)
+                            .map_err(|e| format!("all-reduce #{op}: copy to device: {e:?}"))?;
+                        c.all_reduce_in_place(&mut dev, &ReduceOp::Sum)
+                            .map_err(|e| format!("all-reduce #{op}: ncclAllReduce: {e:?}"))?;
+                        stream
+                            .memcpy_dtoh(&dev, &mut pinned[..n])
+                            .map_err(|e| format!("all-reduce #{op}: copy to host: {e:?}"))?;
+                        wait(&stream, op, timeout)?;
+                        chunk.copy_from_slice(&pinned[..n]);
+                    }
+                    Ok(())
+                })();
+                let failed = result.is_err();
+                let _ = reply.send(result.map(|()| host));
+                failed
+            }
+            // Scalars (a few values): straight copies.
+            Request::F64(host, reply) => {
+                let result = (|| -> std::result::Result<Vec<f64>, String> {
                     let mut dev = stream
-                        .clone_htod(&$host)
+                        .clone_htod(&host)
                         .map_err(|e| format!("all-reduce #{op}: copy to device: {e:?}"))?;
                     c.all_reduce_in_place(&mut dev, &ReduceOp::Sum)
                         .map_err(|e| format!("all-reduce #{op}: ncclAllReduce: {e:?}"))?;
-                    let done = stream
-                        .record_event(None)
-                        .map_err(|e| format!("all-reduce #{op}: event: {e:?}"))?;
-                    let deadline = Instant::now() + timeout;
-                    loop {
-                        match done.try_is_complete() {
-                            Ok(true) => break,
-                            Ok(false) if Instant::now() < deadline => {
-                                std::thread::sleep(Duration::from_micros(200))
-                            }
-                            Ok(false) => {
-                                return Err(format!(
-                                    "all-reduce #{op} did not complete within {timeout:?} \
-                                     (a peer rank dead or stalled); the communicator was aborted"
-                                ));
-                            }
-                            Err(e) => return Err(format!("all-reduce #{op}: {e:?}")),
-                        }
-                    }
+                    wait(&stream, op, timeout)?;
                     stream
                         .clone_dtoh(&dev)
                         .map_err(|e| format!("all-reduce #{op}: copy to host: {e:?}"))
                 })();
                 let failed = result.is_err();
-                let _ = $reply.send(result);
+                let _ = reply.send(result);
                 failed
-            }};
-        }
-        let failed = match req {
-            Request::F32(host, reply) => reduce!(host, reply),
-            Request::F64(host, reply) => reduce!(host, reply),
+            }
         };
         if failed {
             // ncclCommAbort: ends a hung kernel; later requests find no communicator.
@@ -236,12 +301,9 @@ impl Collective for NcclCollective {
     fn all_reduce_sum(&self, grads: &mut Gradients) -> Result<()> {
         let mut flat = FlatGradients::new(grads)?;
         flat.check_same_layout(self)?;
-        let mut out = Vec::with_capacity(flat.values.len());
-        for bucket in flat.values.chunks(self.bucket_elems) {
-            let b = bucket.to_vec();
-            out.extend(self.call(|tx| Request::F32(b, tx))?);
-        }
-        flat.values = out;
+        // One request for the whole buffer; the worker reduces it bucket by bucket in place.
+        let values = std::mem::take(&mut flat.values);
+        flat.values = self.call(|tx| Request::F32(values, tx))?;
         flat.write_back(grads)
     }
 
