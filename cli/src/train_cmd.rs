@@ -185,15 +185,81 @@ pub struct InitArgs {
     /// Decoder width, overriding the size's default (heads keep 32 dimensions each).
     #[arg(long)]
     pub hidden: Option<usize>,
+    /// Vision-tower layers, overriding the size's default.
+    #[arg(long)]
+    pub vision_layers: Option<usize>,
+    /// Vision-tower width, overriding the size's default (MLP 4x wide; 4 heads, so a multiple
+    /// of 4).
+    #[arg(long)]
+    pub vision_hidden: Option<usize>,
     /// Image side in pixels, overriding the size's default (must be a multiple of the patch).
     #[arg(long)]
     pub image_size: Option<usize>,
     #[arg(long)]
     pub patch_size: Option<usize>,
+    /// Start the vision tower from this model directory's (LLaVA's recipe: a trained vision
+    /// encoder under a new language model). Its vision config must match the new model's; the
+    /// projector and the decoder stay random.
+    #[arg(long)]
+    pub vision_from: Option<PathBuf>,
     #[arg(long)]
     pub out: PathBuf,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+}
+
+/// Copies every `vision_tower.*` tensor of the model in `dir` into `model`.
+fn copy_vision_tower(model: &Vlm, dir: &std::path::Path) -> anyhow::Result<usize> {
+    let source = Vlm::from_pretrained(
+        dir,
+        Head::LanguageModel,
+        &candle_core::Device::Cpu,
+        DType::F32,
+    )
+    .with_context(|| format!("--vision-from {}", dir.display()))?;
+    let (want, have) = (
+        &model.config().vision_config,
+        &source.config().vision_config,
+    );
+    let key = |c: &ril_model::config::ClipVisionConfig| {
+        (
+            c.hidden_size,
+            c.intermediate_size,
+            c.num_hidden_layers,
+            c.num_attention_heads,
+            c.image_size,
+            c.patch_size,
+            c.num_channels,
+        )
+    };
+    anyhow::ensure!(
+        key(want) == key(have),
+        "--vision-from {}: its vision tower (width {}, {} layers, {}-px images in {}-px patches) \
+         differs from the new model's (width {}, {} layers, {}-px images in {}-px patches)",
+        dir.display(),
+        have.hidden_size,
+        have.num_hidden_layers,
+        have.image_size,
+        have.patch_size,
+        want.hidden_size,
+        want.num_hidden_layers,
+        want.image_size,
+        want.patch_size
+    );
+    let from = source.named_vars();
+    let prefix = format!("{}.", ril_model::vlm::VISION_PREFIX);
+    let mut copied = 0;
+    for (name, var) in model.named_vars() {
+        if !name.starts_with(&prefix) {
+            continue;
+        }
+        let src = from
+            .get(&name)
+            .with_context(|| format!("--vision-from {}: no tensor {name}", dir.display()))?;
+        var.set(&src.as_tensor().to_dtype(var.dtype())?)?;
+        copied += 1;
+    }
+    Ok(copied)
 }
 
 /// A new random model directory for a tokenizer.
@@ -211,6 +277,13 @@ pub fn init(a: &InitArgs) -> anyhow::Result<()> {
         cfg.text_config.intermediate_size = 3 * h;
         cfg.text_config.num_attention_heads = (h / 32).max(1);
         cfg.text_config.num_key_value_heads = Some((h / 64).max(1));
+    }
+    if let Some(l) = a.vision_layers {
+        cfg.vision_config.num_hidden_layers = l;
+    }
+    if let Some(h) = a.vision_hidden {
+        cfg.vision_config.hidden_size = h;
+        cfg.vision_config.intermediate_size = 4 * h;
     }
     if let Some(s) = a.image_size {
         cfg.vision_config.image_size = s;
@@ -231,6 +304,10 @@ pub fn init(a: &InitArgs) -> anyhow::Result<()> {
         DType::F32,
         a.seed,
     )?;
+    if let Some(dir) = &a.vision_from {
+        let copied = copy_vision_tower(&model, dir)?;
+        println!("vision tower: {copied} tensors from {}", dir.display());
+    }
     let (n, _) = model.parameter_counts();
     let processor = ImageProcessor::new(ImageProcessorConfig::clip(
         cfg.vision_config.image_size as u32,

@@ -126,6 +126,71 @@ fn synth_tokenizer_init_sft_eval() {
     let b = std::fs::read(sb.path("sft-resumed/final/model.safetensors")).unwrap();
     assert_eq!(a, b, "a resumed run ends with the same weights");
 
+    // A bigger decoder over the trained vision tower (LLaVA's recipe): the tower's tensors are
+    // copied bit for bit, the rest is new.
+    ok(&sb.ril(&[
+        "model",
+        "init",
+        "--tokenizer",
+        "tok",
+        "--size",
+        "test",
+        "--hidden",
+        "96",
+        "--layers",
+        "3",
+        "--seed",
+        "5",
+        "--vision-from",
+        "sft/final",
+        "--out",
+        "bigger",
+    ]));
+    let load = |dir: &str| {
+        candle_core::safetensors::load(
+            sb.path(&format!("{dir}/model.safetensors")),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (trained, bigger) = (load("sft/final"), load("bigger"));
+    let mut vision = 0;
+    for (name, t) in &bigger {
+        let same = trained.get(name).is_some_and(|u| {
+            u.dims() == t.dims()
+                && u.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    == t.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        });
+        if name.starts_with("vision_tower.") {
+            assert!(same, "{name} was not copied");
+            vision += 1;
+        } else if name.starts_with("language_model.") && name.ends_with("proj.weight") {
+            assert!(!same, "{name} should be new");
+        }
+    }
+    assert!(vision > 10, "{vision} vision tensors");
+    // A tower of another shape is refused, naming both.
+    let out = sb.ril(&[
+        "model",
+        "init",
+        "--tokenizer",
+        "tok",
+        "--size",
+        "test",
+        "--vision-hidden",
+        "48",
+        "--vision-from",
+        "sft/final",
+        "--out",
+        "mismatch",
+    ]);
+    assert!(!out.status.success());
+    let err = stderr(&out);
+    assert!(
+        err.contains("--vision-from") && err.contains("width 32") && err.contains("width 48"),
+        "{err}"
+    );
+
     let out = sb.ril(&[
         "eval",
         "--model",
