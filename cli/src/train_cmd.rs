@@ -365,6 +365,11 @@ pub struct SftArgs {
     /// reference, teacher:NAME, or style:terse|reasoned.
     #[arg(long, default_value = "reference")]
     pub target: String,
+    /// Keep tensors whose names start with this prefix fixed (repeatable), e.g. `vision_tower`
+    /// to train a new decoder over a trained vision tower without disturbing it. A resumed run
+    /// must freeze the same ones.
+    #[arg(long)]
+    pub freeze: Vec<String>,
     #[arg(long)]
     pub skip_bad_rows: bool,
 }
@@ -426,8 +431,19 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
     let device = candle_core::Device::Cpu;
     let bundle = Bundle::load(start_dir, Head::LanguageModel, &device, DType::F32)
         .with_context(|| format!("loading {}", start_dir.display()))?;
+    let mut params = bundle.model.trainable_vars();
+    for prefix in &a.freeze {
+        let before = params.len();
+        params.retain(|name, _| !name.starts_with(prefix.as_str()));
+        anyhow::ensure!(
+            params.len() < before,
+            "--freeze {prefix}: no trainable tensor of {} starts with it",
+            start_dir.display()
+        );
+    }
+    anyhow::ensure!(!params.is_empty(), "--freeze left nothing to train");
     let mut optimizer = AdamW::new(
-        bundle.model.trainable_vars(),
+        params,
         AdamWConfig {
             lr: a.lr,
             weight_decay: a.weight_decay,

@@ -27,6 +27,7 @@ pub mod examples;
 pub mod gpu;
 pub mod grpc;
 pub mod grpo;
+pub mod metrics_log;
 #[cfg(feature = "nccl")]
 pub mod nccl;
 pub mod options;

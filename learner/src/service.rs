@@ -1026,6 +1026,14 @@ impl<C: CoordinatorLink> LearnerService<C> {
             metrics.insert(format!("actor_{k}_ms"), sum / n);
         }
         metrics.extend(extra_metrics);
+        let metrics_path = self
+            .inner
+            .options
+            .out_dir
+            .join(crate::metrics_log::METRICS_FILE);
+        if let Err(e) = crate::metrics_log::append(&metrics_path, iteration, version, &metrics) {
+            tracing::warn!(error = %e, "writing the step's metrics line failed");
+        }
         let nan = f64::NAN;
         tracing::info!(
             target: "ril_learner::step",

@@ -223,6 +223,13 @@ impl Trainer {
                 (policy, optimizer, state, None)
             }
         };
+        if options.rank == 0 {
+            let path = options.out_dir.join(crate::metrics_log::METRICS_FILE);
+            let dropped = crate::metrics_log::truncate_after(&path, saved_version.unwrap_or(0))?;
+            if dropped > 0 {
+                tracing::info!(dropped, path = %path.display(), "dropped the metrics lines after the resume point");
+            }
+        }
         if policy.model.config() != reference.config() {
             return Err(LearnerError::Invalid(format!(
                 "the policy ({}) and the reference ({}) have different model configs",
