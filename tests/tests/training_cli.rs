@@ -169,6 +169,60 @@ fn synth_tokenizer_init_sft_eval() {
         }
     }
     assert!(vision > 10, "{vision} vision tensors");
+    // Training the new decoder with the tower frozen leaves the tower as it was.
+    let sft_frozen = |freeze: &str, out: &str| {
+        sb.ril(&[
+            "sft",
+            "--model",
+            "bigger",
+            "--data",
+            "shapes",
+            "--out",
+            out,
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--eval-every",
+            "0",
+            "--save-every",
+            "0",
+            "--freeze",
+            freeze,
+        ])
+    };
+    ok(&sft_frozen("vision_tower", "frozen"));
+    let frozen = load("frozen/final");
+    let changed = |name: &str| {
+        frozen[name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            != bigger[name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+    };
+    for name in bigger.keys() {
+        if name.starts_with("vision_tower.") {
+            assert!(!changed(name), "{name} moved although frozen");
+        }
+    }
+    assert!(
+        bigger
+            .keys()
+            .any(|n| n.starts_with("language_model.") && changed(n)),
+        "the decoder did not train"
+    );
+    let out = sft_frozen("no_such_module", "nothing");
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("--freeze no_such_module"),
+        "{}",
+        stderr(&out)
+    );
     // A tower of another shape is refused, naming both.
     let out = sb.ril(&[
         "model",
