@@ -71,6 +71,11 @@ pub struct DiscriminatorServeArgs {
     pub serve: ServeArgs,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// The environment variable that holds the LLM judge's API key (`[discriminator.judge]
+    /// kind = "llm"`), e.g. filled from a Kubernetes Secret, so that the key never has to be
+    /// written into the run config. An unset or empty variable: no key is sent.
+    #[arg(long, value_name = "VAR")]
+    pub judge_api_key_env: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -117,6 +122,14 @@ pub struct ActorArgs {
     /// Stop after this many leases.
     #[arg(long)]
     pub max_leases: Option<u64>,
+    /// Serve grpc.health.v1 (and reflection) here while the actor runs, e.g. 0.0.0.0:50070.
+    /// An actor serves no RPCs of its own; this gives Kubernetes' gRPC probes an endpoint. It
+    /// answers SERVING while the actor runs and NOT_SERVING once it is stopping.
+    #[arg(long, value_name = "ADDR")]
+    pub health_listen: Option<String>,
+    /// Writes the health endpoint's bound address here (for `--health-listen` with port 0).
+    #[arg(long, requires = "health_listen")]
+    pub health_addr_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -264,13 +277,43 @@ pub fn teacher(args: &TeacherArgs) -> anyhow::Result<()> {
 }
 
 pub fn discriminator(args: &DiscriminatorServeArgs) -> anyhow::Result<()> {
-    let cfg = RunConfig::load(&args.serve.config)?;
+    let mut cfg = RunConfig::load(&args.serve.config)?;
+    if let Some(var) = &args.judge_api_key_env {
+        judge_api_key_from_env(&mut cfg.discriminator.judge, var, std::env::var(var).ok())?;
+    }
     let device = crate::device::parse(&args.device)?;
     runtime()?.block_on(async {
         let bound = bind(&args.serve).await?;
         serve_role(|stop| ril_discriminator::serve(cfg.discriminator.clone(), device, bound, stop))
             .await
     })
+}
+
+/// `--judge-api-key-env VAR`: the LLM judge's key is `VAR`'s value. Only an LLM judge takes a
+/// key, and a key written into the config as well is refused (one source, the secret one).
+fn judge_api_key_from_env(
+    judge: &mut ril_discriminator::JudgeBackend,
+    var: &str,
+    value: Option<String>,
+) -> anyhow::Result<()> {
+    let ril_discriminator::JudgeBackend::Llm(cfg) = judge else {
+        bail!(
+            "--judge-api-key-env {var}: the judge is not an LLM judge; only [discriminator.judge] kind = \"llm\" takes an API key"
+        );
+    };
+    if cfg.api_key.is_some() {
+        bail!(
+            "--judge-api-key-env {var}: [discriminator.judge] api_key is set in the config too; remove it from the config and keep the key in {var} only"
+        );
+    }
+    match value {
+        Some(key) if !key.is_empty() => cfg.api_key = Some(key),
+        _ => tracing::warn!(
+            var,
+            "the judge's API key variable is unset or empty: asking the judge without a key"
+        ),
+    }
+    Ok(())
 }
 
 pub fn pretrain(args: &PretrainArgs) -> anyhow::Result<()> {
@@ -325,10 +368,19 @@ pub fn actor(args: &ActorArgs) -> anyhow::Result<()> {
     opts.questions_per_lease = cfg.actors.questions_per_lease;
     opts.seed = cfg.run.seed;
     opts.max_leases = args.max_leases;
-    let summary = runtime()?.block_on(ril_actor::run_actor(
-        opts,
-        ril_proto::server::shutdown_signal(),
-    ))?;
+    let summary = runtime()?.block_on(async {
+        let health = match &args.health_listen {
+            Some(listen) => {
+                Some(HealthEndpoint::start(listen, args.health_addr_file.as_deref()).await?)
+            }
+            None => None,
+        };
+        let summary = ril_actor::run_actor(opts, ril_proto::server::shutdown_signal()).await;
+        if let Some(h) = health {
+            h.stop().await;
+        }
+        anyhow::Ok(summary?)
+    })?;
     tracing::info!(
         leases = summary.leases,
         groups_pushed = summary.groups_pushed,
@@ -339,6 +391,76 @@ pub fn actor(args: &ActorArgs) -> anyhow::Result<()> {
         "actor done"
     );
     Ok(())
+}
+
+/// A grpc.health.v1 endpoint (with reflection) for a role that serves no RPCs of its own (the
+/// actor), so that Kubernetes' gRPC probes have something to ask. SERVING from the moment it
+/// listens; NOT_SERVING once the process is asked to stop (SIGTERM or Ctrl-C), while the role
+/// finishes its work.
+struct HealthEndpoint {
+    reporter: ril_proto::server::HealthReporter,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
+    addr: std::net::SocketAddr,
+}
+
+impl HealthEndpoint {
+    async fn start(listen: &str, addr_file: Option<&std::path::Path>) -> anyhow::Result<Self> {
+        use ril_proto::server::{self, ServingStatus};
+        let bound = server::bind(listen).await?;
+        let addr = bound.addr;
+        let (reporter, health) = server::health(std::iter::empty()).await;
+        server::set_status(&reporter, &[], ServingStatus::Serving).await;
+        let (reflection_v1, reflection_v1alpha) = server::reflection()?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(
+            server::builder()
+                .add_service(
+                    health
+                        .max_decoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES)
+                        .max_encoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES),
+                )
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .serve_with_incoming_shutdown(server::incoming(bound), async {
+                    let _ = stopped.await;
+                }),
+        );
+        {
+            // Draining: the role finishes its lease after the signal; say so to the probes.
+            let reporter = reporter.clone();
+            tokio::spawn(async move {
+                server::shutdown_signal().await;
+                server::set_status(&reporter, &[], ServingStatus::NotServing).await;
+            });
+        }
+        tracing::info!(%addr, "health endpoint listening (grpc.health.v1)");
+        if let Some(f) = addr_file {
+            crate::supervise::write_addr_file(f, &addr)?;
+        }
+        Ok(Self {
+            reporter,
+            stop,
+            server,
+            addr,
+        })
+    }
+
+    async fn stop(self) {
+        use ril_proto::server::{self, ServingStatus};
+        server::set_status(&self.reporter, &[], ServingStatus::NotServing).await;
+        let _ = self.stop.send(());
+        match tokio::time::timeout(SHUTDOWN_GRACE, self.server).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(addr = %self.addr, error = %e, "health endpoint failed")
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(addr = %self.addr, error = %e, "health endpoint task failed")
+            }
+            Err(_) => tracing::warn!(addr = %self.addr, "health endpoint still draining; exiting"),
+        }
+    }
 }
 
 /// Fetches the run's status.
@@ -440,4 +562,55 @@ pub fn config_check(path: &std::path::Path) -> anyhow::Result<()> {
             .join(", ")
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn llm_judge() -> ril_discriminator::JudgeBackend {
+        ril_discriminator::JudgeBackend::Llm(ril_discriminator::judge::JudgeConfig::new(
+            "http://judge:8000/v1",
+            "judge-model",
+        ))
+    }
+
+    fn key(judge: &ril_discriminator::JudgeBackend) -> Option<String> {
+        match judge {
+            ril_discriminator::JudgeBackend::Llm(c) => c.api_key.clone(),
+            ril_discriminator::JudgeBackend::Rule => None,
+        }
+    }
+
+    #[test]
+    fn the_judge_key_comes_from_the_named_variable_only() {
+        let mut judge = llm_judge();
+        judge_api_key_from_env(&mut judge, "JUDGE_API_KEY", Some("s3cret".into())).unwrap();
+        assert_eq!(key(&judge).as_deref(), Some("s3cret"));
+        // The key is redacted wherever the config is shown.
+        assert!(!format!("{judge:?}").contains("s3cret"));
+
+        // Unset or empty (an optional Secret that is absent): no key.
+        for value in [None, Some(String::new())] {
+            let mut judge = llm_judge();
+            judge_api_key_from_env(&mut judge, "JUDGE_API_KEY", value).unwrap();
+            assert_eq!(key(&judge), None);
+        }
+
+        // A key in the config as well, or a judge that takes no key, is a mistake to report.
+        let mut judge = llm_judge();
+        if let ril_discriminator::JudgeBackend::Llm(c) = &mut judge {
+            c.api_key = Some("in-the-config".into());
+        }
+        let e = judge_api_key_from_env(&mut judge, "JUDGE_API_KEY", Some("k".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api_key") && e.contains("JUDGE_API_KEY"), "{e}");
+        assert!(!e.contains("in-the-config"), "{e}");
+        let mut rule = ril_discriminator::JudgeBackend::Rule;
+        let e = judge_api_key_from_env(&mut rule, "JUDGE_API_KEY", Some("k".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kind = \"llm\""), "{e}");
+    }
 }
