@@ -16,10 +16,15 @@ pub enum GpuUnavailable {
 }
 
 /// Checks that the CUDA driver and NCCL libraries can be loaded. cudarc loads them lazily and
-/// panics when they are missing, so every NCCL code path calls this first.
+/// panics when they are missing, so every NCCL code path calls this first. (Linked at build
+/// time instead, `linked-cuda`, the process could not have started without them.)
 #[allow(unsafe_code)]
 pub fn nccl_available() -> Result<(), GpuUnavailable> {
-    #[cfg(feature = "nccl")]
+    #[cfg(all(feature = "nccl", feature = "linked-cuda"))]
+    {
+        Ok(())
+    }
+    #[cfg(all(feature = "nccl", not(feature = "linked-cuda")))]
     {
         // SAFETY: these only try to dlopen the vendor libraries (running their initialisers,
         // which is why cudarc marks them unsafe); nothing is called through them here.
