@@ -14,9 +14,9 @@ use crate::config::RunConfig;
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
-    /// Where the demo writes everything (data, run state, checkpoints, logs).
-    #[arg(long, default_value = "runs/demo")]
-    pub dir: PathBuf,
+    /// The run directory: data, run state, checkpoints, logs, `report.json`, `metrics.jsonl`.
+    #[arg(long, visible_alias = "dir", default_value = "runs/demo")]
+    pub out: PathBuf,
     /// The built-in models (student, teacher-terse, teacher-reasoned).
     #[arg(long, default_value = "models/builtin")]
     pub models: PathBuf,
@@ -30,8 +30,8 @@ pub struct DemoArgs {
     pub group_size: u32,
     #[arg(long, default_value_t = 2)]
     pub actors: u32,
-    /// Test questions evaluated before and after.
-    #[arg(long, default_value_t = 100)]
+    /// Test questions evaluated before and after (greedy).
+    #[arg(long, default_value_t = 500)]
     pub eval_rows: usize,
     /// SFT steps for the models made on first use when the built-in ones are missing.
     #[arg(long, default_value_t = 300)]
@@ -65,7 +65,7 @@ fn models(args: &DemoArgs, data: &Path) -> anyhow::Result<PathBuf> {
         tracing::info!(dir = %args.models.display(), "using the built-in models");
         return Ok(args.models.clone());
     }
-    let out = args.dir.join("models");
+    let out = args.out.join("models");
     if MODELS
         .iter()
         .all(|m| out.join(m).join("config.json").is_file())
@@ -77,7 +77,7 @@ fn models(args: &DemoArgs, data: &Path) -> anyhow::Result<PathBuf> {
         missing = %args.models.display(),
         "built-in models not found: making small ones on first use (a few minutes)"
     );
-    let work = args.dir.join("models-work");
+    let work = args.out.join("models-work");
     let tok = work.join("tokenizer");
     let tok_s = p(&tok);
     ril(&[
@@ -166,7 +166,7 @@ fn write_config(args: &DemoArgs, data: &Path, models: &Path) -> anyhow::Result<P
             &std::fs::canonicalize(x).with_context(|| format!("resolving {}", x.display()))?
         ))
     };
-    let dir = abs(&args.dir)?;
+    let dir = abs(&args.out)?;
     let toml = format!(
         r#"# Written by `ril demo`: a short RIL run on the built-in tiny models.
 [run]
@@ -235,16 +235,18 @@ max_new_tokens = 48
         g = args.group_size,
         actors = args.actors,
     );
-    let path = args.dir.join("run.toml");
+    let path = args.out.join("run.toml");
     std::fs::write(&path, toml).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let started = std::time::Instant::now();
-    std::fs::create_dir_all(&args.dir)
-        .with_context(|| format!("creating {}", args.dir.display()))?;
-    let data = args.dir.join("data");
+    let mut stages: Vec<(&str, f64)> = Vec::new();
+    let mut stage = std::time::Instant::now();
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let data = args.out.join("data");
     if !data.join("train.jsonl").is_file() {
         ril(&[
             "data",
@@ -255,15 +257,21 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
             "0",
             "--image-size",
             "72",
+            "--jitter",
+            "0",
             "--n-train",
             "2000",
             "--n-val",
-            "100",
+            "200",
             "--n-test",
             "500",
         ])?;
     }
+    stages.push(("data", stage.elapsed().as_secs_f64()));
+    stage = std::time::Instant::now();
     let models = models(args, &data)?;
+    stages.push(("models", stage.elapsed().as_secs_f64()));
+    stage = std::time::Instant::now();
     let config = write_config(args, &data, &models)?;
     let cfg = RunConfig::load(&config)?;
     // A fresh run each time: the demo's state is its own.
@@ -277,6 +285,8 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     };
     let outcome = crate::roles::runtime()?.block_on(run_cluster(&cfg, &config, &train))?;
     println!("{}", crate::roles::format_status(&outcome.status));
+    stages.push(("ril", stage.elapsed().as_secs_f64()));
+    stage = std::time::Instant::now();
     let final_ckpt = cfg
         .learner
         .out_dir
@@ -294,8 +304,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         "--max-rows",
         &rows,
         "--out",
-        &p(&args.dir.join("eval-before.json")),
+        &p(&args.out.join("eval-before.json")),
     ])?;
+    stages.push(("eval_before", stage.elapsed().as_secs_f64()));
+    stage = std::time::Instant::now();
     println!(
         "== the student after {} RIL iterations ({}) ==",
         outcome.status.policy_version,
@@ -312,13 +324,123 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         "--max-rows",
         &rows,
         "--out",
-        &p(&args.dir.join("eval-after.json")),
+        &p(&args.out.join("eval-after.json")),
     ])?;
+    stages.push(("eval_after", stage.elapsed().as_secs_f64()));
+    let report = write_report(args, &outcome, &stages, started.elapsed().as_secs_f64())?;
+    println!("{report}");
     println!(
-        "demo finished in {:.0} s (the RIL run {:.0} s); logs in {}",
+        "demo finished in {:.0} s (the RIL run {:.0} s); report, metrics and logs in {}",
         started.elapsed().as_secs_f64(),
         outcome.seconds,
-        cfg.run.dir.join("logs").display()
+        args.out.display()
     );
     Ok(())
+}
+
+fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Mean of `key` over the first and the last `k` lines of the run's metrics (lines lacking it
+/// are skipped).
+fn first_last(lines: &[serde_json::Value], key: &str, k: usize) -> serde_json::Value {
+    let vals: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l.get(key).and_then(|v| v.as_f64()))
+        .collect();
+    if vals.is_empty() {
+        return serde_json::Value::Null;
+    }
+    let k = k.clamp(1, vals.len());
+    let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
+    serde_json::json!({
+        "first": mean(&vals[..k]),
+        "last": mean(&vals[vals.len() - k..]),
+        "steps": vals.len(),
+    })
+}
+
+/// `report.json` (accuracy before/after overall and per family, reward components, D accuracy,
+/// KL, wall time per stage) and `metrics.jsonl` (the learner's per-step lines) in the run
+/// directory; returns the terminal summary.
+fn write_report(
+    args: &DemoArgs,
+    outcome: &crate::cluster::TrainOutcome,
+    stages: &[(&str, f64)],
+    wall: f64,
+) -> anyhow::Result<String> {
+    let before = read_json(&args.out.join("eval-before.json"))?;
+    let after = read_json(&args.out.join("eval-after.json"))?;
+    let metrics_src = outcome
+        .learner_dir
+        .join(ril_learner::metrics_log::METRICS_FILE);
+    let metrics_dst = args.out.join(ril_learner::metrics_log::METRICS_FILE);
+    std::fs::copy(&metrics_src, &metrics_dst).with_context(|| {
+        format!(
+            "copying {} to {}",
+            metrics_src.display(),
+            metrics_dst.display()
+        )
+    })?;
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_dst)?
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let k = (lines.len() / 4).max(1);
+    let mut families = serde_json::Map::new();
+    if let Some(fams) = before["per_family"].as_object() {
+        for (name, b) in fams {
+            families.insert(
+                name.clone(),
+                serde_json::json!({
+                    "questions": b["total"],
+                    "before": b["accuracy"],
+                    "after": after["per_family"][name]["accuracy"],
+                }),
+            );
+        }
+    }
+    let mut components = serde_json::Map::new();
+    for key in [
+        "reward_student_mean",
+        "reward_teacher_mean",
+        "reward_ans_student_mean",
+        "reward_ans_teacher_mean",
+        "reward_sim_student_mean",
+        "reward_sim_teacher_mean",
+    ] {
+        components.insert(key.into(), first_last(&lines, key, k));
+    }
+    let report = serde_json::json!({
+        "accuracy": {
+            "before": before["accuracy"],
+            "after": after["accuracy"],
+            "questions": after["questions"],
+            "per_family": families,
+        },
+        "iterations": outcome.status.policy_version,
+        "reward_components": components,
+        "d_accuracy": first_last(&lines, "d_accuracy", k),
+        "kl": first_last(&lines, "kl_mean", k),
+        "entropy": first_last(&lines, "entropy_mean", k),
+        "wall_time_s": wall,
+        "stage_seconds": stages.iter().map(|(n, s)| (n.to_string(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
+        "run_dir": args.out,
+    });
+    let path = args.out.join("report.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&report)?)
+        .with_context(|| format!("writing {}", path.display()))?;
+    let pct = |v: &serde_json::Value| v.as_f64().map(|x| format!("{:.1} %", 100.0 * x));
+    Ok(format!(
+        "held-out accuracy ({} test questions, greedy): {} before RIL -> {} after {} iterations \
+         (report: {})",
+        after["questions"],
+        pct(&before["accuracy"]).unwrap_or_default(),
+        pct(&after["accuracy"]).unwrap_or_default(),
+        outcome.status.policy_version,
+        path.display()
+    ))
 }
