@@ -429,15 +429,29 @@ fn a_nan_loss_is_an_error_and_the_weights_are_untouched() {
     }
 }
 
-/// Data parallelism: two learner ranks, each with one group, joined by the CPU ring collective,
-/// end three steps with the weights one rank gets from both groups. The sums differ only in
-/// float order (per-rank partial sums, then the ring's addition), so the weights agree to
-/// ~1e-6 of the step size; Adam's eps is raised from 1e-8 to 1e-6 so that gradients which are
+/// Data parallelism: R learner ranks, each with one group, joined by the CPU ring collective,
+/// end three steps with the weights one rank gets from all R groups. The sums differ only in
+/// float order (per-rank partial sums, then the ring's chunked additions), so the weights agree
+/// to ~1e-6 of the step size; Adam's eps is raised from 1e-8 to 1e-6 so that gradients which are
 /// pure rounding noise (exactly zero in exact arithmetic) do not take full-size steps.
-#[test]
-fn two_ring_ranks_equal_one_rank_after_several_steps() {
+fn ring_ranks_equal_one_rank(world: usize) {
     use ril_learner::ring::TcpRing;
-    let s = setup(1.0);
+    let mut s = setup(1.0);
+    // A third group (3 students + 2 teachers) when three ranks need one each.
+    while s.groups.len() < world {
+        let i = s.groups.len();
+        let row = colour_row(i);
+        let g = responses(
+            &s.policy,
+            &row,
+            i as u64,
+            3,
+            &["blue", "the blue one"],
+            1.0,
+            0,
+        );
+        s.groups.push(group(&s.policy, &row, i as u64, g));
+    }
     let dir = s._tmp.path().join("policy");
     let cfg = GrpoConfig {
         lr: 1e-3,
@@ -461,7 +475,7 @@ fn two_ring_ranks_equal_one_rank_after_several_steps() {
         .unwrap();
     }
 
-    let listeners: Vec<std::net::TcpListener> = (0..2)
+    let listeners: Vec<std::net::TcpListener> = (0..world)
         .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
         .collect();
     let addrs: Vec<String> = listeners
@@ -494,12 +508,12 @@ fn two_ring_ranks_equal_one_rank_after_several_steps() {
     let one = weights(&single.model);
     let initial = weights(&load(&dir).model);
     let mut moved = 0f32;
-    for ranked in &results {
+    for (rank, ranked) in results.iter().enumerate() {
         for (((name, a), (_, b)), (_, w0)) in one.iter().zip(ranked).zip(&initial) {
             for ((x, y), z) in a.iter().zip(b).zip(w0) {
                 assert!(
                     (x - y).abs() <= 1e-6,
-                    "`{name}`: one rank {x}, two ranks {y} (initial {z})"
+                    "`{name}`: one rank {x}, rank {rank} of {world} {y} (initial {z})"
                 );
                 moved = moved.max((x - z).abs());
             }
@@ -507,6 +521,16 @@ fn two_ring_ranks_equal_one_rank_after_several_steps() {
     }
     // The test would be empty if nothing moved: three steps of lr 1e-3 move weights ~1e-3.
     assert!(moved > 1e-4, "the weights did not move ({moved})");
+}
+
+#[test]
+fn two_ring_ranks_equal_one_rank_after_several_steps() {
+    ring_ranks_equal_one_rank(2);
+}
+
+#[test]
+fn three_ring_ranks_equal_one_rank_after_several_steps() {
+    ring_ranks_equal_one_rank(3);
 }
 
 /// SHA-256 of a model's weights (names and values in name order), as the ranks compare them.
