@@ -827,6 +827,54 @@ impl Coordinator {
         })
     }
 
+    /// Learner rank 0 starts from `version` (its checkpoint). Versions published after it are
+    /// forgotten (never checkpointed, so no learner can serve them), and groups accepted for
+    /// iterations from `version` on are taken back and re-issued: the learner that accepted
+    /// them held them in memory only. Idempotent, so a rank polling the rendezvous repeats it
+    /// harmlessly. A version more than one beyond the latest published one is refused: that
+    /// checkpoint is not this run's.
+    fn rewind_to(&mut self, version: u64, now: Now) -> Result<()> {
+        self.transact(now, |book, _, options| {
+            let latest = book.state.version;
+            // One ahead is a learner that checkpointed a version and stopped before publishing
+            // it; it publishes it again once joined.
+            if version > latest + 1 {
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "learner rank 0 starts from version {version}, but this run has published \
+                     only up to version {latest}: its checkpoint is not from this run (point \
+                     the learner's out_dir at this run's, or start a fresh run directory)"
+                )));
+            }
+            if version < latest {
+                book.state.version = version;
+                book.state.history.retain(|r| r.version <= version);
+                book.dirty = true;
+                tracing::warn!(
+                    from = latest,
+                    to = version,
+                    "the learner restarted from an older checkpoint: versions after it are forgotten"
+                );
+            }
+            let first = version.saturating_mul(options.questions_per_iteration);
+            let mut taken_back = Vec::new();
+            for position in first..book.state.cursor {
+                if book.state.accepted.remove(position) {
+                    book.reissue.insert(position);
+                    taken_back.push(position);
+                }
+            }
+            if !taken_back.is_empty() {
+                book.dirty = true;
+                tracing::warn!(
+                    version,
+                    positions = ?taken_back,
+                    "groups accepted but never trained (the learner restarted): re-issued"
+                );
+            }
+            Ok(())
+        })
+    }
+
     /// A learner rank joins. Ranks poll until `ready`; rank 0 brings the collective's id.
     /// The address of learner rank 0 once it has joined (actors pull weights from it).
     pub fn learner_rank0_addr(&self) -> Option<String> {
@@ -839,6 +887,8 @@ impl Coordinator {
         addr: &str,
         collective_id: &[u8],
         collective_addr: &str,
+        version: u64,
+        now: Now,
     ) -> Result<Rendezvous> {
         let world_size = self.options.learner_world_size;
         if rank >= world_size {
@@ -853,6 +903,9 @@ impl Coordinator {
                 "collective_id",
                 format!("only rank 0 brings the collective id (rank {rank} sent one)"),
             ));
+        }
+        if rank == 0 {
+            self.rewind_to(version, now)?;
         }
         let book = &mut self.book;
         if rank == 0 && book.collective_id != collective_id {

@@ -401,6 +401,61 @@ fn completed_leases_return_positions_and_wait_a_lease_timeout_for_acceptance() {
     assert_eq!(positions(&g2), [1, 2, 3], "position 1 was never accepted");
 }
 
+/// A learner that stops loses the groups it accepted but had not trained (they live in its
+/// memory). When rank 0 joins again from its checkpoint, the coordinator takes back what was
+/// accepted for iterations from that version on, re-issues it, and forgets later versions.
+#[test]
+fn a_restarted_learner_gets_back_what_it_accepted_but_never_trained() {
+    let f = fixture();
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    let t = Now::current();
+    // Iteration 0 (positions 0-3) trained and published as version 1, checkpointed.
+    let g = c.lease("a", 4, 0, t).unwrap();
+    for p in 0..4 {
+        assert_eq!(accept(&mut c, &g, p, t), Acceptance::Accepted);
+    }
+    c.publish_version(1, 0, "ckpt-1", t).unwrap();
+    // Iteration 1: version 2 published (not checkpointed), iteration 2 half accepted.
+    let g = c.lease("a", 4, 1, t).unwrap();
+    for p in 4..8 {
+        assert_eq!(accept(&mut c, &g, p, t), Acceptance::Accepted);
+    }
+    c.publish_version(2, 1, "ckpt-2", t).unwrap();
+    let g = c.lease("a", 4, 2, t).unwrap();
+    for p in 8..10 {
+        assert_eq!(accept(&mut c, &g, p, t), Acceptance::Accepted);
+    }
+    assert_eq!(c.status(t).groups_accepted, 10);
+
+    // A checkpoint from the future is not this run's.
+    let e = c.join_learner(0, "h:0", &[], "", 4, t).unwrap_err();
+    assert!(e.to_string().contains("version 4"), "{e}");
+
+    // A learner one version ahead (checkpointed version 3, stopped before publishing it) is
+    // this run's: nothing it trained is taken back.
+    c.join_learner(0, "h:0", &[], "", 3, t).unwrap();
+    assert_eq!(c.status(t).groups_accepted, 10);
+    // Rank 0 restarts from version 1: versions after it are gone, positions 4..10 come back.
+    c.join_learner(0, "h:0", &[], "", 1, t).unwrap();
+    let s = c.status(t);
+    assert_eq!((s.policy_version, s.groups_accepted), (1, 4));
+    assert_eq!(s.history.last().unwrap().version, 1);
+    // Polling again changes nothing.
+    c.join_learner(0, "h:0", &[], "", 1, t).unwrap();
+    assert_eq!(c.status(t).groups_accepted, 4);
+    // Leases for version 1 hand out iteration 1 again (the gate admits one iteration ahead of
+    // nothing at staleness 0).
+    let again = c.lease("b", 8, 1, t).unwrap();
+    let mut got = positions(&again);
+    got.sort();
+    assert_eq!(got, [4, 5, 6, 7]);
+    // It survives a restart of the coordinator (the rewind was persisted).
+    drop(c);
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    let s = c.status(t);
+    assert_eq!((s.policy_version, s.groups_accepted), (1, 4));
+}
+
 #[test]
 fn a_returned_question_is_unaccepted_and_reissued() {
     let f = fixture();
@@ -442,17 +497,18 @@ fn learner_ranks_rendezvous_with_rank_zeros_collective_id() {
         ..f.options.clone()
     })
     .unwrap();
-    let e = c.join_learner(2, "h:2", &[], "").unwrap_err();
+    let t = Now::current();
+    let e = c.join_learner(2, "h:2", &[], "", 0, t).unwrap_err();
     assert!(
         matches!(e, CoordinatorError::InvalidArgument { field: "rank", .. }),
         "{e}"
     );
-    let e = c.join_learner(1, "", &[], "").unwrap_err();
+    let e = c.join_learner(1, "", &[], "", 0, t).unwrap_err();
     assert!(
         matches!(e, CoordinatorError::InvalidArgument { field: "addr", .. }),
         "{e}"
     );
-    let e = c.join_learner(1, "h:1", &[1], "").unwrap_err();
+    let e = c.join_learner(1, "h:1", &[1], "", 0, t).unwrap_err();
     assert!(
         matches!(
             e,
@@ -463,7 +519,7 @@ fn learner_ranks_rendezvous_with_rank_zeros_collective_id() {
         ),
         "{e}"
     );
-    let r1 = c.join_learner(1, "h:1", &[], "c:1").unwrap();
+    let r1 = c.join_learner(1, "h:1", &[], "c:1", 0, t).unwrap();
     assert!(!r1.ready && r1.rank_addrs.is_empty() && r1.world_size == 2);
     assert_eq!(
         r1.collective_addrs,
@@ -472,12 +528,12 @@ fn learner_ranks_rendezvous_with_rank_zeros_collective_id() {
     );
     assert_eq!(c.status(Now::current()).learner_ranks_joined, 1);
     let id = vec![7u8; 128];
-    let r0 = c.join_learner(0, "h:0", &id, "c:0").unwrap();
+    let r0 = c.join_learner(0, "h:0", &id, "c:0", 0, t).unwrap();
     assert!(r0.ready);
     assert_eq!(r0.rank_addrs, ["h:0", "h:1"]);
     assert_eq!(r0.collective_addrs, ["c:0", "c:1"]);
     assert_eq!(r0.collective_id, id);
-    assert_eq!(c.join_learner(1, "h:1", &[], "c:1").unwrap(), r0);
+    assert_eq!(c.join_learner(1, "h:1", &[], "c:1", 0, t).unwrap(), r0);
     let s = c.status(Now::current());
     assert_eq!((s.learner_world_size, s.learner_ranks_joined), (2, 2));
 }

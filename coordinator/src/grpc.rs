@@ -240,7 +240,16 @@ impl CoordinatorService for CoordinatorGrpc {
     ) -> std::result::Result<Response<v1::JoinLearnerResponse>, Status> {
         let r = request.into_inner();
         let j = self
-            .with(move |c, _| c.join_learner(r.rank, &r.addr, &r.collective_id, &r.collective_addr))
+            .with(move |c, now| {
+                c.join_learner(
+                    r.rank,
+                    &r.addr,
+                    &r.collective_id,
+                    &r.collective_addr,
+                    r.version,
+                    now,
+                )
+            })
             .await?;
         Ok(Response::new(v1::JoinLearnerResponse {
             world_size: j.world_size,

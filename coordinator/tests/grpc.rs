@@ -144,6 +144,19 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
     assert_eq!(reg.lease_timeout_ms, 600_000);
     assert!(reg.sampling.is_some() && reg.teacher_sampling.is_some());
 
+    // The learner joins first (from version 0), as it does before accepting anything.
+    let joined = c
+        .join_learner(v1::JoinLearnerRequest {
+            rank: 0,
+            addr: "h:0".into(),
+            collective_id: vec![9u8; 128].into(),
+            collective_addr: String::new(),
+            version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(joined.ready && joined.rank_addrs == ["h:0"] && joined.collective_id.len() == 128);
     let lease = c
         .lease_prompts(lease_request("actor-1", 2))
         .await
@@ -184,6 +197,7 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
             addr: "h:1".into(),
             collective_id: Default::default(),
             collective_addr: String::new(),
+            version: 0,
         })
         .await
         .unwrap_err();
@@ -199,17 +213,6 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
 
-    let joined = c
-        .join_learner(v1::JoinLearnerRequest {
-            rank: 0,
-            addr: "h:0".into(),
-            collective_id: vec![9u8; 128].into(),
-            collective_addr: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(joined.ready && joined.rank_addrs == ["h:0"] && joined.collective_id.len() == 128);
     c.report_metrics(v1::ReportMetricsRequest {
         iteration: 0,
         metrics: [("reward".to_string(), 1.25)].into(),

@@ -198,12 +198,14 @@ impl GrpcCoordinator {
         addr: &str,
         collective_addr: &str,
         collective_id: &[u8],
+        version: u64,
     ) -> Result<pb::JoinLearnerResponse> {
         let req = self.request(pb::JoinLearnerRequest {
             rank,
             addr: addr.to_string(),
             collective_id: Bytes::copy_from_slice(collective_id),
             collective_addr: collective_addr.to_string(),
+            version,
         });
         self.client
             .clone()
@@ -614,13 +616,20 @@ async fn join_coordinator(
     advertise: &str,
     collective_addr: &str,
     collective_id: &[u8],
+    version: u64,
 ) -> Result<Option<pb::JoinLearnerResponse>> {
     let mut attempt = 0u32;
     let mut waiting_since: Option<std::time::Instant> = None;
     let wait_limit = Duration::from_millis(options.collective_timeout_ms);
     loop {
         match link
-            .join_learner(options.rank, advertise, collective_addr, collective_id)
+            .join_learner(
+                options.rank,
+                advertise,
+                collective_addr,
+                collective_id,
+                version,
+            )
             .await
         {
             Ok(reply) => {
@@ -833,7 +842,7 @@ pub async fn serve(
         Vec::new()
     };
     let rendezvous = tokio::select! {
-        joined = join_coordinator(&link, &options, &advertise, &collective_addr, &collective_id) => match joined {
+        joined = join_coordinator(&link, &options, &advertise, &collective_addr, &collective_id, trainer.state().version) => match joined {
             Ok(r) => r,
             Err(e) => stop_with!(e),
         },
@@ -841,6 +850,19 @@ pub async fn serve(
     };
     if let Some(r0) = rendezvous.as_ref().and_then(|r| r.rank_addrs.first()) {
         let _ = rank0_cell.set(r0.clone());
+    }
+    // A rank 0 resumed from a checkpoint publishes its version again: a harmless repeat when
+    // the coordinator has it, and the missing publication when the learner stopped between
+    // writing the checkpoint and publishing it.
+    let resumed = trainer.state().version;
+    if options.rank == 0 && resumed > 0 {
+        let checkpoint = crate::trainer::checkpoint_dir(&options.out_dir, resumed);
+        if let Err(e) = link
+            .publish_version(resumed, resumed - 1, Some(checkpoint))
+            .await
+        {
+            stop_with!(e);
+        }
     }
     if nccl {
         let opts = options.clone();

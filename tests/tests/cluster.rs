@@ -678,3 +678,134 @@ fn ctrl_c_stops_every_role() {
     let learner_log = std::fs::read_to_string(sb.path("run/logs/learner.log")).unwrap();
     assert!(learner_log.contains("checkpoint written"), "{learner_log}");
 }
+
+/// The pid of the child of `parent` whose command line holds `needle` (argument by argument).
+fn child_pid(parent: u32, needle: &[&str]) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // pid (comm) state ppid ...: comm may hold spaces, so split after its closing paren.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid != Some(parent) {
+            continue;
+        }
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let args: Vec<String> = cmdline
+            .split(|&b| b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        if args.windows(needle.len()).any(|w| w == needle) {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// Two learner ranks; rank 1 is killed (SIGKILL) mid-run. `ril train` stops every role and
+/// fails naming the dead rank; nothing hangs. Run again, the ranks resume from rank 0's last
+/// checkpoint, the coordinator takes back the groups the dead learner had accepted but not
+/// trained, and the run finishes with every question trained exactly once.
+#[test]
+fn a_killed_learner_rank_stops_the_run_and_a_restart_resumes_it() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    let text = std::fs::read_to_string(sb.path("run.toml"))
+        .unwrap()
+        .replace("iterations = 2", "iterations = 6")
+        .replace(
+            "[learner]\nsave_every = 1\n",
+            "[learner]\nsave_every = 1\nworld_size = 2\ncollective_timeout_ms = 10000\n",
+        );
+    assert!(text.contains("world_size = 2"));
+    std::fs::write(sb.path("run.toml"), text).unwrap();
+    let mut train = Command::new(ril_binary())
+        .args([
+            "train",
+            "--config",
+            "run.toml",
+            "--startup-timeout-s",
+            "120",
+        ])
+        .current_dir(sb.dir.path())
+        .env("CANDLE_NUM_THREADS", "1")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(sb.path("train-1.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !sb.path("run/learner/checkpoint-000002").is_dir() {
+        assert!(
+            train.try_wait().unwrap().is_none(),
+            "ril train exited early: {}",
+            std::fs::read_to_string(sb.path("train-1.log")).unwrap_or_default()
+        );
+        assert!(Instant::now() < deadline, "the run never reached version 2");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let rank1 = child_pid(train.id(), &["--rank", "1"]).expect("learner rank 1's process");
+    let st = Command::new("kill")
+        .args(["-KILL", &rank1.to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = train.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "ril train hung after rank 1 died"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success());
+    // Whichever notices first names rank 1: the supervisor (its process exited) or rank 0 (its
+    // call to rank 1 failed).
+    let err = std::fs::read_to_string(sb.path("train-1.log")).unwrap();
+    let last = err.lines().rev().find(|l| l.starts_with("error: ")).unwrap_or("");
+    assert!(
+        last.contains("learner-1 exited") || last.contains("learner rank 1"),
+        "{last}"
+    );
+
+    // The restart: same command, same run directory.
+    let out = sb.ril(&[
+        "train",
+        "--config",
+        "run.toml",
+        "--startup-timeout-s",
+        "120",
+    ]);
+    ok(&out);
+    let text = stdout(&out);
+    assert!(
+        text.contains("iteration 6/6 (policy version 6), finished"),
+        "{text}"
+    );
+    assert!(
+        text.contains("groups accepted 12, duplicates refused 0"),
+        "every question once: {text}"
+    );
+    let rank0 = std::fs::read_to_string(sb.path("run/logs/learner.log")).unwrap();
+    assert!(rank0.contains("learner resumed"), "{rank0}");
+    let rank1 = std::fs::read_to_string(sb.path("run/logs/learner-1.log")).unwrap();
+    assert!(rank1.contains("learner resumed"), "{rank1}");
+    // One metrics line per version, across both runs.
+    let versions: Vec<u64> = std::fs::read_to_string(sb.path("run/learner/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["version"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
+}
