@@ -21,6 +21,7 @@
 //! Architecture invariant: only `grpc` knows generated protobuf or tonic types.
 
 pub mod collective;
+pub mod diagnostics;
 pub mod error;
 pub mod eval;
 pub mod examples;

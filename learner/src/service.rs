@@ -413,6 +413,8 @@ struct Inner<C> {
     pending: Mutex<Pending>,
     weights: RwLock<Arc<WeightsPayload>>,
     progress: watch::Sender<Progress>,
+    /// D collapse, reward hacking, KL blow-up, entropy collapse: warned about as they begin.
+    diagnostics: Mutex<crate::diagnostics::Diagnostics>,
 }
 
 /// The learner service. Cheap to clone (shared state).
@@ -514,6 +516,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
                 pending: Mutex::new(pending),
                 weights: RwLock::new(Arc::new(payload)),
                 progress,
+                diagnostics: Mutex::new(crate::diagnostics::Diagnostics::default()),
             }),
         })
     }
@@ -1033,6 +1036,22 @@ impl<C: CoordinatorLink> LearnerService<C> {
             .join(crate::metrics_log::METRICS_FILE);
         if let Err(e) = crate::metrics_log::append(&metrics_path, iteration, version, &metrics) {
             tracing::warn!(error = %e, "writing the step's metrics line failed");
+        }
+        let signals = crate::diagnostics::StepSignals {
+            d_accuracy: stats.d_accuracy,
+            reward_sim_student: stats.reward_sim_student_mean,
+            reward_ans_student: stats.reward_ans_student_mean,
+            kl: stats.kl_mean,
+            entropy: stats.entropy_mean,
+        };
+        let warnings = self
+            .inner
+            .diagnostics
+            .lock()
+            .map(|mut d| d.observe(version, signals))
+            .unwrap_or_default();
+        for w in warnings {
+            tracing::warn!(version, "{w}");
         }
         let nan = f64::NAN;
         tracing::info!(
