@@ -769,7 +769,11 @@ fn a_killed_learner_rank_stops_the_run_and_a_restart_resumes_it() {
     // Whichever notices first names rank 1: the supervisor (its process exited) or rank 0 (its
     // call to rank 1 failed).
     let err = std::fs::read_to_string(sb.path("train-1.log")).unwrap();
-    let last = err.lines().rev().find(|l| l.starts_with("error: ")).unwrap_or("");
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or("");
     assert!(
         last.contains("learner-1 exited") || last.contains("learner rank 1"),
         "{last}"
