@@ -90,8 +90,8 @@ pub struct LearnerOptions {
     pub rank: u32,
     /// Learner ranks (data parallel). Rank 0 takes the actors' groups and sends every other
     /// rank its shard of each iteration (`TrainShard`); gradients are summed with the CPU ring
-    /// collective.
-    #[serde(default = "default_world_size")]
+    /// collective. `ranks` is accepted as another name for it.
+    #[serde(default = "default_world_size", alias = "ranks")]
     pub world_size: u32,
     /// The gradient collective when world_size > 1: `ring` (CPU, TCP between the learner
     /// processes) or `nccl` (GPUs; needs the `nccl` build feature and `device = "cuda:N"`; the
@@ -323,6 +323,9 @@ logprob_temperature = 1.0
             o.grpo.max_grad_norm, 1.0,
             "defaults fill what the file leaves out"
         );
+        // `ranks` is another name for `world_size` (the spelling).
+        let ranks: LearnerOptions = toml::from_str(&format!("ranks = 2\n{EXAMPLE}")).unwrap();
+        assert_eq!(ranks.world_size, 2);
         let typo = EXAMPLE.replace("kl_beta", "kl_coef");
         let e = toml::from_str::<LearnerOptions>(&typo)
             .unwrap_err()
