@@ -3,7 +3,8 @@
 //! - **D collapse**: the discriminator's accuracy stuck at chance (<= 0.55) or at certainty
 //!   (>= 0.99) for the whole window: its similarity reward carries no information.
 //! - **Reward hacking of D**: the students' similarity reward rising while their answer reward
-//!   falls (first half of the window against the second).
+//!   falls (first half of the window against the second), unless D has collapsed (then the
+//!   similarity reward is noise).
 //! - **KL blow-up**: the mean KL to the reference above `kl_max`.
 //! - **Entropy collapse**: the policy's entropy below `entropy_min_fraction` of its value at the
 //!   first step seen.
@@ -160,10 +161,13 @@ impl Diagnostics {
                 let b = mean(self.recent.iter().skip(half).filter_map(f));
                 a.zip(b)
             };
-            if let (Some(sim), Some(ans)) = (
-                halves(|r| r.reward_sim_student),
-                halves(|r| r.reward_ans_student),
-            ) && sim.1 - sim.0 >= cfg.reward_delta
+            // A collapsed D's similarity reward is noise: its swings are not the student's doing.
+            if found[0].is_none()
+                && let (Some(sim), Some(ans)) = (
+                    halves(|r| r.reward_sim_student),
+                    halves(|r| r.reward_ans_student),
+                )
+                && sim.1 - sim.0 >= cfg.reward_delta
                 && ans.0 - ans.1 >= cfg.reward_delta
             {
                 found[1] = Some(Warning::RewardHacking { step, sim, ans });
@@ -213,6 +217,18 @@ mod tests {
             kl,
             entropy: ent,
         }
+    }
+
+    #[test]
+    fn similarity_swings_of_a_collapsed_d_are_not_called_hacking() {
+        let mut d = Diagnostics::new(DiagnosticsConfig::default());
+        let mut all = Vec::new();
+        for step in 0..10 {
+            let (sim, ans) = if step < 5 { (0.0, 0.6) } else { (1.0, 0.2) };
+            all.extend(d.observe(step, sig(0.5, sim, ans, 0.05, 1.5)));
+        }
+        assert_eq!(all.len(), 1, "{all:?}");
+        assert!(matches!(all[0], Warning::DCollapse { .. }), "{all:?}");
     }
 
     #[test]
