@@ -153,6 +153,12 @@ pub async fn run_actor(
     // The coordinator answers Unavailable until the run's peers (the learner) have joined.
     let deadline = Instant::now() + opts.register_timeout;
     let reg = loop {
+        // Asked to stop before the run let it in (e.g. SIGTERM during a rollout of the pods):
+        // nothing was leased, so there is nothing to finish.
+        if stop.load(Ordering::SeqCst) {
+            tracing::info!(actor = %opts.actor_id, "stopped before registering");
+            return Ok(ActorSummary::default());
+        }
         match coordinator
             .register_actor(v1::RegisterActorRequest {
                 actor_id: opts.actor_id.clone(),

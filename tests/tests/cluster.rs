@@ -813,3 +813,65 @@ fn a_killed_learner_rank_stops_the_run_and_a_restart_resumes_it() {
         .collect();
     assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
 }
+
+/// An actor waiting for the run to let it in (the coordinator answers Unavailable until the
+/// learner joins) stops promptly on SIGTERM instead of retrying until its registration timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_still_registering_stops_on_sigterm() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    let (_coord, coord) = serve(
+        &sb,
+        "coordinator",
+        &[
+            "coordinator",
+            "--teacher-addr",
+            "t1=127.0.0.1:9",
+            "--discriminator-addr",
+            "127.0.0.1:9",
+        ],
+    );
+    let mut actor = start(
+        &sb,
+        "actor",
+        &[
+            "actor",
+            "--config",
+            "run.toml",
+            "--coordinator",
+            &coord,
+            "--id",
+            "a1",
+        ],
+    );
+    // Let it load the student and start asking.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        actor.child.try_wait().unwrap().is_none(),
+        "the actor should still be waiting"
+    );
+    let st = Command::new("kill")
+        .args(["-TERM", &actor.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = actor.child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the actor ignored SIGTERM while registering"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        status.success(),
+        "{}",
+        std::fs::read_to_string(sb.path("actor.log")).unwrap_or_default()
+    );
+    let log = std::fs::read_to_string(sb.path("actor.log")).unwrap();
+    assert!(log.contains("stopped before registering"), "{log}");
+}
