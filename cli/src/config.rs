@@ -321,11 +321,6 @@ impl RunConfig {
             Some(_) => bail!("{}: [learner] must be a table", path.display()),
         };
         let l = &mut learner_t;
-        // The run directory is the run: the coordinator continues from its state file there, so
-        // the learner continues from its newest checkpoint there (a fresh start when it has
-        // none). `resume = false` starts over from the student, which a coordinator that has
-        // already advanced then refuses.
-        l.entry("resume").or_insert(Value::Boolean(true));
         inject(
             path,
             l,
@@ -409,8 +404,6 @@ impl RunConfig {
                 disc_t.insert("init".into(), path_value(&student.checkpoint));
             }
         }
-        // Like the learner: D continues from its checkpoints in the run directory.
-        disc_t.entry("resume").or_insert(Value::Boolean(true));
         inject(
             path,
             &mut disc_t,

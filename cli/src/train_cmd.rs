@@ -221,30 +221,24 @@ fn copy_vision_tower(model: &Vlm, dir: &std::path::Path) -> anyhow::Result<usize
         &model.config().vision_config,
         &source.config().vision_config,
     );
-    let key = |c: &ril_model::config::ClipVisionConfig| {
-        (
+    // Everything that fixes the tower's tensors' shapes.
+    let describe = |c: &ril_model::config::ClipVisionConfig| {
+        format!(
+            "width {}, MLP {}, {} layers, {} heads, {}-px images in {}-px patches, {} channels",
             c.hidden_size,
             c.intermediate_size,
             c.num_hidden_layers,
             c.num_attention_heads,
             c.image_size,
             c.patch_size,
-            c.num_channels,
+            c.num_channels
         )
     };
+    let (want, have) = (describe(want), describe(have));
     anyhow::ensure!(
-        key(want) == key(have),
-        "--vision-from {}: its vision tower (width {}, {} layers, {}-px images in {}-px patches) \
-         differs from the new model's (width {}, {} layers, {}-px images in {}-px patches)",
-        dir.display(),
-        have.hidden_size,
-        have.num_hidden_layers,
-        have.image_size,
-        have.patch_size,
-        want.hidden_size,
-        want.num_hidden_layers,
-        want.image_size,
-        want.patch_size
+        want == have,
+        "--vision-from {}: its vision tower ({have}) differs from the new model's ({want})",
+        dir.display()
     );
     let from = source.named_vars();
     let prefix = format!("{}.", ril_model::vlm::VISION_PREFIX);

@@ -18,10 +18,18 @@ use crate::error::Result;
 pub trait Collective: Send + std::fmt::Debug {
     fn rank(&self) -> usize;
     fn world_size(&self) -> usize;
-    /// Sums `grads` across ranks, in place.
-    fn all_reduce_sum(&self, grads: &mut Gradients) -> Result<()>;
+    /// Sums a flat f32 buffer across ranks, in place (every rank passes the same length).
+    fn all_reduce_flat(&self, values: &mut Vec<f32>) -> Result<()>;
     /// Sums scalars (loss terms, token and group counts) across ranks, in place.
     fn all_reduce_sum_scalars(&self, values: &mut [f64]) -> Result<()>;
+    /// Sums `grads` across ranks, in place: flattened into one buffer (the ranks' layouts
+    /// checked to agree first), reduced with [`Collective::all_reduce_flat`], written back.
+    fn all_reduce_sum(&self, grads: &mut Gradients) -> Result<()> {
+        let mut flat = FlatGradients::new(grads)?;
+        flat.check_same_layout(self)?;
+        self.all_reduce_flat(&mut flat.values)?;
+        flat.write_back(grads)
+    }
 }
 
 /// One rank: the sum over ranks is the rank's own value.
@@ -35,6 +43,10 @@ impl Collective for SingleRank {
     fn world_size(&self) -> usize {
         1
     }
+    fn all_reduce_flat(&self, _values: &mut Vec<f32>) -> Result<()> {
+        Ok(())
+    }
+    /// Nothing to sum: no flattening either.
     fn all_reduce_sum(&self, _grads: &mut Gradients) -> Result<()> {
         Ok(())
     }
@@ -111,7 +123,7 @@ impl FlatGradients {
 
     /// Sums (value count, tensor count) across ranks first: ranks whose gradients differ in
     /// layout fail here, naming this rank's layout, instead of reducing mismatched buffers.
-    pub fn check_same_layout(&self, collective: &dyn Collective) -> Result<()> {
+    pub fn check_same_layout<C: Collective + ?Sized>(&self, collective: &C) -> Result<()> {
         let mine = [self.values.len() as f64, self.layout.len() as f64];
         let mut sum = mine;
         collective.all_reduce_sum_scalars(&mut sum)?;

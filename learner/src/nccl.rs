@@ -21,9 +21,8 @@ use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, PinnedHostSlice};
 use cudarc::nccl::safe::{Comm, Id, ReduceOp};
-use ril_model::optim::Gradients;
 
-use crate::collective::{Collective, FlatGradients};
+use crate::collective::Collective;
 use crate::error::{LearnerError, Result};
 
 /// The NCCL unique id's length (bytes shipped through the coordinator).
@@ -298,13 +297,11 @@ impl Collective for NcclCollective {
         self.world
     }
 
-    fn all_reduce_sum(&self, grads: &mut Gradients) -> Result<()> {
-        let mut flat = FlatGradients::new(grads)?;
-        flat.check_same_layout(self)?;
+    fn all_reduce_flat(&self, values: &mut Vec<f32>) -> Result<()> {
         // One request for the whole buffer; the worker reduces it bucket by bucket in place.
-        let values = std::mem::take(&mut flat.values);
-        flat.values = self.call(|tx| Request::F32(values, tx))?;
-        flat.write_back(grads)
+        let taken = std::mem::take(values);
+        *values = self.call(|tx| Request::F32(taken, tx))?;
+        Ok(())
     }
 
     fn all_reduce_sum_scalars(&self, values: &mut [f64]) -> Result<()> {

@@ -18,6 +18,10 @@ fn default_keep_checkpoints() -> usize {
 fn default_coordinator_timeout_ms() -> u64 {
     10_000
 }
+fn default_true() -> bool {
+    true
+}
+
 fn default_world_size() -> u32 {
     1
 }
@@ -55,7 +59,10 @@ pub struct LearnerOptions {
     /// Checkpoints go to `<out_dir>/checkpoint-<version, 6 digits>`.
     pub out_dir: PathBuf,
     /// Continue from the newest checkpoint in `out_dir`; a fresh start when there is none.
-    #[serde(default)]
+    /// On by default, as for the discriminator: the run directory is the run, and the
+    /// coordinator continues from its state there, so a learner starting over from the student
+    /// would be refused by a coordinator that has already advanced.
+    #[serde(default = "default_true")]
     pub resume: bool,
     /// B: groups (questions) per iteration, i.e. per optimizer step.
     pub questions_per_iteration: usize,
@@ -139,7 +146,7 @@ impl LearnerOptions {
             init_checkpoint: init_checkpoint.to_path_buf(),
             reference_checkpoint: None,
             out_dir: out_dir.to_path_buf(),
-            resume: false,
+            resume: true,
             questions_per_iteration: 2,
             total_iterations: 10,
             staleness_bound: 0,

@@ -14,9 +14,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use ril_model::optim::Gradients;
-
-use crate::collective::{Collective, FlatGradients};
+use crate::collective::Collective;
 use crate::error::{LearnerError, Result};
 
 const MAGIC: u32 = 0x5249_4c52; // "RILR"
@@ -309,11 +307,8 @@ impl Collective for TcpRing {
         self.world
     }
 
-    fn all_reduce_sum(&self, grads: &mut Gradients) -> Result<()> {
-        let mut flat = FlatGradients::new(grads)?;
-        flat.check_same_layout(self)?;
-        self.all_reduce_f32(&mut flat.values)?;
-        flat.write_back(grads)
+    fn all_reduce_flat(&self, values: &mut Vec<f32>) -> Result<()> {
+        self.all_reduce_f32(values)
     }
 
     fn all_reduce_sum_scalars(&self, values: &mut [f64]) -> Result<()> {
@@ -324,6 +319,23 @@ impl Collective for TcpRing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each of `ranks` all-reduces `len` ones at once, on its own thread; every one must fail, and
+    /// their errors come back by rank.
+    fn failing_all_reduces(ranks: &[TcpRing], len: usize) -> Vec<String> {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = ranks
+                .iter()
+                .map(|rk| {
+                    s.spawn(move || {
+                        let mut v = vec![1f32; len];
+                        rk.all_reduce_f32(&mut v).unwrap_err().to_string()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
 
     fn ring(world: usize, timeout: Duration, bucket: usize) -> Vec<TcpRing> {
         let listeners: Vec<TcpListener> = (0..world)
@@ -388,18 +400,7 @@ mod tests {
         let dead = ranks.remove(2);
         drop(dead);
         let started = Instant::now();
-        let errors: Vec<String> = std::thread::scope(|s| {
-            let hs: Vec<_> = ranks
-                .iter()
-                .map(|rk| {
-                    s.spawn(move || {
-                        let mut v = vec![1f32; 10_000];
-                        rk.all_reduce_f32(&mut v).unwrap_err().to_string()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let errors = failing_all_reduces(&ranks, 10_000);
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",
@@ -426,18 +427,7 @@ mod tests {
         let ranks = ring(3, Duration::from_millis(400), 1 << 20);
         let started = Instant::now();
         // Rank 2 is alive but never joins the operation.
-        let errors: Vec<String> = std::thread::scope(|s| {
-            let hs: Vec<_> = ranks[..2]
-                .iter()
-                .map(|rk| {
-                    s.spawn(move || {
-                        let mut v = vec![1f32; 1000];
-                        rk.all_reduce_f32(&mut v).unwrap_err().to_string()
-                    })
-                })
-                .collect();
-            hs.into_iter().map(|h| h.join().unwrap()).collect()
-        });
+        let errors = failing_all_reduces(&ranks[..2], 1000);
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "{:?}",

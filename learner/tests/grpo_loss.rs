@@ -429,13 +429,44 @@ fn a_nan_loss_is_an_error_and_the_weights_are_untouched() {
     }
 }
 
+/// Runs `f(rank, ring)` on `world` ring ranks, each its own thread with its own loopback
+/// sockets, and returns the results by rank.
+fn on_ring_ranks<T: Send>(
+    world: usize,
+    f: impl Fn(usize, &ril_learner::ring::TcpRing) -> T + Sync,
+) -> Vec<T> {
+    use ril_learner::ring::TcpRing;
+    let listeners: Vec<std::net::TcpListener> = (0..world)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let addrs: Vec<String> = listeners
+        .iter()
+        .map(|l| l.local_addr().unwrap().to_string())
+        .collect();
+    std::thread::scope(|sc| {
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, l)| {
+                let (addrs, f) = (addrs.clone(), &f);
+                sc.spawn(move || {
+                    let ring =
+                        TcpRing::connect(rank, l, &addrs, std::time::Duration::from_secs(30), 1000)
+                            .unwrap();
+                    f(rank, &ring)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 /// Data parallelism: R learner ranks, each with one group, joined by the CPU ring collective,
 /// end three steps with the weights one rank gets from all R groups. The sums differ only in
 /// float order (per-rank partial sums, then the ring's chunked additions), so the weights agree
 /// to ~1e-6 of the step size; Adam's eps is raised from 1e-8 to 1e-6 so that gradients which are
 /// pure rounding noise (exactly zero in exact arithmetic) do not take full-size steps.
 fn ring_ranks_equal_one_rank(world: usize) {
-    use ril_learner::ring::TcpRing;
     let mut s = setup(1.0);
     // A third group (3 students + 2 teachers) when three ranks need one each.
     while s.groups.len() < world {
@@ -475,35 +506,14 @@ fn ring_ranks_equal_one_rank(world: usize) {
         .unwrap();
     }
 
-    let listeners: Vec<std::net::TcpListener> = (0..world)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    let results: Vec<Vec<(String, Vec<f32>)>> = std::thread::scope(|sc| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let (addrs, cfg, dir, s) = (addrs.clone(), cfg.clone(), dir.clone(), &s);
-                sc.spawn(move || {
-                    let ring =
-                        TcpRing::connect(rank, l, &addrs, std::time::Duration::from_secs(30), 1000)
-                            .unwrap();
-                    let policy = load(&dir);
-                    let mut opt = AdamW::new(policy.model.trainable_vars(), cfg.adamw()).unwrap();
-                    let shard = &s.groups[rank..rank + 1];
-                    for _ in 0..steps {
-                        train_step(&policy.model, &s.reference, &mut opt, shard, &cfg, &ring)
-                            .unwrap();
-                    }
-                    weights(&policy.model)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let results: Vec<Vec<(String, Vec<f32>)>> = on_ring_ranks(world, |rank, ring| {
+        let policy = load(&dir);
+        let mut opt = AdamW::new(policy.model.trainable_vars(), cfg.adamw()).unwrap();
+        let shard = &s.groups[rank..rank + 1];
+        for _ in 0..steps {
+            train_step(&policy.model, &s.reference, &mut opt, shard, &cfg, ring).unwrap();
+        }
+        weights(&policy.model)
     });
     let one = weights(&single.model);
     let initial = weights(&load(&dir).model);
@@ -553,7 +563,6 @@ fn weights_digest(model: &Vlm) -> [u8; 32] {
 #[test]
 fn an_empty_shard_takes_part_and_the_replica_check_catches_divergence() {
     use ril_learner::collective::verify_identical_weights;
-    use ril_learner::ring::TcpRing;
     let s = setup(1.0);
     let dir = s._tmp.path().join("policy");
     let cfg = GrpoConfig {
@@ -575,47 +584,27 @@ fn an_empty_shard_takes_part_and_the_replica_check_catches_divergence() {
     )
     .unwrap();
 
-    let listeners: Vec<std::net::TcpListener> = (0..2)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs: Vec<String> = listeners
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
     type RankResult = (
         Vec<(String, Vec<f32>)>,
         Result<(), String>,
         Result<(), String>,
     );
-    let results: Vec<RankResult> = std::thread::scope(|sc| {
-        let handles: Vec<_> = listeners
-            .into_iter()
-            .enumerate()
-            .map(|(rank, l)| {
-                let (addrs, cfg, dir, s) = (addrs.clone(), cfg.clone(), dir.clone(), &s);
-                sc.spawn(move || {
-                    let ring =
-                        TcpRing::connect(rank, l, &addrs, std::time::Duration::from_secs(30), 1000)
-                            .unwrap();
-                    let policy = load(&dir);
-                    let mut opt = AdamW::new(policy.model.trainable_vars(), cfg.adamw()).unwrap();
-                    let shard: &[Group] = if rank == 0 { &s.groups } else { &[] };
-                    train_step(&policy.model, &s.reference, &mut opt, shard, &cfg, &ring).unwrap();
-                    let trained = weights(&policy.model);
-                    let agreed = verify_identical_weights(&ring, &weights_digest(&policy.model))
-                        .map_err(|e| e.to_string());
-                    if rank == 1 {
-                        let (_, var) = policy.model.named_vars().into_iter().next().unwrap();
-                        let nudged = (var.as_tensor() + 1e-3).unwrap();
-                        var.set(&nudged).unwrap();
-                    }
-                    let diverged = verify_identical_weights(&ring, &weights_digest(&policy.model))
-                        .map_err(|e| e.to_string());
-                    (trained, agreed, diverged)
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    let results: Vec<RankResult> = on_ring_ranks(2, |rank, ring| {
+        let policy = load(&dir);
+        let mut opt = AdamW::new(policy.model.trainable_vars(), cfg.adamw()).unwrap();
+        let shard: &[Group] = if rank == 0 { &s.groups } else { &[] };
+        train_step(&policy.model, &s.reference, &mut opt, shard, &cfg, ring).unwrap();
+        let trained = weights(&policy.model);
+        let agreed = verify_identical_weights(ring, &weights_digest(&policy.model))
+            .map_err(|e| e.to_string());
+        if rank == 1 {
+            let (_, var) = policy.model.named_vars().into_iter().next().unwrap();
+            let nudged = (var.as_tensor() + 1e-3).unwrap();
+            var.set(&nudged).unwrap();
+        }
+        let diverged = verify_identical_weights(ring, &weights_digest(&policy.model))
+            .map_err(|e| e.to_string());
+        (trained, agreed, diverged)
     });
     let one = weights(&single.model);
     for (rank, (trained, agreed, diverged)) in results.iter().enumerate() {

@@ -118,12 +118,19 @@ max_new_tokens = 6
     std::fs::write(sb.path("run.toml"), toml).unwrap();
 }
 
-#[test]
-fn a_full_run_across_processes_trains_and_advances_the_version() {
-    let sb = Sandbox::new();
-    make_models(&sb);
-    write_config(&sb, "");
-    ok(&sb.ril(&["config", "check", "run.toml"]));
+/// Rewrites run.toml: each `from` must be there and becomes `to`.
+fn edit_config(sb: &Sandbox, edits: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(sb.path("run.toml")).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "run.toml lacks {from:?}");
+        text = text.replace(from, to);
+    }
+    std::fs::write(sb.path("run.toml"), text).unwrap();
+}
+
+/// `ril train` on run.toml to the end: it must succeed, finish all `iterations` and accept
+/// `groups` groups with no duplicate.
+fn train_to_the_end(sb: &Sandbox, iterations: u64, groups: u64) {
     let out = sb.ril(&[
         "train",
         "--config",
@@ -134,13 +141,24 @@ fn a_full_run_across_processes_trains_and_advances_the_version() {
     ok(&out);
     let text = stdout(&out);
     assert!(
-        text.contains("iteration 2/2 (policy version 2), finished"),
+        text.contains(&format!(
+            "iteration {iterations}/{iterations} (policy version {iterations}), finished"
+        )),
         "{text}"
     );
     assert!(
-        text.contains("groups accepted 4, duplicates refused 0"),
+        text.contains(&format!("groups accepted {groups}, duplicates refused 0")),
         "{text}"
     );
+}
+
+#[test]
+fn a_full_run_across_processes_trains_and_advances_the_version() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    ok(&sb.ril(&["config", "check", "run.toml"]));
+    train_to_the_end(&sb, 2, 4);
     // Every role ran as its own process and logged.
     for role in [
         "coordinator",
@@ -174,32 +192,15 @@ fn a_run_with_two_learner_ranks_finishes_and_rank_0_checkpoints() {
     let sb = Sandbox::new();
     make_models(&sb);
     write_config(&sb, "");
-    let path = sb.path("run.toml");
-    let toml = std::fs::read_to_string(&path).unwrap();
-    let toml = toml.replace(
-        "[learner]\nsave_every = 1\n",
-        "[learner]\nsave_every = 1\nworld_size = 2\nverify_every = 1\n",
+    edit_config(
+        &sb,
+        &[(
+            "[learner]\nsave_every = 1\n",
+            "[learner]\nsave_every = 1\nworld_size = 2\nverify_every = 1\n",
+        )],
     );
-    assert!(toml.contains("world_size = 2"));
-    std::fs::write(&path, toml).unwrap();
     ok(&sb.ril(&["config", "check", "run.toml"]));
-    let out = sb.ril(&[
-        "train",
-        "--config",
-        "run.toml",
-        "--startup-timeout-s",
-        "120",
-    ]);
-    ok(&out);
-    let text = stdout(&out);
-    assert!(
-        text.contains("iteration 2/2 (policy version 2), finished"),
-        "{text}"
-    );
-    assert!(
-        text.contains("groups accepted 4, duplicates refused 0"),
-        "{text}"
-    );
+    train_to_the_end(&sb, 2, 4);
     assert!(
         sb.path("run/learner/checkpoint-000002/model.safetensors")
             .is_file()
@@ -617,12 +618,14 @@ fn ctrl_c_stops_every_role() {
     make_models(&sb);
     // Long enough that the run is still going when it is interrupted.
     write_config(&sb, "");
-    let text = std::fs::read_to_string(sb.path("run.toml"))
-        .unwrap()
-        .replace("iterations = 2", "iterations = 10000")
-        // Checkpoints only at the end or at shutdown: one in the log proves a graceful stop.
-        .replace("save_every = 1", "save_every = 0");
-    std::fs::write(sb.path("run.toml"), text).unwrap();
+    // Checkpoints only at the end or at shutdown: one in the log proves a graceful stop.
+    edit_config(
+        &sb,
+        &[
+            ("iterations = 2", "iterations = 10000"),
+            ("save_every = 1", "save_every = 0"),
+        ],
+    );
     let mut train = Command::new(ril_binary())
         .args(["train", "--config", "run.toml"])
         .current_dir(sb.dir.path())
@@ -715,15 +718,16 @@ fn a_killed_learner_rank_stops_the_run_and_a_restart_resumes_it() {
     let sb = Sandbox::new();
     make_models(&sb);
     write_config(&sb, "");
-    let text = std::fs::read_to_string(sb.path("run.toml"))
-        .unwrap()
-        .replace("iterations = 2", "iterations = 6")
-        .replace(
-            "[learner]\nsave_every = 1\n",
-            "[learner]\nsave_every = 1\nworld_size = 2\ncollective_timeout_ms = 10000\n",
-        );
-    assert!(text.contains("world_size = 2"));
-    std::fs::write(sb.path("run.toml"), text).unwrap();
+    edit_config(
+        &sb,
+        &[
+            ("iterations = 2", "iterations = 6"),
+            (
+                "[learner]\nsave_every = 1\n",
+                "[learner]\nsave_every = 1\nworld_size = 2\ncollective_timeout_ms = 10000\n",
+            ),
+        ],
+    );
     let mut train = Command::new(ril_binary())
         .args([
             "train",
@@ -780,23 +784,8 @@ fn a_killed_learner_rank_stops_the_run_and_a_restart_resumes_it() {
     );
 
     // The restart: same command, same run directory.
-    let out = sb.ril(&[
-        "train",
-        "--config",
-        "run.toml",
-        "--startup-timeout-s",
-        "120",
-    ]);
-    ok(&out);
-    let text = stdout(&out);
-    assert!(
-        text.contains("iteration 6/6 (policy version 6), finished"),
-        "{text}"
-    );
-    assert!(
-        text.contains("groups accepted 12, duplicates refused 0"),
-        "every question once: {text}"
-    );
+    // Every question once.
+    train_to_the_end(&sb, 6, 12);
     let rank0 = std::fs::read_to_string(sb.path("run/logs/learner.log")).unwrap();
     assert!(rank0.contains("learner resumed"), "{rank0}");
     let rank1 = std::fs::read_to_string(sb.path("run/logs/learner-1.log")).unwrap();
