@@ -301,8 +301,25 @@ pub(crate) fn check_image_bytes(bytes: &[u8], name: &str) -> std::result::Result
     Ok(())
 }
 
+/// The largest image file a dataset row may point at: images travel inside gRPC messages, which
+/// are limited to 64 MiB.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 64 << 20;
+
 fn read_path(p: &str, base_dir: &Path) -> std::result::Result<(String, Vec<u8>), String> {
     let path = base_dir.join(p);
+    // Checked before reading: a path to a device or a pipe (/dev/zero, a FIFO) would otherwise
+    // be read forever.
+    let meta = std::fs::metadata(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if !meta.is_file() {
+        return Err(format!("{}: not a regular file", path.display()));
+    }
+    if meta.len() > MAX_IMAGE_FILE_BYTES {
+        return Err(format!(
+            "{}: {} bytes, over the {MAX_IMAGE_FILE_BYTES}-byte limit for one image",
+            path.display(),
+            meta.len()
+        ));
+    }
     let bytes = std::fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
     Ok((path.display().to_string(), bytes))
 }

@@ -141,6 +141,28 @@ fn bad_rows_name_file_row_and_field() {
     }
 }
 
+/// Found by the bad-input corpus (tests/bad-inputs): an image path that is a device, a pipe or
+/// a directory is refused before reading (reading /dev/zero would never end).
+#[test]
+fn image_paths_that_are_not_regular_files_are_refused_before_reading() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("a-directory")).unwrap();
+    for (image, must) in [("/dev/zero", "/dev/zero"), ("a-directory", "a-directory")] {
+        let line =
+            format!(r#"{{"id": "x", "question": "q", "answer": "a", "images": ["{image}"]}}"#);
+        let err = parse_row(&line, Path::new("set.jsonl"), 3, dir.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("row 3")
+                && err.contains("`images[0]`")
+                && err.contains(must)
+                && err.contains("not a regular file"),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn skip_bad_rows_counts_and_reports_them() {
     let dir = tempfile::tempdir().unwrap();

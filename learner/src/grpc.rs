@@ -395,6 +395,12 @@ impl<C: CoordinatorLink> Learner for LearnerGrpc<C> {
         }
         let groups = request.into_inner().groups;
         tracing::Span::current().record("groups", groups.len());
+        if groups.is_empty() {
+            // Actors push only when they have groups: an empty push is a client bug.
+            return Err(Status::invalid_argument(
+                "PushGroups: field `groups`: no groups (push at least one scored group)",
+            ));
+        }
         let mut verdicts = Vec::with_capacity(groups.len());
         for g in &groups {
             let verdict = match incoming_group(g) {

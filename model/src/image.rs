@@ -135,22 +135,23 @@ impl ImageProcessorConfig {
         }
     }
 
-    /// Output `(height, width)` after resize and crop for an input of `(h, w)`.
-    fn resized_dims(&self, h: u32, w: u32) -> (u32, u32) {
+    /// Output `(height, width)` after resize for an input of `(h, w)`, in u64: an extreme aspect
+    /// ratio can make the long side larger than any image (see [`MAX_PIXELS`]).
+    fn resized_dims(&self, h: u32, w: u32) -> (u64, u64) {
         match &self.size {
             SizeSpec::ShortestEdge { shortest_edge: s } | SizeSpec::Square(s)
                 if matches!(self.size, SizeSpec::ShortestEdge { .. }) || !self.do_center_crop =>
             {
                 let (short, long) = if h <= w { (h, w) } else { (w, h) };
-                let new_long = ((*s as u64 * long as u64) / short.max(1) as u64) as u32;
+                let new_long = (*s as u64 * long as u64) / short.max(1) as u64;
                 if h <= w {
-                    (*s, new_long)
+                    (u64::from(*s), new_long)
                 } else {
-                    (new_long, *s)
+                    (new_long, u64::from(*s))
                 }
             }
-            SizeSpec::Square(s) => (*s, *s),
-            SizeSpec::HeightWidth { height, width } => (*height, *width),
+            SizeSpec::Square(s) => (u64::from(*s), u64::from(*s)),
+            SizeSpec::HeightWidth { height, width } => (u64::from(*height), u64::from(*width)),
             SizeSpec::ShortestEdge { .. } => unreachable!("covered by the first arm"),
         }
     }
@@ -175,6 +176,10 @@ pub fn to_rgb(img: &DynamicImage) -> image::RgbImage {
     }
     out
 }
+
+/// The most pixels an image may have after resizing (32 Mi: 384 MiB as f32 RGB). Real inputs
+/// are far smaller; the bound stops extreme aspect ratios from asking for terabytes.
+pub const MAX_PIXELS: u64 = 1 << 25;
 
 /// Decodes and preprocesses images for one model.
 #[derive(Debug, Clone)]
@@ -221,12 +226,29 @@ impl ImageProcessor {
                 reason: "image has no pixels".into(),
             });
         }
+        // The image after resizing (or as it is) must stay within MAX_PIXELS: a 1,000,000 x 1
+        // PNG is a few kilobytes, but resized to a 224-pixel shortest edge it would be 224 x
+        // 224,000,000 pixels, an allocation that aborts the process.
+        let (h, w) = if c.do_resize {
+            c.resized_dims(img.height(), img.width())
+        } else {
+            (u64::from(img.height()), u64::from(img.width()))
+        };
+        if h.saturating_mul(w) > MAX_PIXELS {
+            return Err(ModelError::Image {
+                name: name.into(),
+                reason: format!(
+                    "{}x{} pixels would be {w}x{h} after resizing, over the limit of {MAX_PIXELS} \
+                     pixels (the aspect ratio is too extreme)",
+                    img.width(),
+                    img.height()
+                ),
+            });
+        }
         let mut rgb = to_rgb(img);
-        if c.do_resize {
-            let (h, w) = c.resized_dims(rgb.height(), rgb.width());
-            if (h, w) != (rgb.height(), rgb.width()) {
-                rgb = image::imageops::resize(&rgb, w, h, c.filter());
-            }
+        if (h, w) != (u64::from(rgb.height()), u64::from(rgb.width())) {
+            // Both fit in u32: their product is at most MAX_PIXELS.
+            rgb = image::imageops::resize(&rgb, w as u32, h as u32, c.filter());
         }
         if c.do_center_crop
             && let Some(crop) = &c.crop_size

@@ -111,3 +111,31 @@ fn corrupt_and_empty_images_are_named_errors() {
         .to_string();
     assert!(err.contains("x.webp"), "{err}");
 }
+
+/// A 1,000,000 x 1 PNG is a few kilobytes but resized to CLIP's 224-pixel shortest edge it would
+/// be 224 x 224,000,000 pixels: refused with its name instead of an allocation that aborts.
+#[test]
+fn extreme_aspect_ratios_are_refused_before_resizing() {
+    let img = image::RgbImage::from_pixel(1_000_000, 1, image::Rgb([9, 9, 9]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let png = png.into_inner();
+    assert!(png.len() < 100_000, "{}", png.len());
+    let p = ImageProcessor::new(ImageProcessorConfig::clip(224)).unwrap();
+    let err = p
+        .preprocess_bytes(&png, "long.png", &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("long.png") && err.contains("1000000x1") && err.contains("limit"),
+        "{err}"
+    );
+    // An ordinary wide image still resizes.
+    let wide = image::RgbImage::from_pixel(300, 20, image::Rgb([9, 9, 9]));
+    let mut png = std::io::Cursor::new(Vec::new());
+    wide.write_to(&mut png, image::ImageFormat::Png).unwrap();
+    let t = p
+        .preprocess_bytes(&png.into_inner(), "wide.png", &Device::Cpu)
+        .unwrap();
+    assert_eq!(t.dims(), &[3, 224, 224]);
+}
