@@ -40,6 +40,8 @@ pub struct Assembler {
 impl Assembler {
     /// The largest payload accepted (a bound on what a peer can make us allocate).
     pub const MAX_TOTAL_BYTES: u64 = 64 << 30;
+    /// The most memory reserved before the data arrives.
+    pub const INITIAL_RESERVE_BYTES: u64 = 256 << 20;
 
     pub fn new() -> Self {
         Self::default()
@@ -68,7 +70,11 @@ impl Assembler {
                 }
                 self.version = Some(version);
                 self.total = chunk.total_bytes;
-                self.bytes.reserve(chunk.total_bytes as usize);
+                // Up to 256 MiB up front, then as data arrives: the announced size is the
+                // peer's word, and reserving it whole let one chunk claiming 64 GiB abort the
+                // process (found by the fuzzer, fuzz/corpus/proto_weight_chunks).
+                self.bytes
+                    .reserve(chunk.total_bytes.min(Self::INITIAL_RESERVE_BYTES) as usize);
             }
             Some(v) if v != version => {
                 return Err(self.corrupt(format!(

@@ -112,3 +112,25 @@ async fn corrupt_and_truncated_transfers_are_refused_and_fetched_again() {
     assert_eq!(got.version, 5);
     assert_eq!(got.bytes, payload);
 }
+
+/// Found by the fuzzer (fuzz target proto_weight_chunks): a first chunk announcing the largest
+/// allowed size made the assembler reserve all of it (64 GiB) before any data came, and the
+/// allocation aborted the process. Now memory follows the data and the transfer is refused as
+/// truncated.
+#[test]
+fn a_huge_announced_size_allocates_nothing_up_front() {
+    let mut a = ril_actor::sync::Assembler::new();
+    a.push(WeightChunk {
+        version: Some(PolicyVersion { version: 1 }),
+        offset: 0,
+        total_bytes: ril_actor::sync::Assembler::MAX_TOTAL_BYTES,
+        data: vec![1u8; 16].into(),
+        sha256: Default::default(),
+    })
+    .unwrap();
+    let err = a.finish().unwrap_err().to_string();
+    assert!(
+        err.contains("version 1") && err.contains("truncated"),
+        "{err}"
+    );
+}

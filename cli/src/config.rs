@@ -487,6 +487,10 @@ impl RunConfig {
         if self.rollout.max_new_tokens == 0 {
             bail!("{p}: [rollout] max_new_tokens must be positive");
         }
+        // The check every actor makes of these settings when it registers, made here so that a
+        // bad temperature or top_p stops `ril config check` instead of every actor later.
+        ril_actor::run::sampling_from_proto(&self.student_sampling())
+            .map_err(|e| anyhow::anyhow!("{p}: [rollout]: {e}"))?;
         let mut names = std::collections::BTreeSet::new();
         for t in &self.teachers {
             if !names.insert(t.name.clone()) {
@@ -687,5 +691,27 @@ model = "Qwen/Qwen2.5-VL-72B-Instruct"
             .unwrap_err()
             .to_string();
         assert!(e.contains("big"), "{e}");
+    }
+
+    /// Found by the bad-input table (tests/bad-inputs): these used to pass `ril config check`
+    /// and failed only in every actor.
+    #[test]
+    fn rollout_sampling_settings_are_checked_at_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = base(dir.path());
+        for (setting, field) in [
+            ("temperature = -1.0", "temperature"),
+            ("top_p = 1.5", "top_p"),
+            ("repetition_penalty = -1.0", "repetition_penalty"),
+        ] {
+            let bad = text.replace("group_size = 2", &format!("group_size = 2\n{setting}"));
+            let e = RunConfig::parse(&bad, &dir.path().join("run.toml"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("run.toml") && e.contains("[rollout]") && e.contains(field),
+                "{setting}: {e}"
+            );
+        }
     }
 }

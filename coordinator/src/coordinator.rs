@@ -712,10 +712,16 @@ impl Coordinator {
             book.prune_rate_window(now);
             Ok(Acceptance::Accepted)
         })?;
-        if let Acceptance::Refused(reason) = &acceptance {
-            tracing::info!(lease_id, position, question_id, reason, "group refused");
-        }
-        Ok(acceptance)
+        Ok(match acceptance {
+            Acceptance::Refused(reason) => {
+                tracing::info!(lease_id, position, question_id, reason, "group refused");
+                // The refusal names the group it is about (the learner logs and forwards it).
+                Acceptance::Refused(format!(
+                    "{reason} (group from lease {lease_id:?}, question {question_id:?})"
+                ))
+            }
+            a => a,
+        })
     }
 
     /// The learner gives a question back (e.g. its group was too stale): it is no longer

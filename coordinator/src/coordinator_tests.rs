@@ -66,7 +66,11 @@ fn a_group_is_accepted_once_and_bad_groups_are_refused_with_a_reason() {
     let dup = refused(accept(&mut c, &g, 0, t));
     assert_eq!(
         dup,
-        format!("duplicate: position 0 ({id0}) already accepted")
+        format!(
+            "duplicate: position 0 ({id0}) already accepted (group from lease {:?}, question \
+             {id0:?})",
+            g.lease_id
+        )
     );
     // The wrong question, the wrong iteration, a position never issued, one past the run.
     let r = refused(c.accept_group(&g.lease_id, 1, &id0, 0, t).unwrap());

@@ -249,6 +249,14 @@ pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Re
         family,
         extra: obj,
     };
+    // The question is the last user turn's text (what every role renders and the wire form
+    // requires): a conversation without one is not a question.
+    if row.question_text().trim().is_empty() {
+        return Err(bad_id(
+            "messages",
+            "no user turn with text (the question is the last `user` turn)".into(),
+        ));
+    }
     let placeholders = row.image_placeholders();
     if placeholders > 0 && placeholders != row.images.len() {
         return Err(bad_id(

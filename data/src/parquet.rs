@@ -182,7 +182,23 @@ impl Iterator for ParquetReader {
             let batch = match &self.batch {
                 Some(batch) if self.next_in_batch < batch.num_rows() => batch,
                 _ => {
-                    match self.batches.next() {
+                    // The parquet crate can panic on a corrupt file (seen by the fuzzer:
+                    // "offset + len out of bounds" in arrow-buffer): caught and reported as an
+                    // unreadable file, naming it, like its errors.
+                    let next = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        self.batches.next()
+                    }))
+                    .unwrap_or_else(|panic| {
+                        let what = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "the Parquet decoder panicked".into());
+                        Some(Err(ArrowError::ParseError(format!(
+                            "corrupt file (the decoder failed: {what})"
+                        ))))
+                    });
+                    match next {
                         None => self.finished = true,
                         Some(Ok(batch)) => {
                             self.batch = Some(batch);

@@ -129,6 +129,13 @@ fn bad_rows_name_file_row_and_field() {
             "no question",
             "`messages`",
         ),
+        // Found by the fuzzer (fuzz/corpus/jsonl_rows/crash-no-user-turn.jsonl): a row whose
+        // turns have text but none is a user's was read, then refused by every role.
+        (
+            r#"{"id": "x", "messages": [{"role": "userNaN", "content": "q"}], "answer": "a"}"#,
+            "no user turn",
+            "`messages`",
+        ),
     ];
     for (line, must, field) in cases {
         let err = parse_row(line, Path::new("/data/set.jsonl"), 1, dir.path())

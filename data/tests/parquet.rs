@@ -610,3 +610,19 @@ fn reads_a_text_only_verl_file_without_an_images_column() {
     );
     assert_eq!(row.answer_type, None::<AnswerType>);
 }
+
+/// Found by the fuzzer (fuzz/corpus/parquet_rows/crash-arrow-offset-out-of-bounds.parquet):
+/// verl_tiny.parquet with a few bytes changed made the parquet crate panic ("offset + len out
+/// of bounds" in arrow-buffer) while decoding definition levels. It is an error naming the file.
+#[test]
+fn a_file_the_decoder_panics_on_is_an_error_naming_it() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/corrupt_def_levels.parquet");
+    let err = ril_data::dataset::read_all(&path, ril_data::dataset::ReadOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("corrupt_def_levels.parquet") && err.contains("corrupt file"),
+        "{err}"
+    );
+}

@@ -21,6 +21,11 @@ use std::time::{Duration, Instant};
 
 use ril_fuzz::{Harness, TARGETS, corpus_dir, harness};
 
+thread_local! {
+    /// Where the last panic on this thread happened (set by the driver's panic hook).
+    static LAST_PANIC: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 struct Settings {
     seconds: f64,
     seed: u64,
@@ -109,6 +114,16 @@ fn run(args: &[String]) -> i32 {
         s.seconds,
         targets.len()
     );
+    // Quiet panics: a library may panic and catch it itself (the Parquet reader does, for the
+    // parquet crate's panics on corrupt files); the location of one that reaches the driver is
+    // kept and reported with the crash.
+    std::panic::set_hook(Box::new(|info| {
+        let at = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        LAST_PANIC.with(|p| *p.borrow_mut() = at);
+    }));
     let watch = Watchdog::start(s.timeout, s.artifacts.clone());
     let mut failed = Vec::new();
     for (name, h) in &targets {
@@ -178,10 +193,13 @@ impl Watchdog {
         let r = catch_unwind(AssertUnwindSafe(|| h(input)));
         self.started_ms.store(0, Ordering::SeqCst);
         r.map_err(|p| {
-            p.downcast_ref::<String>()
+            let message = p
+                .downcast_ref::<String>()
                 .cloned()
                 .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "(non-string panic)".into())
+                .unwrap_or_else(|| "(non-string panic)".into());
+            let at = LAST_PANIC.with(|p| p.borrow().clone());
+            format!("panicked at {at}: {message}")
         })
     }
 }

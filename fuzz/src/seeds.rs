@@ -229,6 +229,18 @@ pub fn write_all() -> std::io::Result<()> {
         "many-chunks",
         &chunks(&payload, 64, 4),
     )?;
+    // The crash the fuzzer found: a first chunk announcing 64 GiB (the assembler reserved it).
+    let mut huge = Vec::new();
+    v1::WeightChunk {
+        version: Some(v1::PolicyVersion { version: 1 }),
+        offset: 0,
+        total_bytes: 64 << 30,
+        data: Bytes::from_static(b"0123456789abcdef"),
+        sha256: Bytes::new(),
+    }
+    .encode_length_delimited(&mut huge)
+    .unwrap();
+    write("proto_weight_chunks", "huge-announced-size", &huge)?;
 
     write(
         "checkpoint_bytes",
