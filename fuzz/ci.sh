@@ -13,7 +13,9 @@
 # - libfuzzer: `cargo +nightly fuzz run` over fuzz/libfuzzer/ (coverage-guided, AddressSanitizer
 #   off: the code is safe Rust). Needs a nightly toolchain; cargo-fuzz is installed from
 #   crates.io into target/fuzz-tools/ when missing. Its first build compiles every dependency
-#   again with coverage instrumentation (measured in README.md), so it is not the default.
+#   again with coverage instrumentation (the plain dev build alone took 25 minutes on the
+#   2-core machine), so it is not the default. NOT YET RUN on this project: the path is written
+#   but has not been exercised.
 # - auto: libfuzzer when `cargo +nightly` works, stable otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
