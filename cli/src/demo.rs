@@ -33,12 +33,29 @@ pub struct DemoArgs {
     /// Test questions evaluated before and after (greedy).
     #[arg(long, default_value_t = 500)]
     pub eval_rows: usize,
+    /// The policy's learning rate (tuned on the validation split: docs/RESULTS.md).
+    #[arg(long, default_value_t = 2e-5)]
+    pub lr: f64,
+    /// The run's seed (sampling, data order, D's head).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Checkpoints evaluated on the held-out questions during the run, for the accuracy plot
+    /// (the last one is the final policy).
+    #[arg(long, default_value_t = 4)]
+    pub accuracy_points: u64,
+    /// Questions whose student and teacher answers (4 each) pre-train the discriminator before
+    /// RIL (0: no pre-training; D starts from the student with a fresh head).
+    #[arg(long, default_value_t = 64)]
+    pub pretrain_questions: usize,
+    /// D's pre-training steps.
+    #[arg(long, default_value_t = 30)]
+    pub pretrain_steps: u64,
     /// SFT steps for the models made on first use when the built-in ones are missing.
     #[arg(long, default_value_t = 300)]
     pub fallback_sft_steps: usize,
 }
 
-fn ril(args: &[&str]) -> anyhow::Result<()> {
+pub fn ril(args: &[&str]) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the ril binary")?;
     let status = Command::new(&exe)
         .args(args)
@@ -50,7 +67,7 @@ fn ril(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn p(x: &Path) -> String {
+pub fn p(x: &Path) -> String {
     x.to_string_lossy().into_owned()
 }
 
@@ -160,19 +177,72 @@ fn models(args: &DemoArgs, data: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-fn write_config(args: &DemoArgs, data: &Path, models: &Path) -> anyhow::Result<PathBuf> {
-    let abs = |x: &Path| -> anyhow::Result<String> {
-        Ok(p(
-            &std::fs::canonicalize(x).with_context(|| format!("resolving {}", x.display()))?
-        ))
-    };
-    let dir = abs(&args.out)?;
-    let toml = format!(
-        r#"# Written by `ril demo`: a short RIL run on the built-in tiny models.
+/// What differs between the runs `ril demo` and `ril experiment ablation` write: everything
+/// else is the paper's setting (G = 4 by default, temperature 1.0, top-p 0.95, top-k 50,
+/// repetition penalty 1.05, eps = 0.2, beta = 0.01, one D step per iteration, binary rewards
+/// summed).
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The run's id and state directory (absolute).
+    pub id: String,
+    pub dir: PathBuf,
+    pub seed: u64,
+    pub iterations: u64,
+    pub questions_per_iteration: u64,
+    pub group_size: u32,
+    pub actors: u32,
+    pub lr: f64,
+    /// Dataset directory and the built-in models' directory (absolute).
+    pub data: PathBuf,
+    pub models: PathBuf,
+    /// `(name, model directory name under models)`: the teachers in the run.
+    pub teachers: Vec<(String, String)>,
+    pub use_ans_reward: bool,
+    pub use_sim_reward: bool,
+    pub teachers_in_group: bool,
+    pub std_normalized_advantage: bool,
+    pub frozen_discriminator: bool,
+    /// D's starting weights (a pre-training result); None: the student's, with a fresh head.
+    pub discriminator_init: Option<PathBuf>,
+    /// Save the policy every this many iterations (0: only at the end).
+    pub save_every: u64,
+    pub max_new_tokens: u32,
+}
+
+/// The demo's teachers: `(name in the run, model directory)`.
+pub const TEACHERS: [(&str, &str); 2] =
+    [("terse", "teacher-terse"), ("reasoned", "teacher-reasoned")];
+
+/// The run config (TOML) for `spec`.
+pub fn run_config_toml(spec: &RunSpec) -> String {
+    let models = p(&spec.models);
+    let mut teachers = String::new();
+    for (name, dir) in &spec.teachers {
+        teachers.push_str(&format!(
+            r#"
+[[teachers]]
+name = "{name}"
+backend = "candle"
+checkpoint = "{models}/{dir}"
+
+[teachers.sampling]
+temperature = 1.0
+max_new_tokens = {max_new_tokens}
+"#,
+            max_new_tokens = spec.max_new_tokens
+        ));
+    }
+    let d_init = spec
+        .discriminator_init
+        .as_ref()
+        .map(|d| format!("init = \"{}\"\n", p(d)))
+        .unwrap_or_default();
+    format!(
+        r#"# Written by ril (demo / experiment): a short RIL run on the built-in tiny models.
 [run]
-id = "demo"
-dir = "{dir}/run"
-seed = 0
+id = "{id}"
+dir = "{dir}"
+seed = {seed}
 iterations = {iterations}
 questions_per_iteration = {b}
 staleness_bound = 0
@@ -185,7 +255,7 @@ checkpoint = "{models}/student"
 
 [rollout]
 group_size = {g}
-max_new_tokens = 48
+max_new_tokens = {max_new_tokens}
 
 [coordinator]
 lease_timeout_s = 120
@@ -196,87 +266,244 @@ actor_timeout_s = 20
 count = {actors}
 
 [learner]
-save_every = 0
+save_every = {save_every}
+keep_checkpoints = 1000
 
 [learner.grpo]
-lr = 2e-5
-loss_normalizer = 48
+lr = {lr:e}
+loss_normalizer = {max_new_tokens}
 micro_batch_size = 8
+use_ans_reward = {use_ans}
+use_sim_reward = {use_sim}
+teachers_in_group = {tig}
+std_normalized_advantage = {std_adv}
 
 [discriminator]
-lr = 1e-4
+{d_init}lr = 1e-4
 save_every = 0
+frozen = {frozen}
 
 [discriminator.judge]
 kind = "rule"
+{teachers}"#,
+        id = spec.id,
+        dir = p(&spec.dir),
+        seed = spec.seed,
+        iterations = spec.iterations,
+        b = spec.questions_per_iteration,
+        data = p(&spec.data),
+        g = spec.group_size,
+        max_new_tokens = spec.max_new_tokens,
+        actors = spec.actors,
+        save_every = spec.save_every,
+        lr = spec.lr,
+        use_ans = spec.use_ans_reward,
+        use_sim = spec.use_sim_reward,
+        tig = spec.teachers_in_group,
+        std_adv = spec.std_normalized_advantage,
+        frozen = spec.frozen_discriminator,
+    )
+}
 
-[[teachers]]
-name = "terse"
-backend = "candle"
-checkpoint = "{models}/teacher-terse"
+/// An absolute path for `x` (which must exist).
+pub fn absolute(x: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(x).with_context(|| format!("resolving {}", x.display()))
+}
 
-[teachers.sampling]
-temperature = 1.0
-max_new_tokens = 48
-
-[[teachers]]
-name = "reasoned"
-backend = "candle"
-checkpoint = "{models}/teacher-reasoned"
-
-[teachers.sampling]
-temperature = 1.0
-max_new_tokens = 48
-"#,
-        iterations = args.iterations,
-        b = args.questions_per_iteration,
-        data = abs(data)?,
-        models = abs(models)?,
-        g = args.group_size,
-        actors = args.actors,
-    );
+fn write_config(
+    args: &DemoArgs,
+    data: &Path,
+    models: &Path,
+    discriminator_init: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    let out = absolute(&args.out)?;
+    let spec = RunSpec {
+        id: "demo".into(),
+        dir: out.join("run"),
+        seed: args.seed,
+        iterations: args.iterations,
+        questions_per_iteration: args.questions_per_iteration,
+        group_size: args.group_size,
+        actors: args.actors,
+        lr: args.lr,
+        data: absolute(data)?,
+        models: absolute(models)?,
+        teachers: TEACHERS
+            .iter()
+            .map(|(n, d)| (n.to_string(), d.to_string()))
+            .collect(),
+        use_ans_reward: true,
+        use_sim_reward: true,
+        teachers_in_group: true,
+        std_normalized_advantage: false,
+        frozen_discriminator: false,
+        discriminator_init,
+        save_every: (args.iterations / args.accuracy_points.max(1)).max(1),
+        max_new_tokens: 48,
+    };
     let path = args.out.join("run.toml");
-    std::fs::write(&path, toml).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, run_config_toml(&spec))
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
+/// Starts the run's teacher servers (as `ril train` does) for D's pre-training, which asks them
+/// for answers; their answer caches live in the run directory, so the RIL run that follows
+/// reuses what they wrote. Returns the children and their addresses.
+fn start_teachers(
+    config: &Path,
+    cfg: &RunConfig,
+) -> anyhow::Result<(Vec<std::process::Child>, Vec<String>)> {
+    let exe = std::env::current_exe().context("locating the ril binary")?;
+    let addrs = cfg.run.dir.join("addrs");
+    let logs = cfg.run.dir.join("logs");
+    std::fs::create_dir_all(&addrs).with_context(|| format!("creating {}", addrs.display()))?;
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    let mut children = Vec::new();
+    let mut files = Vec::new();
+    for t in &cfg.teachers {
+        let addr_file = addrs.join(format!("pretrain-teacher-{}", t.name));
+        let _ = std::fs::remove_file(&addr_file);
+        let log_path = logs.join(format!("pretrain-teacher-{}.log", t.name));
+        let log = std::fs::File::create(&log_path)
+            .with_context(|| format!("creating {}", log_path.display()))?;
+        let child = Command::new(&exe)
+            .args(["teacher", "--config", &p(config), "--name", &t.name])
+            .args(["--listen", "127.0.0.1:0", "--addr-file", &p(&addr_file)])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting teacher {}", t.name))?;
+        children.push(child);
+        files.push((t.name.clone(), addr_file, log_path));
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    let mut found = Vec::new();
+    for (i, (name, file, log)) in files.iter().enumerate() {
+        loop {
+            if let Ok(a) = std::fs::read_to_string(file)
+                && !a.trim().is_empty()
+            {
+                found.push(a.trim().to_string());
+                break;
+            }
+            if let Some(st) = children[i].try_wait()? {
+                stop_children(&mut children);
+                bail!(
+                    "teacher {name} exited ({st}) while starting; see {}",
+                    log.display()
+                );
+            }
+            if std::time::Instant::now() > deadline {
+                stop_children(&mut children);
+                bail!(
+                    "teacher {name} did not start within 300 s; see {}",
+                    log.display()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+    Ok((children, found))
+}
+
+fn stop_children(children: &mut [std::process::Child]) {
+    for c in children.iter_mut() {
+        let _ = c.kill();
+    }
+    for c in children.iter_mut() {
+        let _ = c.wait();
+    }
+}
+
+/// The stages' wall times, printed as each ends.
+struct Stages {
+    started: std::time::Instant,
+    stage: std::time::Instant,
+    done: Vec<(String, f64)>,
+}
+
+impl Stages {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            started: now,
+            stage: now,
+            done: Vec::new(),
+        }
+    }
+    fn begin(&mut self, n: usize, total: usize, what: &str) {
+        self.stage = std::time::Instant::now();
+        println!(
+            "== stage {n}/{total}: {what} ({:.0} s elapsed) ==",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+    fn end(&mut self, name: &str) {
+        let s = self.stage.elapsed().as_secs_f64();
+        println!("   {name}: {s:.1} s");
+        self.done.push((name.to_string(), s));
+    }
+}
+
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    let mut stages: Vec<(&str, f64)> = Vec::new();
-    let mut stage = std::time::Instant::now();
+    let mut stages = Stages::new();
+    const TOTAL: usize = 6;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    stages.begin(1, TOTAL, "data and models");
     let data = args.out.join("data");
     if !data.join("train.jsonl").is_file() {
-        ril(&[
-            "data",
-            "synth",
-            "--out",
-            &p(&data),
-            "--seed",
-            "0",
-            "--image-size",
-            "72",
-            "--jitter",
-            "0",
-            "--n-train",
-            "2000",
-            "--n-val",
-            "200",
-            "--n-test",
-            "500",
-        ])?;
+        synth_benchmark(&data)?;
     }
-    stages.push(("data", stage.elapsed().as_secs_f64()));
-    stage = std::time::Instant::now();
     let models = models(args, &data)?;
-    stages.push(("models", stage.elapsed().as_secs_f64()));
-    stage = std::time::Instant::now();
-    let config = write_config(args, &data, &models)?;
-    let cfg = RunConfig::load(&config)?;
+    stages.end("data_and_models");
+
+    let mut config = write_config(args, &data, &models, None)?;
+    let mut cfg = RunConfig::load(&config)?;
     // A fresh run each time: the demo's state is its own.
     let _ = std::fs::remove_dir_all(&cfg.run.dir);
     ril(&["config", "check", &p(&config)])?;
+
+    stages.begin(
+        2,
+        TOTAL,
+        "discriminator pre-training (student vs teacher answers)",
+    );
+    if args.pretrain_questions > 0 {
+        let d_dir = absolute(&args.out)?.join("discriminator-pretrained");
+        let _ = std::fs::remove_dir_all(&d_dir);
+        let (mut teachers, addrs) = start_teachers(&config, &cfg)?;
+        let questions = args.pretrain_questions.to_string();
+        let steps = args.pretrain_steps.to_string();
+        let mut a = vec!["discriminator", "pretrain", "--student"];
+        let student = p(&cfg.student.checkpoint);
+        let data_s = p(&data);
+        let d_s = p(&d_dir);
+        a.extend([student.as_str(), "--data", &data_s, "--out", &d_s]);
+        a.extend([
+            "--answers",
+            "4",
+            "--max-questions",
+            &questions,
+            "--steps",
+            &steps,
+        ]);
+        a.extend(["--max-new-tokens", "48"]);
+        for addr in &addrs {
+            a.extend(["--teacher", addr.as_str()]);
+        }
+        let result = ril(&a);
+        stop_children(&mut teachers);
+        result?;
+        config = write_config(args, &data, &models, Some(d_dir))?;
+        cfg = RunConfig::load(&config)?;
+    } else {
+        println!("   skipped (--pretrain-questions 0)");
+    }
+    stages.end("discriminator_pretrain");
+
+    stages.begin(3, TOTAL, &format!("RIL ({} iterations)", args.iterations));
     let train = TrainArgs {
         config: config.clone(),
         actors: None,
@@ -285,57 +512,111 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     };
     let outcome = crate::roles::runtime()?.block_on(run_cluster(&cfg, &config, &train))?;
     println!("{}", crate::roles::format_status(&outcome.status));
-    stages.push(("ril", stage.elapsed().as_secs_f64()));
-    stage = std::time::Instant::now();
+    stages.end("ril");
+
     let final_ckpt = cfg
         .learner
         .out_dir
         .join(format!("checkpoint-{:06}", outcome.status.policy_version));
     let rows = args.eval_rows.to_string();
-    println!("== the student before RIL ==");
-    ril(&[
-        "eval",
-        "--model",
-        &p(&cfg.student.checkpoint),
-        "--data",
-        &p(&data),
-        "--split",
-        "test",
-        "--max-rows",
-        &rows,
-        "--out",
-        &p(&args.out.join("eval-before.json")),
-    ])?;
-    stages.push(("eval_before", stage.elapsed().as_secs_f64()));
-    stage = std::time::Instant::now();
-    println!(
-        "== the student after {} RIL iterations ({}) ==",
-        outcome.status.policy_version,
-        final_ckpt.display()
+    let eval = |model: &Path, out: &Path| -> anyhow::Result<f64> {
+        ril(&[
+            "eval",
+            "--model",
+            &p(model),
+            "--data",
+            &p(&data),
+            "--split",
+            "test",
+            "--max-rows",
+            &rows,
+            "--out",
+            &p(out),
+        ])?;
+        read_json(out)?["accuracy"]
+            .as_f64()
+            .with_context(|| format!("{}: no accuracy", out.display()))
+    };
+    stages.begin(
+        4,
+        TOTAL,
+        "the student before RIL (held-out test questions, greedy)",
     );
-    ril(&[
-        "eval",
-        "--model",
-        &p(&final_ckpt),
-        "--data",
-        &p(&data),
-        "--split",
-        "test",
-        "--max-rows",
-        &rows,
-        "--out",
-        &p(&args.out.join("eval-after.json")),
-    ])?;
-    stages.push(("eval_after", stage.elapsed().as_secs_f64()));
-    let report = write_report(args, &outcome, &stages, started.elapsed().as_secs_f64())?;
+    let before = eval(&cfg.student.checkpoint, &args.out.join("eval-before.json"))?;
+    stages.end("eval_before");
+    stages.begin(
+        5,
+        TOTAL,
+        &format!(
+            "the student after {} RIL iterations ({}), and the checkpoints on the way",
+            outcome.status.policy_version,
+            final_ckpt.display()
+        ),
+    );
+    let mut accuracy = vec![(0.0, before)];
+    for (version, dir) in checkpoints(&cfg.learner.out_dir)? {
+        if version == outcome.status.policy_version {
+            continue;
+        }
+        let out = args.out.join(format!("eval-{version:06}.json"));
+        accuracy.push((version as f64, eval(&dir, &out)?));
+    }
+    let after = eval(&final_ckpt, &args.out.join("eval-after.json"))?;
+    accuracy.push((outcome.status.policy_version as f64, after));
+    stages.end("eval_after");
+
+    stages.begin(6, TOTAL, "report and plots");
+    let report = write_report(args, &outcome, &accuracy, &stages)?;
+    stages.end("report");
     println!("{report}");
     println!(
-        "demo finished in {:.0} s (the RIL run {:.0} s); report, metrics and logs in {}",
-        started.elapsed().as_secs_f64(),
+        "demo finished in {:.0} s (the RIL run {:.0} s); report, metrics, plots and logs in {}",
+        stages.started.elapsed().as_secs_f64(),
         outcome.seconds,
         args.out.display()
     );
     Ok(())
+}
+
+/// The `shapes` benchmark the demo and the ablation run on (seed 0; 2000 train, 200 val,
+/// 500 test questions; objects at their cell's centre, as the built-in models were trained).
+pub fn synth_benchmark(data: &Path) -> anyhow::Result<()> {
+    ril(&[
+        "data",
+        "synth",
+        "--out",
+        &p(data),
+        "--seed",
+        "0",
+        "--image-size",
+        "72",
+        "--jitter",
+        "0",
+        "--n-train",
+        "2000",
+        "--n-val",
+        "200",
+        "--n-test",
+        "500",
+    ])
+}
+
+/// The learner's `checkpoint-NNNNNN` directories, oldest first.
+pub fn checkpoints(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(v) = name
+            .strip_prefix("checkpoint-")
+            .and_then(|v| v.parse::<u64>().ok())
+            && entry.path().join("config.json").is_file()
+        {
+            found.push((v, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
 }
 
 fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
@@ -369,9 +650,10 @@ fn first_last(lines: &[serde_json::Value], key: &str, k: usize) -> serde_json::V
 fn write_report(
     args: &DemoArgs,
     outcome: &crate::cluster::TrainOutcome,
-    stages: &[(&str, f64)],
-    wall: f64,
+    accuracy: &[(f64, f64)],
+    stages: &Stages,
 ) -> anyhow::Result<String> {
+    let wall = stages.started.elapsed().as_secs_f64();
     let before = read_json(&args.out.join("eval-before.json"))?;
     let after = read_json(&args.out.join("eval-after.json"))?;
     let metrics_src = outcome
@@ -389,6 +671,7 @@ fn write_report(
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
+    let plots = ril_plot::metrics_plots(&metrics_dst, &args.out.join("plots"), accuracy)?;
     let k = (lines.len() / 4).max(1);
     let mut families = serde_json::Map::new();
     if let Some(fams) = before["per_family"].as_object() {
@@ -427,7 +710,9 @@ fn write_report(
         "kl": first_last(&lines, "kl_mean", k),
         "entropy": first_last(&lines, "entropy_mean", k),
         "wall_time_s": wall,
-        "stage_seconds": stages.iter().map(|(n, s)| (n.to_string(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
+        "stage_seconds": stages.done.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
+        "accuracy_by_iteration": accuracy.iter().map(|(v, a)| serde_json::json!({"iteration": v, "accuracy": a})).collect::<Vec<_>>(),
+        "plots": plots.iter().map(|x| p(x)).collect::<Vec<_>>(),
         "run_dir": args.out,
     });
     let path = args.out.join("report.json");

@@ -49,6 +49,10 @@ pub struct SynthArgs {
     /// Background colour as R,G,B (0-255); the default is CLIP's mean grey.
     #[arg(long, value_delimiter = ',', default_values_t = ril_data::shapes::CLIP_MEAN_GREY)]
     pub background: Vec<u8>,
+    /// Leave out each question's `rationale` (the scene cell by cell, which reasoning answer
+    /// styles write before the answer).
+    #[arg(long)]
+    pub no_rationale: bool,
 }
 
 pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
@@ -68,6 +72,7 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
             .as_slice()
             .try_into()
             .context("--background takes three values, R,G,B")?,
+        rationale: !a.no_rationale,
     };
     let started = std::time::Instant::now();
     let [tr, va, te] =
@@ -153,14 +158,12 @@ pub fn tokenizer_train(a: &TokenizerTrainArgs) -> anyhow::Result<()> {
     for r in &rows {
         texts.push(r.question_text());
         texts.push(r.answer.clone());
-        // The answer styles the models are taught (a reasoning style writes the row's
-        // rationale out), so their words get tokens of their own.
-        for style in [
+        // The reasoned style (with the row's rationale, when it has one), so its words get
+        // tokens of their own.
+        texts.push(ril_data::style::styled_answer(
+            r,
             ril_data::style::AnswerStyle::Reasoned,
-            ril_data::style::AnswerStyle::Narrated,
-        ] {
-            texts.push(ril_data::style::styled_answer(r, style));
-        }
+        ));
         for answers in r.teacher_answers.values() {
             texts.extend(answers.iter().cloned());
         }

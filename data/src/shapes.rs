@@ -417,6 +417,14 @@ pub struct SynthConfig {
     /// docs/BENCHMARKS.md).
     #[serde(default = "default_background")]
     pub background: [u8; 3],
+    /// Write each question's `rationale` (the scene cell by cell). Off gives the rows of
+    /// datasets written before rationales existed, byte for byte.
+    #[serde(default = "default_rationale")]
+    pub rationale: bool,
+}
+
+fn default_rationale() -> bool {
+    true
 }
 
 /// CLIP's `image_mean` (0.481, 0.458, 0.408) in 8-bit.
@@ -451,6 +459,7 @@ impl Default for SynthConfig {
             jitter: default_jitter(),
             families: default_families(),
             background: default_background(),
+            rationale: default_rationale(),
         }
     }
 }
@@ -762,7 +771,7 @@ pub fn write_dataset(cfg: &SynthConfig, out: &Path) -> Result<[usize; 3]> {
                 "scene": g.scene,
             });
             // A caption's reasoning would repeat the answer itself.
-            if !matches!(g.query, Query::Describe) {
+            if cfg.rationale && !matches!(g.query, Query::Describe) {
                 row["rationale"] = rationale(&g.scene).into();
             }
             writeln!(w, "{row}").map_err(|e| DataError::io(&tmp, e))?;

@@ -376,4 +376,24 @@ fn every_question_row_carries_a_rationale_that_lists_the_scene_and_styles_write_
         }
     }
     assert!(with_rationale > 50, "{with_rationale}");
+
+    // Without rationales the rows are those of the same seed, minus the field.
+    let bare = tempfile::tempdir().unwrap();
+    write_dataset(
+        &SynthConfig {
+            rationale: false,
+            ..cfg
+        },
+        bare.path(),
+    )
+    .unwrap();
+    let (bare_rows, _) =
+        read_all(&bare.path().join("train.jsonl"), ReadOptions::default()).unwrap();
+    assert_eq!(bare_rows.len(), rows.len());
+    for (b, r) in bare_rows.iter().zip(&rows) {
+        assert_eq!(b.rationale(), None);
+        let mut extra = r.extra.clone();
+        extra.remove("rationale");
+        assert_eq!((&b.id, &b.answer, &b.extra), (&r.id, &r.answer, &extra));
+    }
 }
