@@ -19,6 +19,12 @@ fn demo_writes_its_report_and_one_metrics_line_per_step() {
         "12",
         "--fallback-sft-steps",
         "12",
+        "--pretrain-questions",
+        "4",
+        "--pretrain-steps",
+        "3",
+        "--accuracy-points",
+        "2",
     ]);
     assert!(
         out.status.success(),
@@ -42,7 +48,13 @@ fn demo_writes_its_report_and_one_metrics_line_per_step() {
     assert_eq!(report["iterations"], 2);
     assert!(report["accuracy"]["per_family"].as_object().unwrap().len() >= 2);
     assert!(report["wall_time_s"].as_f64().unwrap() > 0.0);
-    for stage in ["data", "models", "ril", "eval_before", "eval_after"] {
+    for stage in [
+        "data_and_models",
+        "discriminator_pretrain",
+        "ril",
+        "eval_before",
+        "eval_after",
+    ] {
         assert!(
             report["stage_seconds"][stage].as_f64().is_some(),
             "stage {stage} missing: {report}"
@@ -58,6 +70,55 @@ fn demo_writes_its_report_and_one_metrics_line_per_step() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(lines.len(), 2, "one line per learner step");
+    // The mechanics (not the science): the policy starts at the reference (KL 0 at the first
+    // step), every group holds G = 4 student and G = 4 teacher responses (2 groups of 8 per
+    // iteration with B = 4 questions: 32 responses), advantages are centred on their group's
+    // mean, and binary rewards are summed (each component's mean in [0, 1], totals in [0, 2]).
+    assert_eq!(lines[0]["kl_mean"].as_f64().unwrap(), 0.0, "{}", lines[0]);
+    for l in &lines {
+        assert_eq!(l["responses"].as_f64().unwrap(), 32.0, "{l}");
+        assert!(
+            l["response_length_teacher_mean"].as_f64().unwrap() > 0.0,
+            "{l}"
+        );
+        assert!(l["advantage_mean"].as_f64().unwrap().abs() < 1e-9, "{l}");
+        for who in ["student", "teacher"] {
+            for part in ["ans", "sim"] {
+                let r = l[format!("reward_{part}_{who}_mean")].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&r), "{part} {who}: {r}");
+            }
+            let total = l[format!("reward_{who}_mean")].as_f64().unwrap();
+            assert!((0.0..=2.0).contains(&total), "{who}: {total}");
+        }
+    }
+    // D was pre-trained and the RIL run's D started from it.
+    let config = std::fs::read_to_string(sb.path("run/run.toml")).unwrap();
+    assert!(config.contains("discriminator-pretrained"), "{config}");
+    assert!(sb.path("run/discriminator-pretrained/latest").is_file());
+    // Held-out accuracy before, at the checkpoint on the way and after.
+    let points = report["accuracy_by_iteration"].as_array().unwrap();
+    let iterations: Vec<f64> = points
+        .iter()
+        .map(|p| p["iteration"].as_f64().unwrap())
+        .collect();
+    assert_eq!(iterations, vec![0.0, 1.0, 2.0], "{report}");
+    // The plots are PNGs that decode.
+    for name in ["rewards", "discriminator", "kl", "accuracy"] {
+        let path = sb.path(&format!("run/plots/{name}.png"));
+        let decoder =
+            png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&path).unwrap()));
+        let mut reader = decoder.read_info().unwrap();
+        let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+        let info = reader.next_frame(&mut buf).unwrap();
+        assert!(info.width >= 400 && info.height >= 300, "{name}: {info:?}");
+        let plots = report["plots"].as_array().unwrap();
+        assert!(
+            plots
+                .iter()
+                .any(|p| p.as_str().unwrap().ends_with(&format!("{name}.png"))),
+            "{report}"
+        );
+    }
     for (i, l) in lines.iter().enumerate() {
         assert_eq!(l["version"], i as u64 + 1);
         for key in [
