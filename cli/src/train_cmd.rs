@@ -388,7 +388,7 @@ fn parse_target(s: &str) -> anyhow::Result<Target> {
                 let weight: f64 = weight.trim().parse().map_err(|_| {
                     anyhow::anyhow!("--target {s:?}: weight {weight:?} is not a number")
                 })?;
-                if !(weight >= 0.0 && weight.is_finite()) {
+                if !weight.is_finite() || weight < 0.0 {
                     bail!("--target {s:?}: weight {weight} must be finite and >= 0");
                 }
                 Ok((parse_target(target.trim())?, weight))

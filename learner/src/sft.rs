@@ -61,7 +61,11 @@ impl Target {
             Self::Style(style) => Ok(ril_data::style::styled_answer(row, *style)),
             Self::Mixed(choices) => {
                 let total: f64 = choices.iter().map(|(_, w)| w).sum();
-                if choices.is_empty() || !(total > 0.0) || choices.iter().any(|(_, w)| !(*w >= 0.0))
+                let valid = |w: f64| w.is_finite() && w >= 0.0;
+                if choices.is_empty()
+                    || !valid(total)
+                    || total == 0.0
+                    || choices.iter().any(|(_, w)| !valid(*w))
                 {
                     return Err(LearnerError::Invalid(format!(
                         "mixed target: weights must be non-negative with a positive sum, got {choices:?}"
