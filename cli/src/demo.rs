@@ -355,7 +355,7 @@ fn write_config(
         std_normalized_advantage: false,
         frozen_discriminator: false,
         discriminator_init,
-        save_every: (args.iterations / args.accuracy_points.max(1)).max(1),
+        save_every: args.iterations.div_ceil(args.accuracy_points.max(1)).max(1),
         max_new_tokens: 48,
     };
     let path = args.out.join("run.toml");
