@@ -84,7 +84,7 @@ impl std::fmt::Display for Role {
     }
 }
 
-use Role::{Actor, Admin, Discriminator, Learner, Teacher};
+use Role::{Actor, Admin, Discriminator, Learner};
 
 const EVERY_ROLE: &[Role] = &Role::ALL;
 
@@ -187,7 +187,8 @@ impl Token {
     }
 
     pub fn from_env(var: &str) -> Result<Token, SecurityError> {
-        let raw = std::env::var(var).map_err(|_| SecurityError::TokenEnvUnset { var: var.into() })?;
+        let raw =
+            std::env::var(var).map_err(|_| SecurityError::TokenEnvUnset { var: var.into() })?;
         Token::new(&raw, &format!("in ${var}"))
     }
 
@@ -195,7 +196,10 @@ impl Token {
     pub fn matches(&self, presented: &[u8]) -> bool {
         let a = Sha256::digest(self.0.as_bytes());
         let b = Sha256::digest(presented);
-        a.iter().zip(b.iter()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        a.iter()
+            .zip(b.iter())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
     }
 
     fn header_value(&self) -> AsciiMetadataValue {
@@ -604,7 +608,7 @@ mod tests {
         assert!(may("/ril.v1.Coordinator/PublishVersion", Learner));
         assert!(!may("/ril.v1.Coordinator/PublishVersion", Actor));
         assert!(may("/ril.v1.Learner/PushGroups", Actor));
-        assert!(!may("/ril.v1.Learner/PushGroups", Teacher));
+        assert!(!may("/ril.v1.Learner/PushGroups", Role::Teacher));
         assert!(may("/ril.v1.Coordinator/JoinLearner", Learner));
         assert!(!may("/ril.v1.Coordinator/JoinLearner", Actor));
         assert!(may("/ril.v1.Coordinator/GetStatus", Admin));

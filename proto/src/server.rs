@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Endpoint;
+use tonic::transport::server::TcpIncoming;
 pub use tonic_health::ServingStatus;
 pub use tonic_health::server::HealthReporter;
 
@@ -233,7 +233,9 @@ pub async fn spawn_plain_health<T: tonic_health::pb::health_server::Health>(
 ) -> Result<SocketAddr, ServeError> {
     let bound = bind(listen).await?;
     let addr = bound.addr;
-    let serving = builder().add_service(health).serve_with_incoming(incoming(bound));
+    let serving = builder()
+        .add_service(health)
+        .serve_with_incoming(incoming(bound));
     tokio::spawn(async move {
         if let Err(e) = serving.await {
             tracing::warn!(%addr, error = %source_chain(&e), "plaintext health endpoint failed");

@@ -335,7 +335,7 @@ where
 }
 
 async fn status(addr: &str) -> Option<v1::RunStatus> {
-    let ch = ril_proto::server::connect(addr, Duration::from_secs(2))
+    let ch = ril_proto::server::connect(addr, Duration::from_secs(2), &Default::default())
         .await
         .ok()?;
     CoordinatorClient::new(ch)
@@ -386,7 +386,13 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
     ] {
         wait_until(role, Duration::from_secs(120), || async {
             matches!(
-                ril_proto::server::health_check(addr, "", Duration::from_secs(2)).await,
+                ril_proto::server::health_check(
+                    addr,
+                    "",
+                    Duration::from_secs(2),
+                    &Default::default()
+                )
+                .await,
                 Ok(ril_proto::server::ServingStatus::Serving)
             )
         })
@@ -394,7 +400,7 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
     }
 
     // An actor registers, takes a lease, and dies without completing it.
-    let ch = ril_proto::server::connect(&coord, Duration::from_secs(5))
+    let ch = ril_proto::server::connect(&coord, Duration::from_secs(5), &Default::default())
         .await
         .unwrap();
     let mut c = CoordinatorClient::new(ch);
@@ -543,7 +549,13 @@ async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
     ] {
         wait_until(role, Duration::from_secs(120), || async {
             matches!(
-                ril_proto::server::health_check(addr, "", Duration::from_secs(2)).await,
+                ril_proto::server::health_check(
+                    addr,
+                    "",
+                    Duration::from_secs(2),
+                    &Default::default()
+                )
+                .await,
                 Ok(ril_proto::server::ServingStatus::Serving)
             )
         })
@@ -574,7 +586,7 @@ async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
     assert_eq!(s.policy_version, 0, "{s:?}");
 
     // 65 MiB of "image" in one PushGroups: over the 64 MiB limit.
-    let ch = ril_proto::server::connect(&learner, Duration::from_secs(5))
+    let ch = ril_proto::server::connect(&learner, Duration::from_secs(5), &Default::default())
         .await
         .unwrap();
     let mut l = v1::learner_client::LearnerClient::new(ch).max_encoding_message_size(128 << 20);
@@ -605,7 +617,8 @@ async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
         "{e:?}"
     );
     assert!(matches!(
-        ril_proto::server::health_check(&learner, "", Duration::from_secs(2)).await,
+        ril_proto::server::health_check(&learner, "", Duration::from_secs(2), &Default::default())
+            .await,
         Ok(ril_proto::server::ServingStatus::Serving)
     ));
 }
