@@ -366,6 +366,11 @@ impl Security {
         self
     }
 
+    /// The run token these settings send (tests build wrong combinations from it).
+    pub fn token_for_tests(&self) -> Option<Token> {
+        self.token.clone()
+    }
+
     pub fn is_tls(&self) -> bool {
         self.tls.is_some()
     }
