@@ -509,7 +509,7 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
     assert_eq!(s.metrics.get("groups_trained").copied(), Some(4.0), "{s:?}");
     assert!(dead_position < 4);
     // `ril status` prints the same state.
-    let out = sb.ril(&["status", "--coordinator", &coord]);
+    let out = sb.ril(&["status", "--coordinator", &coord, "--security-dir", "certs"]);
     ok(&out);
     let text = stdout(&out);
     assert!(
