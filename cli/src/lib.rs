@@ -5,6 +5,7 @@ pub mod bench;
 pub mod bench_allreduce;
 pub mod bench_nccl;
 pub mod bench_rpc;
+pub mod certs;
 pub mod cluster;
 pub mod config;
 pub mod demo;
@@ -81,6 +82,16 @@ pub enum Command {
     /// Run config tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Certificates and the run token.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Writes a run CA, a certificate and key per role (coordinator, learner, actor, teacher,
+    /// discriminator, admin) and a run token into DIR.
+    Init(certs::CertsInitArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -183,6 +194,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Experiment(ExperimentCommand::Ablation(args)) => experiment::ablation(&args),
         Command::Status(args) => roles::status(&args),
         Command::Config(ConfigCommand::Check { path }) => roles::config_check(&path),
+        Command::Certs(CertsCommand::Init(args)) => certs::init(&args),
         Command::Env => {
             env_report();
             Ok(())

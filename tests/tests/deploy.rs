@@ -1341,7 +1341,7 @@ fn start_as_manifest(
 async fn kubelet_probe(addr: &str, probe: &Value) -> Option<ril_proto::server::ServingStatus> {
     let service = probe["grpc"]["service"].as_str().unwrap_or("");
     let timeout = Duration::from_secs(probe["timeoutSeconds"].as_u64().unwrap_or(1));
-    ril_proto::server::health_check(addr, service, timeout)
+    ril_proto::server::health_check(addr, service, timeout, &Default::default())
         .await
         .ok()
 }
@@ -1507,14 +1507,15 @@ fn the_local_overlay_s_run_trains_and_the_roles_write_only_to_their_volumes() {
         before,
         "a role wrote into the read-only assets"
     );
-    // `ril train`'s own logs/ and addrs/ aside, every entry is one role's volume.
+    // `ril train`'s own logs/, addrs/ and security/ (the local run's generated CA,
+    // certificates and token) aside, every entry is one role's volume.
     let mounted: BTreeSet<String> = ["coordinator", "learner", "discriminator", "teachers"]
         .map(String::from)
         .into();
     for entry in std::fs::read_dir(&run).unwrap() {
         let entry = entry.unwrap().file_name().to_string_lossy().into_owned();
         assert!(
-            mounted.contains(&entry) || entry == "logs" || entry == "addrs",
+            mounted.contains(&entry) || ["logs", "addrs", "security"].contains(&entry.as_str()),
             "a role wrote {} outside its volumes",
             run.join(&entry).display()
         );
