@@ -370,6 +370,7 @@ fn write_config(
 fn start_teachers(
     config: &Path,
     cfg: &RunConfig,
+    security_flags: &[String],
 ) -> anyhow::Result<(Vec<std::process::Child>, Vec<String>)> {
     let exe = std::env::current_exe().context("locating the ril binary")?;
     let addrs = cfg.run.dir.join("addrs");
@@ -387,6 +388,7 @@ fn start_teachers(
         let child = Command::new(&exe)
             .args(["teacher", "--config", &p(config), "--name", &t.name])
             .args(["--listen", "127.0.0.1:0", "--addr-file", &p(&addr_file)])
+            .args(security_flags)
             .stdout(log.try_clone()?)
             .stderr(log)
             .spawn()
@@ -490,7 +492,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if args.pretrain_questions > 0 {
         let d_dir = absolute(&args.out)?.join("discriminator-pretrained");
         let _ = std::fs::remove_dir_all(&d_dir);
-        let (mut teachers, addrs) = start_teachers(&config, &cfg)?;
+        // The same secure path as the RIL run: TLS, mutual TLS and a token generated for this
+        // launch (or `[security]`'s own), the pre-training client speaking as the
+        // discriminator.
+        let (security_flags, _) = crate::cluster::local_security(&cfg)?;
+        let (mut teachers, addrs) = start_teachers(&config, &cfg, &security_flags)?;
         let questions = args.pretrain_questions.to_string();
         let steps = args.pretrain_steps.to_string();
         let mut a = vec!["discriminator", "pretrain", "--student"];
@@ -510,6 +516,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         for addr in &addrs {
             a.extend(["--teacher", addr.as_str()]);
         }
+        a.extend(security_flags.iter().map(String::as_str));
         let result = ril(&a);
         stop_children(&mut teachers);
         result?;

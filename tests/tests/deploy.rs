@@ -1429,7 +1429,8 @@ async fn roles_started_as_the_manifests_start_them_answer_the_kubelet_s_probe() 
         start_as_manifest(&sb, learner_w, &path, "ril-learner-0", "0");
     probe_until_serving(&mut learner, &learner_addr, &learner_probe).await;
     // Rank 0 joined under the name the StatefulSet's headless Service gives it.
-    let status = sb.ril(&["status", "--coordinator", &coord_addr]);
+    // The manifests run without security for now (run.toml: allow_insecure), so does status.
+    let status = sb.ril(&["status", "--coordinator", &coord_addr, "--insecure"]);
     assert!(status.status.success(), "{}", stderr(&status));
     assert!(
         stdout(&status).contains("learner ranks 1/1"),
