@@ -84,6 +84,91 @@ pub fn local_security(
     ))
 }
 
+/// A serving role's arguments after its subcommand: the run config, a loopback listener on
+/// any free port with its address file, and the run's security flags.
+fn serve_args(
+    config: &str,
+    addrs: &Path,
+    role: &str,
+    security_flags: &[String],
+) -> (Vec<String>, PathBuf) {
+    let f = addr_file(addrs, role);
+    let mut a: Vec<String> = vec![
+        "--config".into(),
+        config.into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--addr-file".into(),
+        s(&f),
+    ];
+    a.extend(security_flags.iter().cloned());
+    (a, f)
+}
+
+/// One `ril teacher` server per `[[teachers]]` entry (role `teacher-<name>`, log in `logs`):
+/// the processes, their roles and their address files.
+fn spawn_teachers(
+    cfg: &RunConfig,
+    logs: &Path,
+    serve_args: impl Fn(&str) -> (Vec<String>, PathBuf),
+) -> anyhow::Result<Vec<(Proc, String, PathBuf)>> {
+    let mut out = Vec::new();
+    for t in &cfg.teachers {
+        let role = format!("teacher-{}", t.name);
+        let (mut a, f) = serve_args(&role);
+        a.splice(0..0, ["teacher".to_string()]);
+        a.extend(["--name".into(), t.name.clone()]);
+        out.push((
+            spawn(&role, &a, Some(&logs.join(format!("{role}.log"))))?,
+            role,
+            f,
+        ));
+    }
+    Ok(out)
+}
+
+/// The run's teacher servers alone, serving (for D's pre-training, which asks them for
+/// answers before the cluster runs; their answer caches are the run's, so the RIL run reuses
+/// what they wrote). Returns the processes (stop them with [`stop_all`]), their addresses and
+/// the security flags a client of this launch needs.
+pub async fn serve_teachers(
+    cfg: &RunConfig,
+    config: &Path,
+    startup: Duration,
+) -> anyhow::Result<(Vec<Proc>, Vec<String>, Vec<String>)> {
+    let addrs = cfg.run.dir.join("addrs");
+    std::fs::create_dir_all(&addrs).with_context(|| format!("creating {}", addrs.display()))?;
+    let logs = cfg.run.dir.join("logs");
+    let config = s(config);
+    let (security_flags, admin) = local_security(cfg)?;
+    let spawned = spawn_teachers(cfg, &logs, |role| {
+        serve_args(&config, &addrs, role, &security_flags)
+    })?;
+    let mut procs = Vec::new();
+    let mut waiting = Vec::new();
+    for (proc, role, f) in spawned {
+        procs.push(proc);
+        waiting.push((role, f));
+    }
+    let mut found = Vec::new();
+    for (i, (role, f)) in waiting.iter().enumerate() {
+        let up = async {
+            let addr = wait_addr(&mut procs[i], f, startup).await?;
+            wait_serving(&addr, role, &mut procs[i], startup, &admin).await?;
+            anyhow::Ok(addr)
+        }
+        .await;
+        match up {
+            Ok(addr) => found.push(addr),
+            Err(e) => {
+                stop_all(&mut procs, Duration::from_secs(10)).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok((procs, found, security_flags))
+}
+
 async fn wait_serving(
     addr: &str,
     role: &str,
@@ -139,21 +224,11 @@ pub async fn run_cluster(
     let (security_flags, admin) = local_security(cfg)?;
     let result = async {
         let listen = "127.0.0.1:0".to_string();
-        let serve_args = |role: &str| -> (Vec<String>, PathBuf) {
-            let f = addr_file(&addrs, role);
-            (
-                [vec!["--config".into(), config.clone(), "--listen".into(), listen.clone(), "--addr-file".into(), s(&f)], security_flags.clone()].concat(),
-                f,
-            )
-        };
+        let serve_args = |role: &str| serve_args(&config, &addrs, role, &security_flags);
         // Teachers and the discriminator need nobody; start them together.
         let mut waiting = Vec::new();
-        for t in &cfg.teachers {
-            let role = format!("teacher-{}", t.name);
-            let (mut a, f) = serve_args(&role);
-            a.splice(0..0, ["teacher".to_string()]);
-            a.extend(["--name".into(), t.name.clone()]);
-            procs.push(spawn(&role, &a, Some(&logs.join(format!("{role}.log"))))?);
+        for (proc, role, f) in spawn_teachers(cfg, &logs, serve_args)? {
+            procs.push(proc);
             waiting.push((procs.len() - 1, role, f));
         }
         let (mut a, f) = serve_args("discriminator");

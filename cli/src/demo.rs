@@ -364,77 +364,6 @@ fn write_config(
     Ok(path)
 }
 
-/// Starts the run's teacher servers (as `ril train` does) for D's pre-training, which asks them
-/// for answers; their answer caches live in the run directory, so the RIL run that follows
-/// reuses what they wrote. Returns the children and their addresses.
-fn start_teachers(
-    config: &Path,
-    cfg: &RunConfig,
-    security_flags: &[String],
-) -> anyhow::Result<(Vec<std::process::Child>, Vec<String>)> {
-    let exe = std::env::current_exe().context("locating the ril binary")?;
-    let addrs = cfg.run.dir.join("addrs");
-    let logs = cfg.run.dir.join("logs");
-    std::fs::create_dir_all(&addrs).with_context(|| format!("creating {}", addrs.display()))?;
-    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    let mut children = Vec::new();
-    let mut files = Vec::new();
-    for t in &cfg.teachers {
-        let addr_file = addrs.join(format!("pretrain-teacher-{}", t.name));
-        let _ = std::fs::remove_file(&addr_file);
-        let log_path = logs.join(format!("pretrain-teacher-{}.log", t.name));
-        let log = std::fs::File::create(&log_path)
-            .with_context(|| format!("creating {}", log_path.display()))?;
-        let child = Command::new(&exe)
-            .args(["teacher", "--config", &p(config), "--name", &t.name])
-            .args(["--listen", "127.0.0.1:0", "--addr-file", &p(&addr_file)])
-            .args(security_flags)
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting teacher {}", t.name))?;
-        children.push(child);
-        files.push((t.name.clone(), addr_file, log_path));
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-    let mut found = Vec::new();
-    for (i, (name, file, log)) in files.iter().enumerate() {
-        loop {
-            if let Ok(a) = std::fs::read_to_string(file)
-                && !a.trim().is_empty()
-            {
-                found.push(a.trim().to_string());
-                break;
-            }
-            if let Some(st) = children[i].try_wait()? {
-                stop_children(&mut children);
-                bail!(
-                    "teacher {name} exited ({st}) while starting; see {}",
-                    log.display()
-                );
-            }
-            if std::time::Instant::now() > deadline {
-                stop_children(&mut children);
-                bail!(
-                    "teacher {name} did not start within 300 s; see {}",
-                    log.display()
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-    }
-    Ok((children, found))
-}
-
-fn stop_children(children: &mut [std::process::Child]) {
-    for c in children.iter_mut() {
-        let _ = c.kill();
-    }
-    for c in children.iter_mut() {
-        let _ = c.wait();
-    }
-}
-
 /// The stages' wall times, printed as each ends.
 struct Stages {
     started: std::time::Instant,
@@ -492,33 +421,41 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if args.pretrain_questions > 0 {
         let d_dir = absolute(&args.out)?.join("discriminator-pretrained");
         let _ = std::fs::remove_dir_all(&d_dir);
-        // The same secure path as the RIL run: TLS, mutual TLS and a token generated for this
-        // launch (or `[security]`'s own), the pre-training client speaking as the
-        // discriminator.
-        let (security_flags, _) = crate::cluster::local_security(&cfg)?;
-        let (mut teachers, addrs) = start_teachers(&config, &cfg, &security_flags)?;
-        let questions = args.pretrain_questions.to_string();
-        let steps = args.pretrain_steps.to_string();
-        let mut a = vec!["discriminator", "pretrain", "--student"];
-        let student = p(&cfg.student.checkpoint);
-        let data_s = p(&data);
-        let d_s = p(&d_dir);
-        a.extend([student.as_str(), "--data", &data_s, "--out", &d_s]);
+        // The run's teacher servers answer, on the same secure path as the RIL run (TLS,
+        // mutual TLS and a token generated for this launch, or `[security]`'s own); the
+        // pre-training client speaks as the discriminator.
+        let rt = crate::roles::runtime()?;
+        let (mut teachers, addrs, security_flags) = rt.block_on(crate::cluster::serve_teachers(
+            &cfg,
+            &config,
+            std::time::Duration::from_secs(300),
+        ))?;
+        let mut a: Vec<String> = ["discriminator", "pretrain", "--student"]
+            .map(String::from)
+            .to_vec();
         a.extend([
-            "--answers",
-            "4",
-            "--max-questions",
-            &questions,
-            "--steps",
-            &steps,
+            p(&cfg.student.checkpoint),
+            "--data".into(),
+            p(&data),
+            "--out".into(),
+            p(&d_dir),
         ]);
-        a.extend(["--max-new-tokens", "48"]);
-        for addr in &addrs {
-            a.extend(["--teacher", addr.as_str()]);
+        a.extend(["--answers".into(), "4".into(), "--max-questions".into()]);
+        a.extend([args.pretrain_questions.to_string(), "--steps".into()]);
+        a.extend([
+            args.pretrain_steps.to_string(),
+            "--max-new-tokens".into(),
+            "48".into(),
+        ]);
+        for addr in addrs {
+            a.extend(["--teacher".into(), addr]);
         }
-        a.extend(security_flags.iter().map(String::as_str));
-        let result = ril(&a);
-        stop_children(&mut teachers);
+        a.extend(security_flags);
+        let result = ril(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        rt.block_on(crate::supervise::stop_all(
+            &mut teachers,
+            std::time::Duration::from_secs(30),
+        ));
         result?;
         config = write_config(args, &data, &models, Some(d_dir))?;
         cfg = RunConfig::load(&config)?;
@@ -528,45 +465,24 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     stages.end("discriminator_pretrain");
 
     stages.begin(3, TOTAL, &format!("RIL ({} iterations)", args.iterations));
-    let train = TrainArgs {
-        config: config.clone(),
-        actors: None,
-        startup_timeout_s: 300,
-        stall_timeout_s: 900,
-    };
-    let outcome = crate::roles::runtime()?.block_on(run_cluster(&cfg, &config, &train))?;
+    let outcome = run_local(&cfg, &config)?;
     println!("{}", crate::roles::format_status(&outcome.status));
     stages.end("ril");
 
-    let final_ckpt = cfg
-        .learner
-        .out_dir
-        .join(format!("checkpoint-{:06}", outcome.status.policy_version));
-    let rows = args.eval_rows.to_string();
-    let eval = |model: &Path, out: &Path| -> anyhow::Result<f64> {
-        ril(&[
-            "eval",
-            "--model",
-            &p(model),
-            "--data",
-            &p(&data),
-            "--split",
-            "test",
-            "--max-rows",
-            &rows,
-            "--out",
-            &p(out),
-        ])?;
-        read_json(out)?["accuracy"]
-            .as_f64()
-            .with_context(|| format!("{}: no accuracy", out.display()))
-    };
+    let final_ckpt =
+        ril_learner::trainer::checkpoint_dir(&outcome.learner_dir, outcome.status.policy_version);
     stages.begin(
         4,
         TOTAL,
         "the student before RIL (held-out test questions, greedy)",
     );
-    let before = eval(&cfg.student.checkpoint, &args.out.join("eval-before.json"))?;
+    let before = eval_accuracy(
+        &cfg.student.checkpoint,
+        &data,
+        "test",
+        args.eval_rows,
+        &args.out.join("eval-before.json"),
+    )?;
     stages.end("eval_before");
     stages.begin(
         5,
@@ -578,14 +494,23 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         ),
     );
     let mut accuracy = vec![(0.0, before)];
-    for (version, dir) in checkpoints(&cfg.learner.out_dir)? {
+    for (version, dir) in ril_learner::trainer::list_checkpoints(&cfg.learner.out_dir)? {
         if version == outcome.status.policy_version {
             continue;
         }
         let out = args.out.join(format!("eval-{version:06}.json"));
-        accuracy.push((version as f64, eval(&dir, &out)?));
+        accuracy.push((
+            version as f64,
+            eval_accuracy(&dir, &data, "test", args.eval_rows, &out)?,
+        ));
     }
-    let after = eval(&final_ckpt, &args.out.join("eval-after.json"))?;
+    let after = eval_accuracy(
+        &final_ckpt,
+        &data,
+        "test",
+        args.eval_rows,
+        &args.out.join("eval-after.json"),
+    )?;
     accuracy.push((outcome.status.policy_version as f64, after));
     stages.end("eval_after");
 
@@ -600,6 +525,44 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         args.out.display()
     );
     Ok(())
+}
+
+/// Greedy accuracy of `model` on the first `rows` questions of `split` (`ril eval`, whose full
+/// report goes to `out`).
+pub fn eval_accuracy(
+    model: &Path,
+    data: &Path,
+    split: &str,
+    rows: usize,
+    out: &Path,
+) -> anyhow::Result<f64> {
+    ril(&[
+        "eval",
+        "--model",
+        &p(model),
+        "--data",
+        &p(data),
+        "--split",
+        split,
+        "--max-rows",
+        &rows.to_string(),
+        "--out",
+        &p(out),
+    ])?;
+    read_json(out)?["accuracy"]
+        .as_f64()
+        .with_context(|| format!("{}: no accuracy", out.display()))
+}
+
+/// `config`'s run through the local cluster (`ril train`'s supervisor, its default timeouts).
+pub fn run_local(cfg: &RunConfig, config: &Path) -> anyhow::Result<crate::cluster::TrainOutcome> {
+    let train = TrainArgs {
+        config: config.to_path_buf(),
+        actors: None,
+        startup_timeout_s: 300,
+        stall_timeout_s: 900,
+    };
+    crate::roles::runtime()?.block_on(run_cluster(cfg, config, &train))
 }
 
 /// The `shapes` benchmark the demo and the ablation run on (seed 0; 2000 train, 200 val,
@@ -625,41 +588,25 @@ pub fn synth_benchmark(data: &Path) -> anyhow::Result<()> {
     ])
 }
 
-/// The learner's `checkpoint-NNNNNN` directories, oldest first.
-pub fn checkpoints(dir: &Path) -> anyhow::Result<Vec<(u64, PathBuf)>> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if let Some(v) = name
-            .strip_prefix("checkpoint-")
-            .and_then(|v| v.parse::<u64>().ok())
-            && entry.path().join("config.json").is_file()
-        {
-            found.push((v, entry.path()));
-        }
-    }
-    found.sort();
-    Ok(found)
-}
-
-fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
+pub fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// Mean of `key` over the first and the last `k` lines of the run's metrics (lines lacking it
-/// are skipped).
-fn first_last(lines: &[serde_json::Value], key: &str, k: usize) -> serde_json::Value {
-    let vals: Vec<f64> = lines
-        .iter()
-        .filter_map(|l| l.get(key).and_then(|v| v.as_f64()))
-        .collect();
+/// The series of a run's `metrics.jsonl` by key (ril-plot's reader: errors name the line).
+pub type Metrics = std::collections::BTreeMap<String, Vec<(f64, f64)>>;
+
+/// Mean of `key` over the first and the last quarter of the steps that have it.
+pub fn first_last(metrics: &Metrics, key: &str) -> serde_json::Value {
+    let vals: Vec<f64> = metrics
+        .get(key)
+        .map(|s| s.iter().map(|&(_, v)| v).collect())
+        .unwrap_or_default();
     if vals.is_empty() {
         return serde_json::Value::Null;
     }
-    let k = k.clamp(1, vals.len());
+    let k = (vals.len() / 4).max(1);
     let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
     serde_json::json!({
         "first": mean(&vals[..k]),
@@ -691,12 +638,8 @@ fn write_report(
             metrics_dst.display()
         )
     })?;
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_dst)?
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
+    let metrics = ril_plot::read_metrics(&metrics_dst)?;
     let plots = ril_plot::metrics_plots(&metrics_dst, &args.out.join("plots"), accuracy)?;
-    let k = (lines.len() / 4).max(1);
     let mut families = serde_json::Map::new();
     if let Some(fams) = before["per_family"].as_object() {
         for (name, b) in fams {
@@ -719,7 +662,7 @@ fn write_report(
         "reward_sim_student_mean",
         "reward_sim_teacher_mean",
     ] {
-        components.insert(key.into(), first_last(&lines, key, k));
+        components.insert(key.into(), first_last(&metrics, key));
     }
     let report = serde_json::json!({
         "accuracy": {
@@ -730,9 +673,9 @@ fn write_report(
         },
         "iterations": outcome.status.policy_version,
         "reward_components": components,
-        "d_accuracy": first_last(&lines, "d_accuracy", k),
-        "kl": first_last(&lines, "kl_mean", k),
-        "entropy": first_last(&lines, "entropy_mean", k),
+        "d_accuracy": first_last(&metrics, "d_accuracy"),
+        "kl": first_last(&metrics, "kl_mean"),
+        "entropy": first_last(&metrics, "entropy_mean"),
         "wall_time_s": wall,
         "stage_seconds": stages.done.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
         "accuracy_by_iteration": accuracy.iter().map(|(v, a)| serde_json::json!({"iteration": v, "accuracy": a})).collect::<Vec<_>>(),

@@ -11,9 +11,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 
-use crate::cluster::{TrainArgs, run_cluster};
 use crate::config::RunConfig;
-use crate::demo::{RunSpec, TEACHERS, absolute, p, ril, run_config_toml, synth_benchmark};
+use crate::demo::{
+    Metrics, RunSpec, TEACHERS, absolute, eval_accuracy, first_last, run_config_toml, run_local,
+    synth_benchmark,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct AblationArgs {
@@ -212,35 +214,6 @@ pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
-fn eval_accuracy(
-    model: &Path,
-    data: &Path,
-    split: &str,
-    rows: usize,
-    out: &Path,
-) -> anyhow::Result<f64> {
-    ril(&[
-        "eval",
-        "--model",
-        &p(model),
-        "--data",
-        &p(data),
-        "--split",
-        split,
-        "--max-rows",
-        &rows.to_string(),
-        "--out",
-        &p(out),
-    ])?;
-    let text =
-        std::fs::read_to_string(out).with_context(|| format!("reading {}", out.display()))?;
-    let v: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", out.display()))?;
-    v["accuracy"]
-        .as_f64()
-        .with_context(|| format!("{}: no accuracy", out.display()))
-}
-
 /// One variant × seed: its run (unless it is the base) and the held-out accuracy of its final
 /// policy. Written to `dir/result.json`, which marks it done.
 fn run_one(
@@ -262,23 +235,18 @@ fn run_one(
             .with_context(|| format!("writing {}", config.display()))?;
         let cfg = RunConfig::load(&config)?;
         let _ = std::fs::remove_dir_all(&cfg.run.dir);
-        let train = TrainArgs {
-            config: config.clone(),
-            actors: None,
-            startup_timeout_s: 300,
-            stall_timeout_s: 900,
-        };
-        let outcome = crate::roles::runtime()?.block_on(run_cluster(&cfg, &config, &train))?;
-        let last = last_metrics(
+        let outcome = run_local(&cfg, &config)?;
+        let metrics = ril_plot::read_metrics(
             &outcome
                 .learner_dir
                 .join(ril_learner::metrics_log::METRICS_FILE),
-        );
+        )?;
         (
-            outcome
-                .learner_dir
-                .join(format!("checkpoint-{:06}", outcome.status.policy_version)),
-            last,
+            ril_learner::trainer::checkpoint_dir(
+                &outcome.learner_dir,
+                outcome.status.policy_version,
+            ),
+            end_of_run(&metrics),
         )
     };
     let accuracy = eval_accuracy(
@@ -305,18 +273,9 @@ fn run_one(
     Ok(result)
 }
 
-/// Means of the last quarter of the run's metrics lines (reward components, D accuracy, KL,
-/// entropy): what the run looked like at its end.
-fn last_metrics(path: &Path) -> serde_json::Value {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return serde_json::Value::Null;
-    };
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let k = (lines.len() / 4).max(1);
-    let tail = &lines[lines.len().saturating_sub(k)..];
+/// The last quarter's means of the run's reward components, D accuracy, KL and entropy: what
+/// the run looked like at its end.
+fn end_of_run(metrics: &Metrics) -> serde_json::Value {
     let mut out = serde_json::Map::new();
     for key in [
         "reward_ans_student_mean",
@@ -327,12 +286,8 @@ fn last_metrics(path: &Path) -> serde_json::Value {
         "kl_mean",
         "entropy_mean",
     ] {
-        let vals: Vec<f64> = tail
-            .iter()
-            .filter_map(|l| l.get(key).and_then(|v| v.as_f64()))
-            .collect();
-        if !vals.is_empty() {
-            out.insert(key.into(), serde_json::json!(mean_std(&vals).0));
+        if let Some(last) = first_last(metrics, key).get("last") {
+            out.insert(key.into(), last.clone());
         }
     }
     serde_json::Value::Object(out)
@@ -512,10 +467,11 @@ mod tests {
     #[test]
     fn variants_differ_from_full_ril_in_what_their_names_say() {
         let keys: Vec<&str> = VARIANTS.iter().map(|v| v.key).collect();
-        let mut unique = keys.clone();
-        unique.dedup();
+        let unique: std::collections::BTreeSet<&str> = keys.iter().copied().collect();
         assert_eq!(keys.len(), 9);
-        assert_eq!(unique.len(), 9);
+        assert_eq!(unique.len(), 9, "{keys:?}");
+        let labels: std::collections::BTreeSet<&str> = VARIANTS.iter().map(|v| v.label).collect();
+        assert_eq!(labels.len(), 9);
         let rl = variant("rl").unwrap();
         assert!(!rl.use_sim_reward && !rl.teachers_in_group && rl.use_ans_reward);
         let il = variant("il").unwrap();

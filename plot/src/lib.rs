@@ -23,7 +23,7 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 
 mod metrics;
 
-pub use metrics::metrics_plots;
+pub use metrics::{metrics_plots, read_metrics};
 
 /// Width and height in pixels of every line plot ([`line_plot`] and each of
 /// [`metrics_plots`]' files).
@@ -386,6 +386,21 @@ fn legend_corner(layers: &[Layer], x: (f64, f64), y: (f64, f64)) -> SeriesLabelP
     }
 }
 
+/// "no data" in the middle of a chart's plotting area.
+fn draw_no_data<C: plotters::coord::CoordTranslate>(
+    plot: &DrawingArea<BitMapBackend<'_>, C>,
+) -> DrawResult {
+    let (w, h) = plot.dim_in_pixel();
+    plot.strip_coord_spec().draw(&Text::new(
+        "no data",
+        (w as i32 / 2, h as i32 / 2),
+        font(28.0)
+            .color(&GREY)
+            .pos(Pos::new(HPos::Center, VPos::Center)),
+    ))?;
+    Ok(())
+}
+
 /// Draws `chart` onto `area` (with its title when `with_title`).
 pub(crate) fn draw_chart(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
@@ -488,15 +503,7 @@ pub(crate) fn draw_chart(
     }
 
     if !has_data {
-        let plot = ctx.plotting_area();
-        let (w, h) = plot.dim_in_pixel();
-        plot.strip_coord_spec().draw(&Text::new(
-            "no data",
-            (w as i32 / 2, h as i32 / 2),
-            font(28.0)
-                .color(&GREY)
-                .pos(Pos::new(HPos::Center, VPos::Center)),
-        ))?;
+        draw_no_data(ctx.plotting_area())?;
     }
     if legend_entries > 0 {
         ctx.configure_series_labels()
@@ -729,15 +736,7 @@ fn draw_bars(
     }
 
     if !has_data {
-        let plot = ctx.plotting_area();
-        let (w, h) = plot.dim_in_pixel();
-        plot.strip_coord_spec().draw(&Text::new(
-            "no data",
-            (w as i32 / 2, h as i32 / 2),
-            font(28.0)
-                .color(&GREY)
-                .pos(Pos::new(HPos::Center, VPos::Center)),
-        ))?;
+        draw_no_data(ctx.plotting_area())?;
     }
 
     ctx.draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?

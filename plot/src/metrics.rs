@@ -53,6 +53,12 @@ pub fn metrics_plots(
     })?;
     let smoothed_note = "step (faint: per step; bold: 5-step moving average)";
     let mut written = Vec::new();
+    // A file holding one chart with its title.
+    let single = |name: &str, chart: &Chart| -> Result<PathBuf, PlotError> {
+        let path = out_dir.join(name);
+        render(&path, LINE_PLOT_SIZE, |root| draw_chart(root, chart, true))?;
+        Ok(path)
+    };
 
     let rewards = Chart {
         title: "Reward components".into(),
@@ -66,11 +72,7 @@ pub fn metrics_plots(
         hlines: Vec::new(),
         y_range: None,
     };
-    let path = out_dir.join("rewards.png");
-    render(&path, LINE_PLOT_SIZE, |root| {
-        draw_chart(root, &rewards, true)
-    })?;
-    written.push(path);
+    written.push(single("rewards.png", &rewards)?);
 
     let discriminator = Chart {
         title: "Discriminator accuracy".into(),
@@ -80,11 +82,7 @@ pub fn metrics_plots(
         hlines: vec![("chance (0.5)".into(), 0.5)],
         y_range: Some((0.0, 1.0)),
     };
-    let path = out_dir.join("discriminator.png");
-    render(&path, LINE_PLOT_SIZE, |root| {
-        draw_chart(root, &discriminator, true)
-    })?;
-    written.push(path);
+    written.push(single("discriminator.png", &discriminator)?);
 
     let kl = Chart {
         title: String::new(),
@@ -127,17 +125,15 @@ pub fn metrics_plots(
         hlines: Vec::new(),
         y_range: Some((0.0, 1.0)),
     };
-    let path = out_dir.join("accuracy.png");
-    render(&path, LINE_PLOT_SIZE, |root| {
-        draw_chart(root, &held_out, true)
-    })?;
-    written.push(path);
+    written.push(single("accuracy.png", &held_out)?);
 
     Ok(written)
 }
 
-/// Every numeric key of every line as `(step, value)` points, in file order.
-fn read_metrics(path: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>, PlotError> {
+/// Every numeric key of every line of a `metrics.jsonl` as `(step, value)` points, in file
+/// order (the step is the line's `version`). A line that is not a JSON object is an error
+/// naming the file and line; a torn last line (no newline: still being written) is ignored.
+pub fn read_metrics(path: &Path) -> Result<BTreeMap<String, Vec<(f64, f64)>>, PlotError> {
     let text = std::fs::read_to_string(path).map_err(|source| PlotError::Read {
         path: path.to_path_buf(),
         source,

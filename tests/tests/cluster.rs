@@ -824,15 +824,11 @@ fn a_killed_learner_rank_stops_the_run_and_a_restart_resumes_it() {
     assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
 }
 
-/// An actor waiting for the run to let it in (the coordinator answers Unavailable until the
-/// learner joins) stops promptly on SIGTERM instead of retrying until its registration timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_actor_still_registering_stops_on_sigterm() {
-    let sb = Sandbox::new();
-    make_models(&sb);
-    write_config(&sb, "");
-    let (_coord, coord) = serve(
-        &sb,
+/// A coordinator whose teacher and discriminator addresses lead nowhere (port 9): enough for
+/// what happens before a learner joins.
+fn coordinator_without_peers(sb: &Sandbox) -> (Role, String) {
+    serve(
+        sb,
         "coordinator",
         &[
             "coordinator",
@@ -841,7 +837,17 @@ async fn an_actor_still_registering_stops_on_sigterm() {
             "--discriminator-addr",
             "127.0.0.1:9",
         ],
-    );
+    )
+}
+
+/// An actor waiting for the run to let it in (the coordinator answers Unavailable until the
+/// learner joins) stops promptly on SIGTERM instead of retrying until its registration timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_still_registering_stops_on_sigterm() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    let (_coord, coord) = coordinator_without_peers(&sb);
     let mut actor = start(
         &sb,
         "actor",
@@ -896,17 +902,7 @@ async fn calls_without_credentials_or_the_right_role_are_refused_and_health_stil
     make_models(&sb);
     write_config(&sb, "");
     ok(&sb.ril(&["certs", "init", "other-ca"]));
-    let (_coord, coord) = serve(
-        &sb,
-        "coordinator",
-        &[
-            "coordinator",
-            "--teacher-addr",
-            "t1=127.0.0.1:9",
-            "--discriminator-addr",
-            "127.0.0.1:9",
-        ],
-    );
+    let (_coord, coord) = coordinator_without_peers(&sb);
     // Health: TLS against the run CA, but no token and no client certificate.
     let anonymous = security(&sb).with_token(None);
     let no_cert = SecurityConfig {

@@ -131,3 +131,104 @@ fn demo_writes_its_report_and_one_metrics_line_per_step() {
         }
     }
 }
+
+/// `ril experiment ablation` as a user runs it, cut down: two variants (the base and one RIL
+/// variant with two seeds), one iteration each, on the built-in models. The table and JSON
+/// agree with the runs' own results, the plot decodes, and a second invocation resumes (runs
+/// nothing again).
+#[test]
+fn the_ablation_writes_its_table_and_plot_and_resumes() {
+    let sb = Sandbox::new();
+    let models = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/builtin");
+    let args = [
+        "experiment",
+        "ablation",
+        "--out",
+        "abl",
+        "--models",
+        models.to_str().unwrap(),
+        "--variants",
+        "base,ril-no-d",
+        "--seeds",
+        "2",
+        "--iterations",
+        "1",
+        "--eval-rows",
+        "8",
+        "--split",
+        "val",
+    ];
+    let out = sb.ril(&args);
+    assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.path("abl/ablation.json")).unwrap())
+            .unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{json}");
+    assert_eq!(rows[0]["variant"], "base");
+    assert_eq!(rows[1]["variant"], "ril-no-d");
+    // The base is evaluated once (greedy); the RIL variant once per seed, each its own run.
+    assert_eq!(rows[0]["accuracy"].as_array().unwrap().len(), 1);
+    let accs: Vec<f64> = rows[1]["accuracy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_f64().unwrap())
+        .collect();
+    assert_eq!(accs.len(), 2);
+    for (seed, acc) in accs.iter().enumerate() {
+        let result: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(sb.path(&format!("abl/runs/ril-no-d-s{seed}/result.json")))
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(result["accuracy"].as_f64().unwrap(), *acc);
+        assert_eq!(result["split"], "val");
+        let config =
+            std::fs::read_to_string(sb.path(&format!("abl/runs/ril-no-d-s{seed}/run.toml")))
+                .unwrap();
+        assert!(config.contains(&format!("seed = {seed}")), "{config}");
+        assert!(config.contains("use_sim_reward = false"), "{config}");
+        assert!(config.contains("teachers_in_group = true"), "{config}");
+    }
+    let mean = (accs[0] + accs[1]) / 2.0;
+    assert!((rows[1]["mean"].as_f64().unwrap() - mean).abs() < 1e-12);
+    let table = std::fs::read_to_string(sb.path("abl/ablation.md")).unwrap();
+    assert!(
+        table.contains("| RIL, no discriminator |") && table.contains("| base (SFT) |"),
+        "{table}"
+    );
+    assert!(table.contains(&format!("{:.1} ±", 100.0 * mean)), "{table}");
+    let decoder = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(sb.path("abl/ablation.png")).unwrap(),
+    ));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size().unwrap()];
+    reader.next_frame(&mut buf).unwrap();
+
+    // Again: every run is found done, nothing is rerun.
+    let again = sb.ril(&args);
+    assert!(again.status.success(), "{}", stderr(&again));
+    assert_eq!(
+        stdout(&again).matches("done earlier").count(),
+        3,
+        "{}",
+        stdout(&again)
+    );
+
+    // A variant that does not exist is refused, naming it and the known ones.
+    let bad = sb.ril(&[
+        "experiment",
+        "ablation",
+        "--out",
+        "abl2",
+        "--variants",
+        "ppo",
+    ]);
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("\"ppo\"") && stderr(&bad).contains("ril-no-d"),
+        "{}",
+        stderr(&bad)
+    );
+}
