@@ -13,6 +13,9 @@
 #      one-sentence lead-in then "Answer: X");
 #   5. a student, smaller and weaker: the same vision tower under a 2-layer decoder, shortly trained;
 #   6. f16 copies of each, and held-out accuracy of each on the benchmark's test split.
+# The datasets are written without rationales (--no-rationale): these models were trained on
+# bare answers and the fixed "I checked the image carefully." lead-in, before rows carried
+# rationales (a reasoning-first teacher recipe is being measured: docs/BENCHMARKS.md).
 # Every step is seeded; candle's CPU kernels are deterministic for a fixed thread count, so run
 # with the same CANDLE_NUM_THREADS to get identical weights.
 #
@@ -44,14 +47,14 @@ started=$(date +%s)
 log() { echo "[$(( $(date +%s) - started ))s] $*"; }
 
 log "datasets"
-"$ril" data synth --out "$work/shapes" --seed 0 --image-size "$image_size" --jitter 0 \
+"$ril" data synth --out "$work/shapes" --seed 0 --image-size "$image_size" --jitter 0 --no-rationale \
     --n-train 2000 --n-val 200 --n-test 500
 # Half the training rows are captions: "describe" listed as often as the seven families.
 describe=describe,describe,describe,describe,describe,describe,describe
-"$ril" data synth --out "$work/mix" --seed 1 --image-size "$image_size" --jitter 0 \
+"$ril" data synth --out "$work/mix" --seed 1 --image-size "$image_size" --jitter 0 --no-rationale \
     --n-train 40000 --n-val 200 --n-test 1 \
     --families "$describe,colour,shape,count,relation,exists,compare,arithmetic"
-"$ril" data synth --out "$work/shape-only" --seed 3 --image-size "$image_size" --jitter 0 \
+"$ril" data synth --out "$work/shape-only" --seed 3 --image-size "$image_size" --jitter 0 --no-rationale \
     --n-train 8000 --n-val 100 --n-test 200 --families shape
 log "tokenizer"
 "$ril" tokenizer train --data "$work/mix" --out "$work/tokenizer" --vocab-size 512

@@ -13,12 +13,12 @@ use ril_model::Head;
 use ril_model::bundle::Bundle;
 use ril_model::checkpoint::{LoadOptions, load_weights_from_bytes};
 use ril_model::generate::SamplingParams;
+use ril_proto::server::Channel;
 use ril_proto::v1;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
 use ril_proto::v1::discriminator_client::DiscriminatorClient;
 use ril_proto::v1::learner_client::LearnerClient;
 use ril_proto::v1::teacher_client::TeacherClient;
-use tonic::transport::Channel;
 
 use crate::error::ActorError;
 use crate::rollout::{
@@ -47,6 +47,9 @@ pub struct ActorOptions {
     pub seed: u64,
     /// Stop after this many leases (benchmarks, tests); `None` runs until the run finishes.
     pub max_leases: Option<u64>,
+    /// TLS, client certificate and run token for every call (plaintext by default: the `ril`
+    /// binary always sets the process's resolved security).
+    pub security: ril_proto::security::Security,
 }
 
 impl ActorOptions {
@@ -64,6 +67,7 @@ impl ActorOptions {
             weight_attempts: 5,
             seed: 0,
             max_leases: None,
+            security: ril_proto::security::Security::default(),
         }
     }
 }
@@ -146,7 +150,8 @@ pub async fn run_actor(
     .map_err(|e| ActorError::Config(format!("loading the student: {e}")))??;
     let bundle = Arc::new(RwLock::new(bundle));
 
-    let channel = ril_proto::server::connect(&opts.coordinator, opts.rpc_timeout).await?;
+    let channel =
+        ril_proto::server::connect(&opts.coordinator, opts.rpc_timeout, &opts.security).await?;
     let mut coordinator = limits(CoordinatorClient::new(channel), |c, n| {
         c.max_decoding_message_size(n).max_encoding_message_size(n)
     });
@@ -186,7 +191,8 @@ pub async fn run_actor(
     }
     tracing::info!(actor = %opts.actor_id, run = %reg.run_id, group_size, teachers = reg.teacher_addrs.len(), "registered");
 
-    let connect = |addr: &str| ril_proto::server::connect_lazy(addr, opts.rpc_timeout);
+    let connect =
+        |addr: &str| ril_proto::server::connect_lazy(addr, opts.rpc_timeout, &opts.security);
     let mut peers = Peers {
         coordinator: coordinator.clone(),
         learner: limits(LearnerClient::new(connect(&reg.learner_addr)?), |c, n| {

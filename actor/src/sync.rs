@@ -4,10 +4,10 @@
 
 use std::time::Duration;
 
+use ril_proto::server::Channel;
 use ril_proto::v1::learner_client::LearnerClient;
 use ril_proto::v1::{GetWeightsRequest, WeightChunk};
 use sha2::{Digest, Sha256};
-use tonic::transport::Channel;
 
 /// A verified weight payload (a safetensors file in memory).
 #[derive(Debug, Clone)]

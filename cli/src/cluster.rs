@@ -40,16 +40,146 @@ fn s(x: impl AsRef<std::ffi::OsStr>) -> String {
     x.as_ref().to_string_lossy().into_owned()
 }
 
+/// The local cluster's security: the flags every child gets and the supervisor's own (admin)
+/// settings. By default a fresh CA, role certificates and token are generated into
+/// `<run dir>/security/` for every launch, so the local run takes the secure path (TLS, mutual
+/// TLS, token, roles; reflection on). A `[security]` naming its own files is used as written;
+/// `allow_insecure = true` turns everything off (loudly).
+pub fn local_security(
+    cfg: &RunConfig,
+) -> anyhow::Result<(Vec<String>, ril_proto::security::Security)> {
+    use ril_proto::security::Role;
+    let sec = &cfg.security;
+    let args = crate::roles::SecurityArgs::default();
+    if sec.allow_insecure {
+        let admin = crate::roles::resolve_security(Some(sec), &args, Role::Admin)?;
+        return Ok((vec!["--insecure".into()], admin));
+    }
+    let own = sec.token_file.is_some()
+        || sec.token_env.is_some()
+        || sec.ca.is_some()
+        || sec.cert.is_some()
+        || sec.key.is_some();
+    if own {
+        let admin = crate::roles::resolve_security(Some(sec), &args, Role::Admin)?;
+        return Ok((vec!["--reflection".into()], admin));
+    }
+    let dir = cfg.run.dir.join("security");
+    crate::certs::generate(&dir, &[], "ril", true).with_context(|| {
+        format!(
+            "generating the local run's certificates in {}",
+            dir.display()
+        )
+    })?;
+    tracing::info!(dir = %dir.display(), "local cluster: TLS + mutual TLS + run token (generated for this launch)");
+    let args = crate::roles::SecurityArgs {
+        security_dir: Some(dir.clone()),
+        insecure: false,
+        reflection: true,
+    };
+    let admin = crate::roles::resolve_security(Some(sec), &args, Role::Admin)?;
+    Ok((
+        vec!["--security-dir".into(), s(&dir), "--reflection".into()],
+        admin,
+    ))
+}
+
+/// A serving role's arguments after its subcommand: the run config, a loopback listener on
+/// any free port with its address file, and the run's security flags.
+fn serve_args(
+    config: &str,
+    addrs: &Path,
+    role: &str,
+    security_flags: &[String],
+) -> (Vec<String>, PathBuf) {
+    let f = addr_file(addrs, role);
+    let mut a: Vec<String> = vec![
+        "--config".into(),
+        config.into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--addr-file".into(),
+        s(&f),
+    ];
+    a.extend(security_flags.iter().cloned());
+    (a, f)
+}
+
+/// One `ril teacher` server per `[[teachers]]` entry (role `teacher-<name>`, log in `logs`):
+/// the processes, their roles and their address files.
+fn spawn_teachers(
+    cfg: &RunConfig,
+    logs: &Path,
+    serve_args: impl Fn(&str) -> (Vec<String>, PathBuf),
+) -> anyhow::Result<Vec<(Proc, String, PathBuf)>> {
+    let mut out = Vec::new();
+    for t in &cfg.teachers {
+        let role = format!("teacher-{}", t.name);
+        let (mut a, f) = serve_args(&role);
+        a.splice(0..0, ["teacher".to_string()]);
+        a.extend(["--name".into(), t.name.clone()]);
+        out.push((
+            spawn(&role, &a, Some(&logs.join(format!("{role}.log"))))?,
+            role,
+            f,
+        ));
+    }
+    Ok(out)
+}
+
+/// The run's teacher servers alone, serving (for D's pre-training, which asks them for
+/// answers before the cluster runs; their answer caches are the run's, so the RIL run reuses
+/// what they wrote). Returns the processes (stop them with [`stop_all`]), their addresses and
+/// the security flags a client of this launch needs.
+pub async fn serve_teachers(
+    cfg: &RunConfig,
+    config: &Path,
+    startup: Duration,
+) -> anyhow::Result<(Vec<Proc>, Vec<String>, Vec<String>)> {
+    let addrs = cfg.run.dir.join("addrs");
+    std::fs::create_dir_all(&addrs).with_context(|| format!("creating {}", addrs.display()))?;
+    let logs = cfg.run.dir.join("logs");
+    let config = s(config);
+    let (security_flags, admin) = local_security(cfg)?;
+    let spawned = spawn_teachers(cfg, &logs, |role| {
+        serve_args(&config, &addrs, role, &security_flags)
+    })?;
+    let mut procs = Vec::new();
+    let mut waiting = Vec::new();
+    for (proc, role, f) in spawned {
+        procs.push(proc);
+        waiting.push((role, f));
+    }
+    let mut found = Vec::new();
+    for (i, (role, f)) in waiting.iter().enumerate() {
+        let up = async {
+            let addr = wait_addr(&mut procs[i], f, startup).await?;
+            wait_serving(&addr, role, &mut procs[i], startup, &admin).await?;
+            anyhow::Ok(addr)
+        }
+        .await;
+        match up {
+            Ok(addr) => found.push(addr),
+            Err(e) => {
+                stop_all(&mut procs, Duration::from_secs(10)).await;
+                return Err(e);
+            }
+        }
+    }
+    Ok((procs, found, security_flags))
+}
+
 async fn wait_serving(
     addr: &str,
     role: &str,
     proc: &mut Proc,
     timeout: Duration,
+    security: &ril_proto::security::Security,
 ) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(ril_proto::server::ServingStatus::Serving) =
-            ril_proto::server::health_check(addr, "", Duration::from_secs(2)).await
+            ril_proto::server::health_check(addr, "", Duration::from_secs(2), security).await
         {
             return Ok(());
         }
@@ -91,23 +221,14 @@ pub async fn run_cluster(
     let config = s(config);
     let startup = Duration::from_secs(args.startup_timeout_s);
     let mut procs: Vec<Proc> = Vec::new();
+    let (security_flags, admin) = local_security(cfg)?;
     let result = async {
         let listen = "127.0.0.1:0".to_string();
-        let serve_args = |role: &str| -> (Vec<String>, PathBuf) {
-            let f = addr_file(&addrs, role);
-            (
-                vec!["--config".into(), config.clone(), "--listen".into(), listen.clone(), "--addr-file".into(), s(&f)],
-                f,
-            )
-        };
+        let serve_args = |role: &str| serve_args(&config, &addrs, role, &security_flags);
         // Teachers and the discriminator need nobody; start them together.
         let mut waiting = Vec::new();
-        for t in &cfg.teachers {
-            let role = format!("teacher-{}", t.name);
-            let (mut a, f) = serve_args(&role);
-            a.splice(0..0, ["teacher".to_string()]);
-            a.extend(["--name".into(), t.name.clone()]);
-            procs.push(spawn(&role, &a, Some(&logs.join(format!("{role}.log"))))?);
+        for (proc, role, f) in spawn_teachers(cfg, &logs, serve_args)? {
+            procs.push(proc);
             waiting.push((procs.len() - 1, role, f));
         }
         let (mut a, f) = serve_args("discriminator");
@@ -122,7 +243,7 @@ pub async fn run_cluster(
         let mut teacher_flags = Vec::new();
         let mut disc_addr = String::new();
         for (i, role, addr) in &found {
-            wait_serving(addr, role, &mut procs[*i], startup).await?;
+            wait_serving(addr, role, &mut procs[*i], startup, &admin).await?;
             if let Some(name) = role.strip_prefix("teacher-") {
                 teacher_flags.extend(["--teacher-addr".to_string(), format!("{name}={addr}")]);
             } else {
@@ -136,7 +257,7 @@ pub async fn run_cluster(
         procs.push(spawn("coordinator", &a, Some(&logs.join("coordinator.log")))?);
         let ci = procs.len() - 1;
         let coord = wait_addr(&mut procs[ci], &f, startup).await?;
-        wait_serving(&coord, "coordinator", &mut procs[ci], startup).await?;
+        wait_serving(&coord, "coordinator", &mut procs[ci], startup, &admin).await?;
 
         // Learner ranks 0..R-1 (rank 0, `learner`, is the one actors and status use). All start
         // before any is waited on: they meet at the coordinator before serving.
@@ -155,7 +276,7 @@ pub async fn run_cluster(
         let mut learner = String::new();
         for (i, role, f) in &ranks {
             let addr = wait_addr(&mut procs[*i], f, startup).await?;
-            wait_serving(&addr, role, &mut procs[*i], startup).await?;
+            wait_serving(&addr, role, &mut procs[*i], startup, &admin).await?;
             if learner.is_empty() {
                 learner = addr;
             }
@@ -168,10 +289,11 @@ pub async fn run_cluster(
         let first_actor = procs.len();
         for k in 0..n_actors {
             let role = format!("actor-{k}");
-            let a = vec![
+            let mut a = vec![
                 "actor".to_string(), "--config".into(), config.clone(), "--coordinator".into(),
                 coord.clone(), "--id".into(), role.clone(),
             ];
+            a.extend(security_flags.iter().cloned());
             procs.push(spawn(&role, &a, Some(&logs.join(format!("{role}.log"))))?);
         }
         tracing::info!(coordinator = %coord, learner = %learner, discriminator = %disc_addr, actors = n_actors, "local cluster up");
@@ -195,7 +317,7 @@ pub async fn run_cluster(
                     }
                 }
             }
-            let status = match crate::roles::fetch_status(&coord, Duration::from_secs(5)).await {
+            let status = match crate::roles::fetch_status(&coord, Duration::from_secs(5), &admin).await {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "status unavailable");

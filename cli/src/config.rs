@@ -207,6 +207,8 @@ pub struct RunConfig {
     pub learner: ril_learner::options::LearnerOptions,
     pub discriminator: ril_discriminator::DiscriminatorOptions,
     pub teachers: Vec<ril_teacher::TeacherOptions>,
+    /// `[security]`: the run token, the CA and role certificates, mutual TLS, the opt-out.
+    pub security: ril_proto::security::SecurityConfig,
 }
 
 const TOP_LEVEL: &[&str] = &[
@@ -220,6 +222,7 @@ const TOP_LEVEL: &[&str] = &[
     "learner",
     "discriminator",
     "teachers",
+    "security",
 ];
 
 fn section<T: serde::de::DeserializeOwned>(
@@ -313,6 +316,19 @@ impl RunConfig {
         let coordinator: CoordinatorSection =
             section(path, &table, "coordinator")?.unwrap_or_default();
         let actors: ActorsSection = section(path, &table, "actors")?.unwrap_or_default();
+        let mut security: ril_proto::security::SecurityConfig =
+            section(path, &table, "security")?.unwrap_or_default();
+        for p in [
+            &mut security.token_file,
+            &mut security.ca,
+            &mut security.cert,
+            &mut security.key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *p = resolve(p);
+        }
 
         // [learner]: run-level keys filled in.
         let mut learner_t = match table.remove("learner") {
@@ -468,6 +484,7 @@ impl RunConfig {
             learner,
             discriminator,
             teachers,
+            security,
         };
         cfg.validate()?;
         Ok(cfg)

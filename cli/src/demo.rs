@@ -20,9 +20,15 @@ pub struct DemoArgs {
     /// The built-in models (student, teacher-terse, teacher-reasoned).
     #[arg(long, default_value = "models/builtin")]
     pub models: PathBuf,
-    /// RIL iterations (learner steps).
-    #[arg(long, default_value_t = 6)]
+    /// RIL iterations (learner steps). 150 at lr 2e-4 with the terse teacher was the best of
+    /// the settings tried on the validation split (docs/RESULTS.md).
+    #[arg(long, default_value_t = 150)]
     pub iterations: u64,
+    /// The teachers in the run, by name: `terse` (teacher-terse), `reasoned`
+    /// (teacher-reasoned). The terse one alone did best on the validation split; both is the
+    /// paper's setting.
+    #[arg(long, value_delimiter = ',', default_value = "terse")]
+    pub teachers: Vec<String>,
     #[arg(long, default_value_t = 4)]
     pub questions_per_iteration: u64,
     /// G: student rollouts per question (and teacher answers per question).
@@ -33,12 +39,29 @@ pub struct DemoArgs {
     /// Test questions evaluated before and after (greedy).
     #[arg(long, default_value_t = 500)]
     pub eval_rows: usize,
+    /// The policy's learning rate (tuned on the validation split: docs/RESULTS.md).
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// The run's seed (sampling, data order, D's head).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Checkpoints evaluated on the held-out questions during the run, for the accuracy plot
+    /// (the last one is the final policy).
+    #[arg(long, default_value_t = 4)]
+    pub accuracy_points: u64,
+    /// Questions whose student and teacher answers (4 each) pre-train the discriminator before
+    /// RIL (0: no pre-training; D starts from the student with a fresh head).
+    #[arg(long, default_value_t = 64)]
+    pub pretrain_questions: usize,
+    /// D's pre-training steps.
+    #[arg(long, default_value_t = 30)]
+    pub pretrain_steps: u64,
     /// SFT steps for the models made on first use when the built-in ones are missing.
     #[arg(long, default_value_t = 300)]
     pub fallback_sft_steps: usize,
 }
 
-fn ril(args: &[&str]) -> anyhow::Result<()> {
+pub fn ril(args: &[&str]) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("locating the ril binary")?;
     let status = Command::new(&exe)
         .args(args)
@@ -50,7 +73,7 @@ fn ril(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn p(x: &Path) -> String {
+pub fn p(x: &Path) -> String {
     x.to_string_lossy().into_owned()
 }
 
@@ -160,19 +183,72 @@ fn models(args: &DemoArgs, data: &Path) -> anyhow::Result<PathBuf> {
     Ok(out)
 }
 
-fn write_config(args: &DemoArgs, data: &Path, models: &Path) -> anyhow::Result<PathBuf> {
-    let abs = |x: &Path| -> anyhow::Result<String> {
-        Ok(p(
-            &std::fs::canonicalize(x).with_context(|| format!("resolving {}", x.display()))?
-        ))
-    };
-    let dir = abs(&args.out)?;
-    let toml = format!(
-        r#"# Written by `ril demo`: a short RIL run on the built-in tiny models.
+/// What differs between the runs `ril demo` and `ril experiment ablation` write: everything
+/// else is the paper's setting (G = 4 by default, temperature 1.0, top-p 0.95, top-k 50,
+/// repetition penalty 1.05, eps = 0.2, beta = 0.01, one D step per iteration, binary rewards
+/// summed).
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// The run's id and state directory (absolute).
+    pub id: String,
+    pub dir: PathBuf,
+    pub seed: u64,
+    pub iterations: u64,
+    pub questions_per_iteration: u64,
+    pub group_size: u32,
+    pub actors: u32,
+    pub lr: f64,
+    /// Dataset directory and the built-in models' directory (absolute).
+    pub data: PathBuf,
+    pub models: PathBuf,
+    /// `(name, model directory name under models)`: the teachers in the run.
+    pub teachers: Vec<(String, String)>,
+    pub use_ans_reward: bool,
+    pub use_sim_reward: bool,
+    pub teachers_in_group: bool,
+    pub std_normalized_advantage: bool,
+    pub frozen_discriminator: bool,
+    /// D's starting weights (a pre-training result); None: the student's, with a fresh head.
+    pub discriminator_init: Option<PathBuf>,
+    /// Save the policy every this many iterations (0: only at the end).
+    pub save_every: u64,
+    pub max_new_tokens: u32,
+}
+
+/// The demo's teachers: `(name in the run, model directory)`.
+pub const TEACHERS: [(&str, &str); 2] =
+    [("terse", "teacher-terse"), ("reasoned", "teacher-reasoned")];
+
+/// The run config (TOML) for `spec`.
+pub fn run_config_toml(spec: &RunSpec) -> String {
+    let models = p(&spec.models);
+    let mut teachers = String::new();
+    for (name, dir) in &spec.teachers {
+        teachers.push_str(&format!(
+            r#"
+[[teachers]]
+name = "{name}"
+backend = "candle"
+checkpoint = "{models}/{dir}"
+
+[teachers.sampling]
+temperature = 1.0
+max_new_tokens = {max_new_tokens}
+"#,
+            max_new_tokens = spec.max_new_tokens
+        ));
+    }
+    let d_init = spec
+        .discriminator_init
+        .as_ref()
+        .map(|d| format!("init = \"{}\"\n", p(d)))
+        .unwrap_or_default();
+    format!(
+        r#"# Written by ril (demo / experiment): a short RIL run on the built-in tiny models.
 [run]
-id = "demo"
-dir = "{dir}/run"
-seed = 0
+id = "{id}"
+dir = "{dir}"
+seed = {seed}
 iterations = {iterations}
 questions_per_iteration = {b}
 staleness_bound = 0
@@ -185,7 +261,7 @@ checkpoint = "{models}/student"
 
 [rollout]
 group_size = {g}
-max_new_tokens = 48
+max_new_tokens = {max_new_tokens}
 
 [coordinator]
 lease_timeout_s = 120
@@ -196,165 +272,341 @@ actor_timeout_s = 20
 count = {actors}
 
 [learner]
-save_every = 0
+save_every = {save_every}
+keep_checkpoints = 1000
 
 [learner.grpo]
-lr = 2e-5
-loss_normalizer = 48
+lr = {lr:e}
+loss_normalizer = {max_new_tokens}
 micro_batch_size = 8
+use_ans_reward = {use_ans}
+use_sim_reward = {use_sim}
+teachers_in_group = {tig}
+std_normalized_advantage = {std_adv}
 
 [discriminator]
-lr = 1e-4
+{d_init}lr = 1e-4
 save_every = 0
+frozen = {frozen}
 
 [discriminator.judge]
 kind = "rule"
+{teachers}"#,
+        id = spec.id,
+        dir = p(&spec.dir),
+        seed = spec.seed,
+        iterations = spec.iterations,
+        b = spec.questions_per_iteration,
+        data = p(&spec.data),
+        g = spec.group_size,
+        max_new_tokens = spec.max_new_tokens,
+        actors = spec.actors,
+        save_every = spec.save_every,
+        lr = spec.lr,
+        use_ans = spec.use_ans_reward,
+        use_sim = spec.use_sim_reward,
+        tig = spec.teachers_in_group,
+        std_adv = spec.std_normalized_advantage,
+        frozen = spec.frozen_discriminator,
+    )
+}
 
-[[teachers]]
-name = "terse"
-backend = "candle"
-checkpoint = "{models}/teacher-terse"
+/// An absolute path for `x` (which must exist).
+pub fn absolute(x: &Path) -> anyhow::Result<PathBuf> {
+    std::fs::canonicalize(x).with_context(|| format!("resolving {}", x.display()))
+}
 
-[teachers.sampling]
-temperature = 1.0
-max_new_tokens = 48
-
-[[teachers]]
-name = "reasoned"
-backend = "candle"
-checkpoint = "{models}/teacher-reasoned"
-
-[teachers.sampling]
-temperature = 1.0
-max_new_tokens = 48
-"#,
-        iterations = args.iterations,
-        b = args.questions_per_iteration,
-        data = abs(data)?,
-        models = abs(models)?,
-        g = args.group_size,
-        actors = args.actors,
-    );
+fn write_config(
+    args: &DemoArgs,
+    data: &Path,
+    models: &Path,
+    discriminator_init: Option<PathBuf>,
+) -> anyhow::Result<PathBuf> {
+    let out = absolute(&args.out)?;
+    let spec = RunSpec {
+        id: "demo".into(),
+        dir: out.join("run"),
+        seed: args.seed,
+        iterations: args.iterations,
+        questions_per_iteration: args.questions_per_iteration,
+        group_size: args.group_size,
+        actors: args.actors,
+        lr: args.lr,
+        data: absolute(data)?,
+        models: absolute(models)?,
+        teachers: args
+            .teachers
+            .iter()
+            .map(|name| {
+                TEACHERS
+                    .iter()
+                    .find(|(n, _)| n == name)
+                    .map(|(n, d)| (n.to_string(), d.to_string()))
+                    .ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "--teachers: unknown teacher {name:?} (the built-in ones: terse, reasoned)"
+                        )
+                    })
+            })
+            .collect::<anyhow::Result<_>>()?,
+        use_ans_reward: true,
+        use_sim_reward: true,
+        teachers_in_group: true,
+        std_normalized_advantage: false,
+        frozen_discriminator: false,
+        discriminator_init,
+        save_every: args.iterations.div_ceil(args.accuracy_points.max(1)).max(1),
+        max_new_tokens: 48,
+    };
     let path = args.out.join("run.toml");
-    std::fs::write(&path, toml).with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, run_config_toml(&spec))
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
+/// The stages' wall times, printed as each ends.
+struct Stages {
+    started: std::time::Instant,
+    stage: std::time::Instant,
+    done: Vec<(String, f64)>,
+}
+
+impl Stages {
+    fn new() -> Self {
+        let now = std::time::Instant::now();
+        Self {
+            started: now,
+            stage: now,
+            done: Vec::new(),
+        }
+    }
+    fn begin(&mut self, n: usize, total: usize, what: &str) {
+        self.stage = std::time::Instant::now();
+        println!(
+            "== stage {n}/{total}: {what} ({:.0} s elapsed) ==",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+    fn end(&mut self, name: &str) {
+        let s = self.stage.elapsed().as_secs_f64();
+        println!("   {name}: {s:.1} s");
+        self.done.push((name.to_string(), s));
+    }
+}
+
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    let started = std::time::Instant::now();
-    let mut stages: Vec<(&str, f64)> = Vec::new();
-    let mut stage = std::time::Instant::now();
+    let mut stages = Stages::new();
+    const TOTAL: usize = 6;
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
+    stages.begin(1, TOTAL, "data and models");
     let data = args.out.join("data");
     if !data.join("train.jsonl").is_file() {
-        ril(&[
-            "data",
-            "synth",
-            "--out",
-            &p(&data),
-            "--seed",
-            "0",
-            "--image-size",
-            "72",
-            "--jitter",
-            "0",
-            "--n-train",
-            "2000",
-            "--n-val",
-            "200",
-            "--n-test",
-            "500",
-        ])?;
+        synth_benchmark(&data)?;
     }
-    stages.push(("data", stage.elapsed().as_secs_f64()));
-    stage = std::time::Instant::now();
     let models = models(args, &data)?;
-    stages.push(("models", stage.elapsed().as_secs_f64()));
-    stage = std::time::Instant::now();
-    let config = write_config(args, &data, &models)?;
-    let cfg = RunConfig::load(&config)?;
+    stages.end("data_and_models");
+
+    let mut config = write_config(args, &data, &models, None)?;
+    let mut cfg = RunConfig::load(&config)?;
     // A fresh run each time: the demo's state is its own.
     let _ = std::fs::remove_dir_all(&cfg.run.dir);
     ril(&["config", "check", &p(&config)])?;
-    let train = TrainArgs {
-        config: config.clone(),
-        actors: None,
-        startup_timeout_s: 300,
-        stall_timeout_s: 900,
-    };
-    let outcome = crate::roles::runtime()?.block_on(run_cluster(&cfg, &config, &train))?;
-    println!("{}", crate::roles::format_status(&outcome.status));
-    stages.push(("ril", stage.elapsed().as_secs_f64()));
-    stage = std::time::Instant::now();
-    let final_ckpt = cfg
-        .learner
-        .out_dir
-        .join(format!("checkpoint-{:06}", outcome.status.policy_version));
-    let rows = args.eval_rows.to_string();
-    println!("== the student before RIL ==");
-    ril(&[
-        "eval",
-        "--model",
-        &p(&cfg.student.checkpoint),
-        "--data",
-        &p(&data),
-        "--split",
-        "test",
-        "--max-rows",
-        &rows,
-        "--out",
-        &p(&args.out.join("eval-before.json")),
-    ])?;
-    stages.push(("eval_before", stage.elapsed().as_secs_f64()));
-    stage = std::time::Instant::now();
-    println!(
-        "== the student after {} RIL iterations ({}) ==",
-        outcome.status.policy_version,
-        final_ckpt.display()
+
+    stages.begin(
+        2,
+        TOTAL,
+        "discriminator pre-training (student vs teacher answers)",
     );
-    ril(&[
-        "eval",
-        "--model",
-        &p(&final_ckpt),
-        "--data",
-        &p(&data),
-        "--split",
+    if args.pretrain_questions > 0 {
+        let d_dir = absolute(&args.out)?.join("discriminator-pretrained");
+        let _ = std::fs::remove_dir_all(&d_dir);
+        // The run's teacher servers answer, on the same secure path as the RIL run (TLS,
+        // mutual TLS and a token generated for this launch, or `[security]`'s own); the
+        // pre-training client speaks as the discriminator.
+        let rt = crate::roles::runtime()?;
+        let (mut teachers, addrs, security_flags) = rt.block_on(crate::cluster::serve_teachers(
+            &cfg,
+            &config,
+            std::time::Duration::from_secs(300),
+        ))?;
+        let mut a: Vec<String> = ["discriminator", "pretrain", "--student"]
+            .map(String::from)
+            .to_vec();
+        a.extend([
+            p(&cfg.student.checkpoint),
+            "--data".into(),
+            p(&data),
+            "--out".into(),
+            p(&d_dir),
+        ]);
+        a.extend(["--answers".into(), "4".into(), "--max-questions".into()]);
+        a.extend([args.pretrain_questions.to_string(), "--steps".into()]);
+        a.extend([
+            args.pretrain_steps.to_string(),
+            "--max-new-tokens".into(),
+            "48".into(),
+        ]);
+        for addr in addrs {
+            a.extend(["--teacher".into(), addr]);
+        }
+        a.extend(security_flags);
+        let result = ril(&a.iter().map(String::as_str).collect::<Vec<_>>());
+        rt.block_on(crate::supervise::stop_all(
+            &mut teachers,
+            std::time::Duration::from_secs(30),
+        ));
+        result?;
+        config = write_config(args, &data, &models, Some(d_dir))?;
+        cfg = RunConfig::load(&config)?;
+    } else {
+        println!("   skipped (--pretrain-questions 0)");
+    }
+    stages.end("discriminator_pretrain");
+
+    stages.begin(3, TOTAL, &format!("RIL ({} iterations)", args.iterations));
+    let outcome = run_local(&cfg, &config)?;
+    println!("{}", crate::roles::format_status(&outcome.status));
+    stages.end("ril");
+
+    let final_ckpt =
+        ril_learner::trainer::checkpoint_dir(&outcome.learner_dir, outcome.status.policy_version);
+    stages.begin(
+        4,
+        TOTAL,
+        "the student before RIL (held-out test questions, greedy)",
+    );
+    let before = eval_accuracy(
+        &cfg.student.checkpoint,
+        &data,
         "test",
-        "--max-rows",
-        &rows,
-        "--out",
-        &p(&args.out.join("eval-after.json")),
-    ])?;
-    stages.push(("eval_after", stage.elapsed().as_secs_f64()));
-    let report = write_report(args, &outcome, &stages, started.elapsed().as_secs_f64())?;
+        args.eval_rows,
+        &args.out.join("eval-before.json"),
+    )?;
+    stages.end("eval_before");
+    stages.begin(
+        5,
+        TOTAL,
+        &format!(
+            "the student after {} RIL iterations ({}), and the checkpoints on the way",
+            outcome.status.policy_version,
+            final_ckpt.display()
+        ),
+    );
+    let mut accuracy = vec![(0.0, before)];
+    for (version, dir) in ril_learner::trainer::list_checkpoints(&cfg.learner.out_dir)? {
+        if version == outcome.status.policy_version {
+            continue;
+        }
+        let out = args.out.join(format!("eval-{version:06}.json"));
+        accuracy.push((
+            version as f64,
+            eval_accuracy(&dir, &data, "test", args.eval_rows, &out)?,
+        ));
+    }
+    let after = eval_accuracy(
+        &final_ckpt,
+        &data,
+        "test",
+        args.eval_rows,
+        &args.out.join("eval-after.json"),
+    )?;
+    accuracy.push((outcome.status.policy_version as f64, after));
+    stages.end("eval_after");
+
+    stages.begin(6, TOTAL, "report and plots");
+    let report = write_report(args, &outcome, &accuracy, &stages)?;
+    stages.end("report");
     println!("{report}");
     println!(
-        "demo finished in {:.0} s (the RIL run {:.0} s); report, metrics and logs in {}",
-        started.elapsed().as_secs_f64(),
+        "demo finished in {:.0} s (the RIL run {:.0} s); report, metrics, plots and logs in {}",
+        stages.started.elapsed().as_secs_f64(),
         outcome.seconds,
         args.out.display()
     );
     Ok(())
 }
 
-fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
+/// Greedy accuracy of `model` on the first `rows` questions of `split` (`ril eval`, whose full
+/// report goes to `out`).
+pub fn eval_accuracy(
+    model: &Path,
+    data: &Path,
+    split: &str,
+    rows: usize,
+    out: &Path,
+) -> anyhow::Result<f64> {
+    ril(&[
+        "eval",
+        "--model",
+        &p(model),
+        "--data",
+        &p(data),
+        "--split",
+        split,
+        "--max-rows",
+        &rows.to_string(),
+        "--out",
+        &p(out),
+    ])?;
+    read_json(out)?["accuracy"]
+        .as_f64()
+        .with_context(|| format!("{}: no accuracy", out.display()))
+}
+
+/// `config`'s run through the local cluster (`ril train`'s supervisor, its default timeouts).
+pub fn run_local(cfg: &RunConfig, config: &Path) -> anyhow::Result<crate::cluster::TrainOutcome> {
+    let train = TrainArgs {
+        config: config.to_path_buf(),
+        actors: None,
+        startup_timeout_s: 300,
+        stall_timeout_s: 900,
+    };
+    crate::roles::runtime()?.block_on(run_cluster(cfg, config, &train))
+}
+
+/// The `shapes` benchmark the demo and the ablation run on (seed 0; 2000 train, 200 val,
+/// 500 test questions; objects at their cell's centre, as the built-in models were trained).
+pub fn synth_benchmark(data: &Path) -> anyhow::Result<()> {
+    ril(&[
+        "data",
+        "synth",
+        "--out",
+        &p(data),
+        "--seed",
+        "0",
+        "--image-size",
+        "72",
+        "--jitter",
+        "0",
+        "--n-train",
+        "2000",
+        "--n-val",
+        "200",
+        "--n-test",
+        "500",
+    ])
+}
+
+pub fn read_json(path: &Path) -> anyhow::Result<serde_json::Value> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// Mean of `key` over the first and the last `k` lines of the run's metrics (lines lacking it
-/// are skipped).
-fn first_last(lines: &[serde_json::Value], key: &str, k: usize) -> serde_json::Value {
-    let vals: Vec<f64> = lines
-        .iter()
-        .filter_map(|l| l.get(key).and_then(|v| v.as_f64()))
-        .collect();
+/// The series of a run's `metrics.jsonl` by key (ril-plot's reader: errors name the line).
+pub type Metrics = std::collections::BTreeMap<String, Vec<(f64, f64)>>;
+
+/// Mean of `key` over the first and the last quarter of the steps that have it.
+pub fn first_last(metrics: &Metrics, key: &str) -> serde_json::Value {
+    let vals: Vec<f64> = metrics
+        .get(key)
+        .map(|s| s.iter().map(|&(_, v)| v).collect())
+        .unwrap_or_default();
     if vals.is_empty() {
         return serde_json::Value::Null;
     }
-    let k = k.clamp(1, vals.len());
+    let k = (vals.len() / 4).max(1);
     let mean = |x: &[f64]| x.iter().sum::<f64>() / x.len() as f64;
     serde_json::json!({
         "first": mean(&vals[..k]),
@@ -369,9 +621,10 @@ fn first_last(lines: &[serde_json::Value], key: &str, k: usize) -> serde_json::V
 fn write_report(
     args: &DemoArgs,
     outcome: &crate::cluster::TrainOutcome,
-    stages: &[(&str, f64)],
-    wall: f64,
+    accuracy: &[(f64, f64)],
+    stages: &Stages,
 ) -> anyhow::Result<String> {
+    let wall = stages.started.elapsed().as_secs_f64();
     let before = read_json(&args.out.join("eval-before.json"))?;
     let after = read_json(&args.out.join("eval-after.json"))?;
     let metrics_src = outcome
@@ -385,11 +638,8 @@ fn write_report(
             metrics_dst.display()
         )
     })?;
-    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics_dst)?
-        .lines()
-        .filter_map(|l| serde_json::from_str(l).ok())
-        .collect();
-    let k = (lines.len() / 4).max(1);
+    let metrics = ril_plot::read_metrics(&metrics_dst)?;
+    let plots = ril_plot::metrics_plots(&metrics_dst, &args.out.join("plots"), accuracy)?;
     let mut families = serde_json::Map::new();
     if let Some(fams) = before["per_family"].as_object() {
         for (name, b) in fams {
@@ -412,7 +662,7 @@ fn write_report(
         "reward_sim_student_mean",
         "reward_sim_teacher_mean",
     ] {
-        components.insert(key.into(), first_last(&lines, key, k));
+        components.insert(key.into(), first_last(&metrics, key));
     }
     let report = serde_json::json!({
         "accuracy": {
@@ -423,11 +673,13 @@ fn write_report(
         },
         "iterations": outcome.status.policy_version,
         "reward_components": components,
-        "d_accuracy": first_last(&lines, "d_accuracy", k),
-        "kl": first_last(&lines, "kl_mean", k),
-        "entropy": first_last(&lines, "entropy_mean", k),
+        "d_accuracy": first_last(&metrics, "d_accuracy"),
+        "kl": first_last(&metrics, "kl_mean"),
+        "entropy": first_last(&metrics, "entropy_mean"),
         "wall_time_s": wall,
-        "stage_seconds": stages.iter().map(|(n, s)| (n.to_string(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
+        "stage_seconds": stages.done.iter().map(|(n, s)| (n.clone(), serde_json::json!(s))).collect::<serde_json::Map<_, _>>(),
+        "accuracy_by_iteration": accuracy.iter().map(|(v, a)| serde_json::json!({"iteration": v, "accuracy": a})).collect::<Vec<_>>(),
+        "plots": plots.iter().map(|x| p(x)).collect::<Vec<_>>(),
         "run_dir": args.out,
     });
     let path = args.out.join("report.json");

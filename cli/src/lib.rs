@@ -5,10 +5,12 @@ pub mod bench;
 pub mod bench_allreduce;
 pub mod bench_nccl;
 pub mod bench_rpc;
+pub mod certs;
 pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod device;
+pub mod experiment;
 pub mod logging;
 pub mod model_cmd;
 pub mod roles;
@@ -72,11 +74,32 @@ pub enum Command {
     Train(cluster::TrainArgs),
     /// The whole loop on the built-in tiny models: data, models, a short RIL run, evaluation.
     Demo(demo::DemoArgs),
+    /// Experiments over many runs: `ablation`, the paper's comparison in miniature.
+    #[command(subcommand)]
+    Experiment(ExperimentCommand),
     /// A run's state from its coordinator.
     Status(roles::StatusArgs),
     /// Run config tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Certificates and the run token.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Writes a run CA, a certificate and key per role (coordinator, learner, actor, teacher,
+    /// discriminator, admin) and a run token into DIR.
+    Init(certs::CertsInitArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ExperimentCommand {
+    /// Every variant of the paper's comparison (base, RL only, IL only, RIL with teacher 1, 2,
+    /// both, frozen D, no D, GRPO's std-normalised advantage), the same budget each, several
+    /// seeds: a markdown table of held-out accuracy (mean ± std) and a plot.
+    Ablation(experiment::AblationArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -168,8 +191,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Actor(args) => roles::actor(&args),
         Command::Train(args) => cluster::train(&args),
         Command::Demo(args) => demo::run(&args),
+        Command::Experiment(ExperimentCommand::Ablation(args)) => experiment::ablation(&args),
         Command::Status(args) => roles::status(&args),
         Command::Config(ConfigCommand::Check { path }) => roles::config_check(&path),
+        Command::Certs(CertsCommand::Init(args)) => certs::init(&args),
         Command::Env => {
             env_report();
             Ok(())

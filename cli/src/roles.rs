@@ -9,6 +9,47 @@ use anyhow::{Context, bail};
 
 use crate::config::RunConfig;
 
+/// How a process finds its run token and certificates (overriding `[security]`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct SecurityArgs {
+    /// A directory as `ril certs init` writes it (`ca.crt`, `<role>.crt`, `<role>.key`,
+    /// `token`); overrides `[security]`'s paths.
+    #[arg(long, value_name = "DIR")]
+    pub security_dir: Option<PathBuf>,
+    /// Plaintext, no token, no roles (debugging only; loudly logged). Same as `[security]
+    /// allow_insecure = true`.
+    #[arg(long)]
+    pub insecure: bool,
+    /// Serve gRPC reflection (to token holders); on in local mode, off by default.
+    #[arg(long)]
+    pub reflection: bool,
+}
+
+/// The process's security for `role`: `--insecure`, then `--security-dir`, then `[security]`.
+pub fn resolve_security(
+    config: Option<&ril_proto::security::SecurityConfig>,
+    args: &SecurityArgs,
+    role: ril_proto::security::Role,
+) -> anyhow::Result<ril_proto::security::Security> {
+    use ril_proto::security::SecurityConfig;
+    let base = config.cloned().unwrap_or_default();
+    let mut c = match &args.security_dir {
+        Some(dir) => SecurityConfig {
+            mtls: base.mtls,
+            reflection: base.reflection,
+            ..SecurityConfig::from_dir(dir)
+        },
+        None => base,
+    };
+    c.allow_insecure |= args.insecure;
+    c.reflection |= args.reflection;
+    let s = c
+        .resolve(role)
+        .with_context(|| format!("setting up security for the {role} role"))?;
+    tracing::info!(%role, tls = s.is_tls(), mtls = s.mtls, token = s.has_token(), reflection = s.reflection, "security");
+    Ok(s)
+}
+
 /// Flags every serving role takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServeArgs {
@@ -21,6 +62,12 @@ pub struct ServeArgs {
     /// Writes the bound address here once listening (for supervisors and scripts).
     #[arg(long)]
     pub addr_file: Option<PathBuf>,
+    /// Also serve grpc.health.v1 alone, in plaintext, here (Kubernetes' gRPC probes cannot
+    /// speak TLS), e.g. 0.0.0.0:8081.
+    #[arg(long, value_name = "ADDR")]
+    pub health_listen: Option<String>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -104,6 +151,8 @@ pub struct PretrainArgs {
     pub max_new_tokens: Option<usize>,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -122,7 +171,7 @@ pub struct ActorArgs {
     /// Stop after this many leases.
     #[arg(long)]
     pub max_leases: Option<u64>,
-    /// Serve grpc.health.v1 (and reflection) here while the actor runs, e.g. 0.0.0.0:50070.
+    /// Serve grpc.health.v1 (plaintext, health only) here while the actor runs, e.g. 0.0.0.0:50070.
     /// An actor serves no RPCs of its own; this gives Kubernetes' gRPC probes an endpoint. It
     /// answers SERVING while the actor runs and NOT_SERVING once it is stopping.
     #[arg(long, value_name = "ADDR")]
@@ -130,6 +179,8 @@ pub struct ActorArgs {
     /// Writes the health endpoint's bound address here (for `--health-listen` with port 0).
     #[arg(long, requires = "health_listen")]
     pub health_addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -141,6 +192,9 @@ pub struct StatusArgs {
     pub json: bool,
     #[arg(long, default_value_t = 10)]
     pub timeout_s: u64,
+    /// `ril status` speaks as the admin role (`admin.crt` under `--security-dir`).
+    #[command(flatten)]
+    pub security: SecurityArgs,
 }
 
 /// How long a role may take to stop after SIGTERM before the process exits anyway. Graceful
@@ -182,8 +236,16 @@ pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
-async fn bind(args: &ServeArgs) -> anyhow::Result<ril_proto::server::Bound> {
-    let bound = ril_proto::server::bind(&args.listen).await?;
+async fn bind(
+    args: &ServeArgs,
+    cfg: &RunConfig,
+    role: ril_proto::security::Role,
+) -> anyhow::Result<ril_proto::server::Bound> {
+    let security = resolve_security(Some(&cfg.security), &args.security, role)?;
+    let bound = ril_proto::server::bind(&args.listen)
+        .await?
+        .with_security(security)
+        .with_plain_health(args.health_listen.clone());
     tracing::info!(addr = %bound.addr, "listening");
     if let Some(f) = &args.addr_file {
         crate::supervise::write_addr_file(f, &bound.addr)?;
@@ -214,7 +276,7 @@ pub fn coordinator(args: &CoordinatorArgs) -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no discriminator address: set [network] discriminator"))?;
     let opts = cfg.coordinator_options(teachers, disc);
     runtime()?.block_on(async {
-        let bound = bind(&args.serve).await?;
+        let bound = bind(&args.serve, &cfg, ril_proto::security::Role::Coordinator).await?;
         serve_role(|stop| ril_coordinator::serve(opts, bound, stop)).await
     })
 }
@@ -246,7 +308,7 @@ pub fn learner(args: &LearnerArgs) -> anyhow::Result<()> {
         opts.discriminator_addr = None;
     }
     runtime()?.block_on(async {
-        let bound = bind(&args.serve).await?;
+        let bound = bind(&args.serve, &cfg, ril_proto::security::Role::Learner).await?;
         serve_role(|stop| ril_learner::grpc::serve(opts, bound, stop)).await
     })
 }
@@ -271,7 +333,7 @@ pub fn teacher(args: &TeacherArgs) -> anyhow::Result<()> {
             )
         })?;
     runtime()?.block_on(async {
-        let bound = bind(&args.serve).await?;
+        let bound = bind(&args.serve, &cfg, ril_proto::security::Role::Teacher).await?;
         serve_role(|stop| ril_teacher::serve(opts, bound, stop)).await
     })
 }
@@ -283,7 +345,7 @@ pub fn discriminator(args: &DiscriminatorServeArgs) -> anyhow::Result<()> {
     }
     let device = crate::device::parse(&args.device)?;
     runtime()?.block_on(async {
-        let bound = bind(&args.serve).await?;
+        let bound = bind(&args.serve, &cfg, ril_proto::security::Role::Discriminator).await?;
         serve_role(|stop| ril_discriminator::serve(cfg.discriminator.clone(), device, bound, stop))
             .await
     })
@@ -332,11 +394,17 @@ pub fn pretrain(args: &PretrainArgs) -> anyhow::Result<()> {
         p.max_new_tokens = m;
     }
     let device = crate::device::parse(&args.device)?;
-    let report = runtime()?.block_on(ril_discriminator::run_pretrain(p, device, |e| {
-        if let ril_discriminator::pretrain::PretrainEvent::Eval { step, held_out } = e {
-            tracing::info!(step, ?held_out, "held-out");
-        }
-    }))?;
+    let security = resolve_security(
+        None,
+        &args.security,
+        ril_proto::security::Role::Discriminator,
+    )?;
+    let report =
+        runtime()?.block_on(ril_discriminator::run_pretrain(p, device, &security, |e| {
+            if let ril_discriminator::pretrain::PretrainEvent::Eval { step, held_out } = e {
+                tracing::info!(step, ?held_out, "held-out");
+            }
+        }))?;
     println!(
         "discriminator pre-training: {} steps on {} examples; held-out accuracy {:?} -> {:?}; saved {:?}",
         report.steps,
@@ -368,6 +436,11 @@ pub fn actor(args: &ActorArgs) -> anyhow::Result<()> {
     opts.questions_per_lease = cfg.actors.questions_per_lease;
     opts.seed = cfg.run.seed;
     opts.max_leases = args.max_leases;
+    opts.security = resolve_security(
+        Some(&cfg.security),
+        &args.security,
+        ril_proto::security::Role::Actor,
+    )?;
     let summary = runtime()?.block_on(async {
         let health = match &args.health_listen {
             Some(listen) => {
@@ -393,8 +466,9 @@ pub fn actor(args: &ActorArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A grpc.health.v1 endpoint (with reflection) for a role that serves no RPCs of its own (the
-/// actor), so that Kubernetes' gRPC probes have something to ask. SERVING from the moment it
+/// A plaintext grpc.health.v1 endpoint (health only: nothing here needs a token) for a role
+/// that serves no RPCs of its own (the actor), so that Kubernetes' gRPC probes have something
+/// to ask. SERVING from the moment it
 /// listens; NOT_SERVING once the process is asked to stop (SIGTERM or Ctrl-C), while the role
 /// finishes its work.
 struct HealthEndpoint {
@@ -411,7 +485,6 @@ impl HealthEndpoint {
         let addr = bound.addr;
         let (reporter, health) = server::health(std::iter::empty()).await;
         server::set_status(&reporter, &[], ServingStatus::Serving).await;
-        let (reflection_v1, reflection_v1alpha) = server::reflection()?;
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let server = tokio::spawn(
             server::builder()
@@ -420,8 +493,6 @@ impl HealthEndpoint {
                         .max_decoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES),
                 )
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
                 .serve_with_incoming_shutdown(server::incoming(bound), async {
                     let _ = stopped.await;
                 }),
@@ -467,8 +538,9 @@ impl HealthEndpoint {
 pub async fn fetch_status(
     addr: &str,
     timeout: Duration,
+    security: &ril_proto::security::Security,
 ) -> anyhow::Result<ril_proto::v1::RunStatus> {
-    let ch = ril_proto::server::connect(addr, timeout).await?;
+    let ch = ril_proto::server::connect(addr, timeout, security).await?;
     let mut c = ril_proto::v1::coordinator_client::CoordinatorClient::new(ch);
     let s = tokio::time::timeout(timeout, c.get_status(ril_proto::v1::GetStatusRequest {}))
         .await
@@ -520,9 +592,11 @@ pub fn format_status(s: &ril_proto::v1::RunStatus) -> String {
 }
 
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {
+    let security = resolve_security(None, &args.security, ril_proto::security::Role::Admin)?;
     let s = runtime()?.block_on(fetch_status(
         &args.coordinator,
         Duration::from_secs(args.timeout_s),
+        &security,
     ))?;
     if args.json {
         let v = serde_json::json!({

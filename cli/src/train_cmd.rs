@@ -49,6 +49,10 @@ pub struct SynthArgs {
     /// Background colour as R,G,B (0-255); the default is CLIP's mean grey.
     #[arg(long, value_delimiter = ',', default_values_t = ril_data::shapes::CLIP_MEAN_GREY)]
     pub background: Vec<u8>,
+    /// Leave out each question's `rationale` (the scene cell by cell, which reasoning answer
+    /// styles write before the answer).
+    #[arg(long)]
+    pub no_rationale: bool,
 }
 
 pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
@@ -68,6 +72,7 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
             .as_slice()
             .try_into()
             .context("--background takes three values, R,G,B")?,
+        rationale: !a.no_rationale,
     };
     let started = std::time::Instant::now();
     let [tr, va, te] =
@@ -153,6 +158,8 @@ pub fn tokenizer_train(a: &TokenizerTrainArgs) -> anyhow::Result<()> {
     for r in &rows {
         texts.push(r.question_text());
         texts.push(r.answer.clone());
+        // The reasoned style (with the row's rationale, when it has one), so its words get
+        // tokens of their own.
         texts.push(ril_data::style::styled_answer(
             r,
             ril_data::style::AnswerStyle::Reasoned,
@@ -356,7 +363,8 @@ pub struct SftArgs {
     pub log_every: usize,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// reference, teacher:NAME, or style:terse|reasoned.
+    /// reference, teacher:NAME, style:terse|reasoned|narrated, or a weighted mix drawn per
+    /// row, e.g. `reference=0.8,style:reasoned=0.2`.
     #[arg(long, default_value = "reference")]
     pub target: String,
     /// Keep tensors whose names start with this prefix fixed (repeatable), e.g. `vision_tower`
@@ -369,11 +377,35 @@ pub struct SftArgs {
 }
 
 fn parse_target(s: &str) -> anyhow::Result<Target> {
+    // "reference=0.8,style:reasoned=0.2": a weighted mix, drawn per row.
+    if s.contains(',') || s.contains('=') {
+        let choices = s
+            .split(',')
+            .map(|part| {
+                let (target, weight) = part.rsplit_once('=').ok_or_else(|| {
+                    anyhow::anyhow!("--target {s:?}: {part:?} needs a weight (TARGET=WEIGHT)")
+                })?;
+                let weight: f64 = weight.trim().parse().map_err(|_| {
+                    anyhow::anyhow!("--target {s:?}: weight {weight:?} is not a number")
+                })?;
+                if !weight.is_finite() || weight < 0.0 {
+                    bail!("--target {s:?}: weight {weight} must be finite and >= 0");
+                }
+                Ok((parse_target(target.trim())?, weight))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        if choices.iter().map(|(_, w)| w).sum::<f64>() <= 0.0 {
+            bail!("--target {s:?}: the weights sum to 0");
+        }
+        return Ok(Target::Mixed(choices));
+    }
     Ok(match s.split_once(':') {
         None if s == "reference" => Target::Reference,
         Some(("teacher", name)) if !name.is_empty() => Target::Teacher(name.to_string()),
         Some(("style", style)) => Target::Style(style.parse().map_err(anyhow::Error::msg)?),
-        _ => bail!("--target {s:?}: expected reference, teacher:NAME or style:terse|reasoned"),
+        _ => bail!(
+            "--target {s:?}: expected reference, teacher:NAME or style:terse|reasoned|narrated"
+        ),
     })
 }
 

@@ -342,7 +342,9 @@ pub async fn serve(
             server::set_status(&reporter, &[names::COORDINATOR], ServingStatus::NotServing).await;
         }
     };
-    let serving = server::builder()
+    let serving = bound
+        .server(&health)
+        .await?
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

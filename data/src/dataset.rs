@@ -53,6 +53,23 @@ pub struct Row {
 }
 
 impl Row {
+    /// The row's worked reasoning, when the dataset has one: a non-empty string in `rationale`
+    /// (JSONL) or `extra_info.rationale` (verl Parquet), as chain-of-thought datasets such as
+    /// A-OKVQA (`rationales`) or ScienceQA (`solution`) carry. Styles that reason before the
+    /// answer (see [`crate::style`]) write it out; nothing else reads it.
+    pub fn rationale(&self) -> Option<&str> {
+        let direct = self.extra.get("rationale");
+        let verl = self
+            .extra
+            .get("extra_info")
+            .and_then(|i| i.get("rationale"));
+        direct
+            .or(verl)
+            .and_then(Value::as_str)
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+    }
+
     /// The question's text: the last user turn's text parts, joined.
     pub fn question_text(&self) -> String {
         self.messages

@@ -12,8 +12,11 @@ use crate::dataset::Row;
 pub enum AnswerStyle {
     /// The bare answer: `red`.
     Terse,
-    /// A one-sentence lead-in, then the answer on an `Answer:` line.
+    /// The row's rationale (or, without one, a one-sentence lead-in), then the answer on an
+    /// `Answer:` line.
     Reasoned,
+    /// The rationale as a sentence, then "So the answer is X." on one line.
+    Narrated,
 }
 
 impl std::str::FromStr for AnswerStyle {
@@ -22,7 +25,10 @@ impl std::str::FromStr for AnswerStyle {
         match s {
             "terse" => Ok(Self::Terse),
             "reasoned" => Ok(Self::Reasoned),
-            other => Err(format!("unknown answer style {other:?} (terse, reasoned)")),
+            "narrated" => Ok(Self::Narrated),
+            other => Err(format!(
+                "unknown answer style {other:?} (terse, reasoned, narrated)"
+            )),
         }
     }
 }
@@ -31,12 +37,19 @@ pub fn styled_answer(row: &Row, style: AnswerStyle) -> String {
     match style {
         AnswerStyle::Terse => row.answer.clone(),
         AnswerStyle::Reasoned => {
-            let lead = if row.images.is_empty() {
+            let lead = row.rationale().unwrap_or(if row.images.is_empty() {
                 "I read the question carefully."
             } else {
                 "I checked the image carefully."
-            };
+            });
             format!("{lead}\nAnswer: {}", row.answer)
+        }
+        AnswerStyle::Narrated => {
+            let lead = match row.rationale() {
+                Some(r) => format!("I see {}.", r.trim_end_matches('.')),
+                None => "Let me think.".to_string(),
+            };
+            format!("{lead} So the answer is {}.", row.answer)
         }
     }
 }

@@ -322,3 +322,78 @@ fn the_background_colour_is_a_knob_and_defaults_to_clip_mean_grey() {
     }
     assert_eq!(SynthConfig::default().background, [123, 117, 104]);
 }
+
+#[test]
+fn every_question_row_carries_a_rationale_that_lists_the_scene_and_styles_write_it_out() {
+    use ril_data::style::{AnswerStyle, styled_answer};
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SynthConfig {
+        families: ["describe", "colour", "count", "relation"]
+            .map(String::from)
+            .to_vec(),
+        ..small(8, 120)
+    };
+    write_dataset(&cfg, dir.path()).unwrap();
+    let (rows, _) = read_all(&dir.path().join("train.jsonl"), ReadOptions::default()).unwrap();
+    let mut with_rationale = 0;
+    for row in &rows {
+        let objects = row.extra["scene"]["objects"].as_array().unwrap();
+        if row.family.as_deref() == Some("describe") {
+            assert_eq!(row.rationale(), None, "row {}", row.id);
+            continue;
+        }
+        with_rationale += 1;
+        let rationale = row.rationale().unwrap_or_else(|| panic!("row {}", row.id));
+        // One "cell: colour shape" item per object, each naming that object's colour and shape
+        // in reading order (row, then column), and no sizes.
+        let items: Vec<&str> = rationale.split("; ").collect();
+        assert_eq!(items.len(), objects.len(), "{rationale}");
+        let mut expected: Vec<&Value> = objects.iter().collect();
+        expected.sort_by_key(|o| (o["cell"][1].as_u64(), o["cell"][0].as_u64()));
+        for (item, o) in items.iter().zip(expected) {
+            let what = format!(
+                ": {} {}",
+                o["colour"].as_str().unwrap(),
+                o["shape"].as_str().unwrap()
+            );
+            assert!(item.ends_with(&what), "{item:?} vs {o}");
+            assert!(!item.contains("small") && !item.contains("large"), "{item}");
+        }
+        let reasoned = styled_answer(row, AnswerStyle::Reasoned);
+        assert_eq!(reasoned, format!("{rationale}\nAnswer: {}", row.answer));
+        let narrated = styled_answer(row, AnswerStyle::Narrated);
+        assert_eq!(
+            narrated,
+            format!("I see {rationale}. So the answer is {}.", row.answer)
+        );
+        // The rule-based judge reads the same answer out of every style.
+        for styled in [reasoned, narrated] {
+            assert!(
+                ril_data::answer::check(&styled, &row.answer, row.answer_type).correct,
+                "{styled:?} vs {:?}",
+                row.answer
+            );
+        }
+    }
+    assert!(with_rationale > 50, "{with_rationale}");
+
+    // Without rationales the rows are those of the same seed, minus the field.
+    let bare = tempfile::tempdir().unwrap();
+    write_dataset(
+        &SynthConfig {
+            rationale: false,
+            ..cfg
+        },
+        bare.path(),
+    )
+    .unwrap();
+    let (bare_rows, _) =
+        read_all(&bare.path().join("train.jsonl"), ReadOptions::default()).unwrap();
+    assert_eq!(bare_rows.len(), rows.len());
+    for (b, r) in bare_rows.iter().zip(&rows) {
+        assert_eq!(b.rationale(), None);
+        let mut extra = r.extra.clone();
+        extra.remove("rationale");
+        assert_eq!((&b.id, &b.answer, &b.extra), (&r.id, &r.answer, &extra));
+    }
+}

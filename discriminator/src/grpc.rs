@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 use candle_core::Device;
 use ril_proto::convert::question_to_row;
 use ril_proto::server::{
-    Bound, ServeError, ServingStatus, builder, health, incoming, names, reflection, set_status,
+    Bound, ServeError, ServingStatus, health, incoming, names, reflection, set_status,
 };
 use ril_proto::v1;
 use ril_proto::v1::discriminator_server::{Discriminator, DiscriminatorServer};
@@ -205,7 +205,9 @@ pub async fn serve(
         )
         .await;
     };
-    let server = builder()
+    let server = bound
+        .server(&health_service)
+        .await?
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -357,10 +357,11 @@ pub async fn teacher_answers(
     teachers: &[String],
     n: usize,
     timeout: Duration,
+    security: &ril_proto::security::Security,
 ) -> Result<Vec<Vec<String>>> {
     let mut clients = Vec::with_capacity(teachers.len());
     for addr in teachers {
-        let channel = connect(addr, timeout).await?;
+        let channel = connect(addr, timeout, security).await?;
         clients.push((
             addr.clone(),
             TeacherClient::new(channel)
@@ -410,7 +411,7 @@ pub async fn teacher_answers(
 }
 
 async fn ask_teacher(
-    client: &mut TeacherClient<tonic::transport::Channel>,
+    client: &mut TeacherClient<ril_proto::server::Channel>,
     addr: &str,
     request: AnswerRequest,
     timeout: Duration,
@@ -718,6 +719,7 @@ fn load_examples(path: &Path, rows: &[Row]) -> Result<Vec<LabelledResponse>> {
 pub async fn run_pretrain(
     options: PretrainOptions,
     device: Device,
+    security: &ril_proto::security::Security,
     mut on_event: impl FnMut(PretrainEvent) + Send + 'static,
 ) -> Result<PretrainReport> {
     options.validate()?;
@@ -760,7 +762,13 @@ pub async fn run_pretrain(
             student_answers(&bundle, &student_rows, n, max_new, seed, batch)
         });
         let timeout = Duration::from_secs_f64(options.teacher_timeout_secs);
-        let teacher = teacher_answers(&rows, &options.teachers, options.n_teacher_answers, timeout);
+        let teacher = teacher_answers(
+            &rows,
+            &options.teachers,
+            options.n_teacher_answers,
+            timeout,
+            security,
+        );
         let (student, teacher) = tokio::join!(student, teacher);
         let student = student.map_err(|e| DiscriminatorError::Task(e.to_string()))??;
         let teacher = teacher?;

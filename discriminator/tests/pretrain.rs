@@ -88,6 +88,7 @@ async fn teacher_answers_come_from_the_rows_then_round_robin_from_the_servers() 
         &teachers,
         4,
         std::time::Duration::from_secs(30),
+        &Default::default(),
     )
     .await
     .unwrap();
@@ -99,9 +100,15 @@ async fn teacher_answers_come_from_the_rows_then_round_robin_from_the_servers() 
     assert!(answers[0][3].starts_with("Looking at the image"));
     assert_eq!(answers[1].len(), 4);
     // Without servers a row with no answers of its own is an error naming it.
-    let err = teacher_answers(&[plain], &[], 2, std::time::Duration::from_secs(5))
-        .await
-        .unwrap_err();
+    let err = teacher_answers(
+        &[plain],
+        &[],
+        2,
+        std::time::Duration::from_secs(5),
+        &Default::default(),
+    )
+    .await
+    .unwrap_err();
     assert!(err.to_string().contains("colour-blue"), "{err}");
 }
 
@@ -140,9 +147,12 @@ async fn pretraining_tells_student_from_teacher_answers_on_held_out_questions() 
 
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
-    let report = run_pretrain(options.clone(), Device::Cpu, move |e| {
-        sink.lock().unwrap().push(e)
-    })
+    let report = run_pretrain(
+        options.clone(),
+        Device::Cpu,
+        &Default::default(),
+        move |e| sink.lock().unwrap().push(e),
+    )
     .await
     .unwrap();
     assert_eq!(report.steps, 25);
@@ -187,9 +197,11 @@ async fn pretraining_tells_student_from_teacher_answers_on_held_out_questions() 
     options.steps = 28;
     let events = Arc::new(Mutex::new(Vec::new()));
     let sink = events.clone();
-    let resumed = run_pretrain(options, Device::Cpu, move |e| sink.lock().unwrap().push(e))
-        .await
-        .unwrap();
+    let resumed = run_pretrain(options, Device::Cpu, &Default::default(), move |e| {
+        sink.lock().unwrap().push(e)
+    })
+    .await
+    .unwrap();
     assert_eq!(resumed.steps, 28);
     let first_step = events.lock().unwrap().iter().find_map(|e| match e {
         PretrainEvent::Step { step, .. } => Some(*step),

@@ -13,13 +13,13 @@ use ril_discriminator::checkpoint::latest_checkpoint;
 use ril_discriminator::judge::JudgeConfig;
 use ril_discriminator::{DiscriminatorOptions, JudgeBackend, serve};
 use ril_proto::convert::row_to_question;
-use ril_proto::server::{ServingStatus, health_check, names, uri};
+use ril_proto::server::Channel;
+use ril_proto::server::{ServingStatus, health_check, names};
 use ril_proto::v1;
 use ril_proto::v1::discriminator_client::DiscriminatorClient;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::Code;
-use tonic::transport::Channel;
 
 const STARTUP: Duration = Duration::from_secs(120);
 
@@ -53,9 +53,14 @@ impl Running {
     }
 
     async fn status(&self, service: &str) -> Option<ServingStatus> {
-        health_check(&self.addr, service, Duration::from_secs(5))
-            .await
-            .ok()
+        health_check(
+            &self.addr,
+            service,
+            Duration::from_secs(5),
+            &Default::default(),
+        )
+        .await
+        .ok()
     }
 
     async fn wait_serving(&self) {
@@ -67,7 +72,11 @@ impl Running {
     }
 
     async fn client(&self) -> DiscriminatorClient<Channel> {
-        DiscriminatorClient::connect(uri(&self.addr)).await.unwrap()
+        DiscriminatorClient::new(
+            ril_proto::server::connect(&self.addr, Duration::from_secs(5), &Default::default())
+                .await
+                .unwrap(),
+        )
     }
 
     /// Triggers graceful shutdown and returns what `serve` returned.
@@ -192,9 +201,10 @@ async fn score_returns_the_d_probability_and_the_rule_judges_answer_score() {
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
-    let channel = ril_proto::server::connect(&server.addr, Duration::from_secs(5))
-        .await
-        .unwrap();
+    let channel =
+        ril_proto::server::connect(&server.addr, Duration::from_secs(5), &Default::default())
+            .await
+            .unwrap();
     let mut reflection = ServerReflectionClient::new(channel);
     let request = ServerReflectionRequest {
         host: String::new(),

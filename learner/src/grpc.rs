@@ -13,6 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use ril_proto::security::Security;
+use ril_proto::server::Channel;
 use ril_proto::server::{self, Bound, DEFAULT_MAX_MESSAGE_BYTES, ServingStatus, names};
 use ril_proto::v1 as pb;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
@@ -21,7 +23,6 @@ use ril_proto::v1::learner_ranks_client::LearnerRanksClient;
 use ril_proto::v1::learner_ranks_server::{LearnerRanks, LearnerRanksServer};
 use ril_proto::v1::learner_server::{Learner, LearnerServer};
 use tokio::sync::watch;
-use tonic::transport::Channel;
 use tonic::{Request, Response as GrpcResponse, Status};
 
 use crate::collective::SingleRank;
@@ -125,9 +126,9 @@ pub struct DiscriminatorLink {
 }
 
 impl DiscriminatorLink {
-    pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<Self> {
+    pub fn connect_lazy(addr: &str, timeout: Duration, security: &Security) -> Result<Self> {
         Ok(Self {
-            client: DiscriminatorClient::new(server::connect_lazy(addr, timeout)?)
+            client: DiscriminatorClient::new(server::connect_lazy(addr, timeout, security)?)
                 .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES),
             addr: addr.to_string(),
@@ -168,8 +169,8 @@ fn rpc_error(rpc: &'static str, s: Status) -> LearnerError {
 
 impl GrpcCoordinator {
     /// A client that connects on first use (and reconnects after a coordinator restart).
-    pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<Self> {
-        let channel = server::connect_lazy(addr, timeout)?;
+    pub fn connect_lazy(addr: &str, timeout: Duration, security: &Security) -> Result<Self> {
+        let channel = server::connect_lazy(addr, timeout, security)?;
         Ok(Self {
             client: CoordinatorClient::new(channel)
                 .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
@@ -559,13 +560,17 @@ pub struct GrpcPeers {
 impl GrpcPeers {
     /// Clients of `rank_addrs` (every rank's learner address); `timeout` bounds a whole
     /// TrainShard call (the step included).
-    pub fn connect_lazy(rank_addrs: &[String], timeout: Duration) -> Result<Self> {
+    pub fn connect_lazy(
+        rank_addrs: &[String],
+        timeout: Duration,
+        security: &Security,
+    ) -> Result<Self> {
         let peers = rank_addrs
             .iter()
             .map(|a| {
                 Ok((
                     a.clone(),
-                    LearnerRanksClient::new(server::connect_lazy(a, timeout)?)
+                    LearnerRanksClient::new(server::connect_lazy(a, timeout, security)?)
                         .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES),
                 ))
@@ -728,12 +733,13 @@ pub async fn serve(
 ) -> Result<()> {
     options.validate()?;
     let addr = bound.addr;
+    let security = bound.security.clone();
     let (reporter, health_service) = server::health([names::LEARNER]).await;
     let (reflection_v1, reflection_v1alpha) = server::reflection()?;
     let cell: Arc<OnceLock<LearnerService<GrpcCoordinator>>> = Arc::new(OnceLock::new());
     let timeout = Duration::from_millis(options.coordinator_timeout_ms);
     let discriminator = match &options.discriminator_addr {
-        Some(a) if !a.is_empty() => Some(DiscriminatorLink::connect_lazy(a, timeout)?),
+        Some(a) if !a.is_empty() => Some(DiscriminatorLink::connect_lazy(a, timeout, &security)?),
         _ => None,
     };
     let mut grpc = LearnerGrpc::new(cell.clone());
@@ -753,8 +759,9 @@ pub async fn serve(
         shutdown.await;
         let _ = signal_tx.send(true);
     });
+    let mut secure = bound.server(&health_service).await?;
     let server = tokio::spawn(
-        server::builder()
+        secure
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -833,7 +840,7 @@ pub async fn serve(
         },
         _ = raised(signal_rx.clone()) => return stop_server(stop_tx, server).await,
     };
-    let mut link = GrpcCoordinator::connect_lazy(&options.coordinator_addr, timeout)?;
+    let mut link = GrpcCoordinator::connect_lazy(&options.coordinator_addr, timeout, &security)?;
     if let Some(d) = discriminator {
         link = link.with_discriminator(d);
     }
@@ -924,6 +931,7 @@ pub async fn serve(
             Some(Arc::new(GrpcPeers::connect_lazy(
                 &r.rank_addrs,
                 call_timeout,
+                &security,
             )?))
         }
         _ => None,

@@ -53,6 +53,9 @@ pub struct GrpoConfig {
     /// Train on the teacher responses too (RIL). Off: the group is the student rollouts only
     /// (plain Dr.GRPO); teacher responses are still counted in the reward statistics.
     pub teachers_in_group: bool,
+    /// GRPO's advantage instead of Dr.GRPO's: divide the mean-centred reward by the group's
+    /// reward standard deviation (+ 1e-4). Off (the paper's Dr.GRPO) by default; an ablation.
+    pub std_normalized_advantage: bool,
     /// The constant token sums are divided by: the actors' `max_new_tokens`.
     pub loss_normalizer: usize,
     pub lr: f64,
@@ -77,6 +80,7 @@ impl Default for GrpoConfig {
             use_sim_reward: true,
             use_ans_reward: true,
             teachers_in_group: true,
+            std_normalized_advantage: false,
             loss_normalizer: 128,
             lr: 1e-6,
             weight_decay: 0.01,
@@ -195,7 +199,8 @@ pub fn in_loss(cfg: &GrpoConfig, r: &Response) -> bool {
     r.source == ResponseSource::Student || cfg.teachers_in_group
 }
 
-/// A_i = R_i - mean(R) over the group's responses in the loss; `None` for the others.
+/// A_i = R_i - mean(R) over the group's responses in the loss (divided by std(R) + 1e-4
+/// under `std_normalized_advantage`); `None` for the others.
 pub fn advantages(cfg: &GrpoConfig, group: &Group) -> Vec<Option<f64>> {
     let rewards: Vec<Option<f64>> = group
         .responses
@@ -206,9 +211,22 @@ pub fn advantages(cfg: &GrpoConfig, group: &Group) -> Vec<Option<f64>> {
     if included.is_empty() {
         return rewards;
     }
-    let mean = included.iter().sum::<f64>() / included.len() as f64;
-    rewards.into_iter().map(|r| r.map(|r| r - mean)).collect()
+    let n = included.len() as f64;
+    let mean = included.iter().sum::<f64>() / n;
+    let scale = if cfg.std_normalized_advantage {
+        let var = included.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / n;
+        1.0 / (var.sqrt() + STD_EPS)
+    } else {
+        1.0
+    };
+    rewards
+        .into_iter()
+        .map(|r| r.map(|r| (r - mean) * scale))
+        .collect()
 }
+
+/// Added to the group's reward std under `std_normalized_advantage` (GRPO's epsilon).
+pub const STD_EPS: f64 = 1e-4;
 
 fn groups_in_loss(cfg: &GrpoConfig, groups: &[Group]) -> usize {
     groups

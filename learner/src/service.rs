@@ -1039,7 +1039,10 @@ impl<C: CoordinatorLink> LearnerService<C> {
         }
         let signals = crate::diagnostics::StepSignals {
             d_accuracy: stats.d_accuracy,
-            reward_sim_student: stats.reward_sim_student_mean,
+            // Without the similarity reward in R the policy is not optimising it: no gaming.
+            reward_sim_student: stats
+                .reward_sim_student_mean
+                .filter(|_| self.inner.options.grpo.use_sim_reward),
             reward_ans_student: stats.reward_ans_student_mean,
             kl: stats.kl_mean,
             entropy: stats.entropy_mean,

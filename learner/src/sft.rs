@@ -28,7 +28,7 @@ pub enum Schedule {
 }
 
 /// What the model learns to say.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     /// The row's reference answer, verbatim.
@@ -37,6 +37,10 @@ pub enum Target {
     Teacher(String),
     /// The reference answer in a house style (see [`ril_data::style`]).
     Style(ril_data::style::AnswerStyle),
+    /// Each row gets one of these targets, drawn with the given weights by a hash of the
+    /// row's id (so a row keeps its target across epochs and resumes): e.g. a student that
+    /// mostly answers tersely and sometimes reasons first.
+    Mixed(Vec<(Target, f64)>),
 }
 
 impl Target {
@@ -55,6 +59,31 @@ impl Target {
                     ))
                 }),
             Self::Style(style) => Ok(ril_data::style::styled_answer(row, *style)),
+            Self::Mixed(choices) => {
+                let total: f64 = choices.iter().map(|(_, w)| w).sum();
+                let valid = |w: f64| w.is_finite() && w >= 0.0;
+                if choices.is_empty()
+                    || !valid(total)
+                    || total == 0.0
+                    || choices.iter().any(|(_, w)| !valid(*w))
+                {
+                    return Err(LearnerError::Invalid(format!(
+                        "mixed target: weights must be non-negative with a positive sum, got {choices:?}"
+                    )));
+                }
+                // FNV-1a of the id: stable across platforms and runs, unlike std's hasher.
+                let hash = row.id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+                });
+                let mut point = (hash >> 11) as f64 / (1u64 << 53) as f64 * total;
+                for (target, weight) in choices {
+                    if point < *weight {
+                        return target.text(row);
+                    }
+                    point -= weight;
+                }
+                choices[choices.len() - 1].0.text(row)
+            }
         }
     }
 }
@@ -514,6 +543,49 @@ mod tests {
             ..cfg
         };
         assert_eq!(lr_at(&constant, 100), 1.0);
+    }
+
+    #[test]
+    fn a_mixed_target_draws_per_row_stably_with_its_weights() {
+        let row = |id: String| Row {
+            id,
+            images: vec![],
+            messages: vec![ril_data::dataset::Message {
+                role: "user".into(),
+                content: serde_json::Value::String("How many?".into()),
+            }],
+            answer: "2".into(),
+            answer_type: None,
+            teacher_answers: Default::default(),
+            family: None,
+            extra: Default::default(),
+        };
+        let mixed = Target::Mixed(vec![
+            (Target::Reference, 3.0),
+            (Target::Style(ril_data::style::AnswerStyle::Reasoned), 1.0),
+        ]);
+        let texts: Vec<String> = (0..4000)
+            .map(|i| mixed.text(&row(format!("row-{i}"))).unwrap())
+            .collect();
+        let terse = texts.iter().filter(|t| *t == "2").count();
+        let reasoned = texts.iter().filter(|t| t.ends_with("\nAnswer: 2")).count();
+        assert_eq!(terse + reasoned, texts.len());
+        assert!(
+            (2850..=3150).contains(&terse),
+            "{terse} of 4000 terse for weight 3/4"
+        );
+        // The same row always gets the same target.
+        for i in 0..50 {
+            let r = row(format!("row-{i}"));
+            assert_eq!(mixed.text(&r).unwrap(), texts[i]);
+        }
+        for bad in [
+            Target::Mixed(vec![]),
+            Target::Mixed(vec![(Target::Reference, 0.0)]),
+            Target::Mixed(vec![(Target::Reference, f64::NAN)]),
+        ] {
+            assert!(bad.text(&row("x".into())).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

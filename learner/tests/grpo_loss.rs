@@ -62,6 +62,18 @@ fn advantages_are_centred_on_the_group_mean_without_std_division() {
         advantages(&ans_only, &group),
         vec![Some(0.5), Some(-0.5), Some(-0.5), Some(0.5)]
     );
+    // GRPO's std-normalised advantage: R = [2, 0, 1, 2], std = sqrt(0.6875).
+    let grpo = GrpoConfig {
+        std_normalized_advantage: true,
+        ..cfg.clone()
+    };
+    let std = 0.6875_f64.sqrt() + ril_learner::grpo::STD_EPS;
+    for (got, want) in advantages(&grpo, &group)
+        .into_iter()
+        .zip([0.75, -1.25, -0.25, 0.75])
+    {
+        assert!((got.unwrap() - want / std).abs() < 1e-12, "{got:?}");
+    }
     // Plain Dr.GRPO: the teachers leave the group, students are centred among themselves.
     let no_teachers = GrpoConfig {
         teachers_in_group: false,

@@ -163,9 +163,14 @@ where
 }
 
 async fn health(addr: &str) -> Option<ServingStatus> {
-    server::health_check(addr, names::LEARNER, Duration::from_secs(2))
-        .await
-        .ok()
+    server::health_check(
+        addr,
+        names::LEARNER,
+        Duration::from_secs(2),
+        &Default::default(),
+    )
+    .await
+    .ok()
 }
 
 /// A wire group for `row` with real student responses sampled from `bundle`.
@@ -217,7 +222,7 @@ fn scored_group(
 }
 
 async fn push(
-    client: &mut LearnerClient<tonic::transport::Channel>,
+    client: &mut LearnerClient<ril_proto::server::Channel>,
     groups: Vec<pb::ScoredGroup>,
 ) -> pb::PushGroupsResponse {
     client
@@ -227,7 +232,7 @@ async fn push(
         .into_inner()
 }
 
-async fn version(client: &mut LearnerClient<tonic::transport::Channel>) -> u64 {
+async fn version(client: &mut LearnerClient<ril_proto::server::Channel>) -> u64 {
     client
         .info(pb::LearnerInfoRequest {})
         .await
@@ -264,12 +269,17 @@ async fn the_learner_trains_publishes_and_serves_its_weights() {
     })
     .await;
     assert_eq!(health(&learner_addr).await, Some(ServingStatus::NotServing));
-    let whole_server = server::health_check(&learner_addr, "", Duration::from_secs(2))
-        .await
-        .unwrap();
+    let whole_server = server::health_check(
+        &learner_addr,
+        "",
+        Duration::from_secs(2),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(whole_server, ServingStatus::NotServing);
     let mut client = LearnerClient::new(
-        server::connect(&learner_addr, Duration::from_secs(5))
+        server::connect(&learner_addr, Duration::from_secs(5), &Default::default())
             .await
             .unwrap(),
     )
@@ -556,8 +566,12 @@ async fn two_ranks_train_in_step_and_rank_1_refuses_pushes() {
     let mut clients = Vec::new();
     for addr in &addrs {
         clients.push(
-            LearnerClient::new(server::connect(addr, Duration::from_secs(5)).await.unwrap())
-                .max_decoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES),
+            LearnerClient::new(
+                server::connect(addr, Duration::from_secs(5), &Default::default())
+                    .await
+                    .unwrap(),
+            )
+            .max_decoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES),
         );
     }
     let refused = clients[1]

@@ -8,6 +8,7 @@ pub mod v1 {
 }
 
 pub mod convert;
+pub mod security;
 pub mod server;
 
 /// The encoded `FileDescriptorSet` of every `ril.v1` file, for gRPC server reflection.

@@ -1,15 +1,36 @@
 //! What every ril gRPC server shares: binding (ephemeral ports included), `grpc.health.v1`,
 //! server reflection, explicit message-size limits, and graceful shutdown on SIGTERM / Ctrl-C.
-//! Clients get the same limits and connect with a deadline.
+//! Clients get the same limits and connect with a deadline. Security (TLS, mutual TLS, the run
+//! token, per-role authorisation) comes from [`crate::security`]: `secure_builder` for servers,
+//! `connect`/`connect_lazy` for clients.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Endpoint;
 use tonic::transport::server::TcpIncoming;
-use tonic::transport::{Channel, Endpoint};
 pub use tonic_health::ServingStatus;
 pub use tonic_health::server::HealthReporter;
+
+use crate::security::{AuthLayer, ClientAuth, Security};
+
+/// Every ril client's channel: TLS when the process's [`Security`] has it, and the run token
+/// on every call.
+pub type Channel = InterceptedService<tonic::transport::Channel, ClientAuth>;
+
+/// A server with the authorisation layer in front of its services.
+pub type SecureServer =
+    tonic::transport::Server<tower_layer::Stack<AuthLayer, tower_layer::Identity>>;
+
+/// Most concurrent requests one client connection may have in flight at a server (the rest
+/// wait: back-pressure per client, not a refusal).
+pub const CONCURRENCY_LIMIT_PER_CONNECTION: usize = 64;
+/// Most HTTP/2 streams one connection may open at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Largest HTTP/2 header block a server accepts (tokens and metadata are small).
+pub const MAX_HEADER_LIST_BYTES: u32 = 16 << 10;
 
 /// Default largest message a server accepts or a client sends/receives: 64 MiB. Weight
 /// transfers are chunked well below it; a larger message is refused with `OUT_OF_RANGE`.
@@ -27,6 +48,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: tonic::transport::Error,
     },
+    #[error("TLS setup for {what} failed: {detail}")]
+    Tls { what: String, detail: String },
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
     #[error("cannot reach {addr} within {timeout:?}: {detail}")]
@@ -37,11 +60,41 @@ pub enum ServeError {
     },
 }
 
-/// A bound listener. Binding before serving lets a caller use port 0 and learn the real port.
+/// A bound listener and the security its server (and that server's own clients) use.
+/// Binding before serving lets a caller use port 0 and learn the real port. [`bind`] gives
+/// plaintext (in-process tests); the `ril` binary attaches the process's resolved
+/// [`Security`] with [`Bound::with_security`].
 #[derive(Debug)]
 pub struct Bound {
     pub listener: TcpListener,
     pub addr: SocketAddr,
+    pub security: Security,
+    /// Also serve grpc.health.v1 alone, in plaintext, here (Kubernetes' gRPC probes).
+    pub plain_health: Option<String>,
+}
+
+impl Bound {
+    pub fn with_security(mut self, security: Security) -> Self {
+        self.security = security;
+        self
+    }
+
+    pub fn with_plain_health(mut self, listen: Option<String>) -> Self {
+        self.plain_health = listen;
+        self
+    }
+
+    /// [`secure_builder`] for this listener's security, plus the plaintext health endpoint
+    /// when one was asked for.
+    pub async fn server<T: tonic_health::pb::health_server::Health>(
+        &self,
+        health: &tonic_health::pb::health_server::HealthServer<T>,
+    ) -> Result<SecureServer, ServeError> {
+        if let Some(listen) = &self.plain_health {
+            spawn_plain_health(listen, health.clone()).await?;
+        }
+        secure_builder(&self.security)
+    }
 }
 
 /// Binds `addr` (e.g. `127.0.0.1:0` for an ephemeral port).
@@ -56,7 +109,12 @@ pub async fn bind(addr: &str) -> Result<Bound, ServeError> {
         addr: addr.to_string(),
         source,
     })?;
-    Ok(Bound { listener, addr })
+    Ok(Bound {
+        listener,
+        addr,
+        security: Security::default(),
+        plain_health: None,
+    })
 }
 
 /// A health service whose every listed service starts NOT_SERVING (and the whole server, the
@@ -140,55 +198,115 @@ pub fn incoming(bound: Bound) -> TcpIncoming {
     TcpIncoming::from(bound.listener).with_nodelay(Some(true))
 }
 
-/// A tonic `Server` builder with the project's defaults: HTTP/2 keep-alive so dead peers are
-/// noticed, and a per-connection concurrency cap.
+/// A plaintext tonic `Server` builder with the project's defaults and limits: HTTP/2
+/// keep-alive so dead peers are noticed, a per-connection concurrency cap, a cap on concurrent
+/// streams and on header size. No authentication: for stub servers in tests; roles use
+/// [`secure_builder`].
 pub fn builder() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .tcp_nodelay(true)
+        .concurrency_limit_per_connection(CONCURRENCY_LIMIT_PER_CONNECTION)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
 }
 
-/// Normalises `host:port` / `http://host:port` to a URI tonic accepts.
-pub fn uri(addr: &str) -> String {
-    if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
+/// [`builder`] with the process's TLS and the authorisation layer (health open, the run token,
+/// roles under mutual TLS, reflection only where enabled).
+pub fn secure_builder(security: &Security) -> Result<SecureServer, ServeError> {
+    let mut b = builder();
+    if let Some(tls) = security.server_tls() {
+        b = b.tls_config(tls).map_err(|e| ServeError::Tls {
+            what: format!("the {} server", security.role),
+            detail: source_chain(&e),
+        })?;
+    }
+    Ok(b.layer(AuthLayer::new(security)))
+}
+
+/// Serves grpc.health.v1 alone, in plaintext, on `listen` (Kubernetes' gRPC probes cannot
+/// speak TLS). The task lives as long as the process. Returns the bound address.
+pub async fn spawn_plain_health<T: tonic_health::pb::health_server::Health>(
+    listen: &str,
+    health: tonic_health::pb::health_server::HealthServer<T>,
+) -> Result<SocketAddr, ServeError> {
+    let bound = bind(listen).await?;
+    let addr = bound.addr;
+    let serving = builder()
+        .add_service(health)
+        .serve_with_incoming(incoming(bound));
+    tokio::spawn(async move {
+        if let Err(e) = serving.await {
+            tracing::warn!(%addr, error = %source_chain(&e), "plaintext health endpoint failed");
+        }
+    });
+    tracing::info!(%addr, "plaintext health endpoint listening (grpc.health.v1 only)");
+    Ok(addr)
+}
+
+/// Normalises `host:port` / `http://host:port` to a URI tonic accepts (`https` with TLS).
+pub fn uri(addr: &str, tls: bool) -> String {
+    let bare = addr
+        .strip_prefix("http://")
+        .or_else(|| addr.strip_prefix("https://"))
+        .unwrap_or(addr);
+    if tls {
+        format!("https://{bare}")
     } else {
-        format!("http://{addr}")
+        format!("http://{bare}")
     }
 }
 
-/// Connects to `addr`, failing with the address and the cause after `timeout`.
-pub async fn connect(addr: &str, timeout: Duration) -> Result<Channel, ServeError> {
+fn endpoint(addr: &str, timeout: Duration, security: &Security) -> Result<Endpoint, ServeError> {
     let err = |detail: String| ServeError::Connect {
         addr: addr.to_string(),
         timeout,
         detail,
     };
-    let endpoint = Endpoint::from_shared(uri(addr))
+    let mut endpoint = Endpoint::from_shared(uri(addr, security.is_tls()))
         .map_err(|e| err(format!("invalid address: {e}")))?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20));
+    if let Some(tls) = security.client_tls() {
+        endpoint = endpoint.tls_config(tls).map_err(|e| ServeError::Tls {
+            what: format!("the client of {addr}"),
+            detail: source_chain(&e),
+        })?;
+    }
+    Ok(endpoint)
+}
+
+/// Connects to `addr` (TLS and the run token per `security`), failing with the address and
+/// the cause after `timeout`.
+pub async fn connect(
+    addr: &str,
+    timeout: Duration,
+    security: &Security,
+) -> Result<Channel, ServeError> {
+    let endpoint = endpoint(addr, timeout, security)?;
+    let err = |detail: String| ServeError::Connect {
+        addr: addr.to_string(),
+        timeout,
+        detail,
+    };
     match tokio::time::timeout(timeout, endpoint.connect()).await {
-        Ok(Ok(ch)) => Ok(ch),
+        Ok(Ok(ch)) => Ok(InterceptedService::new(ch, security.client_auth())),
         Ok(Err(e)) => Err(err(source_chain(&e))),
         Err(_) => Err(err("timed out".into())),
     }
 }
 
 /// A lazily connecting channel (reconnects on its own after a peer restarts).
-pub fn connect_lazy(addr: &str, timeout: Duration) -> Result<Channel, ServeError> {
-    let endpoint = Endpoint::from_shared(uri(addr))
-        .map_err(|e| ServeError::Connect {
-            addr: addr.to_string(),
-            timeout,
-            detail: format!("invalid address: {e}"),
-        })?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true);
-    Ok(endpoint.connect_lazy())
+pub fn connect_lazy(
+    addr: &str,
+    timeout: Duration,
+    security: &Security,
+) -> Result<Channel, ServeError> {
+    let ch = endpoint(addr, timeout, security)?.connect_lazy();
+    Ok(InterceptedService::new(ch, security.client_auth()))
 }
 
 /// `error: cause: cause` for messages that name the root problem.
@@ -211,8 +329,9 @@ pub async fn health_check(
     addr: &str,
     service: &str,
     timeout: Duration,
+    security: &Security,
 ) -> Result<ServingStatus, ServeError> {
-    let channel = connect(addr, timeout).await?;
+    let channel = connect(addr, timeout, security).await?;
     let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
     let reply = tokio::time::timeout(
         timeout,

@@ -242,8 +242,9 @@ where
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
+    let mut secure = bound.server(&health_service).await?;
     let server = tokio::spawn(
-        server::builder()
+        secure
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

@@ -116,6 +116,21 @@ max_new_tokens = 6
 "#
     );
     std::fs::write(sb.path("run.toml"), toml).unwrap();
+    // Roles started one by one below take `--security-dir certs`; `ril train` generates its own.
+    if !sb.path("certs/token").exists() {
+        ok(&sb.ril(&["certs", "init", "certs"]));
+    }
+}
+
+/// The test's own client credentials (the admin role's certificate, the run token).
+fn security(sb: &Sandbox) -> ril_proto::security::Security {
+    security_as(sb, ril_proto::security::Role::Admin)
+}
+
+fn security_as(sb: &Sandbox, role: ril_proto::security::Role) -> ril_proto::security::Security {
+    ril_proto::security::SecurityConfig::from_dir(&sb.path("certs"))
+        .resolve(role)
+        .unwrap()
 }
 
 /// Rewrites run.toml: each `from` must be there and becomes `to`.
@@ -270,6 +285,7 @@ fn start(sb: &Sandbox, name: &str, args: &[&str]) -> Role {
     let log = std::fs::File::create(sb.path(&format!("{name}.log"))).unwrap();
     let child = Command::new(ril_binary())
         .args(args)
+        .args(["--security-dir", "certs"])
         .current_dir(sb.dir.path())
         .env("CANDLE_NUM_THREADS", "1")
         .stdout(Stdio::null())
@@ -334,8 +350,8 @@ where
     }
 }
 
-async fn status(addr: &str) -> Option<v1::RunStatus> {
-    let ch = ril_proto::server::connect(addr, Duration::from_secs(2))
+async fn status(sb: &Sandbox, addr: &str) -> Option<v1::RunStatus> {
+    let ch = ril_proto::server::connect(addr, Duration::from_secs(2), &security(sb))
         .await
         .ok()?;
     CoordinatorClient::new(ch)
@@ -386,7 +402,8 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
     ] {
         wait_until(role, Duration::from_secs(120), || async {
             matches!(
-                ril_proto::server::health_check(addr, "", Duration::from_secs(2)).await,
+                ril_proto::server::health_check(addr, "", Duration::from_secs(2), &security(&sb))
+                    .await,
                 Ok(ril_proto::server::ServingStatus::Serving)
             )
         })
@@ -394,7 +411,8 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
     }
 
     // An actor registers, takes a lease, and dies without completing it.
-    let ch = ril_proto::server::connect(&coord, Duration::from_secs(5))
+    let actor = security_as(&sb, ril_proto::security::Role::Actor);
+    let ch = ril_proto::server::connect(&coord, Duration::from_secs(5), &actor)
         .await
         .unwrap();
     let mut c = CoordinatorClient::new(ch);
@@ -433,7 +451,7 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
     );
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let leased = status(&coord).await.is_some_and(|s| {
+        let leased = status(&sb, &coord).await.is_some_and(|s| {
             s.actors
                 .iter()
                 .any(|a| a.actor_id == "victim" && a.groups_leased > 0)
@@ -470,11 +488,11 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
         // Check the run before the actor: a finished run makes the actor exit (successfully).
-        if status(&coord).await.is_some_and(|s| s.finished) {
+        if status(&sb, &coord).await.is_some_and(|s| s.finished) {
             break;
         }
         if let Ok(Some(st)) = actor.child.try_wait()
-            && !(st.success() && status(&coord).await.is_some_and(|s| s.finished))
+            && !(st.success() && status(&sb, &coord).await.is_some_and(|s| s.finished))
         {
             panic!(
                 "the actor exited ({st}) before the run finished: {}",
@@ -484,14 +502,14 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
         assert!(Instant::now() < deadline, "the run did not finish");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let s = status(&coord).await.unwrap();
+    let s = status(&sb, &coord).await.unwrap();
     // Every question trained exactly once, whatever the victim had pushed before it died.
     assert_eq!(s.groups_accepted, 4, "{s:?}");
     assert!(s.leases_expired >= 1, "{s:?}");
     assert_eq!(s.metrics.get("groups_trained").copied(), Some(4.0), "{s:?}");
     assert!(dead_position < 4);
     // `ril status` prints the same state.
-    let out = sb.ril(&["status", "--coordinator", &coord]);
+    let out = sb.ril(&["status", "--coordinator", &coord, "--security-dir", "certs"]);
     ok(&out);
     let text = stdout(&out);
     assert!(
@@ -543,7 +561,8 @@ async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
     ] {
         wait_until(role, Duration::from_secs(120), || async {
             matches!(
-                ril_proto::server::health_check(addr, "", Duration::from_secs(2)).await,
+                ril_proto::server::health_check(addr, "", Duration::from_secs(2), &security(&sb))
+                    .await,
                 Ok(ril_proto::server::ServingStatus::Serving)
             )
         })
@@ -569,12 +588,14 @@ async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
         log.contains("question handed back") && log.contains("teacher at 127.0.0.1:1"),
         "{log}"
     );
-    let s = status(&coord).await.unwrap();
+    let s = status(&sb, &coord).await.unwrap();
     assert_eq!(s.groups_accepted, 0, "{s:?}");
     assert_eq!(s.policy_version, 0, "{s:?}");
 
-    // 65 MiB of "image" in one PushGroups: over the 64 MiB limit.
-    let ch = ril_proto::server::connect(&learner, Duration::from_secs(5))
+    // 65 MiB of "image" in one PushGroups (as an actor: the only role that may push): over
+    // the 64 MiB limit.
+    let actor = security_as(&sb, ril_proto::security::Role::Actor);
+    let ch = ril_proto::server::connect(&learner, Duration::from_secs(5), &actor)
         .await
         .unwrap();
     let mut l = v1::learner_client::LearnerClient::new(ch).max_encoding_message_size(128 << 20);
@@ -605,7 +626,7 @@ async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
         "{e:?}"
     );
     assert!(matches!(
-        ril_proto::server::health_check(&learner, "", Duration::from_secs(2)).await,
+        ril_proto::server::health_check(&learner, "", Duration::from_secs(2), &security(&sb)).await,
         Ok(ril_proto::server::ServingStatus::Serving)
     ));
 }
@@ -803,15 +824,11 @@ fn a_killed_learner_rank_stops_the_run_and_a_restart_resumes_it() {
     assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
 }
 
-/// An actor waiting for the run to let it in (the coordinator answers Unavailable until the
-/// learner joins) stops promptly on SIGTERM instead of retrying until its registration timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_actor_still_registering_stops_on_sigterm() {
-    let sb = Sandbox::new();
-    make_models(&sb);
-    write_config(&sb, "");
-    let (_coord, coord) = serve(
-        &sb,
+/// A coordinator whose teacher and discriminator addresses lead nowhere (port 9): enough for
+/// what happens before a learner joins.
+fn coordinator_without_peers(sb: &Sandbox) -> (Role, String) {
+    serve(
+        sb,
         "coordinator",
         &[
             "coordinator",
@@ -820,7 +837,17 @@ async fn an_actor_still_registering_stops_on_sigterm() {
             "--discriminator-addr",
             "127.0.0.1:9",
         ],
-    );
+    )
+}
+
+/// An actor waiting for the run to let it in (the coordinator answers Unavailable until the
+/// learner joins) stops promptly on SIGTERM instead of retrying until its registration timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_actor_still_registering_stops_on_sigterm() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    let (_coord, coord) = coordinator_without_peers(&sb);
     let mut actor = start(
         &sb,
         "actor",
@@ -863,4 +890,113 @@ async fn an_actor_still_registering_stops_on_sigterm() {
     );
     let log = std::fs::read_to_string(sb.path("actor.log")).unwrap();
     assert!(log.contains("stopped before registering"), "{log}");
+}
+
+/// Security on a real coordinator process (TLS, mutual TLS, the run token, roles): calls
+/// without the token, with a wrong token, with a certificate from another CA, and from a role
+/// without the right are refused; health answers without credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_without_credentials_or_the_right_role_are_refused_and_health_still_answers() {
+    use ril_proto::security::{Role as R, SecurityConfig, Token};
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    ok(&sb.ril(&["certs", "init", "other-ca"]));
+    let (_coord, coord) = coordinator_without_peers(&sb);
+    // Health: TLS against the run CA, but no token and no client certificate.
+    let anonymous = security(&sb).with_token(None);
+    let no_cert = SecurityConfig {
+        mtls: false,
+        ..SecurityConfig::from_dir(&sb.path("certs"))
+    }
+    .resolve(R::Admin)
+    .unwrap()
+    .with_token(None);
+    for s in [&anonymous, &no_cert] {
+        wait_until(
+            "health SERVING without credentials",
+            Duration::from_secs(60),
+            || async {
+                matches!(
+                    ril_proto::server::health_check(&coord, "", Duration::from_secs(2), s).await,
+                    Ok(ril_proto::server::ServingStatus::Serving)
+                )
+            },
+        )
+        .await;
+    }
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    let call = |s: ril_proto::security::Security| {
+        let coord = coord.clone();
+        async move {
+            let ch = ril_proto::server::connect(&coord, Duration::from_secs(5), &s)
+                .await
+                .map_err(BoxError::from)?;
+            CoordinatorClient::new(ch)
+                .get_status(v1::GetStatusRequest {})
+                .await
+                .map(|_| ())
+                .map_err(BoxError::from)
+        }
+    };
+    let code = |r: Result<(), BoxError>| {
+        r.unwrap_err()
+            .downcast::<tonic::Status>()
+            .map(|s| (s.code(), s.message().to_string()))
+            .unwrap()
+    };
+    // The right credentials work.
+    call(security(&sb)).await.unwrap();
+    // No token.
+    let (c, m) = code(call(anonymous.clone()).await);
+    assert_eq!(c, tonic::Code::Unauthenticated, "{m}");
+    assert!(m.contains("GetStatus") && m.contains("no run token"), "{m}");
+    // A wrong token (the other CA's run's token), never echoed back.
+    let wrong = std::fs::read_to_string(sb.path("other-ca/token")).unwrap();
+    let (c, m) =
+        code(call(security(&sb).with_token(Some(Token::new(&wrong, "test").unwrap()))).await);
+    assert_eq!(c, tonic::Code::Unauthenticated, "{m}");
+    assert!(
+        m.contains("wrong run token") && !m.contains(wrong.trim()),
+        "{m}"
+    );
+    // The token but no client certificate under mutual TLS.
+    let (c, m) = code(call(no_cert.with_token(security(&sb).token_for_tests())).await);
+    assert_eq!(c, tonic::Code::Unauthenticated, "{m}");
+    assert!(m.contains("no client certificate"), "{m}");
+    // A certificate from another CA: the handshake is refused.
+    let foreign = SecurityConfig {
+        ca: Some(sb.path("certs/ca.crt")),
+        token_file: Some(sb.path("certs/token")),
+        ..SecurityConfig::from_dir(&sb.path("other-ca"))
+    }
+    .resolve(R::Learner)
+    .unwrap();
+    // (Under TLS 1.3 the client's side of the handshake completes first; the server then drops
+    // the connection, so the call fails as a transport error, never reaching the service.)
+    let e = call(foreign).await.unwrap_err();
+    assert!(
+        e.downcast_ref::<tonic::Status>().is_none_or(|s| matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+        )),
+        "{e:?}"
+    );
+    // A role without the right: an actor publishing a version.
+    let ch =
+        ril_proto::server::connect(&coord, Duration::from_secs(5), &security_as(&sb, R::Actor))
+            .await
+            .unwrap();
+    let s = CoordinatorClient::new(ch)
+        .publish_version(v1::PublishVersionRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}");
+    assert!(
+        s.message().contains("PublishVersion") && s.message().contains("actor"),
+        "{s:?}"
+    );
+    // Plaintext to a TLS server fails too.
+    let plain = ril_proto::security::Security::plaintext(R::Admin);
+    assert!(call(plain).await.is_err());
 }

@@ -1341,7 +1341,7 @@ fn start_as_manifest(
 async fn kubelet_probe(addr: &str, probe: &Value) -> Option<ril_proto::server::ServingStatus> {
     let service = probe["grpc"]["service"].as_str().unwrap_or("");
     let timeout = Duration::from_secs(probe["timeoutSeconds"].as_u64().unwrap_or(1));
-    ril_proto::server::health_check(addr, service, timeout)
+    ril_proto::server::health_check(addr, service, timeout, &Default::default())
         .await
         .ok()
 }
@@ -1429,7 +1429,8 @@ async fn roles_started_as_the_manifests_start_them_answer_the_kubelet_s_probe() 
         start_as_manifest(&sb, learner_w, &path, "ril-learner-0", "0");
     probe_until_serving(&mut learner, &learner_addr, &learner_probe).await;
     // Rank 0 joined under the name the StatefulSet's headless Service gives it.
-    let status = sb.ril(&["status", "--coordinator", &coord_addr]);
+    // The manifests run without security for now (run.toml: allow_insecure), so does status.
+    let status = sb.ril(&["status", "--coordinator", &coord_addr, "--insecure"]);
     assert!(status.status.success(), "{}", stderr(&status));
     assert!(
         stdout(&status).contains("learner ranks 1/1"),
@@ -1507,14 +1508,15 @@ fn the_local_overlay_s_run_trains_and_the_roles_write_only_to_their_volumes() {
         before,
         "a role wrote into the read-only assets"
     );
-    // `ril train`'s own logs/ and addrs/ aside, every entry is one role's volume.
+    // `ril train`'s own logs/, addrs/ and security/ (the local run's generated CA,
+    // certificates and token) aside, every entry is one role's volume.
     let mounted: BTreeSet<String> = ["coordinator", "learner", "discriminator", "teachers"]
         .map(String::from)
         .into();
     for entry in std::fs::read_dir(&run).unwrap() {
         let entry = entry.unwrap().file_name().to_string_lossy().into_owned();
         assert!(
-            mounted.contains(&entry) || entry == "logs" || entry == "addrs",
+            mounted.contains(&entry) || ["logs", "addrs", "security"].contains(&entry.as_str()),
             "a role wrote {} outside its volumes",
             run.join(&entry).display()
         );

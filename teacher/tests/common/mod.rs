@@ -15,13 +15,13 @@ use axum::routing::post;
 use ril_data::Row;
 use ril_data::dataset::{ImageData, Message};
 use ril_proto::convert::row_to_question;
+use ril_proto::server::Channel;
 use ril_proto::v1;
 use ril_proto::v1::teacher_client::TeacherClient;
 use ril_teacher::{Teacher, TeacherError, TeacherOptions};
 use serde_json::{Value, json};
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse, health_client::HealthClient};
 
@@ -90,17 +90,19 @@ impl Server {
     }
 
     pub async fn client(&self) -> TeacherClient<Channel> {
-        let channel = ril_proto::server::connect(&self.addr, Duration::from_secs(10))
-            .await
-            .unwrap();
+        let channel =
+            ril_proto::server::connect(&self.addr, Duration::from_secs(10), &Default::default())
+                .await
+                .unwrap();
         TeacherClient::new(channel)
     }
 
     /// Current health of `service` (`""` = the server as a whole).
     pub async fn health(&self, service: &str) -> ServingStatus {
-        let channel = ril_proto::server::connect(&self.addr, Duration::from_secs(10))
-            .await
-            .unwrap();
+        let channel =
+            ril_proto::server::connect(&self.addr, Duration::from_secs(10), &Default::default())
+                .await
+                .unwrap();
         let reply = HealthClient::new(channel)
             .check(HealthCheckRequest {
                 service: service.into(),
@@ -113,9 +115,10 @@ impl Server {
 
     /// The health `Watch` stream of `ril.v1.Teacher`.
     pub async fn health_stream(&self) -> tonic::Streaming<HealthCheckResponse> {
-        let channel = ril_proto::server::connect(&self.addr, Duration::from_secs(10))
-            .await
-            .unwrap();
+        let channel =
+            ril_proto::server::connect(&self.addr, Duration::from_secs(10), &Default::default())
+                .await
+                .unwrap();
         HealthClient::new(channel)
             .watch(HealthCheckRequest {
                 service: "ril.v1.Teacher".into(),
