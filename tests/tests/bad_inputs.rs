@@ -16,6 +16,7 @@ use ril_data::dataset::{ReadOptions, read_all};
 use ril_model::bundle::Bundle;
 use ril_model::image::{ImageProcessor, ImageProcessorConfig};
 use ril_model::{Head, LlavaConfig, Vlm};
+use ril_proto::security::Role::{Actor, Admin, Learner};
 use ril_proto::v1;
 use ril_tests::{Sandbox, ril_binary, stderr, stdout};
 use serde::Deserialize;
@@ -370,6 +371,9 @@ impl Drop for Role {
 
 /// The running roles and their addresses.
 struct Servers {
+    /// `ril certs init`'s directory: the roles serve with it, the test's clients take their
+    /// role's certificate and the run token from it (the secure path is the tested path).
+    certs: std::path::PathBuf,
     coordinator: String,
     learner: String,
     discriminator: String,
@@ -473,6 +477,8 @@ fn serve(sb: &Sandbox, name: &str, args: &[&str]) -> (Role, String) {
         "127.0.0.1:0",
         "--addr-file",
         &file_arg,
+        "--security-dir",
+        "certs",
     ]);
     let child = Command::new(ril_binary())
         .args(&a)
@@ -501,9 +507,11 @@ fn serve(sb: &Sandbox, name: &str, args: &[&str]) -> (Role, String) {
     }
 }
 
-/// The one place that starts the servers (adapt here for tokens or TLS).
+/// The one place that starts the servers: TLS, mutual TLS and the run token, as in production.
 async fn start_servers(sb: &Sandbox) -> Servers {
     make_run(sb);
+    ok(&sb.ril(&["certs", "init", "certs"]));
+    let certs = sb.path("certs");
     let (d, discriminator) = serve(sb, "discriminator", &["discriminator", "serve"]);
     let (t, teacher) = serve(sb, "teacher", &["teacher", "--name", "t1"]);
     let teacher_arg = format!("t1={teacher}");
@@ -532,7 +540,13 @@ async fn start_servers(sb: &Sandbox) -> Servers {
     for addr in [&discriminator, &teacher, &coordinator, &learner] {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !matches!(
-            ril_proto::server::health_check(addr, "", Duration::from_secs(2)).await,
+            ril_proto::server::health_check(
+                addr,
+                "",
+                Duration::from_secs(2),
+                &as_role(&certs, Admin)
+            )
+            .await,
             Ok(ril_proto::server::ServingStatus::Serving)
         ) {
             assert!(Instant::now() < deadline, "{addr} never became SERVING");
@@ -540,6 +554,7 @@ async fn start_servers(sb: &Sandbox) -> Servers {
         }
     }
     Servers {
+        certs,
         coordinator,
         learner,
         discriminator,
@@ -548,9 +563,24 @@ async fn start_servers(sb: &Sandbox) -> Servers {
     }
 }
 
-/// The one place that makes a client channel (adapt here for tokens or TLS).
-async fn channel(addr: &str) -> tonic::transport::Channel {
-    ril_proto::server::connect(addr, Duration::from_secs(5))
+/// A client's credentials: `role`'s certificate and the run token.
+fn as_role(
+    certs: &std::path::Path,
+    role: ril_proto::security::Role,
+) -> ril_proto::security::Security {
+    ril_proto::security::SecurityConfig::from_dir(certs)
+        .resolve(role)
+        .unwrap()
+}
+
+/// The one place that makes a client channel: as `role`, the role that may make the call, so
+/// a refusal comes from the payload, not from authorisation.
+async fn channel(
+    s: &Servers,
+    addr: &str,
+    role: ril_proto::security::Role,
+) -> ril_proto::server::Channel {
+    ril_proto::server::connect(addr, Duration::from_secs(5), &as_role(&s.certs, role))
         .await
         .unwrap()
 }
@@ -561,17 +591,17 @@ async fn run_state(s: &Servers) -> String {
     use v1::coordinator_client::CoordinatorClient;
     use v1::discriminator_client::DiscriminatorClient;
     use v1::learner_client::LearnerClient;
-    let st = CoordinatorClient::new(channel(&s.coordinator).await)
+    let st = CoordinatorClient::new(channel(s, &s.coordinator, Admin).await)
         .get_status(v1::GetStatusRequest {})
         .await
         .unwrap()
         .into_inner();
-    let li = LearnerClient::new(channel(&s.learner).await)
+    let li = LearnerClient::new(channel(s, &s.learner, Admin).await)
         .info(v1::LearnerInfoRequest {})
         .await
         .unwrap()
         .into_inner();
-    let di = DiscriminatorClient::new(channel(&s.discriminator).await)
+    let di = DiscriminatorClient::new(channel(s, &s.discriminator, Admin).await)
         .info(v1::DiscriminatorInfoRequest {})
         .await
         .unwrap()
@@ -642,7 +672,7 @@ fn group() -> v1::ScoredGroup {
 
 /// Pushes `groups`; an RPC error or a refused group is the error.
 async fn push(s: &Servers, groups: Vec<v1::ScoredGroup>) -> Result<String, String> {
-    let mut l = v1::learner_client::LearnerClient::new(channel(&s.learner).await)
+    let mut l = v1::learner_client::LearnerClient::new(channel(s, &s.learner, Actor).await)
         .max_encoding_message_size(128 << 20);
     let r = l
         .push_groups(v1::PushGroupsRequest { groups })
@@ -699,7 +729,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
             push(s, big).await
         }
         "rpc-get-weights-unknown-version" => {
-            let mut l = v1::learner_client::LearnerClient::new(channel(&s.learner).await);
+            let mut l = v1::learner_client::LearnerClient::new(channel(s, &s.learner, Actor).await);
             status(
                 l.get_weights(v1::GetWeightsRequest {
                     version: 42,
@@ -711,7 +741,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
         "rpc-push-wrong-message-type" => {
             // Another message's bytes on PushGroups: field 1 holds a string whose first byte is
             // an invalid protobuf tag (wire type 7), so it cannot decode as a ScoredGroup.
-            let mut grpc = tonic::client::Grpc::new(channel(&s.learner).await);
+            let mut grpc = tonic::client::Grpc::new(channel(s, &s.learner, Actor).await);
             grpc.ready().await.unwrap();
             let not_a_push = v1::ChatMessage {
                 role: "\u{f}\u{f}".into(),
@@ -727,7 +757,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
             status(r)
         }
         "rpc-accept-group-unknown-lease" => {
-            let mut c = CoordinatorClient::new(channel(&s.coordinator).await);
+            let mut c = CoordinatorClient::new(channel(s, &s.coordinator, Learner).await);
             let r = c
                 .accept_group(v1::AcceptGroupRequest {
                     lease_id: "no-such-lease".into(),
@@ -745,7 +775,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
             }
         }
         "rpc-publish-version-skips-ahead" => {
-            let mut c = CoordinatorClient::new(channel(&s.coordinator).await);
+            let mut c = CoordinatorClient::new(channel(s, &s.coordinator, Learner).await);
             status(
                 c.publish_version(v1::PublishVersionRequest {
                     version: 5,
@@ -756,7 +786,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
             )
         }
         "rpc-lease-empty-actor-id" => {
-            let mut c = CoordinatorClient::new(channel(&s.coordinator).await);
+            let mut c = CoordinatorClient::new(channel(s, &s.coordinator, Actor).await);
             status(
                 c.lease_prompts(v1::LeasePromptsRequest {
                     actor_id: String::new(),
@@ -775,7 +805,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
                 "rpc-score-bad-parts-json" => q.messages[0].parts_json = "[{".into(),
                 _ => {}
             }
-            let mut d = DiscriminatorClient::new(channel(&s.discriminator).await);
+            let mut d = DiscriminatorClient::new(channel(s, &s.discriminator, Actor).await);
             status(
                 d.score(v1::ScoreRequest {
                     question: (name != "rpc-score-missing-question").then_some(q),
@@ -785,7 +815,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
             )
         }
         "rpc-train-missing-question" => {
-            let mut d = DiscriminatorClient::new(channel(&s.discriminator).await);
+            let mut d = DiscriminatorClient::new(channel(s, &s.discriminator, Learner).await);
             status(
                 d.train(v1::TrainRequest {
                     items: vec![v1::LabelledResponse {
@@ -799,7 +829,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
             )
         }
         "rpc-answer-zero-n" | "rpc-answer-nan-temperature" => {
-            let mut t = TeacherClient::new(channel(&s.teacher).await);
+            let mut t = TeacherClient::new(channel(s, &s.teacher, Actor).await);
             let sampling = (name == "rpc-answer-nan-temperature").then_some(v1::SamplingSettings {
                 temperature: f32::NAN,
                 max_new_tokens: 4,
@@ -858,7 +888,13 @@ async fn bad_rpc_payloads_are_refused_and_leave_the_run_unchanged() {
         &servers.teacher,
     ] {
         assert!(matches!(
-            ril_proto::server::health_check(addr, "", Duration::from_secs(2)).await,
+            ril_proto::server::health_check(
+                addr,
+                "",
+                Duration::from_secs(2),
+                &as_role(&servers.certs, Admin)
+            )
+            .await,
             Ok(ril_proto::server::ServingStatus::Serving)
         ));
     }
