@@ -92,6 +92,10 @@ pub enum CertsCommand {
     /// Writes a run CA, a certificate and key per role (coordinator, learner, actor, teacher,
     /// discriminator, admin) and a run token into DIR.
     Init(certs::CertsInitArgs),
+    /// Prints, for `kubectl apply -f -`, the Kubernetes Secrets the manifests mount from DIR
+    /// (as `ril certs init` wrote it): `ril-run-token`, and one `ril-tls-<role>` per role holding
+    /// only `ca.crt`, `<role>.crt` and `<role>.key`. The CA's key goes into none of them.
+    Secrets(certs::CertsSecretsArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -195,6 +199,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status(args) => roles::status(&args),
         Command::Config(ConfigCommand::Check { path }) => roles::config_check(&path),
         Command::Certs(CertsCommand::Init(args)) => certs::init(&args),
+        Command::Certs(CertsCommand::Secrets(args)) => certs::secrets(&args),
         Command::Env => {
             env_report();
             Ok(())

@@ -66,6 +66,9 @@ pub struct ServeArgs {
     /// speak TLS), e.g. 0.0.0.0:8081.
     #[arg(long, value_name = "ADDR")]
     pub health_listen: Option<String>,
+    /// Writes the health endpoint's bound address here (for `--health-listen` with port 0).
+    #[arg(long, requires = "health_listen")]
+    pub health_addr_file: Option<PathBuf>,
     #[command(flatten)]
     pub security: SecurityArgs,
 }
@@ -245,7 +248,7 @@ async fn bind(
     let bound = ril_proto::server::bind(&args.listen)
         .await?
         .with_security(security)
-        .with_plain_health(args.health_listen.clone());
+        .with_plain_health(args.health_listen.clone(), args.health_addr_file.clone());
     tracing::info!(addr = %bound.addr, "listening");
     if let Some(f) = &args.addr_file {
         crate::supervise::write_addr_file(f, &bound.addr)?;

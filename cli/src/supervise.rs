@@ -168,8 +168,5 @@ pub fn addr_file(dir: &Path, role: &str) -> PathBuf {
 
 /// Writes the bound address for a supervisor (atomically: temp file + rename).
 pub fn write_addr_file(path: &Path, addr: &std::net::SocketAddr) -> anyhow::Result<()> {
-    let tmp = path.with_extension("addr.tmp");
-    std::fs::write(&tmp, addr.to_string()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
+    Ok(ril_proto::server::write_addr_file(path, addr)?)
 }

@@ -53,6 +53,10 @@ pub struct SynthArgs {
     /// styles write before the answer).
     #[arg(long)]
     pub no_rationale: bool,
+    /// Which rationale: `scene` (every object, cell by cell) or `focused` (only the objects
+    /// the question is about, with their cells or their count).
+    #[arg(long, default_value = "scene", value_parser = ["scene", "focused"])]
+    pub rationale_kind: String,
 }
 
 pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
@@ -73,6 +77,10 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
             .try_into()
             .context("--background takes three values, R,G,B")?,
         rationale: !a.no_rationale,
+        rationale_kind: match a.rationale_kind.as_str() {
+            "focused" => ril_data::shapes::RationaleKind::Focused,
+            _ => ril_data::shapes::RationaleKind::Scene,
+        },
     };
     let started = std::time::Instant::now();
     let [tr, va, te] =

@@ -295,6 +295,91 @@ pub fn rationale(scene: &Scene) -> String {
         .join("; ")
 }
 
+/// Which worked reasoning `ril data synth` writes into a row's `rationale`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RationaleKind {
+    /// The whole scene cell by cell ([`rationale`]); the answer is then read off the list.
+    #[default]
+    Scene,
+    /// Only what the question is about ([`focused_rationale`]): the objects it names with
+    /// their cells, or the objects a count covers and how many; the answer then follows in one
+    /// short step (a copy, a comparison of two cells or two counts, a sum).
+    Focused,
+}
+
+impl RationaleKind {
+    fn is_scene(&self) -> bool {
+        *self == Self::Scene
+    }
+}
+
+/// The question-specific chain of thought: where the objects the question names are and what
+/// they are, or which objects a count covers and how many:
+/// - colour / shape: "the circle: top left, red" / "the red object: top left, circle";
+/// - count and exists: "red circles: top left, bottom right (2)" ("none (0)" when there are none);
+/// - relation: "the red circle: top left; the blue square: middle right";
+/// - compare and arithmetic: both counts, "red objects: top left (1); circles: none (0)".
+///
+/// `describe` has none (its answer is the scene list itself).
+pub fn focused_rationale(scene: &Scene, query: &Query) -> Option<String> {
+    let at = |c: Colour, s: Shape| -> String {
+        find(scene, c, s).map_or("nowhere".to_string(), cell_name)
+    };
+    let listing = |f: &Filter| -> String {
+        let cells: Vec<String> = reading_order(scene)
+            .into_iter()
+            .filter(|o| f.matches(o))
+            .map(cell_name)
+            .collect();
+        let n = cells.len();
+        let cells = if cells.is_empty() {
+            "none".to_string()
+        } else {
+            cells.join(", ")
+        };
+        format!("{}: {cells} ({n})", f.describe_plural())
+    };
+    Some(match query {
+        Query::Colour { shape } => {
+            let o = scene.objects.iter().find(|o| o.shape == *shape)?;
+            format!(
+                "the {}: {}, {}",
+                shape.name(),
+                cell_name(o),
+                o.colour.name()
+            )
+        }
+        Query::Shape { colour } => {
+            let o = scene.objects.iter().find(|o| o.colour == *colour)?;
+            format!(
+                "the {} object: {}, {}",
+                colour.name(),
+                cell_name(o),
+                o.shape.name()
+            )
+        }
+        Query::Count { filter } => listing(filter),
+        Query::Exists { colour, shape } => listing(&Filter {
+            colour: Some(*colour),
+            shape: Some(*shape),
+        }),
+        Query::Relation { a, b, .. } => format!(
+            "the {} {}: {}; the {} {}: {}",
+            a.0.name(),
+            a.1.name(),
+            at(a.0, a.1),
+            b.0.name(),
+            b.1.name(),
+            at(b.0, b.1)
+        ),
+        Query::Compare { a, b } | Query::Arithmetic { a, b, .. } => {
+            format!("{}; {}", listing(a), listing(b))
+        }
+        Query::Describe => return None,
+    })
+}
+
 fn reading_order(scene: &Scene) -> Vec<&Object> {
     let mut objects: Vec<&Object> = scene.objects.iter().collect();
     objects.sort_by_key(|o| (o.cell.1, o.cell.0));
@@ -421,6 +506,10 @@ pub struct SynthConfig {
     /// datasets written before rationales existed, byte for byte.
     #[serde(default = "default_rationale")]
     pub rationale: bool,
+    /// Which rationale: the whole scene (default) or only what the question is about.
+    /// Not written when it is the default, so older datasets' synth.json stay as they were.
+    #[serde(default, skip_serializing_if = "RationaleKind::is_scene")]
+    pub rationale_kind: RationaleKind,
 }
 
 fn default_rationale() -> bool {
@@ -460,6 +549,7 @@ impl Default for SynthConfig {
             families: default_families(),
             background: default_background(),
             rationale: default_rationale(),
+            rationale_kind: RationaleKind::default(),
         }
     }
 }
@@ -772,7 +862,13 @@ pub fn write_dataset(cfg: &SynthConfig, out: &Path) -> Result<[usize; 3]> {
             });
             // A caption's reasoning would repeat the answer itself.
             if cfg.rationale && !matches!(g.query, Query::Describe) {
-                row["rationale"] = rationale(&g.scene).into();
+                let r = match cfg.rationale_kind {
+                    RationaleKind::Scene => Some(rationale(&g.scene)),
+                    RationaleKind::Focused => focused_rationale(&g.scene, &g.query),
+                };
+                if let Some(r) = r {
+                    row["rationale"] = r.into();
+                }
             }
             writeln!(w, "{row}").map_err(|e| DataError::io(&tmp, e))?;
         }

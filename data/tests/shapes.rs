@@ -397,3 +397,76 @@ fn every_question_row_carries_a_rationale_that_lists_the_scene_and_styles_write_
         assert_eq!((&b.id, &b.answer, &b.extra), (&r.id, &r.answer, &extra));
     }
 }
+
+/// The focused rationale holds exactly what the answer follows from: the answer is recomputed
+/// here from the rationale's text alone, for every family.
+#[test]
+fn the_focused_rationale_names_what_the_answer_follows_from() {
+    use ril_data::shapes::RationaleKind;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = SynthConfig {
+        rationale_kind: RationaleKind::Focused,
+        ..small(9, 400)
+    };
+    write_dataset(&cfg, dir.path()).unwrap();
+    let (rows, _) = read_all(&dir.path().join("train.jsonl"), ReadOptions::default()).unwrap();
+    // "(n)" at the end of each "; "-separated listing.
+    let counts = |r: &str| -> Vec<i64> {
+        r.split("; ")
+            .map(|part| {
+                let n = part.rsplit_once('(').unwrap().1.trim_end_matches(')');
+                n.parse().unwrap_or_else(|_| panic!("{r:?}"))
+            })
+            .collect()
+    };
+    let cell = |name: &str| -> (i64, i64) {
+        let (row, col) = name.split_once(' ').unwrap();
+        let r = ["top", "middle", "bottom"].iter().position(|x| *x == row);
+        let c = ["left", "centre", "right"].iter().position(|x| *x == col);
+        (c.unwrap() as i64, r.unwrap() as i64)
+    };
+    let mut families = std::collections::BTreeSet::new();
+    for row in &rows {
+        let r = row
+            .rationale()
+            .unwrap_or_else(|| panic!("row {} has no rationale", row.id));
+        let family = row.family.clone().unwrap();
+        let q = &row.extra["query"];
+        let derived = match family.as_str() {
+            "colour" | "shape" => r.rsplit_once(", ").unwrap().1.to_string(),
+            "count" => counts(r)[0].to_string(),
+            "exists" => if counts(r)[0] > 0 { "yes" } else { "no" }.to_string(),
+            "compare" => {
+                let c = counts(r);
+                if c[0] > c[1] { "yes" } else { "no" }.to_string()
+            }
+            "arithmetic" => {
+                let c = counts(r);
+                if q["subtract"] == true {
+                    (c[0] - c[1]).to_string()
+                } else {
+                    (c[0] + c[1]).to_string()
+                }
+            }
+            "relation" => {
+                let cells: Vec<(i64, i64)> = r
+                    .split("; ")
+                    .map(|p| cell(p.rsplit_once(": ").unwrap().1))
+                    .collect();
+                let (a, b) = (cells[0], cells[1]);
+                let holds = match q["relation"].as_str().unwrap() {
+                    "left" => a.0 < b.0,
+                    "right" => a.0 > b.0,
+                    "above" => a.1 < b.1,
+                    "below" => a.1 > b.1,
+                    other => panic!("{other}"),
+                };
+                if holds { "yes" } else { "no" }.to_string()
+            }
+            other => panic!("unexpected family {other}"),
+        };
+        assert_eq!(derived, row.answer, "row {}: {r:?} ({family})", row.id);
+        families.insert(family);
+    }
+    assert_eq!(families.len(), 7, "{families:?}");
+}

@@ -52,6 +52,11 @@ pub enum ServeError {
     Tls { what: String, detail: String },
     #[error("cannot build the reflection service: {0}")]
     Reflection(String),
+    #[error("cannot write the address file {path}: {source}")]
+    AddrFile {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot reach {addr} within {timeout:?}: {detail}")]
     Connect {
         addr: String,
@@ -71,6 +76,8 @@ pub struct Bound {
     pub security: Security,
     /// Also serve grpc.health.v1 alone, in plaintext, here (Kubernetes' gRPC probes).
     pub plain_health: Option<String>,
+    /// Where to write the plaintext health endpoint's bound address (for port 0).
+    pub plain_health_addr_file: Option<std::path::PathBuf>,
 }
 
 impl Bound {
@@ -79,8 +86,13 @@ impl Bound {
         self
     }
 
-    pub fn with_plain_health(mut self, listen: Option<String>) -> Self {
+    pub fn with_plain_health(
+        mut self,
+        listen: Option<String>,
+        addr_file: Option<std::path::PathBuf>,
+    ) -> Self {
         self.plain_health = listen;
+        self.plain_health_addr_file = addr_file;
         self
     }
 
@@ -91,10 +103,25 @@ impl Bound {
         health: &tonic_health::pb::health_server::HealthServer<T>,
     ) -> Result<SecureServer, ServeError> {
         if let Some(listen) = &self.plain_health {
-            spawn_plain_health(listen, health.clone()).await?;
+            let addr = spawn_plain_health(listen, health.clone()).await?;
+            if let Some(path) = &self.plain_health_addr_file {
+                write_addr_file(path, &addr)?;
+            }
         }
         secure_builder(&self.security)
     }
+}
+
+/// Writes `addr` to `path` atomically (a temporary file renamed), so that a reader never sees
+/// half an address.
+pub fn write_addr_file(path: &std::path::Path, addr: &SocketAddr) -> Result<(), ServeError> {
+    let err = |source| ServeError::AddrFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = path.with_extension("addr.tmp");
+    std::fs::write(&tmp, addr.to_string()).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
 }
 
 /// Binds `addr` (e.g. `127.0.0.1:0` for an ephemeral port).
@@ -114,6 +141,7 @@ pub async fn bind(addr: &str) -> Result<Bound, ServeError> {
         addr,
         security: Security::default(),
         plain_health: None,
+        plain_health_addr_file: None,
     })
 }
 

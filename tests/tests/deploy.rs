@@ -293,13 +293,19 @@ fn host_of(addr: &str) -> &str {
     addr.rsplit_once(':').map(|(h, _)| h).unwrap_or(addr)
 }
 
-/// The port a container serves grpc.health.v1 on: `--listen` for the servers,
-/// `--health-listen` for the actor.
+/// The port a container answers the kubelet's probes on: its plaintext grpc.health.v1
+/// endpoint (`--health-listen`). The kubelet's gRPC probe speaks no TLS, and every role's own
+/// gRPC port (`--listen`) is TLS-only.
+fn health_port(c: &Value) -> Option<u16> {
+    flag(&args(c), "--health-listen").map(|addr| port_of(&addr))
+}
+
+/// The port a container serves its role's RPCs on (`--listen`, TLS); for the actor, which
+/// serves none, its health endpoint.
 fn serving_port(c: &Value) -> Option<u16> {
-    let a = args(c);
-    flag(&a, "--listen")
-        .or_else(|| flag(&a, "--health-listen"))
+    flag(&args(c), "--listen")
         .map(|addr| port_of(&addr))
+        .or_else(|| health_port(c))
 }
 
 fn env_value<'a>(c: &'a Value, var: &str) -> Option<&'a Value> {
@@ -359,8 +365,8 @@ fn every_container_has_grpc_probes_on_the_port_its_role_serves_and_resources() {
             );
             for c in w.containers() {
                 let cat = format!("{at} container {}", c["name"]);
-                let port = serving_port(c).unwrap_or_else(|| {
-                    panic!("{cat}: serves nothing a probe could ask (no --listen/--health-listen)")
+                let port = health_port(c).unwrap_or_else(|| {
+                    panic!("{cat}: no plaintext health endpoint for the probes (--health-listen)")
                 });
                 let declared: Vec<u64> = c["ports"]
                     .as_array()
@@ -374,6 +380,15 @@ fn every_container_has_grpc_probes_on_the_port_its_role_serves_and_resources() {
                     declared.contains(&u64::from(port)),
                     "{cat}: port {port} not declared"
                 );
+                // A server's gRPC port is declared too, and is not the health port.
+                if let Some(listen) = flag(&args(c), "--listen") {
+                    let grpc = port_of(&listen);
+                    assert_ne!(grpc, port, "{cat}: the TLS port cannot be the probes' port");
+                    assert!(
+                        declared.contains(&u64::from(grpc)),
+                        "{cat}: port {grpc} not declared"
+                    );
+                }
                 for probe in ["startupProbe", "readinessProbe", "livenessProbe"] {
                     let p = &c[probe];
                     assert!(p.is_object(), "{cat}: no {probe}");
@@ -1043,6 +1058,10 @@ fn network_policies_let_exactly_the_roles_that_must_talk_talk() {
         denied("actor", "learner", ring);
         denied("actor", "coordinator", learner);
         denied("teacher", "teacher", teacher);
+        // The plaintext health ports are for the kubelet, which NetworkPolicies do not cover.
+        let health = health_port(r.workload_running("coordinator").containers()[0]).unwrap();
+        denied("actor", "coordinator", health);
+        denied("learner", "discriminator serve", health);
     }
 }
 
@@ -1100,10 +1119,187 @@ fn make_assets(sb: &Sandbox, local: &Rendering) -> PathBuf {
     assets
 }
 
-/// A run config with the pods' paths pointed at `assets` and `run` here.
-fn localise(text: &str, assets: &Path, run: &Path) -> String {
+/// Where the manifests mount the Secrets (`[security]` in every run config reads from here).
+const SECRETS_MOUNT: &str = "/var/run/secrets/ril";
+
+/// A run config with the pods' paths pointed at `assets`, `run` and `secrets` (a directory
+/// laid out as the pods' Secret mounts: `tls/`, `token/`) here.
+fn localise(text: &str, assets: &Path, run: &Path, secrets: &Path) -> String {
     text.replace("/var/lib/ril/assets", &assets.to_string_lossy())
         .replace("/var/lib/ril/run", &run.to_string_lossy())
+        .replace(SECRETS_MOUNT, &secrets.to_string_lossy())
+}
+
+/// `ril certs init certs`, then `ril certs secrets certs`: the Secrets a user applies.
+fn make_secrets(sb: &Sandbox) -> Vec<Value> {
+    if !sb.path("certs/token").exists() {
+        let out = sb.ril(&["certs", "init", "certs"]);
+        assert!(out.status.success(), "{}", stderr(&out));
+    }
+    let out = sb.ril(&["certs", "secrets", "certs"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let list: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(list["kind"], "List");
+    list["items"].as_array().unwrap().clone()
+}
+
+/// What the kubelet puts at each of a pod's Secret mounts under SECRETS_MOUNT: every key of
+/// the Secret its volume names, as a file, written under `root` (the mount path's part below
+/// SECRETS_MOUNT kept). Panics when a mounted Secret is not among `secrets`.
+fn mount_secrets(w: Workload<'_>, secrets: &[Value], root: &Path) {
+    use base64::Engine as _;
+    let c = w.containers()[0];
+    for m in c["volumeMounts"].as_array().into_iter().flatten() {
+        let path = m["mountPath"].as_str().unwrap();
+        let Some(below) = path.strip_prefix(SECRETS_MOUNT) else {
+            continue;
+        };
+        let volume = w.volume(m["name"].as_str().unwrap());
+        let secret_name = volume["secret"]["secretName"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{}: {path} is not a Secret volume", w.name()));
+        let secret = secrets
+            .iter()
+            .find(|s| name(s) == secret_name)
+            .unwrap_or_else(|| {
+                panic!(
+                    "{}: mounts Secret {secret_name}, which `ril certs secrets` does not make",
+                    w.name()
+                )
+            });
+        let dir = root.join(below.trim_start_matches('/'));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (key, value) in secret["data"].as_object().unwrap() {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value.as_str().unwrap())
+                .unwrap();
+            std::fs::write(dir.join(key), bytes).unwrap();
+        }
+    }
+}
+
+/// The Secrets' mounts for every role at once (`tls/` holding every role's certificate), for
+/// runs that start every role from one config (`ril config check`, `ril train`).
+fn every_role_s_secrets(sb: &Sandbox) -> PathBuf {
+    use base64::Engine as _;
+    let root = sb.path("all-secrets");
+    for s in make_secrets(sb) {
+        let dir = root.join(if name(&s) == "ril-run-token" {
+            "token"
+        } else {
+            "tls"
+        });
+        std::fs::create_dir_all(&dir).unwrap();
+        for (key, value) in s["data"].as_object().unwrap() {
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(value.as_str().unwrap())
+                .unwrap();
+            std::fs::write(dir.join(key), bytes).unwrap();
+        }
+    }
+    root
+}
+
+/// The role a container's `ril` subcommand runs as (the certificate it needs).
+fn security_role(c: &Value) -> &'static str {
+    match subcommand(c).as_str() {
+        "coordinator" => "coordinator",
+        "learner" => "learner",
+        "actor" => "actor",
+        "teacher" => "teacher",
+        "discriminator serve" => "discriminator",
+        other => panic!("unexpected role {other}"),
+    }
+}
+
+/// The manifests mount, in every pod, exactly the Secrets its run config's `[security]` reads:
+/// its own role's certificate and key (and no other role's), the CA certificate and the run
+/// token, from the Secrets `ril certs secrets` makes; the CA's key is in none of them. Nothing
+/// runs with security off.
+#[test]
+fn every_pod_mounts_its_own_role_s_certificate_and_the_run_token_from_secrets() {
+    need_kubectl!();
+    let sb = Sandbox::new();
+    let secrets = make_secrets(&sb);
+    for s in &secrets {
+        assert_eq!(s["kind"], "Secret");
+        assert!(
+            !s["data"].as_object().unwrap().contains_key("ca.key"),
+            "{}: the CA key must stay offline",
+            name(s)
+        );
+    }
+    for r in all_renderings() {
+        let (_, config) = r.run_config();
+        let sec = config
+            .get("security")
+            .and_then(|s| s.as_table())
+            .unwrap_or_else(|| panic!("{}: run.toml has no [security]", r.name));
+        assert!(
+            !sec.get("allow_insecure")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
+            "{}: security is off",
+            r.name
+        );
+        assert_ne!(
+            sec.get("mtls").and_then(|v| v.as_bool()),
+            Some(false),
+            "{}",
+            r.name
+        );
+        for w in r.workloads() {
+            let c = w.containers()[0];
+            let role = security_role(c);
+            let pod = sb.path(&format!("pods/{}-{}", r.name.replace('/', "-"), w.name()));
+            mount_secrets(w, &secrets, &pod);
+            // Only this role's certificate: a pod holds no other role's key.
+            let mut keys = BTreeSet::new();
+            for f in std::fs::read_dir(pod.join("tls")).unwrap() {
+                keys.insert(f.unwrap().file_name().to_string_lossy().into_owned());
+            }
+            let expected: BTreeSet<String> = [
+                "ca.crt".to_string(),
+                format!("{role}.crt"),
+                format!("{role}.key"),
+            ]
+            .into();
+            assert_eq!(keys, expected, "{}: {}'s tls mount", r.name, w.name());
+            for key in ["token_file", "ca", "cert", "key"] {
+                let path = sec
+                    .get(key)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or_else(|| panic!("{}: [security] {key} unset", r.name))
+                    .replace("{role}", role);
+                let below = path.strip_prefix(SECRETS_MOUNT).unwrap_or_else(|| {
+                    panic!(
+                        "{}: [security] {key} = {path} is not under {SECRETS_MOUNT}",
+                        r.name
+                    )
+                });
+                assert!(
+                    pod.join(below.trim_start_matches('/')).is_file(),
+                    "{}: {} reads {path} ([security] {key}), which no Secret mount provides",
+                    r.name,
+                    w.name()
+                );
+            }
+            // The Secrets' files are readable by the pod's user through fsGroup, by no one else.
+            for m in c["volumeMounts"].as_array().unwrap() {
+                if m["mountPath"].as_str().unwrap().starts_with(SECRETS_MOUNT) {
+                    assert_eq!(m["readOnly"], true, "{}: {}", r.name, w.name());
+                    let v = w.volume(m["name"].as_str().unwrap());
+                    assert_eq!(
+                        v["secret"]["defaultMode"].as_u64(),
+                        Some(0o440),
+                        "{}: {}",
+                        r.name,
+                        w.name()
+                    );
+                }
+            }
+        }
+    }
 }
 
 #[test]
@@ -1112,12 +1308,13 @@ fn every_rendered_run_config_passes_ril_config_check() {
     let sb = Sandbox::new();
     let local = render("overlays/local");
     let assets = make_assets(&sb, &local);
+    let secrets = every_role_s_secrets(&sb);
     let env = sb.ril(&["env"]);
     let features = stdout(&env);
     for r in all_renderings() {
         let (text, _) = r.run_config();
         let file = sb.path(&format!("{}.toml", r.name.replace('/', "-")));
-        std::fs::write(&file, localise(&text, &assets, &sb.path("run"))).unwrap();
+        std::fs::write(&file, localise(&text, &assets, &sb.path("run"), &secrets)).unwrap();
         let out = sb.ril(&["config", "check", &file.to_string_lossy()]);
         if out.status.success() {
             assert!(stdout(&out).contains(": ok"), "{}", stdout(&out));
@@ -1137,7 +1334,7 @@ fn every_rendered_run_config_passes_ril_config_check() {
             "{}: {e}",
             r.name
         );
-        let cpu = localise(&text, &assets, &sb.path("run"))
+        let cpu = localise(&text, &assets, &sb.path("run"), &secrets)
             .replace("collective = \"nccl\"", "collective = \"ring\"")
             .replace("device = \"cuda:0\"", "device = \"cpu\"");
         std::fs::write(&file, cpu).unwrap();
@@ -1250,44 +1447,49 @@ fn pod_env(c: &Value, pod_name: &str, ordinal: &str) -> BTreeMap<String, String>
 
 /// Starts `ril` with a container's args as the kubelet would (expanded, its environment),
 /// changing only what differs here: the config's path, and the listen addresses (port 0 on
-/// loopback, reported through an address file). Returns the role and where its probe's port
-/// ended up.
+/// loopback, reported through address files). Returns the role and where it listens.
 fn start_as_manifest(
     sb: &Sandbox,
     w: Workload<'_>,
     config: &Path,
     pod_name: &str,
     ordinal: &str,
-) -> (Role, String, Value) {
+) -> Started {
     let c = w.containers()[0];
     let env = pod_env(c, pod_name, ordinal);
     let probe_port = c["readinessProbe"]["grpc"]["port"].as_u64().unwrap() as u16;
     let addr_file = sb.path(&format!("{pod_name}.addr"));
+    let health_file = sb.path(&format!("{pod_name}.health.addr"));
     let mut a: Vec<String> = Vec::new();
     let manifest_args: Vec<String> = args(c).iter().map(|x| expand(x, &env)).collect();
     let mut it = manifest_args.iter();
-    let mut probe_flag = None;
+    let (mut serves, mut probed) = (false, false);
     while let Some(x) = it.next() {
         match x.as_str() {
             "--config" => {
                 it.next();
                 a.extend(["--config".into(), config.to_string_lossy().into_owned()]);
             }
-            "--listen" | "--health-listen" => {
-                let addr = it.next().unwrap();
-                // The probe asks the port the role serves.
-                assert_eq!(port_of(addr), probe_port, "{}: {x} {addr}", w.name());
-                let file_flag = if x == "--listen" {
-                    "--addr-file"
-                } else {
-                    "--health-addr-file"
-                };
-                probe_flag = Some(x.clone());
+            "--listen" => {
+                it.next();
+                serves = true;
                 a.extend([
                     x.clone(),
                     "127.0.0.1:0".into(),
-                    file_flag.into(),
+                    "--addr-file".into(),
                     addr_file.to_string_lossy().into_owned(),
+                ]);
+            }
+            "--health-listen" => {
+                let addr = it.next().unwrap();
+                // The probes ask the plaintext health endpoint.
+                assert_eq!(port_of(addr), probe_port, "{}: {x} {addr}", w.name());
+                probed = true;
+                a.extend([
+                    x.clone(),
+                    "127.0.0.1:0".into(),
+                    "--health-addr-file".into(),
+                    health_file.to_string_lossy().into_owned(),
                 ]);
             }
             "--collective-listen" => {
@@ -1297,7 +1499,7 @@ fn start_as_manifest(
             _ => a.push(x.clone()),
         }
     }
-    assert!(probe_flag.is_some(), "{}: nothing to probe", w.name());
+    assert!(probed, "{}: nothing to probe", w.name());
     assert!(
         !a.iter().any(|x| x.contains("$(")),
         "{}: unexpanded {a:?}",
@@ -1320,20 +1522,38 @@ fn start_as_manifest(
         child,
         log,
     };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let addr = loop {
-        if let Ok(s) = std::fs::read_to_string(&addr_file)
-            && !s.trim().is_empty()
-        {
-            break s.trim().to_string();
+    let mut wait_for = |file: &Path| {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(s) = std::fs::read_to_string(file)
+                && !s.trim().is_empty()
+            {
+                return s.trim().to_string();
+            }
+            if let Some(st) = role.child.try_wait().unwrap() {
+                panic!("{pod_name} exited ({st}): {}", role.log());
+            }
+            assert!(Instant::now() < deadline, "{pod_name} never listened");
+            std::thread::sleep(Duration::from_millis(50));
         }
-        if let Some(st) = role.child.try_wait().unwrap() {
-            panic!("{pod_name} exited ({st}): {}", role.log());
-        }
-        assert!(Instant::now() < deadline, "{pod_name} never listened");
-        std::thread::sleep(Duration::from_millis(50));
     };
-    (role, addr, c["readinessProbe"].clone())
+    let grpc = serves.then(|| wait_for(&addr_file));
+    let health = wait_for(&health_file);
+    Started {
+        role,
+        grpc,
+        health,
+        probe: c["readinessProbe"].clone(),
+    }
+}
+
+/// A role started as its manifest starts it: the process, its TLS gRPC address (servers), its
+/// plaintext health address (what the probes ask) and its readiness probe.
+struct Started {
+    role: Role,
+    grpc: Option<String>,
+    health: String,
+    probe: Value,
 }
 
 /// The kubelet's gRPC probe: grpc.health.v1 Check for the probe's service ("" when unset),
@@ -1376,44 +1596,53 @@ async fn roles_started_as_the_manifests_start_them_answer_the_kubelet_s_probe() 
     let sb = Sandbox::new();
     let local = render("overlays/local");
     let assets = make_assets(&sb, &local);
+    let secrets = make_secrets(&sb);
     let (text, _) = local.run_config();
-    let mut config: toml::Table = localise(&text, &assets, &sb.path("run")).parse().unwrap();
-    // Peers this test does not start: refused at once instead of looked up in DNS.
-    let network = config["network"].as_table_mut().unwrap();
-    network.insert("discriminator".into(), "127.0.0.1:1".into());
-    for (_, addr) in network["teachers"].as_table_mut().unwrap().iter_mut() {
-        *addr = "127.0.0.1:1".into();
-    }
-    let write = |config: &toml::Table| {
-        let path = sb.path("run.toml");
-        std::fs::write(&path, toml::to_string(config).unwrap()).unwrap();
+    // Peers this test does not start: refused at once instead of looked up in DNS. Learners
+    // and actors reach the coordinator at its Service's name; here, where it listens.
+    let mut coordinator_addr: Option<String> = None;
+    // Each pod's own config: the run config with its own Secret mounts (only its role's
+    // certificate and key, as the kubelet mounts them from `ril certs secrets`' Secrets).
+    let pod_config = |w: Workload<'_>, pod: &str, coordinator: &Option<String>| {
+        let mounts = sb.path(&format!("pods/{pod}"));
+        mount_secrets(w, &secrets, &mounts);
+        let mut config: toml::Table = localise(&text, &assets, &sb.path("run"), &mounts)
+            .parse()
+            .unwrap();
+        let network = config["network"].as_table_mut().unwrap();
+        network.insert("discriminator".into(), "127.0.0.1:1".into());
+        for (_, addr) in network["teachers"].as_table_mut().unwrap().iter_mut() {
+            *addr = "127.0.0.1:1".into();
+        }
+        if let Some(c) = coordinator {
+            network.insert("coordinator".into(), c.clone().into());
+        }
+        let path = sb.path(&format!("{pod}.toml"));
+        std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
         path
     };
-    let path = write(&config);
 
     let coordinator = local.workload_running("coordinator");
     let grace = |w: Workload<'_>| {
         Duration::from_secs(w.pod()["terminationGracePeriodSeconds"].as_u64().unwrap())
     };
-    let (mut coord, coord_addr, coord_probe) =
-        start_as_manifest(&sb, coordinator, &path, "ril-coordinator-test", "");
-    probe_until_serving(&mut coord, &coord_addr, &coord_probe).await;
-
-    // Learners and actors reach the coordinator at its Service's name; here, where it listens.
-    config["network"]
-        .as_table_mut()
-        .unwrap()
-        .insert("coordinator".into(), coord_addr.clone().into());
-    let path = write(&config);
+    let path = pod_config(coordinator, "ril-coordinator-test", &coordinator_addr);
+    let mut coord = start_as_manifest(&sb, coordinator, &path, "ril-coordinator-test", "");
+    probe_until_serving(&mut coord.role, &coord.health, &coord.probe).await;
+    coordinator_addr = coord.grpc.clone();
+    let coord_addr = coordinator_addr.clone().unwrap();
+    // The gRPC port itself speaks only TLS and wants the token: the probe's plaintext call is
+    // refused there.
+    assert_eq!(kubelet_probe(&coord_addr, &coord.probe).await, None);
 
     // An actor before any learner has joined: it waits to register, and is alive meanwhile.
     let actor_w = local.workload_running("actor");
-    let (mut actor, actor_addr, actor_probe) =
-        start_as_manifest(&sb, actor_w, &path, "ril-actor-test", "");
-    probe_until_serving(&mut actor, &actor_addr, &actor_probe).await;
-    actor.sigterm();
+    let path = pod_config(actor_w, "ril-actor-test", &coordinator_addr);
+    let mut actor = start_as_manifest(&sb, actor_w, &path, "ril-actor-test", "");
+    probe_until_serving(&mut actor.role, &actor.health, &actor.probe).await;
+    actor.role.sigterm();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while kubelet_probe(&actor_addr, &actor_probe).await
+    while kubelet_probe(&actor.health, &actor.probe).await
         == Some(ril_proto::server::ServingStatus::Serving)
     {
         assert!(
@@ -1425,12 +1654,18 @@ async fn roles_started_as_the_manifests_start_them_answer_the_kubelet_s_probe() 
     drop(actor);
 
     let learner_w = local.workload_running("learner");
-    let (mut learner, learner_addr, learner_probe) =
-        start_as_manifest(&sb, learner_w, &path, "ril-learner-0", "0");
-    probe_until_serving(&mut learner, &learner_addr, &learner_probe).await;
-    // Rank 0 joined under the name the StatefulSet's headless Service gives it.
-    // The manifests run without security for now (run.toml: allow_insecure), so does status.
-    let status = sb.ril(&["status", "--coordinator", &coord_addr, "--insecure"]);
+    let path = pod_config(learner_w, "ril-learner-0", &coordinator_addr);
+    let mut learner = start_as_manifest(&sb, learner_w, &path, "ril-learner-0", "0");
+    probe_until_serving(&mut learner.role, &learner.health, &learner.probe).await;
+    // Rank 0 joined (over TLS, as the learner role) under the name the StatefulSet's headless
+    // Service gives it. `ril status` speaks as the admin role, with `ril certs init`'s files.
+    let status = sb.ril(&[
+        "status",
+        "--coordinator",
+        &coord_addr,
+        "--security-dir",
+        "certs",
+    ]);
     assert!(status.status.success(), "{}", stderr(&status));
     assert!(
         stdout(&status).contains("learner ranks 1/1"),
@@ -1438,17 +1673,20 @@ async fn roles_started_as_the_manifests_start_them_answer_the_kubelet_s_probe() 
         stdout(&status)
     );
     assert!(
-        coord.log().contains("ril-learner-0.ril-learner:50052"),
+        coord.role.log().contains("ril-learner-0.ril-learner:50052"),
         "rank 0 joins with its pod's DNS name: {}",
-        coord.log()
+        coord.role.log()
     );
+    // Without credentials, status is refused.
+    let anonymous = sb.ril(&["status", "--coordinator", &coord_addr, "--insecure"]);
+    assert!(!anonymous.status.success(), "{}", stdout(&anonymous));
 
-    learner.sigterm();
-    let st = learner.exits_within(grace(learner_w));
-    assert!(st.success(), "learner: {st}: {}", learner.log());
-    coord.sigterm();
-    let st = coord.exits_within(grace(coordinator));
-    assert!(st.success(), "coordinator: {st}: {}", coord.log());
+    learner.role.sigterm();
+    let st = learner.role.exits_within(grace(learner_w));
+    assert!(st.success(), "learner: {st}: {}", learner.role.log());
+    coord.role.sigterm();
+    let st = coord.role.exits_within(grace(coordinator));
+    assert!(st.success(), "coordinator: {st}: {}", coord.role.log());
     assert!(
         sb.path("run/coordinator").is_dir(),
         "the coordinator's state is where its volume is mounted"
@@ -1484,7 +1722,8 @@ fn the_local_overlay_s_run_trains_and_the_roles_write_only_to_their_volumes() {
     let before = tree(&assets);
     let (text, _) = local.run_config();
     let run = sb.path("run");
-    let mut config: toml::Table = localise(&text, &assets, &run).parse().unwrap();
+    let secrets = every_role_s_secrets(&sb);
+    let mut config: toml::Table = localise(&text, &assets, &run, &secrets).parse().unwrap();
     config["run"]
         .as_table_mut()
         .unwrap()
