@@ -53,9 +53,10 @@ pub struct SynthArgs {
     /// styles write before the answer).
     #[arg(long)]
     pub no_rationale: bool,
-    /// Which rationale: `scene` (every object, cell by cell) or `focused` (only the objects
-    /// the question is about, with their cells or their count).
-    #[arg(long, default_value = "scene", value_parser = ["scene", "focused"])]
+    /// Which rationale: `scene` (every object, cell by cell), `focused` (only the objects
+    /// the question is about, with their cells or their count) or `stepwise` (the scene, then
+    /// the focused step).
+    #[arg(long, default_value = "scene", value_parser = ["scene", "focused", "stepwise"])]
     pub rationale_kind: String,
 }
 
@@ -79,6 +80,7 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
         rationale: !a.no_rationale,
         rationale_kind: match a.rationale_kind.as_str() {
             "focused" => ril_data::shapes::RationaleKind::Focused,
+            "stepwise" => ril_data::shapes::RationaleKind::Stepwise,
             _ => ril_data::shapes::RationaleKind::Scene,
         },
     };

@@ -887,6 +887,55 @@ impl Coordinator {
         self.book.ranks.get(&0).cloned()
     }
 
+    /// Learner rank 0's publisher key, from its JoinLearner (its SHA-256 is kept, persisted).
+    pub fn set_publisher(&mut self, key: &[u8], now: Now) -> Result<()> {
+        if key.len() < MIN_PUBLISHER_KEY_BYTES {
+            return Err(CoordinatorError::invalid(
+                "publisher_key",
+                format!(
+                    "rank 0 brings a random key of at least {MIN_PUBLISHER_KEY_BYTES} bytes ({} sent)",
+                    key.len()
+                ),
+            ));
+        }
+        let digest = publisher_digest(key);
+        if self.book.state.publisher_key_sha256 == digest {
+            return Ok(());
+        }
+        self.transact(now, |book, _, _| {
+            if !book.state.publisher_key_sha256.is_empty() {
+                tracing::info!("learner rank 0 joined with a new publisher key (a restart)");
+            }
+            book.state.publisher_key_sha256 = digest;
+            book.dirty = true;
+            Ok(())
+        })
+    }
+
+    /// Refuses `what` (AcceptGroup, PublishVersion) unless `key` is learner rank 0's.
+    pub fn check_publisher(&self, key: &[u8], what: &str) -> Result<()> {
+        let known = &self.book.state.publisher_key_sha256;
+        if known.is_empty() {
+            return Err(CoordinatorError::FailedPrecondition(format!(
+                "{what}: learner rank 0 has not joined this run yet (JoinLearner with its publisher key)"
+            )));
+        }
+        let digest = publisher_digest(key);
+        let same = digest.len() == known.len()
+            && digest
+                .bytes()
+                .zip(known.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return Err(CoordinatorError::PermissionDenied(format!(
+                "{what} is for learner rank 0 only: the publisher key does not match the one \
+                 rank 0 joined with"
+            )));
+        }
+        Ok(())
+    }
+
     pub fn join_learner(
         &mut self,
         rank: u32,
@@ -1091,3 +1140,14 @@ impl Book {
 #[cfg(test)]
 #[path = "coordinator_tests.rs"]
 mod tests;
+
+/// The shortest publisher key learner rank 0 may bring.
+pub const MIN_PUBLISHER_KEY_BYTES: usize = 16;
+
+fn publisher_digest(key: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(key)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}

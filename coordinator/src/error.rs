@@ -17,6 +17,11 @@ pub enum CoordinatorError {
     #[error("{0}")]
     FailedPrecondition(String),
 
+    /// The caller may not make this request (gRPC `PERMISSION_DENIED`), e.g. a learner rank
+    /// other than rank 0 publishing a version.
+    #[error("{0}")]
+    PermissionDenied(String),
+
     /// Not ready for this request yet; retry (gRPC `UNAVAILABLE`), e.g. an actor registering
     /// before the learner has joined.
     #[error("{0}")]

@@ -23,6 +23,7 @@ impl From<CoordinatorError> for Status {
             CoordinatorError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
             CoordinatorError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
             CoordinatorError::Unavailable(_) => Status::unavailable(e.to_string()),
+            CoordinatorError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
             _ => Status::internal(e.to_string()),
         }
     }
@@ -199,6 +200,7 @@ impl CoordinatorService for CoordinatorGrpc {
         let r = request.into_inner();
         let a = self
             .with(move |c, now| {
+                c.check_publisher(&r.publisher_key, "AcceptGroup")?;
                 c.accept_group(&r.lease_id, r.position, &r.question_id, r.iteration, now)
             })
             .await?;
@@ -229,8 +231,11 @@ impl CoordinatorService for CoordinatorGrpc {
         request: Request<v1::PublishVersionRequest>,
     ) -> std::result::Result<Response<v1::PublishVersionResponse>, Status> {
         let r = request.into_inner();
-        self.with(move |c, now| c.publish_version(r.version, r.iteration, &r.checkpoint, now))
-            .await?;
+        self.with(move |c, now| {
+            c.check_publisher(&r.publisher_key, "PublishVersion")?;
+            c.publish_version(r.version, r.iteration, &r.checkpoint, now)
+        })
+        .await?;
         Ok(Response::new(v1::PublishVersionResponse {}))
     }
 
@@ -241,6 +246,17 @@ impl CoordinatorService for CoordinatorGrpc {
         let r = request.into_inner();
         let j = self
             .with(move |c, now| {
+                if r.rank == 0 {
+                    c.set_publisher(&r.publisher_key, now)?;
+                } else if !r.publisher_key.is_empty() {
+                    return Err(CoordinatorError::invalid(
+                        "publisher_key",
+                        format!(
+                            "only rank 0 brings a publisher key (rank {} sent one)",
+                            r.rank
+                        ),
+                    ));
+                }
                 c.join_learner(
                     r.rank,
                     &r.addr,

@@ -114,6 +114,11 @@ pub struct StateFile {
     pub duplicates_refused: u64,
     pub leases_expired: u64,
     pub written_unix_ms: u64,
+    /// SHA-256 (hex) of learner rank 0's publisher key (JoinLearner); empty until rank 0 joins.
+    /// Kept across restarts so that a running rank 0 goes on publishing to a restarted
+    /// coordinator. Older state files have none.
+    #[serde(default)]
+    pub publisher_key_sha256: String,
 }
 
 impl StateFile {
@@ -129,6 +134,7 @@ impl StateFile {
             duplicates_refused: 0,
             leases_expired: 0,
             written_unix_ms: 0,
+            publisher_key_sha256: String::new(),
         }
     }
 

@@ -125,8 +125,12 @@ fn accept_request(lease: &v1::LeasePromptsResponse, i: usize) -> v1::AcceptGroup
         position: item.position,
         question_id: item.question.as_ref().unwrap().id.clone(),
         iteration: item.iteration,
+        publisher_key: PUBLISHER_KEY.as_slice().into(),
     }
 }
+
+/// Learner rank 0's publisher key in these tests.
+const PUBLISHER_KEY: [u8; 32] = [7u8; 32];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_round_trip_over_grpc_survives_a_restart() {
@@ -158,6 +162,7 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
             collective_id: vec![9u8; 128].into(),
             collective_addr: String::new(),
             version: 0,
+            publisher_key: PUBLISHER_KEY.as_slice().into(),
         })
         .await
         .unwrap()
@@ -204,6 +209,7 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
             collective_id: Default::default(),
             collective_addr: String::new(),
             version: 0,
+            publisher_key: Default::default(),
         })
         .await
         .unwrap_err();
@@ -214,10 +220,50 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
             version: 2,
             iteration: 1,
             checkpoint: String::new(),
+            publisher_key: PUBLISHER_KEY.as_slice().into(),
         })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{}", e.message());
+    // Only rank 0 publishes and accepts: another learner-role caller, without rank 0's key,
+    // is refused, whatever else its request holds.
+    for key in [Vec::new(), vec![8u8; 32]] {
+        let e = c
+            .publish_version(v1::PublishVersionRequest {
+                version: 1,
+                iteration: 0,
+                checkpoint: String::new(),
+                publisher_key: key.clone().into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+        assert!(e.message().contains("rank 0"), "{}", e.message());
+        let e = c
+            .accept_group(v1::AcceptGroupRequest {
+                publisher_key: key.into(),
+                ..accept_request(&lease, 1)
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
+    }
+    // Rank 0 must bring a key; other ranks must not.
+    for (rank, key) in [(0u32, vec![1u8; 4]), (1, vec![1u8; 32])] {
+        let e = c
+            .join_learner(v1::JoinLearnerRequest {
+                rank,
+                addr: "h:9".into(),
+                collective_id: Default::default(),
+                collective_addr: String::new(),
+                version: 0,
+                publisher_key: key.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{}", e.message());
+        assert!(e.message().contains("publisher_key"), "{}", e.message());
+    }
 
     c.report_metrics(v1::ReportMetricsRequest {
         iteration: 0,
@@ -282,6 +328,22 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
         .into_inner();
     assert_eq!(again.items[0].position, 1);
     assert_eq!(again.items[0].question, lease.items[1].question);
+    // Rank 0's key survived the restart (its SHA-256 is in the state file): a running rank 0
+    // goes on accepting; another key is still refused.
+    let ok = c
+        .accept_group(accept_request(&again, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.accepted, "{ok:?}");
+    let e = c
+        .accept_group(v1::AcceptGroupRequest {
+            publisher_key: vec![8u8; 32].into(),
+            ..accept_request(&again, 0)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{}", e.message());
     drop(c);
     stop(running).await;
 }
@@ -297,6 +359,15 @@ async fn an_expired_lease_goes_to_another_actor_and_the_late_group_counts_once()
     };
     let running = start(options).await;
     let mut c = client(&running.addr).await;
+    // Learner rank 0 joins (with its publisher key) before it accepts anything.
+    c.join_learner(v1::JoinLearnerRequest {
+        rank: 0,
+        addr: "h:0".into(),
+        publisher_key: PUBLISHER_KEY.as_slice().into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let first = c
         .lease_prompts(lease_request("slow", 2))
         .await

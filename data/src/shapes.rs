@@ -306,6 +306,10 @@ pub enum RationaleKind {
     /// their cells, or the objects a count covers and how many; the answer then follows in one
     /// short step (a copy, a comparison of two cells or two counts, a sum).
     Focused,
+    /// Both, in that order: the scene cell by cell, then the focused step read off that list
+    /// ("top left: red circle; middle right: blue square. the circle: top left, red"), so the
+    /// last steps look up text already written instead of searching the image again.
+    Stepwise,
 }
 
 impl RationaleKind {
@@ -865,6 +869,8 @@ pub fn write_dataset(cfg: &SynthConfig, out: &Path) -> Result<[usize; 3]> {
                 let r = match cfg.rationale_kind {
                     RationaleKind::Scene => Some(rationale(&g.scene)),
                     RationaleKind::Focused => focused_rationale(&g.scene, &g.query),
+                    RationaleKind::Stepwise => focused_rationale(&g.scene, &g.query)
+                        .map(|f| format!("{}. {f}", rationale(&g.scene))),
                 };
                 if let Some(r) = r {
                     row["rationale"] = r.into();

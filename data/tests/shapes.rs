@@ -470,3 +470,36 @@ fn the_focused_rationale_names_what_the_answer_follows_from() {
     }
     assert_eq!(families.len(), 7, "{families:?}");
 }
+
+/// `stepwise` is the scene list, then the focused step, row for row (same seed, same rows).
+#[test]
+fn the_stepwise_rationale_is_the_scene_then_the_focused_step() {
+    use ril_data::shapes::RationaleKind;
+    let rows = |kind: RationaleKind| {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(
+            &SynthConfig {
+                rationale_kind: kind,
+                ..small(10, 60)
+            },
+            dir.path(),
+        )
+        .unwrap();
+        read_all(&dir.path().join("train.jsonl"), ReadOptions::default())
+            .unwrap()
+            .0
+    };
+    let (scene, focused, stepwise) = (
+        rows(RationaleKind::Scene),
+        rows(RationaleKind::Focused),
+        rows(RationaleKind::Stepwise),
+    );
+    assert_eq!(scene.len(), 60);
+    for ((s, f), w) in scene.iter().zip(&focused).zip(&stepwise) {
+        assert_eq!((&s.id, &s.answer), (&w.id, &w.answer));
+        assert_eq!(
+            w.rationale().unwrap(),
+            format!("{}. {}", s.rationale().unwrap(), f.rationale().unwrap())
+        );
+    }
+}

@@ -112,6 +112,9 @@ pub struct GrpcCoordinator {
     client: CoordinatorClient<Channel>,
     timeout: Duration,
     discriminator: Option<DiscriminatorLink>,
+    /// This process's publisher key: rank 0 joins with it, and the coordinator takes
+    /// AcceptGroup and PublishVersion only with it (JoinLearnerRequest.publisher_key).
+    publisher_key: Bytes,
 }
 
 /// Labelled responses of accepted groups, per iteration, for the discriminator's online step.
@@ -167,6 +170,14 @@ fn rpc_error(rpc: &'static str, s: Status) -> LearnerError {
     }
 }
 
+/// 32 random bytes, fresh for every learner process.
+fn new_publisher_key() -> Bytes {
+    use rand::RngCore;
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    Bytes::copy_from_slice(&key)
+}
+
 impl GrpcCoordinator {
     /// A client that connects on first use (and reconnects after a coordinator restart).
     pub fn connect_lazy(addr: &str, timeout: Duration, security: &Security) -> Result<Self> {
@@ -177,6 +188,7 @@ impl GrpcCoordinator {
                 .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES),
             timeout,
             discriminator: None,
+            publisher_key: new_publisher_key(),
         })
     }
 
@@ -207,6 +219,11 @@ impl GrpcCoordinator {
             collective_id: Bytes::copy_from_slice(collective_id),
             collective_addr: collective_addr.to_string(),
             version,
+            publisher_key: if rank == 0 {
+                self.publisher_key.clone()
+            } else {
+                Bytes::new()
+            },
         });
         self.client
             .clone()
@@ -224,6 +241,7 @@ impl CoordinatorLink for GrpcCoordinator {
             position: key.position,
             question_id: key.question_id,
             iteration: key.iteration,
+            publisher_key: self.publisher_key.clone(),
         });
         let reply = self
             .client
@@ -261,6 +279,7 @@ impl CoordinatorLink for GrpcCoordinator {
             checkpoint: checkpoint
                 .map(|c| c.display().to_string())
                 .unwrap_or_default(),
+            publisher_key: self.publisher_key.clone(),
         });
         self.client
             .clone()

@@ -91,8 +91,9 @@ const EVERY_ROLE: &[Role] = &Role::ALL;
 /// Which roles may call `method` (`/package.Service/Method`). `None`: a method outside the
 /// table (the router answers UNIMPLEMENTED for it after authentication).
 ///
-/// Learner ranks share one certificate role: that only rank 0 publishes, accepts groups and
-/// brings the NCCL id is the coordinator's rendezvous rule, not the certificate's.
+/// Learner ranks share one certificate role. That only rank 0 accepts groups and publishes
+/// versions is checked by the coordinator with rank 0's publisher key (JoinLearnerRequest
+/// `publisher_key`), and only rank 0 may bring the NCCL id.
 pub fn allowed_roles(method: &str) -> Option<&'static [Role]> {
     let (service, name) = method.trim_start_matches('/').split_once('/')?;
     let roles: &'static [Role] = match (service, name) {

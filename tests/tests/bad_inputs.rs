@@ -764,6 +764,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
                     position: 0,
                     question_id: "bad-q".into(),
                     iteration: 0,
+                    publisher_key: vec![1u8; 32].into(),
                 })
                 .await
                 .map_err(|e| format!("{:?}: {}", e.code(), e.message()))?
@@ -781,6 +782,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
                     version: 5,
                     iteration: 4,
                     checkpoint: String::new(),
+                    publisher_key: vec![1u8; 32].into(),
                 })
                 .await,
             )
