@@ -55,8 +55,9 @@ pub struct SynthArgs {
     pub no_rationale: bool,
     /// Which rationale: `scene` (every object, cell by cell), `focused` (only the objects
     /// the question is about, with their cells or their count) or `stepwise` (the scene, then
-    /// the focused step).
-    #[arg(long, default_value = "scene", value_parser = ["scene", "focused", "stepwise"])]
+    /// the focused step) or `tally` (the scene, each object marked as read with what it means
+    /// for the question: running counts, the attribute asked for, the two objects named).
+    #[arg(long, default_value = "scene", value_parser = ["scene", "focused", "stepwise", "tally"])]
     pub rationale_kind: String,
 }
 
@@ -81,6 +82,7 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
         rationale_kind: match a.rationale_kind.as_str() {
             "focused" => ril_data::shapes::RationaleKind::Focused,
             "stepwise" => ril_data::shapes::RationaleKind::Stepwise,
+            "tally" => ril_data::shapes::RationaleKind::Tally,
             _ => ril_data::shapes::RationaleKind::Scene,
         },
     };

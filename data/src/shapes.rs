@@ -310,6 +310,11 @@ pub enum RationaleKind {
     /// ("top left: red circle; middle right: blue square. the circle: top left, red"), so the
     /// last steps look up text already written instead of searching the image again.
     Stepwise,
+    /// The scene cell by cell, each object marked as it is read with what it means for the
+    /// question ([`tally_rationale`]): a running count, the attribute asked for, or which of
+    /// the two named objects it is; then the counts or cells the answer follows from. No step
+    /// searches back through the list.
+    Tally,
 }
 
 impl RationaleKind {
@@ -379,6 +384,123 @@ pub fn focused_rationale(scene: &Scene, query: &Query) -> Option<String> {
         ),
         Query::Compare { a, b } | Query::Arithmetic { a, b, .. } => {
             format!("{}; {}", listing(a), listing(b))
+        }
+        Query::Describe => return None,
+    })
+}
+
+/// The scene in reading order, each object marked with what it means for the question:
+/// - colour / shape: the object asked about gets "= {its colour / shape}":
+///   "top left: red diamond; middle left: blue circle = blue";
+/// - count and exists: a running count over the objects that match, "= 1", "= 2", ...;
+///   then "so N";
+/// - compare and arithmetic: running counts "= a1", "= b1", "= a2 b2" (an object may match
+///   both); then "so a N1, b N2";
+/// - relation: the two objects named get "= a" and "= b"; then "so a {cell}, b {cell}".
+///
+/// `None` for `describe` (its answer is the list itself). An empty scene is "nothing".
+pub fn tally_rationale(scene: &Scene, query: &Query) -> Option<String> {
+    let objects = reading_order(scene);
+    let item = |o: &Object| format!("{}: {} {}", cell_name(o), o.colour.name(), o.shape.name());
+    let list = |marks: &[String]| -> String {
+        if objects.is_empty() {
+            return "nothing".to_string();
+        }
+        objects
+            .iter()
+            .zip(marks)
+            .map(|(o, m)| {
+                if m.is_empty() {
+                    item(o)
+                } else {
+                    format!("{} = {m}", item(o))
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    // Running counts for one or two filters: marks, and the totals.
+    let tally = |filters: &[&Filter]| -> (Vec<String>, Vec<usize>) {
+        let mut counts = vec![0usize; filters.len()];
+        let marks = objects
+            .iter()
+            .map(|o| {
+                let mut m = Vec::new();
+                for (i, f) in filters.iter().enumerate() {
+                    if f.matches(o) {
+                        counts[i] += 1;
+                        m.push(if filters.len() == 1 {
+                            counts[i].to_string()
+                        } else {
+                            format!("{}{}", ["a", "b"][i], counts[i])
+                        });
+                    }
+                }
+                m.join(" ")
+            })
+            .collect();
+        (marks, counts)
+    };
+    Some(match query {
+        Query::Colour { shape } => {
+            let marks: Vec<String> = objects
+                .iter()
+                .map(|o| {
+                    if o.shape == *shape {
+                        o.colour.name().to_string()
+                    } else {
+                        String::new()
+                    }
+                })
+                .collect();
+            list(&marks)
+        }
+        Query::Shape { colour } => {
+            let marks: Vec<String> = objects
+                .iter()
+                .map(|o| {
+                    if o.colour == *colour {
+                        o.shape.name().to_string()
+                    } else {
+                        String::new()
+                    }
+                })
+                .collect();
+            list(&marks)
+        }
+        Query::Count { filter } => {
+            let (marks, counts) = tally(&[filter]);
+            format!("{}. so {}", list(&marks), counts[0])
+        }
+        Query::Exists { colour, shape } => {
+            let f = Filter {
+                colour: Some(*colour),
+                shape: Some(*shape),
+            };
+            let (marks, counts) = tally(&[&f]);
+            format!("{}. so {}", list(&marks), counts[0])
+        }
+        Query::Compare { a, b } | Query::Arithmetic { a, b, .. } => {
+            let (marks, counts) = tally(&[a, b]);
+            format!("{}. so a {}, b {}", list(&marks), counts[0], counts[1])
+        }
+        Query::Relation { a, b, .. } => {
+            let is = |o: &Object, x: (Colour, Shape)| o.colour == x.0 && o.shape == x.1;
+            let marks: Vec<String> = objects
+                .iter()
+                .map(|o| {
+                    if is(o, *a) {
+                        "a".to_string()
+                    } else if is(o, *b) {
+                        "b".to_string()
+                    } else {
+                        String::new()
+                    }
+                })
+                .collect();
+            let cell =
+                |x: (Colour, Shape)| find(scene, x.0, x.1).map_or("nowhere".into(), cell_name);
+            format!("{}. so a {}, b {}", list(&marks), cell(*a), cell(*b))
         }
         Query::Describe => return None,
     })
@@ -871,6 +993,7 @@ pub fn write_dataset(cfg: &SynthConfig, out: &Path) -> Result<[usize; 3]> {
                     RationaleKind::Focused => focused_rationale(&g.scene, &g.query),
                     RationaleKind::Stepwise => focused_rationale(&g.scene, &g.query)
                         .map(|f| format!("{}. {f}", rationale(&g.scene))),
+                    RationaleKind::Tally => tally_rationale(&g.scene, &g.query),
                 };
                 if let Some(r) = r {
                     row["rationale"] = r.into();

@@ -503,3 +503,111 @@ fn the_stepwise_rationale_is_the_scene_then_the_focused_step() {
         );
     }
 }
+
+/// The tally rationale marks each object as it is read; the answer is recomputed here from the
+/// marks and the closing counts alone, and the list is the scene (same seed, same rows).
+#[test]
+fn the_tally_rationale_marks_what_the_answer_follows_from() {
+    use ril_data::shapes::RationaleKind;
+    let rows = |kind: RationaleKind| {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(
+            &SynthConfig {
+                rationale_kind: kind,
+                ..small(12, 400)
+            },
+            dir.path(),
+        )
+        .unwrap();
+        read_all(&dir.path().join("train.jsonl"), ReadOptions::default())
+            .unwrap()
+            .0
+    };
+    let (scene, tally) = (rows(RationaleKind::Scene), rows(RationaleKind::Tally));
+    let cell = |name: &str| -> (i64, i64) {
+        let (row, col) = name.split_once(' ').unwrap();
+        let r = ["top", "middle", "bottom"].iter().position(|x| *x == row);
+        let c = ["left", "centre", "right"].iter().position(|x| *x == col);
+        (c.unwrap() as i64, r.unwrap() as i64)
+    };
+    let mut families = std::collections::BTreeSet::new();
+    for (s, t) in scene.iter().zip(&tally) {
+        let r = t.rationale().unwrap();
+        let (list, so) = match r.split_once(". so ") {
+            Some((l, so)) => (l, Some(so)),
+            None => (r, None),
+        };
+        // Without the marks, the list is the scene rationale.
+        let unmarked: Vec<&str> = list
+            .split("; ")
+            .map(|item| item.split(" = ").next().unwrap())
+            .collect();
+        assert_eq!(unmarked.join("; "), s.rationale().unwrap(), "row {}", t.id);
+        let marks: Vec<&str> = list
+            .split("; ")
+            .filter_map(|item| item.split_once(" = ").map(|(_, m)| m))
+            .collect();
+        let family = t.family.clone().unwrap();
+        let q = &t.extra["query"];
+        let number = |x: &str| x.parse::<i64>().unwrap_or_else(|_| panic!("{r:?}"));
+        let derived = match family.as_str() {
+            // The one marked object's mark is the answer.
+            "colour" | "shape" => {
+                assert_eq!(marks.len(), 1, "{r:?}");
+                marks[0].to_string()
+            }
+            "count" | "exists" => {
+                // The running count ends at the closing count.
+                let n = number(so.unwrap());
+                assert_eq!(marks.last().map_or(0, |m| number(m)), n, "{r:?}");
+                if family == "count" {
+                    n.to_string()
+                } else if n > 0 {
+                    "yes".into()
+                } else {
+                    "no".into()
+                }
+            }
+            "compare" | "arithmetic" => {
+                let so = so.unwrap();
+                let (a, b) = so.split_once(", ").unwrap();
+                let (a, b) = (number(&a[2..]), number(&b[2..]));
+                let last = |p: &str| {
+                    marks
+                        .iter()
+                        .flat_map(|m| m.split(' '))
+                        .filter_map(|m| m.strip_prefix(p))
+                        .map(number)
+                        .max()
+                        .unwrap_or(0)
+                };
+                assert_eq!((last("a"), last("b")), (a, b), "{r:?}");
+                match (family.as_str(), q["subtract"] == true) {
+                    ("compare", _) => if a > b { "yes" } else { "no" }.to_string(),
+                    (_, true) => (a - b).to_string(),
+                    _ => (a + b).to_string(),
+                }
+            }
+            "relation" => {
+                let so = so.unwrap();
+                let (a, b) = so.split_once(", ").unwrap();
+                let (a, b) = (cell(&a[2..]), cell(&b[2..]));
+                let mut named = marks.clone();
+                named.sort();
+                assert_eq!(named, ["a", "b"], "{r:?}");
+                let holds = match q["relation"].as_str().unwrap() {
+                    "left" => a.0 < b.0,
+                    "right" => a.0 > b.0,
+                    "above" => a.1 < b.1,
+                    "below" => a.1 > b.1,
+                    other => panic!("{other}"),
+                };
+                if holds { "yes" } else { "no" }.to_string()
+            }
+            other => panic!("unexpected family {other}"),
+        };
+        assert_eq!(derived, t.answer, "row {}: {r:?} ({family})", t.id);
+        families.insert(family);
+    }
+    assert_eq!(families.len(), 7, "{families:?}");
+}
