@@ -441,33 +441,17 @@ pub fn tally_rationale(scene: &Scene, query: &Query) -> Option<String> {
             .collect();
         (marks, counts)
     };
+    // The object asked about marked with the attribute asked for.
+    let mark_where = |mark: &dyn Fn(&Object) -> Option<&'static str>| -> String {
+        let marks: Vec<String> = objects
+            .iter()
+            .map(|o| mark(o).unwrap_or_default().to_string())
+            .collect();
+        list(&marks)
+    };
     Some(match query {
-        Query::Colour { shape } => {
-            let marks: Vec<String> = objects
-                .iter()
-                .map(|o| {
-                    if o.shape == *shape {
-                        o.colour.name().to_string()
-                    } else {
-                        String::new()
-                    }
-                })
-                .collect();
-            list(&marks)
-        }
-        Query::Shape { colour } => {
-            let marks: Vec<String> = objects
-                .iter()
-                .map(|o| {
-                    if o.colour == *colour {
-                        o.shape.name().to_string()
-                    } else {
-                        String::new()
-                    }
-                })
-                .collect();
-            list(&marks)
-        }
+        Query::Colour { shape } => mark_where(&|o| (o.shape == *shape).then(|| o.colour.name())),
+        Query::Shape { colour } => mark_where(&|o| (o.colour == *colour).then(|| o.shape.name())),
         Query::Count { filter } => {
             let (marks, counts) = tally(&[filter]);
             format!("{}. so {}", list(&marks), counts[0])

@@ -398,6 +398,27 @@ fn every_question_row_carries_a_rationale_that_lists_the_scene_and_styles_write_
     }
 }
 
+/// A cell's name ("middle left") as (column, row).
+fn cell_of(name: &str) -> (i64, i64) {
+    let (row, col) = name.split_once(' ').unwrap();
+    let r = ["top", "middle", "bottom"].iter().position(|x| *x == row);
+    let c = ["left", "centre", "right"].iter().position(|x| *x == col);
+    (c.unwrap() as i64, r.unwrap() as i64)
+}
+
+/// The yes/no answer of a relation question (`query` as the row's `query`) between the cells
+/// of objects a and b.
+fn relation_answer(query: &Value, a: (i64, i64), b: (i64, i64)) -> String {
+    let holds = match query["relation"].as_str().unwrap() {
+        "left" => a.0 < b.0,
+        "right" => a.0 > b.0,
+        "above" => a.1 < b.1,
+        "below" => a.1 > b.1,
+        other => panic!("{other}"),
+    };
+    if holds { "yes" } else { "no" }.to_string()
+}
+
 /// The focused rationale holds exactly what the answer follows from: the answer is recomputed
 /// here from the rationale's text alone, for every family.
 #[test]
@@ -418,12 +439,6 @@ fn the_focused_rationale_names_what_the_answer_follows_from() {
                 n.parse().unwrap_or_else(|_| panic!("{r:?}"))
             })
             .collect()
-    };
-    let cell = |name: &str| -> (i64, i64) {
-        let (row, col) = name.split_once(' ').unwrap();
-        let r = ["top", "middle", "bottom"].iter().position(|x| *x == row);
-        let c = ["left", "centre", "right"].iter().position(|x| *x == col);
-        (c.unwrap() as i64, r.unwrap() as i64)
     };
     let mut families = std::collections::BTreeSet::new();
     for row in &rows {
@@ -451,17 +466,9 @@ fn the_focused_rationale_names_what_the_answer_follows_from() {
             "relation" => {
                 let cells: Vec<(i64, i64)> = r
                     .split("; ")
-                    .map(|p| cell(p.rsplit_once(": ").unwrap().1))
+                    .map(|p| cell_of(p.rsplit_once(": ").unwrap().1))
                     .collect();
-                let (a, b) = (cells[0], cells[1]);
-                let holds = match q["relation"].as_str().unwrap() {
-                    "left" => a.0 < b.0,
-                    "right" => a.0 > b.0,
-                    "above" => a.1 < b.1,
-                    "below" => a.1 > b.1,
-                    other => panic!("{other}"),
-                };
-                if holds { "yes" } else { "no" }.to_string()
+                relation_answer(q, cells[0], cells[1])
             }
             other => panic!("unexpected family {other}"),
         };
@@ -524,12 +531,6 @@ fn the_tally_rationale_marks_what_the_answer_follows_from() {
             .0
     };
     let (scene, tally) = (rows(RationaleKind::Scene), rows(RationaleKind::Tally));
-    let cell = |name: &str| -> (i64, i64) {
-        let (row, col) = name.split_once(' ').unwrap();
-        let r = ["top", "middle", "bottom"].iter().position(|x| *x == row);
-        let c = ["left", "centre", "right"].iter().position(|x| *x == col);
-        (c.unwrap() as i64, r.unwrap() as i64)
-    };
     let mut families = std::collections::BTreeSet::new();
     for (s, t) in scene.iter().zip(&tally) {
         let r = t.rationale().unwrap();
@@ -591,18 +592,10 @@ fn the_tally_rationale_marks_what_the_answer_follows_from() {
             "relation" => {
                 let so = so.unwrap();
                 let (a, b) = so.split_once(", ").unwrap();
-                let (a, b) = (cell(&a[2..]), cell(&b[2..]));
                 let mut named = marks.clone();
                 named.sort();
                 assert_eq!(named, ["a", "b"], "{r:?}");
-                let holds = match q["relation"].as_str().unwrap() {
-                    "left" => a.0 < b.0,
-                    "right" => a.0 > b.0,
-                    "above" => a.1 < b.1,
-                    "below" => a.1 > b.1,
-                    other => panic!("{other}"),
-                };
-                if holds { "yes" } else { "no" }.to_string()
+                relation_answer(q, cell_of(&a[2..]), cell_of(&b[2..]))
             }
             other => panic!("unexpected family {other}"),
         };
