@@ -60,6 +60,68 @@ impl Sandbox {
             .output()
             .expect("the ril binary runs")
     }
+
+    /// A tiny run's inputs made with ril's own commands: a shapes dataset in `data/`
+    /// (`n_train` rows, 32-pixel images, at most 2 objects, seed 5), a 300-token tokenizer in
+    /// `tok/`, and one random test-size model (one decoder layer) per `(directory, seed)`.
+    pub fn make_tiny_run(&self, n_train: usize, models: &[(&str, &str)]) {
+        let n = n_train.to_string();
+        let held_out = (n_train / 6).max(2).to_string();
+        ok(&self.ril(&[
+            "data",
+            "synth",
+            "--out",
+            "data",
+            "--seed",
+            "5",
+            "--n-train",
+            &n,
+            "--n-val",
+            &held_out,
+            "--n-test",
+            &held_out,
+            "--image-size",
+            "32",
+            "--max-objects",
+            "2",
+        ]));
+        ok(&self.ril(&[
+            "tokenizer",
+            "train",
+            "--data",
+            "data",
+            "--out",
+            "tok",
+            "--vocab-size",
+            "300",
+        ]));
+        for (name, seed) in models {
+            ok(&self.ril(&[
+                "model",
+                "init",
+                "--tokenizer",
+                "tok",
+                "--size",
+                "test",
+                "--layers",
+                "1",
+                "--seed",
+                seed,
+                "--out",
+                name,
+            ]));
+        }
+    }
+}
+
+/// Asserts that a `ril` run succeeded, showing its output when it did not.
+pub fn ok(out: &Output) {
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        stdout(out),
+        stderr(out)
+    );
 }
 
 pub fn stdout(o: &Output) -> String {

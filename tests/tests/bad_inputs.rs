@@ -18,7 +18,7 @@ use ril_model::image::{ImageProcessor, ImageProcessorConfig};
 use ril_model::{Head, LlavaConfig, Vlm};
 use ril_proto::security::Role::{Actor, Admin, Learner};
 use ril_proto::v1;
-use ril_tests::{Sandbox, ril_binary, stderr, stdout};
+use ril_tests::{Sandbox, ok, ril_binary, stderr, stdout};
 use serde::Deserialize;
 
 #[derive(Debug, Deserialize)]
@@ -381,59 +381,9 @@ struct Servers {
     _roles: Vec<Role>,
 }
 
-fn ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        stdout(out),
-        stderr(out)
-    );
-}
-
 /// Data, a tokenizer and a test-size student (also the teacher) made with ril's own commands.
 fn make_run(sb: &Sandbox) {
-    ok(&sb.ril(&[
-        "data",
-        "synth",
-        "--out",
-        "data",
-        "--seed",
-        "5",
-        "--n-train",
-        "8",
-        "--n-val",
-        "2",
-        "--n-test",
-        "2",
-        "--image-size",
-        "32",
-        "--max-objects",
-        "2",
-    ]));
-    ok(&sb.ril(&[
-        "tokenizer",
-        "train",
-        "--data",
-        "data",
-        "--out",
-        "tok",
-        "--vocab-size",
-        "300",
-    ]));
-    ok(&sb.ril(&[
-        "model",
-        "init",
-        "--tokenizer",
-        "tok",
-        "--size",
-        "test",
-        "--layers",
-        "1",
-        "--seed",
-        "1",
-        "--out",
-        "student",
-    ]));
+    sb.make_tiny_run(8, &[("student", "1")]);
     let toml = r#"
 [run]
 id = "bad-inputs"

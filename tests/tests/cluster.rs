@@ -7,64 +7,12 @@ use std::time::{Duration, Instant};
 
 use ril_proto::v1;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
-use ril_tests::{Sandbox, ril_binary, stderr, stdout};
-
-fn ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        stdout(out),
-        stderr(out)
-    );
-}
+use ril_tests::{Sandbox, ok, ril_binary, stderr, stdout};
 
 /// A small dataset, a tokenizer, a student and a teacher (random test-size models: the
 /// mechanics, not the learning, are under test here).
 fn make_models(sb: &Sandbox) {
-    ok(&sb.ril(&[
-        "data",
-        "synth",
-        "--out",
-        "data",
-        "--seed",
-        "5",
-        "--n-train",
-        "24",
-        "--n-val",
-        "4",
-        "--n-test",
-        "4",
-        "--image-size",
-        "32",
-        "--max-objects",
-        "2",
-    ]));
-    ok(&sb.ril(&[
-        "tokenizer",
-        "train",
-        "--data",
-        "data",
-        "--out",
-        "tok",
-        "--vocab-size",
-        "300",
-    ]));
-    for (name, seed) in [("student", "1"), ("teacher", "2")] {
-        ok(&sb.ril(&[
-            "model",
-            "init",
-            "--tokenizer",
-            "tok",
-            "--size",
-            "test",
-            "--layers",
-            "1",
-            "--seed",
-            seed,
-            "--out",
-            name,
-        ]));
-    }
+    sb.make_tiny_run(24, &[("student", "1"), ("teacher", "2")]);
 }
 
 fn write_config(sb: &Sandbox, extra: &str) {

@@ -1,16 +1,7 @@
 //! The data → tokenizer → model → SFT → evaluation path through the `ril` binary, as the README
 //! documents it, on a small synthetic dataset.
 
-use ril_tests::{Sandbox, stderr, stdout};
-
-fn ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "stdout:\n{}\nstderr:\n{}",
-        stdout(out),
-        stderr(out)
-    );
-}
+use ril_tests::{Sandbox, ok, stderr, stdout};
 
 #[test]
 fn synth_tokenizer_init_sft_eval() {
