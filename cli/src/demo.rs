@@ -219,6 +219,51 @@ pub struct RunSpec {
 pub const TEACHERS: [(&str, &str); 2] =
     [("terse", "teacher-terse"), ("reasoned", "teacher-reasoned")];
 
+/// Pre-trains the discriminator into `d_dir` (`ril discriminator pretrain`): the student's and
+/// the run's teachers' answers (4 each) to `questions` training questions of `data`, `steps`
+/// steps. The teachers are the run's own servers (`cfg`'s `[[teachers]]`, started by the
+/// cluster supervisor and stopped after), on the run's secure path (TLS, mutual TLS and a
+/// token generated for this launch, or `[security]`'s own); the client speaks as the
+/// discriminator.
+pub fn pretrain_discriminator(
+    cfg: &RunConfig,
+    config: &Path,
+    data: &Path,
+    d_dir: &Path,
+    questions: usize,
+    steps: u64,
+) -> anyhow::Result<()> {
+    let rt = crate::roles::runtime()?;
+    let (mut teachers, addrs, security_flags) = rt.block_on(crate::cluster::serve_teachers(
+        cfg,
+        config,
+        std::time::Duration::from_secs(300),
+    ))?;
+    let mut a: Vec<String> = ["discriminator", "pretrain", "--student"]
+        .map(String::from)
+        .to_vec();
+    a.extend([
+        p(&cfg.student.checkpoint),
+        "--data".into(),
+        p(data),
+        "--out".into(),
+        p(d_dir),
+    ]);
+    a.extend(["--answers".into(), "4".into(), "--max-questions".into()]);
+    a.extend([questions.to_string(), "--steps".into()]);
+    a.extend([steps.to_string(), "--max-new-tokens".into(), "48".into()]);
+    for addr in addrs {
+        a.extend(["--teacher".into(), addr]);
+    }
+    a.extend(security_flags);
+    let result = ril(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    rt.block_on(crate::supervise::stop_all(
+        &mut teachers,
+        std::time::Duration::from_secs(30),
+    ));
+    result
+}
+
 /// The run config (TOML) for `spec`.
 pub fn run_config_toml(spec: &RunSpec) -> String {
     let models = p(&spec.models);
@@ -421,42 +466,14 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     if args.pretrain_questions > 0 {
         let d_dir = absolute(&args.out)?.join("discriminator-pretrained");
         let _ = std::fs::remove_dir_all(&d_dir);
-        // The run's teacher servers answer, on the same secure path as the RIL run (TLS,
-        // mutual TLS and a token generated for this launch, or `[security]`'s own); the
-        // pre-training client speaks as the discriminator.
-        let rt = crate::roles::runtime()?;
-        let (mut teachers, addrs, security_flags) = rt.block_on(crate::cluster::serve_teachers(
+        pretrain_discriminator(
             &cfg,
             &config,
-            std::time::Duration::from_secs(300),
-        ))?;
-        let mut a: Vec<String> = ["discriminator", "pretrain", "--student"]
-            .map(String::from)
-            .to_vec();
-        a.extend([
-            p(&cfg.student.checkpoint),
-            "--data".into(),
-            p(&data),
-            "--out".into(),
-            p(&d_dir),
-        ]);
-        a.extend(["--answers".into(), "4".into(), "--max-questions".into()]);
-        a.extend([args.pretrain_questions.to_string(), "--steps".into()]);
-        a.extend([
-            args.pretrain_steps.to_string(),
-            "--max-new-tokens".into(),
-            "48".into(),
-        ]);
-        for addr in addrs {
-            a.extend(["--teacher".into(), addr]);
-        }
-        a.extend(security_flags);
-        let result = ril(&a.iter().map(String::as_str).collect::<Vec<_>>());
-        rt.block_on(crate::supervise::stop_all(
-            &mut teachers,
-            std::time::Duration::from_secs(30),
-        ));
-        result?;
+            &data,
+            &d_dir,
+            args.pretrain_questions,
+            args.pretrain_steps,
+        )?;
         config = write_config(args, &data, &models, Some(d_dir))?;
         cfg = RunConfig::load(&config)?;
     } else {

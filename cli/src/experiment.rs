@@ -13,8 +13,8 @@ use anyhow::{Context, bail};
 
 use crate::config::RunConfig;
 use crate::demo::{
-    Metrics, RunSpec, TEACHERS, absolute, eval_accuracy, first_last, run_config_toml, run_local,
-    synth_benchmark,
+    Metrics, RunSpec, TEACHERS, absolute, eval_accuracy, first_last, pretrain_discriminator,
+    run_config_toml, run_local, synth_benchmark,
 };
 
 #[derive(Debug, clap::Args)]
@@ -50,6 +50,15 @@ pub struct AblationArgs {
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
     /// Comma-separated subset of the variants (default: all); `--list-variants` names them.
+    /// Questions whose student and teacher answers (4 each) pre-train the discriminator of
+    /// every variant that uses the similarity reward, as `ril demo` does (0: D starts from the
+    /// student with a fresh head, so "frozen D" gives every response r_sim = 0). One
+    /// pre-trained D per teacher set, shared by its variants and seeds.
+    #[arg(long, default_value_t = 64)]
+    pub pretrain_questions: usize,
+    /// D's pre-training steps.
+    #[arg(long, default_value_t = 30)]
+    pub pretrain_steps: u64,
     #[arg(long, value_delimiter = ',')]
     pub variants: Vec<String>,
     /// Print the variants and exit.
@@ -200,6 +209,26 @@ pub fn spec(
     }
 }
 
+/// The variant's teachers by name, e.g. `terse+reasoned`.
+fn teacher_set(v: &Variant) -> String {
+    v.teachers
+        .iter()
+        .map(|&i| TEACHERS[i].0)
+        .collect::<Vec<_>>()
+        .join("+")
+}
+
+/// Where the variant's pre-trained discriminator lives (`<out>/discriminators/<teachers>`,
+/// next to `runs/`; `run_dir` is `<out>/runs/<variant>-s<seed>`), or `None` when it needs none:
+/// the base, variants without the similarity reward, and `--pretrain-questions 0`.
+pub fn pretrained_d_dir(args: &AblationArgs, v: &Variant, run_dir: &Path) -> Option<PathBuf> {
+    if v.base || !v.use_sim_reward || args.pretrain_questions == 0 {
+        return None;
+    }
+    let out = run_dir.parent()?.parent()?;
+    Some(out.join("discriminators").join(teacher_set(v)))
+}
+
 /// Mean and (sample) standard deviation; std 0 for fewer than two values.
 pub fn mean_std(xs: &[f64]) -> (f64, f64) {
     if xs.is_empty() {
@@ -229,12 +258,39 @@ fn run_one(
     let (model, metrics) = if v.base {
         (models.join("student"), serde_json::Value::Null)
     } else {
-        let spec = spec(args, v, seed, dir, data, models);
+        let mut spec = spec(args, v, seed, dir, data, models);
         let config = dir.join("run.toml");
         std::fs::write(&config, run_config_toml(&spec))
             .with_context(|| format!("writing {}", config.display()))?;
-        let cfg = RunConfig::load(&config)?;
+        let mut cfg = RunConfig::load(&config)?;
         let _ = std::fs::remove_dir_all(&cfg.run.dir);
+        if let Some(d_dir) = pretrained_d_dir(args, v, dir) {
+            if !d_dir.is_dir() {
+                // Written aside and renamed, so an interrupted pre-training is redone.
+                let tmp = d_dir.with_extension("partial");
+                let _ = std::fs::remove_dir_all(&tmp);
+                println!(
+                    "    pre-training the discriminator against {} ({} questions, {} steps)",
+                    teacher_set(v),
+                    args.pretrain_questions,
+                    args.pretrain_steps
+                );
+                pretrain_discriminator(
+                    &cfg,
+                    &config,
+                    data,
+                    &tmp,
+                    args.pretrain_questions,
+                    args.pretrain_steps,
+                )?;
+                std::fs::rename(&tmp, &d_dir)
+                    .with_context(|| format!("moving {} to {}", tmp.display(), d_dir.display()))?;
+            }
+            spec.discriminator_init = Some(d_dir);
+            std::fs::write(&config, run_config_toml(&spec))
+                .with_context(|| format!("writing {}", config.display()))?;
+            cfg = RunConfig::load(&config)?;
+        }
         let outcome = run_local(&cfg, &config)?;
         let metrics = ril_plot::read_metrics(
             &outcome
@@ -485,6 +541,36 @@ mod tests {
         assert!(variant("base").unwrap().base);
         let err = variant("ppo").unwrap_err().to_string();
         assert!(err.contains("ppo") && err.contains("ril-no-d"), "{err}");
+    }
+
+    #[test]
+    fn d_is_pre_trained_once_per_teacher_set_for_the_variants_that_score_with_it() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: AblationArgs,
+        }
+        use clap::Parser as _;
+        let args = Cli::parse_from(["ablation", "--out", "abl"]).a;
+        let run = |key: &str| Path::new("abl/runs").join(format!("{key}-s1"));
+        let d = |key: &str| pretrained_d_dir(&args, &variant(key).unwrap(), &run(key));
+        let both = Some(PathBuf::from("abl/discriminators/terse+reasoned"));
+        for key in ["ril", "il", "ril-frozen-d", "ril-grpo-std"] {
+            assert_eq!(d(key), both, "{key}");
+        }
+        assert_eq!(d("ril-t1"), Some(PathBuf::from("abl/discriminators/terse")));
+        assert_eq!(
+            d("ril-t2"),
+            Some(PathBuf::from("abl/discriminators/reasoned"))
+        );
+        for key in ["base", "rl", "ril-no-d"] {
+            assert_eq!(d(key), None, "{key}");
+        }
+        let none = Cli::parse_from(["ablation", "--pretrain-questions", "0"]).a;
+        assert_eq!(
+            pretrained_d_dir(&none, &variant("ril").unwrap(), &run("ril")),
+            None
+        );
     }
 
     #[test]

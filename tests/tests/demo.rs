@@ -132,10 +132,11 @@ fn demo_writes_its_report_and_one_metrics_line_per_step() {
     }
 }
 
-/// `ril experiment ablation` as a user runs it, cut down: two variants (the base and one RIL
-/// variant with two seeds), one iteration each, on the built-in models. The table and JSON
-/// agree with the runs' own results, the plot decodes, and a second invocation resumes (runs
-/// nothing again).
+/// `ril experiment ablation` as a user runs it, cut down: two variants (the base and RIL with a
+/// frozen discriminator, two seeds), one iteration each, on the built-in models. D is
+/// pre-trained once against the variant's teachers and both seeds' runs start from it. The
+/// table and JSON agree with the runs' own results, the plot decodes, and a second invocation
+/// resumes (runs and pre-trains nothing again).
 #[test]
 fn the_ablation_writes_its_table_and_plot_and_resumes() {
     let sb = Sandbox::new();
@@ -148,7 +149,7 @@ fn the_ablation_writes_its_table_and_plot_and_resumes() {
         "--models",
         models.to_str().unwrap(),
         "--variants",
-        "base,ril-no-d",
+        "base,ril-frozen-d",
         "--seeds",
         "2",
         "--iterations",
@@ -157,6 +158,10 @@ fn the_ablation_writes_its_table_and_plot_and_resumes() {
         "8",
         "--split",
         "val",
+        "--pretrain-questions",
+        "2",
+        "--pretrain-steps",
+        "2",
     ];
     let out = sb.ril(&args);
     assert!(out.status.success(), "{}\n{}", stdout(&out), stderr(&out));
@@ -166,7 +171,17 @@ fn the_ablation_writes_its_table_and_plot_and_resumes() {
     let rows = json.as_array().unwrap();
     assert_eq!(rows.len(), 2, "{json}");
     assert_eq!(rows[0]["variant"], "base");
-    assert_eq!(rows[1]["variant"], "ril-no-d");
+    assert_eq!(rows[1]["variant"], "ril-frozen-d");
+    assert_eq!(
+        stdout(&out)
+            .matches("pre-training the discriminator")
+            .count(),
+        1,
+        "{}",
+        stdout(&out)
+    );
+    let d_dir = sb.path("abl/discriminators/terse+reasoned");
+    assert!(d_dir.join("latest").exists(), "{}", d_dir.display());
     // The base is evaluated once (greedy); the RIL variant once per seed, each its own run.
     assert_eq!(rows[0]["accuracy"].as_array().unwrap().len(), 1);
     let accs: Vec<f64> = rows[1]["accuracy"]
@@ -178,24 +193,31 @@ fn the_ablation_writes_its_table_and_plot_and_resumes() {
     assert_eq!(accs.len(), 2);
     for (seed, acc) in accs.iter().enumerate() {
         let result: serde_json::Value = serde_json::from_str(
-            &std::fs::read_to_string(sb.path(&format!("abl/runs/ril-no-d-s{seed}/result.json")))
-                .unwrap(),
+            &std::fs::read_to_string(
+                sb.path(&format!("abl/runs/ril-frozen-d-s{seed}/result.json")),
+            )
+            .unwrap(),
         )
         .unwrap();
         assert_eq!(result["accuracy"].as_f64().unwrap(), *acc);
         assert_eq!(result["split"], "val");
         let config =
-            std::fs::read_to_string(sb.path(&format!("abl/runs/ril-no-d-s{seed}/run.toml")))
+            std::fs::read_to_string(sb.path(&format!("abl/runs/ril-frozen-d-s{seed}/run.toml")))
                 .unwrap();
         assert!(config.contains(&format!("seed = {seed}")), "{config}");
-        assert!(config.contains("use_sim_reward = false"), "{config}");
+        assert!(config.contains("use_sim_reward = true"), "{config}");
         assert!(config.contains("teachers_in_group = true"), "{config}");
+        // Both seeds start from the one pre-trained D.
+        assert!(
+            config.contains("discriminators/terse+reasoned\""),
+            "{config}"
+        );
     }
     let mean = (accs[0] + accs[1]) / 2.0;
     assert!((rows[1]["mean"].as_f64().unwrap() - mean).abs() < 1e-12);
     let table = std::fs::read_to_string(sb.path("abl/ablation.md")).unwrap();
     assert!(
-        table.contains("| RIL, no discriminator |") && table.contains("| base (SFT) |"),
+        table.contains("| RIL, frozen discriminator |") && table.contains("| base (SFT) |"),
         "{table}"
     );
     assert!(table.contains(&format!("{:.1} ±", 100.0 * mean)), "{table}");
@@ -212,6 +234,11 @@ fn the_ablation_writes_its_table_and_plot_and_resumes() {
     assert_eq!(
         stdout(&again).matches("done earlier").count(),
         3,
+        "{}",
+        stdout(&again)
+    );
+    assert!(
+        !stdout(&again).contains("pre-training"),
         "{}",
         stdout(&again)
     );
