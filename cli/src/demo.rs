@@ -49,13 +49,8 @@ pub struct DemoArgs {
     /// (the last one is the final policy).
     #[arg(long, default_value_t = 4)]
     pub accuracy_points: u64,
-    /// Questions whose student and teacher answers (4 each) pre-train the discriminator before
-    /// RIL (0: no pre-training; D starts from the student with a fresh head).
-    #[arg(long, default_value_t = 64)]
-    pub pretrain_questions: usize,
-    /// D's pre-training steps.
-    #[arg(long, default_value_t = 30)]
-    pub pretrain_steps: u64,
+    #[command(flatten)]
+    pub pretrain: PretrainArgs,
     /// SFT steps for the models made on first use when the built-in ones are missing.
     #[arg(long, default_value_t = 300)]
     pub fallback_sft_steps: usize,
@@ -219,9 +214,22 @@ pub struct RunSpec {
 pub const TEACHERS: [(&str, &str); 2] =
     [("terse", "teacher-terse"), ("reasoned", "teacher-reasoned")];
 
+/// D's pre-training before RIL, for `ril demo` and `ril experiment ablation`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PretrainArgs {
+    /// Questions whose student and teacher answers (4 each) pre-train the discriminator before
+    /// RIL (0: no pre-training; D starts from the student with a fresh head, so a frozen D
+    /// gives every response r_sim = 0).
+    #[arg(long, default_value_t = 64)]
+    pub pretrain_questions: usize,
+    /// D's pre-training steps.
+    #[arg(long, default_value_t = 30)]
+    pub pretrain_steps: u64,
+}
+
 /// Pre-trains the discriminator into `d_dir` (`ril discriminator pretrain`): the student's and
-/// the run's teachers' answers (4 each) to `questions` training questions of `data`, `steps`
-/// steps. The teachers are the run's own servers (`cfg`'s `[[teachers]]`, started by the
+/// the run's teachers' answers (4 each) to `pretrain_questions` training questions of `data`,
+/// `pretrain_steps` steps. The teachers are the run's own servers (`cfg`'s `[[teachers]]`, started by the
 /// cluster supervisor and stopped after), on the run's secure path (TLS, mutual TLS and a
 /// token generated for this launch, or `[security]`'s own); the client speaks as the
 /// discriminator.
@@ -230,8 +238,7 @@ pub fn pretrain_discriminator(
     config: &Path,
     data: &Path,
     d_dir: &Path,
-    questions: usize,
-    steps: u64,
+    how: &PretrainArgs,
 ) -> anyhow::Result<()> {
     let rt = crate::roles::runtime()?;
     let (mut teachers, addrs, security_flags) = rt.block_on(crate::cluster::serve_teachers(
@@ -250,8 +257,12 @@ pub fn pretrain_discriminator(
         p(d_dir),
     ]);
     a.extend(["--answers".into(), "4".into(), "--max-questions".into()]);
-    a.extend([questions.to_string(), "--steps".into()]);
-    a.extend([steps.to_string(), "--max-new-tokens".into(), "48".into()]);
+    a.extend([how.pretrain_questions.to_string(), "--steps".into()]);
+    a.extend([
+        how.pretrain_steps.to_string(),
+        "--max-new-tokens".into(),
+        "48".into(),
+    ]);
     for addr in addrs {
         a.extend(["--teacher".into(), addr]);
     }
@@ -463,17 +474,10 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         TOTAL,
         "discriminator pre-training (student vs teacher answers)",
     );
-    if args.pretrain_questions > 0 {
+    if args.pretrain.pretrain_questions > 0 {
         let d_dir = absolute(&args.out)?.join("discriminator-pretrained");
         let _ = std::fs::remove_dir_all(&d_dir);
-        pretrain_discriminator(
-            &cfg,
-            &config,
-            &data,
-            &d_dir,
-            args.pretrain_questions,
-            args.pretrain_steps,
-        )?;
+        pretrain_discriminator(&cfg, &config, &data, &d_dir, &args.pretrain)?;
         config = write_config(args, &data, &models, Some(d_dir))?;
         cfg = RunConfig::load(&config)?;
     } else {

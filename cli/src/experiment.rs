@@ -13,8 +13,8 @@ use anyhow::{Context, bail};
 
 use crate::config::RunConfig;
 use crate::demo::{
-    Metrics, RunSpec, TEACHERS, absolute, eval_accuracy, first_last, pretrain_discriminator,
-    run_config_toml, run_local, synth_benchmark,
+    Metrics, PretrainArgs, RunSpec, TEACHERS, absolute, eval_accuracy, first_last,
+    pretrain_discriminator, run_config_toml, run_local, synth_benchmark,
 };
 
 #[derive(Debug, clap::Args)]
@@ -50,15 +50,10 @@ pub struct AblationArgs {
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
     /// Comma-separated subset of the variants (default: all); `--list-variants` names them.
-    /// Questions whose student and teacher answers (4 each) pre-train the discriminator of
-    /// every variant that uses the similarity reward, as `ril demo` does (0: D starts from the
-    /// student with a fresh head, so "frozen D" gives every response r_sim = 0). One
-    /// pre-trained D per teacher set, shared by its variants and seeds.
-    #[arg(long, default_value_t = 64)]
-    pub pretrain_questions: usize,
-    /// D's pre-training steps.
-    #[arg(long, default_value_t = 30)]
-    pub pretrain_steps: u64,
+    /// D's pre-training, as `ril demo` does, for every variant that uses the similarity
+    /// reward: one pre-trained D per teacher set, shared by its variants and seeds.
+    #[command(flatten)]
+    pub pretrain: PretrainArgs,
     #[arg(long, value_delimiter = ',')]
     pub variants: Vec<String>,
     /// Print the variants and exit.
@@ -222,7 +217,7 @@ fn teacher_set(v: &Variant) -> String {
 /// next to `runs/`; `run_dir` is `<out>/runs/<variant>-s<seed>`), or `None` when it needs none:
 /// the base, variants without the similarity reward, and `--pretrain-questions 0`.
 pub fn pretrained_d_dir(args: &AblationArgs, v: &Variant, run_dir: &Path) -> Option<PathBuf> {
-    if v.base || !v.use_sim_reward || args.pretrain_questions == 0 {
+    if v.base || !v.use_sim_reward || args.pretrain.pretrain_questions == 0 {
         return None;
     }
     let out = run_dir.parent()?.parent()?;
@@ -272,17 +267,10 @@ fn run_one(
                 println!(
                     "    pre-training the discriminator against {} ({} questions, {} steps)",
                     teacher_set(v),
-                    args.pretrain_questions,
-                    args.pretrain_steps
+                    args.pretrain.pretrain_questions,
+                    args.pretrain.pretrain_steps
                 );
-                pretrain_discriminator(
-                    &cfg,
-                    &config,
-                    data,
-                    &tmp,
-                    args.pretrain_questions,
-                    args.pretrain_steps,
-                )?;
+                pretrain_discriminator(&cfg, &config, data, &tmp, &args.pretrain)?;
                 std::fs::rename(&tmp, &d_dir)
                     .with_context(|| format!("moving {} to {}", tmp.display(), d_dir.display()))?;
             }

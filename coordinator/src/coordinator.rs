@@ -921,13 +921,7 @@ impl Coordinator {
             )));
         }
         let digest = publisher_digest(key);
-        let same = digest.len() == known.len()
-            && digest
-                .bytes()
-                .zip(known.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
-        if !same {
+        if !ril_proto::security::constant_time_eq(digest.as_bytes(), known.as_bytes()) {
             return Err(CoordinatorError::PermissionDenied(format!(
                 "{what} is for learner rank 0 only: the publisher key does not match the one \
                  rank 0 joined with"
@@ -1144,10 +1138,8 @@ mod tests;
 /// The shortest publisher key learner rank 0 may bring.
 pub const MIN_PUBLISHER_KEY_BYTES: usize = 16;
 
+/// SHA-256 of a publisher key, hex (as the state file keeps it).
 fn publisher_digest(key: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(key)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(key))
 }

@@ -195,12 +195,10 @@ impl Token {
 
     /// Constant-time equality with `presented` (hashes first, so lengths do not leak either).
     pub fn matches(&self, presented: &[u8]) -> bool {
-        let a = Sha256::digest(self.0.as_bytes());
-        let b = Sha256::digest(presented);
-        a.iter()
-            .zip(b.iter())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
+        constant_time_eq(
+            &Sha256::digest(self.0.as_bytes()),
+            &Sha256::digest(presented),
+        )
     }
 
     fn header_value(&self) -> AsciiMetadataValue {
@@ -210,6 +208,12 @@ impl Token {
         v.set_sensitive(true);
         v
     }
+}
+
+/// Equality of two secrets (or their digests) whose time depends only on the length: every
+/// byte is compared. Different lengths are unequal.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `[security]` in a run config: where the run token and the certificates are. Paths may hold

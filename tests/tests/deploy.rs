@@ -1143,11 +1143,22 @@ fn make_secrets(sb: &Sandbox) -> Vec<Value> {
     list["items"].as_array().unwrap().clone()
 }
 
+/// A Secret's keys as files in `dir`, as the kubelet writes a Secret volume.
+fn write_secret(secret: &Value, dir: &Path) {
+    use base64::Engine as _;
+    std::fs::create_dir_all(dir).unwrap();
+    for (key, value) in secret["data"].as_object().unwrap() {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(value.as_str().unwrap())
+            .unwrap();
+        std::fs::write(dir.join(key), bytes).unwrap();
+    }
+}
+
 /// What the kubelet puts at each of a pod's Secret mounts under SECRETS_MOUNT: every key of
 /// the Secret its volume names, as a file, written under `root` (the mount path's part below
 /// SECRETS_MOUNT kept). Panics when a mounted Secret is not among `secrets`.
 fn mount_secrets(w: Workload<'_>, secrets: &[Value], root: &Path) {
-    use base64::Engine as _;
     let c = w.containers()[0];
     for m in c["volumeMounts"].as_array().into_iter().flatten() {
         let path = m["mountPath"].as_str().unwrap();
@@ -1167,35 +1178,21 @@ fn mount_secrets(w: Workload<'_>, secrets: &[Value], root: &Path) {
                     w.name()
                 )
             });
-        let dir = root.join(below.trim_start_matches('/'));
-        std::fs::create_dir_all(&dir).unwrap();
-        for (key, value) in secret["data"].as_object().unwrap() {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(value.as_str().unwrap())
-                .unwrap();
-            std::fs::write(dir.join(key), bytes).unwrap();
-        }
+        write_secret(secret, &root.join(below.trim_start_matches('/')));
     }
 }
 
 /// The Secrets' mounts for every role at once (`tls/` holding every role's certificate), for
 /// runs that start every role from one config (`ril config check`, `ril train`).
 fn every_role_s_secrets(sb: &Sandbox) -> PathBuf {
-    use base64::Engine as _;
     let root = sb.path("all-secrets");
     for s in make_secrets(sb) {
-        let dir = root.join(if name(&s) == "ril-run-token" {
+        let kind = if name(&s) == "ril-run-token" {
             "token"
         } else {
             "tls"
-        });
-        std::fs::create_dir_all(&dir).unwrap();
-        for (key, value) in s["data"].as_object().unwrap() {
-            let bytes = base64::engine::general_purpose::STANDARD
-                .decode(value.as_str().unwrap())
-                .unwrap();
-            std::fs::write(dir.join(key), bytes).unwrap();
-        }
+        };
+        write_secret(&s, &root.join(kind));
     }
     root
 }
