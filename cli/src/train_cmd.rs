@@ -56,8 +56,10 @@ pub struct SynthArgs {
     /// Which rationale: `scene` (every object, cell by cell), `focused` (only the objects
     /// the question is about, with their cells or their count) or `stepwise` (the scene, then
     /// the focused step) or `tally` (the scene, each object marked as read with what it means
-    /// for the question: running counts, the attribute asked for, the two objects named).
-    #[arg(long, default_value = "scene", value_parser = ["scene", "focused", "stepwise", "tally"])]
+    /// for the question: running counts, the attribute asked for, the two objects named) or
+    /// `lookup` (the scene object first, "red circle at top left", then the focused step,
+    /// written so each look-up copies the words next to a match).
+    #[arg(long, default_value = "scene", value_parser = ["scene", "focused", "stepwise", "tally", "lookup"])]
     pub rationale_kind: String,
 }
 
@@ -83,6 +85,7 @@ pub fn synth(a: &SynthArgs) -> anyhow::Result<()> {
             "focused" => ril_data::shapes::RationaleKind::Focused,
             "stepwise" => ril_data::shapes::RationaleKind::Stepwise,
             "tally" => ril_data::shapes::RationaleKind::Tally,
+            "lookup" => ril_data::shapes::RationaleKind::Lookup,
             _ => ril_data::shapes::RationaleKind::Scene,
         },
     };

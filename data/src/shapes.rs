@@ -315,6 +315,12 @@ pub enum RationaleKind {
     /// the two named objects it is; then the counts or cells the answer follows from. No step
     /// searches back through the list.
     Tally,
+    /// The scene object first, "red circle at top left; blue square at middle right", then
+    /// the focused step ([`lookup_rationale`]). Every look-up the focused step makes copies
+    /// what follows a match in the list (the cell after "red circle at", the shape after
+    /// "red") or the word just before it (the colour before "circle"); `stepwise` asks for
+    /// the cell two words before a shape.
+    Lookup,
 }
 
 impl RationaleKind {
@@ -488,6 +494,34 @@ pub fn tally_rationale(scene: &Scene, query: &Query) -> Option<String> {
         }
         Query::Describe => return None,
     })
+}
+
+/// The `lookup` rationale: the scene object first ("red circle at top left; blue square at
+/// middle right", "nothing" when empty), ". ", then the focused step: colour and shape
+/// questions name only the attribute asked for ("the circle: red", "the red object: circle");
+/// the other families are written as [`focused_rationale`] writes them. `None` for `describe`.
+pub fn lookup_rationale(scene: &Scene, query: &Query) -> Option<String> {
+    let list = if scene.objects.is_empty() {
+        "nothing".to_string()
+    } else {
+        reading_order(scene)
+            .iter()
+            .map(|o| format!("{} {} at {}", o.colour.name(), o.shape.name(), cell_name(o)))
+            .collect::<Vec<_>>()
+            .join("; ")
+    };
+    let focus = match query {
+        Query::Colour { shape } => {
+            let o = scene.objects.iter().find(|o| o.shape == *shape)?;
+            format!("the {}: {}", shape.name(), o.colour.name())
+        }
+        Query::Shape { colour } => {
+            let o = scene.objects.iter().find(|o| o.colour == *colour)?;
+            format!("the {} object: {}", colour.name(), o.shape.name())
+        }
+        _ => focused_rationale(scene, query)?,
+    };
+    Some(format!("{list}. {focus}"))
 }
 
 fn reading_order(scene: &Scene) -> Vec<&Object> {
@@ -978,6 +1012,7 @@ pub fn write_dataset(cfg: &SynthConfig, out: &Path) -> Result<[usize; 3]> {
                     RationaleKind::Stepwise => focused_rationale(&g.scene, &g.query)
                         .map(|f| format!("{}. {f}", rationale(&g.scene))),
                     RationaleKind::Tally => tally_rationale(&g.scene, &g.query),
+                    RationaleKind::Lookup => lookup_rationale(&g.scene, &g.query),
                 };
                 if let Some(r) = r {
                     row["rationale"] = r.into();

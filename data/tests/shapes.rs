@@ -431,47 +431,13 @@ fn the_focused_rationale_names_what_the_answer_follows_from() {
     };
     write_dataset(&cfg, dir.path()).unwrap();
     let (rows, _) = read_all(&dir.path().join("train.jsonl"), ReadOptions::default()).unwrap();
-    // "(n)" at the end of each "; "-separated listing.
-    let counts = |r: &str| -> Vec<i64> {
-        r.split("; ")
-            .map(|part| {
-                let n = part.rsplit_once('(').unwrap().1.trim_end_matches(')');
-                n.parse().unwrap_or_else(|_| panic!("{r:?}"))
-            })
-            .collect()
-    };
     let mut families = std::collections::BTreeSet::new();
     for row in &rows {
         let r = row
             .rationale()
             .unwrap_or_else(|| panic!("row {} has no rationale", row.id));
         let family = row.family.clone().unwrap();
-        let q = &row.extra["query"];
-        let derived = match family.as_str() {
-            "colour" | "shape" => r.rsplit_once(", ").unwrap().1.to_string(),
-            "count" => counts(r)[0].to_string(),
-            "exists" => if counts(r)[0] > 0 { "yes" } else { "no" }.to_string(),
-            "compare" => {
-                let c = counts(r);
-                if c[0] > c[1] { "yes" } else { "no" }.to_string()
-            }
-            "arithmetic" => {
-                let c = counts(r);
-                if q["subtract"] == true {
-                    (c[0] - c[1]).to_string()
-                } else {
-                    (c[0] + c[1]).to_string()
-                }
-            }
-            "relation" => {
-                let cells: Vec<(i64, i64)> = r
-                    .split("; ")
-                    .map(|p| cell_of(p.rsplit_once(": ").unwrap().1))
-                    .collect();
-                relation_answer(q, cells[0], cells[1])
-            }
-            other => panic!("unexpected family {other}"),
-        };
+        let derived = answer_from_focus(r, &family, &row.extra["query"]);
         assert_eq!(derived, row.answer, "row {}: {r:?} ({family})", row.id);
         families.insert(family);
     }
@@ -600,6 +566,94 @@ fn the_tally_rationale_marks_what_the_answer_follows_from() {
             other => panic!("unexpected family {other}"),
         };
         assert_eq!(derived, t.answer, "row {}: {r:?} ({family})", t.id);
+        families.insert(family);
+    }
+    assert_eq!(families.len(), 7, "{families:?}");
+}
+
+/// The answer a focused step ("the circle: top left, red", "red circles: top left (1)",
+/// "the red circle: top left; the blue square: nowhere") determines, recomputed from its text.
+fn answer_from_focus(r: &str, family: &str, q: &serde_json::Value) -> String {
+    // "(n)" at the end of each "; "-separated listing.
+    let counts = |r: &str| -> Vec<i64> {
+        r.split("; ")
+            .map(|part| {
+                let n = part.rsplit_once('(').unwrap().1.trim_end_matches(')');
+                n.parse().unwrap_or_else(|_| panic!("{r:?}"))
+            })
+            .collect()
+    };
+    match family {
+        // The attribute asked for is the last word, after ", " or ": ".
+        "colour" | "shape" => r.rsplit([',', ':']).next().unwrap().trim().to_string(),
+        "count" => counts(r)[0].to_string(),
+        "exists" => if counts(r)[0] > 0 { "yes" } else { "no" }.to_string(),
+        "compare" => {
+            let c = counts(r);
+            if c[0] > c[1] { "yes" } else { "no" }.to_string()
+        }
+        "arithmetic" => {
+            let c = counts(r);
+            if q["subtract"] == true {
+                (c[0] - c[1]).to_string()
+            } else {
+                (c[0] + c[1]).to_string()
+            }
+        }
+        "relation" => {
+            let cells: Vec<(i64, i64)> = r
+                .split("; ")
+                .map(|p| cell_of(p.rsplit_once(": ").unwrap().1))
+                .collect();
+            relation_answer(q, cells[0], cells[1])
+        }
+        other => panic!("unexpected family {other}"),
+    }
+}
+
+/// `lookup`: the scene object first ("red circle at top left"), the same objects in the same
+/// order as the scene rationale, then a focused step the answer is recomputed from.
+#[test]
+fn the_lookup_rationale_lists_objects_first_then_names_what_the_answer_follows_from() {
+    use ril_data::shapes::RationaleKind;
+    let rows = |kind: RationaleKind| {
+        let dir = tempfile::tempdir().unwrap();
+        write_dataset(
+            &SynthConfig {
+                rationale_kind: kind,
+                ..small(14, 400)
+            },
+            dir.path(),
+        )
+        .unwrap();
+        read_all(&dir.path().join("train.jsonl"), ReadOptions::default())
+            .unwrap()
+            .0
+    };
+    let (scene, lookup) = (rows(RationaleKind::Scene), rows(RationaleKind::Lookup));
+    let mut families = std::collections::BTreeSet::new();
+    for (s, l) in scene.iter().zip(&lookup) {
+        assert_eq!((&s.id, &s.answer), (&l.id, &l.answer));
+        let r = l.rationale().unwrap();
+        let (list, focus) = r.split_once(". ").unwrap_or_else(|| panic!("{r:?}"));
+        // "red circle at top left" is the scene's "top left: red circle" turned round.
+        let turned: Vec<String> = s
+            .rationale()
+            .unwrap()
+            .split("; ")
+            .map(|item| match item.split_once(": ") {
+                Some((cell, object)) => format!("{object} at {cell}"),
+                None => item.to_string(),
+            })
+            .collect();
+        assert_eq!(list, turned.join("; "), "row {}", l.id);
+        let family = l.family.clone().unwrap();
+        assert_eq!(
+            answer_from_focus(focus, &family, &l.extra["query"]),
+            l.answer,
+            "row {}: {r:?} ({family})",
+            l.id
+        );
         families.insert(family);
     }
     assert_eq!(families.len(), 7, "{families:?}");
