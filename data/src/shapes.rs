@@ -499,7 +499,9 @@ pub fn tally_rationale(scene: &Scene, query: &Query) -> Option<String> {
 /// The `lookup` rationale: the scene object first ("red circle at top left; blue square at
 /// middle right", "nothing" when empty), ". ", then the focused step: colour and shape
 /// questions name only the attribute asked for ("the circle: red", "the red object: circle");
-/// the other families are written as [`focused_rationale`] writes them. `None` for `describe`.
+/// relation questions add the two cells compared along the question's axis ("the red circle:
+/// top left; the blue square: middle right; top is above middle"); the other families are
+/// written as [`focused_rationale`] writes them. `None` for `describe`.
 pub fn lookup_rationale(scene: &Scene, query: &Query) -> Option<String> {
     let list = if scene.objects.is_empty() {
         "nothing".to_string()
@@ -518,6 +520,33 @@ pub fn lookup_rationale(scene: &Scene, query: &Query) -> Option<String> {
         Query::Shape { colour } => {
             let o = scene.objects.iter().find(|o| o.colour == *colour)?;
             format!("the {} object: {}", colour.name(), o.shape.name())
+        }
+        Query::Relation { a, b, relation } => {
+            let cells = focused_rationale(scene, query)?;
+            match (find(scene, a.0, a.1), find(scene, b.0, b.1)) {
+                // The two cells compared along the question's axis, in words: "top is above
+                // middle", "right is right of centre".
+                (Some(oa), Some(ob)) => {
+                    const ROWS: [&str; 3] = ["top", "middle", "bottom"];
+                    const COLUMNS: [&str; 3] = ["left", "centre", "right"];
+                    let (x, y, words, before, after) = match relation {
+                        Relation::Left | Relation::Right => {
+                            (oa.cell.0, ob.cell.0, COLUMNS, "left of", "right of")
+                        }
+                        Relation::Above | Relation::Below => {
+                            (oa.cell.1, ob.cell.1, ROWS, "above", "below")
+                        }
+                    };
+                    let verdict = match x.cmp(&y) {
+                        std::cmp::Ordering::Less => before,
+                        std::cmp::Ordering::Greater => after,
+                        std::cmp::Ordering::Equal => "level with",
+                    };
+                    let word = |i: u32| words[i as usize % 3];
+                    format!("{cells}; {} is {verdict} {}", word(x), word(y))
+                }
+                _ => cells,
+            }
         }
         _ => focused_rationale(scene, query)?,
     };

@@ -648,8 +648,49 @@ fn the_lookup_rationale_lists_objects_first_then_names_what_the_answer_follows_f
             .collect();
         assert_eq!(list, turned.join("; "), "row {}", l.id);
         let family = l.family.clone().unwrap();
+        let q = &l.extra["query"];
+        let focus = if family == "relation" {
+            // "...; top is above middle": the cells compared along the question's axis, and
+            // the answer is whether that is the relation asked about.
+            let (cells, verdict) = focus.rsplit_once("; ").unwrap();
+            let a: Vec<(i64, i64)> = cells
+                .split("; ")
+                .map(|p| cell_of(p.rsplit_once(": ").unwrap().1))
+                .collect();
+            let horizontal = matches!(q["relation"].as_str(), Some("left" | "right"));
+            let (x, y) = if horizontal {
+                (a[0].0, a[1].0)
+            } else {
+                (a[0].1, a[1].1)
+            };
+            let names = if horizontal {
+                ["left", "centre", "right"]
+            } else {
+                ["top", "middle", "bottom"]
+            };
+            let word = match (horizontal, x.cmp(&y)) {
+                (true, std::cmp::Ordering::Less) => "left of",
+                (true, std::cmp::Ordering::Greater) => "right of",
+                (false, std::cmp::Ordering::Less) => "above",
+                (false, std::cmp::Ordering::Greater) => "below",
+                (_, std::cmp::Ordering::Equal) => "level with",
+            };
+            let expected = format!("{} is {word} {}", names[x as usize], names[y as usize]);
+            assert_eq!(verdict, expected, "row {}: {r:?}", l.id);
+            let asked = q["relation"].as_str().unwrap();
+            let holds = word.split(' ').next() == Some(asked);
+            assert_eq!(
+                if holds { "yes" } else { "no" },
+                l.answer,
+                "row {}: {r:?}",
+                l.id
+            );
+            cells
+        } else {
+            focus
+        };
         assert_eq!(
-            answer_from_focus(focus, &family, &l.extra["query"]),
+            answer_from_focus(focus, &family, q),
             l.answer,
             "row {}: {r:?} ({family})",
             l.id
