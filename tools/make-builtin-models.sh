@@ -8,23 +8,29 @@
 #      learns; shape stays at chance for thousands of steps: docs/BENCHMARKS.md), and it does
 #      from shape questions alone. LLaVA's recipe follows: a trained vision encoder under a new
 #      decoder;
-#   4. two teachers with different answer styles: terse (the vision tower from 3 under a new
-#      4-layer decoder, SFT on the mix in two stages) and reasoned (the terse one taught a
-#      one-sentence lead-in then "Answer: X");
-#   5. a student, smaller and weaker: the same vision tower under a 2-layer decoder, shortly trained;
-#   6. f16 copies of each, and held-out accuracy of each on the benchmark's test split.
-# The datasets are written without rationales (--no-rationale): these models were trained on
-# bare answers and the fixed "I checked the image carefully." lead-in, before rows carried
-# rationales (a reasoning-first teacher recipe is being measured: docs/BENCHMARKS.md).
+#   4. teacher-terse: the vision tower under a new 4-layer decoder, SFT on the mix in two stages,
+#      answering with the bare answer (73 % held-out: answering in one step is as far as this
+#      decoder gets);
+#   5. two teachers that reason, >= 90 % held-out: teacher-terse taught to write a chain of
+#      thought before its answer (the scene object by object, then what the question is about),
+#      in six stages on fresh rows (`ril data synth --rationale-kind stepwise`, then `lookup`);
+#      teacher-reasoned writes it then "Answer: X", teacher-narrated (one more stage) "I see ...
+#      So the answer is X.";
+#   6. a student, smaller and weaker: the same vision tower under a 2-layer decoder, shortly trained;
+#   7. f16 copies of each, and held-out accuracy of each on the benchmark's test split.
+# The benchmark, the mix and the shape-only set are written without rationales (--no-rationale):
+# the terse teacher and the student answer bare; the reasoning stages make their own datasets.
 # Every step is seeded; candle's CPU kernels are deterministic for a fixed thread count, so run
-# with the same CANDLE_NUM_THREADS to get identical weights.
+# with the same CANDLE_NUM_THREADS (2, the default here) to get identical weights.
 #
 # Usage: tools/make-builtin-models.sh [OUT_DIR]     (default: models/builtin)
 # Env:   RIL (the binary, default target/release/ril), VISION_STEPS, TEACHER_STEPS (stage 1),
-#        TEACHER_STEPS2 (stage 2), REASONED_STEPS, STUDENT_STEPS,
+#        TEACHER_STEPS2 (stage 2), NARRATED_STEPS, STUDENT_STEPS,
 #        KEEP_WORK=1 keeps OUT_DIR/work (datasets, full-precision checkpoints, logs),
-#        ONLY="teacher-reasoned student" builds only the models named (the datasets, the
-#        tokenizer and the vision tower are regenerated identically either way).
+#        ONLY="teacher-narrated student" builds only the models named (the datasets, the
+#        tokenizer and the vision tower are regenerated identically either way; each teacher
+#        starts from the one before it: terse -> reasoned -> narrated, so a teacher named
+#        without the one it starts from needs that one's checkpoint in OUT_DIR/work).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +39,7 @@ ril="${RIL:-target/release/ril}"
 vision_steps="${VISION_STEPS:-3000}"
 teacher_steps="${TEACHER_STEPS:-2000}"
 teacher_steps2="${TEACHER_STEPS2:-3000}"
-reasoned_steps="${REASONED_STEPS:-1000}"
+narrated_steps="${NARRATED_STEPS:-1000}"
 student_steps="${STUDENT_STEPS:-600}"
 work="${out}/work"
 export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-2}"
@@ -80,7 +86,7 @@ ship() { # name: f16 copy of the last stage, and its held-out accuracy
   rm -rf "$out/$1"
   "$ril" model export --model "$work/$1-sft/final" --out "$out/$1" --dtype f16
   log "eval $1"
-  "$ril" eval --model "$out/$1" --data "$work/shapes" --split test \
+  "$ril" eval --model "$out/$1" --data "$work/shapes" --split test --max-new-tokens 128 \
       --out "$out/$1.eval.json" | tee "$out/$1.eval.md"
 }
 
@@ -100,13 +106,46 @@ if wanted teacher-terse; then
   ship teacher-terse
 fi
 
-# Teacher (reasoned): the terse teacher taught another answer style (a one-sentence lead-in,
-# then "Answer: X").
+# Teachers that reason (docs/BENCHMARKS.md, "Chains of thought the teachers can follow"): the
+# terse teacher fine-tuned to write a rationale, then the answer. Each stage trains on fresh rows
+# of the seven families (lr cosine-decayed, 20 warm-up steps, batch 16). Stages 1-4 write the
+# scene cell by cell, then what the question is about ("top left: red circle; ... the circle:
+# top left, red"; --rationale-kind stepwise); this makes perception exact. Stages 5-6 switch to
+# the object-first list ("red circle at top left; ..."; --rationale-kind lookup), whose look-ups
+# copy the words next to a match, and weight colour and relation questions three times.
+cot_data() { # name seed rationale-kind rows families
+  [ -f "$work/$1/train.jsonl" ] ||
+    "$ril" data synth --out "$work/$1" --seed "$2" --image-size "$image_size" --jitter 0 \
+        --rationale-kind "$3" --n-train "$4" --n-val 200 --n-test 1 --families "$5" > /dev/null
+}
+cot() { # name init data steps lr min-lr seed style
+  sft "$1" "$work/$3" "$4" "$2" --lr "$5" --min-lr "$6" --schedule cosine --warmup-steps 20 \
+      --seed "$7" --target "style:$8"
+}
+seven=colour,shape,count,relation,exists,compare,arithmetic
+weighted=colour,colour,colour,relation,relation,relation,shape,count,exists,compare,arithmetic
 if wanted teacher-reasoned; then
-  log "teacher-reasoned ($reasoned_steps steps from teacher-terse)"
-  sft teacher-reasoned "$work/mix" "$reasoned_steps" "$work/teacher-terse-sft/final" \
-      --lr 3e-4 --min-lr 3e-5 --warmup-steps 20 --target style:reasoned --seed 2
+  log "teacher-reasoned: 6 stages (16,500 steps) from teacher-terse"
+  cot_data cot-1 11 stepwise 16000 "$seven"
+  cot_data cot-2 12 stepwise 40000 "$seven"
+  cot_data cot-3 13 stepwise 40000 "$seven"
+  cot_data cot-4 15 lookup 40000 "$weighted"
+  cot_data cot-5 16 lookup 40000 "$weighted"
+  cot teacher-reasoned-1 "$work/teacher-terse-sft/final" cot-1 1500 3e-4 3e-5 0 reasoned
+  cot teacher-reasoned-2 "$work/teacher-reasoned-1-sft/final" cot-1 2000 2e-4 1e-5 1 reasoned
+  cot teacher-reasoned-3 "$work/teacher-reasoned-2-sft/final" cot-2 4000 2e-4 1e-5 2 reasoned
+  cot teacher-reasoned-4 "$work/teacher-reasoned-3-sft/final" cot-3 4000 1.5e-4 1e-5 3 reasoned
+  cot teacher-reasoned-5 "$work/teacher-reasoned-4-sft/final" cot-4 2000 2e-4 1e-5 5 reasoned
+  cot teacher-reasoned "$work/teacher-reasoned-5-sft/final" cot-5 3000 2e-4 1e-5 6 reasoned
   ship teacher-reasoned
+fi
+
+# Teacher (narrated): teacher-reasoned taught another answer style over the same reasoning.
+if wanted teacher-narrated; then
+  log "teacher-narrated ($narrated_steps steps from teacher-reasoned)"
+  cot_data cot-6 18 lookup 40000 "$weighted"
+  cot teacher-narrated "$work/teacher-reasoned-sft/final" cot-6 "$narrated_steps" 1e-4 1e-5 8 narrated
+  ship teacher-narrated
 fi
 
 # Student: the same vision tower under a 2-layer, 64-wide decoder (a quarter of the teachers'

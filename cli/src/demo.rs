@@ -17,7 +17,7 @@ pub struct DemoArgs {
     /// The run directory: data, run state, checkpoints, logs, `report.json`, `metrics.jsonl`.
     #[arg(long, visible_alias = "dir", default_value = "runs/demo")]
     pub out: PathBuf,
-    /// The built-in models (student, teacher-terse, teacher-reasoned).
+    /// The built-in models (student, teacher-terse, teacher-reasoned, teacher-narrated).
     #[arg(long, default_value = "models/builtin")]
     pub models: PathBuf,
     /// RIL iterations (learner steps). 150 at lr 2e-4 with the terse teacher was the best of
@@ -25,8 +25,9 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 150)]
     pub iterations: u64,
     /// The teachers in the run, by name: `terse` (teacher-terse), `reasoned`
-    /// (teacher-reasoned). The terse one alone did best on the validation split; both is the
-    /// paper's setting.
+    /// (teacher-reasoned), `narrated` (teacher-narrated); the last two reason before they
+    /// answer. The terse one alone did best on the validation split before the reasoning
+    /// teachers existed (docs/RESULTS.md); two is the paper's setting.
     #[arg(long, value_delimiter = ',', default_value = "terse")]
     pub teachers: Vec<String>,
     #[arg(long, default_value_t = 4)]
@@ -72,11 +73,34 @@ pub fn p(x: &Path) -> String {
     x.to_string_lossy().into_owned()
 }
 
-const MODELS: [&str; 3] = ["student", "teacher-terse", "teacher-reasoned"];
+/// The model directories the demo needs: the student and the teachers it runs with.
+fn needed_models(args: &DemoArgs) -> anyhow::Result<Vec<&'static str>> {
+    let mut needed = vec!["student"];
+    for name in &args.teachers {
+        needed.push(teacher_dir(name)?);
+    }
+    Ok(needed)
+}
+
+/// The model directory of a built-in teacher, by its name in the run.
+fn teacher_dir(name: &str) -> anyhow::Result<&'static str> {
+    TEACHERS
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, d)| *d)
+        .ok_or_else(|| {
+            let known: Vec<&str> = TEACHERS.iter().map(|(n, _)| *n).collect();
+            anyhow::anyhow!(
+                "--teachers: unknown teacher {name:?} (the built-in ones: {})",
+                known.join(", ")
+            )
+        })
+}
 
 /// The models the demo runs on: the built-in ones, or small ones made here on first use.
 fn models(args: &DemoArgs, data: &Path) -> anyhow::Result<PathBuf> {
-    if MODELS
+    let needed = needed_models(args)?;
+    if needed
         .iter()
         .all(|m| args.models.join(m).join("config.json").is_file())
     {
@@ -84,7 +108,7 @@ fn models(args: &DemoArgs, data: &Path) -> anyhow::Result<PathBuf> {
         return Ok(args.models.clone());
     }
     let out = args.out.join("models");
-    if MODELS
+    if needed
         .iter()
         .all(|m| out.join(m).join("config.json").is_file())
     {
@@ -120,13 +144,23 @@ fn models(args: &DemoArgs, data: &Path) -> anyhow::Result<PathBuf> {
             vec![],
         ),
         (
+            "teacher-narrated",
+            "4",
+            "style:narrated",
+            steps.as_str(),
+            vec![],
+        ),
+        (
             "student",
             "3",
             "reference",
             student_steps.as_str(),
             vec!["--layers", "1"],
         ),
-    ] {
+    ]
+    .into_iter()
+    .filter(|(name, ..)| needed.contains(name))
+    {
         let init = work.join(format!("{name}-init"));
         let mut a = vec![
             "model",
@@ -207,12 +241,22 @@ pub struct RunSpec {
     pub discriminator_init: Option<PathBuf>,
     /// Save the policy every this many iterations (0: only at the end).
     pub save_every: u64,
+    /// The student's generation budget (and Dr.GRPO's constant normaliser).
     pub max_new_tokens: u32,
+    /// The teachers' generation budget: a reasoning teacher writes its chain of thought
+    /// before the answer (60-100 tokens on the benchmark); a terse one stops at its end token.
+    pub teacher_max_new_tokens: u32,
 }
 
+/// The built-in teachers' generation budget in `ril demo` and `ril experiment ablation`.
+pub const TEACHER_MAX_NEW_TOKENS: u32 = 128;
+
 /// The demo's teachers: `(name in the run, model directory)`.
-pub const TEACHERS: [(&str, &str); 2] =
-    [("terse", "teacher-terse"), ("reasoned", "teacher-reasoned")];
+pub const TEACHERS: [(&str, &str); 3] = [
+    ("terse", "teacher-terse"),
+    ("reasoned", "teacher-reasoned"),
+    ("narrated", "teacher-narrated"),
+];
 
 /// D's pre-training before RIL, for `ril demo` and `ril experiment ablation`.
 #[derive(Debug, Clone, clap::Args)]
@@ -291,7 +335,7 @@ checkpoint = "{models}/{dir}"
 temperature = 1.0
 max_new_tokens = {max_new_tokens}
 "#,
-            max_new_tokens = spec.max_new_tokens
+            max_new_tokens = spec.teacher_max_new_tokens
         ));
     }
     let d_init = spec
@@ -393,17 +437,7 @@ fn write_config(
         teachers: args
             .teachers
             .iter()
-            .map(|name| {
-                TEACHERS
-                    .iter()
-                    .find(|(n, _)| n == name)
-                    .map(|(n, d)| (n.to_string(), d.to_string()))
-                    .ok_or_else(|| {
-                        anyhow::anyhow!(
-                            "--teachers: unknown teacher {name:?} (the built-in ones: terse, reasoned)"
-                        )
-                    })
-            })
+            .map(|name| Ok((name.clone(), teacher_dir(name)?.to_string())))
             .collect::<anyhow::Result<_>>()?,
         use_ans_reward: true,
         use_sim_reward: true,
@@ -413,6 +447,7 @@ fn write_config(
         discriminator_init,
         save_every: args.iterations.div_ceil(args.accuracy_points.max(1)).max(1),
         max_new_tokens: 48,
+        teacher_max_new_tokens: TEACHER_MAX_NEW_TOKENS,
     };
     let path = args.out.join("run.toml");
     std::fs::write(&path, run_config_toml(&spec))
@@ -716,4 +751,33 @@ fn write_report(
         outcome.status.policy_version,
         path.display()
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        demo: DemoArgs,
+    }
+
+    #[test]
+    fn the_demo_needs_the_student_and_only_its_own_teachers() {
+        let args = Cli::parse_from(["ril"]).demo;
+        assert_eq!(needed_models(&args).unwrap(), ["student", "teacher-terse"]);
+        let args = Cli::parse_from(["ril", "--teachers", "reasoned,narrated"]).demo;
+        assert_eq!(
+            needed_models(&args).unwrap(),
+            ["student", "teacher-reasoned", "teacher-narrated"]
+        );
+        let args = Cli::parse_from(["ril", "--teachers", "loud"]).demo;
+        let e = needed_models(&args).unwrap_err().to_string();
+        assert!(
+            e.contains("\"loud\"") && e.contains("terse, reasoned, narrated"),
+            "{e}"
+        );
+    }
 }

@@ -201,6 +201,7 @@ pub fn spec(
         discriminator_init: None,
         save_every: 0,
         max_new_tokens: 48,
+        teacher_max_new_tokens: crate::demo::TEACHER_MAX_NEW_TOKENS,
     }
 }
 

@@ -499,8 +499,9 @@ pub fn tally_rationale(scene: &Scene, query: &Query) -> Option<String> {
 /// The `lookup` rationale: the scene object first ("red circle at top left; blue square at
 /// middle right", "nothing" when empty), ". ", then the focused step: colour and shape
 /// questions name only the attribute asked for ("the circle: red", "the red object: circle");
-/// relation questions add the two cells compared along the question's axis ("the red circle:
-/// top left; the blue square: middle right; top is above middle"); the other families are
+/// relation questions add the two cells compared along the question's axis and the relation
+/// asked ("the red circle: top left; the blue square: middle right; top is above middle
+/// (asked: below)"); the other families are
 /// written as [`focused_rationale`] writes them. `None` for `describe`.
 pub fn lookup_rationale(scene: &Scene, query: &Query) -> Option<String> {
     let list = if scene.objects.is_empty() {
@@ -524,8 +525,9 @@ pub fn lookup_rationale(scene: &Scene, query: &Query) -> Option<String> {
         Query::Relation { a, b, relation } => {
             let cells = focused_rationale(scene, query)?;
             match (find(scene, a.0, a.1), find(scene, b.0, b.1)) {
-                // The two cells compared along the question's axis, in words: "top is above
-                // middle", "right is right of centre".
+                // The two cells compared along the question's axis, in words, and the relation
+                // asked about beside it, so the answer compares two words next to each other:
+                // "top is above middle (asked: below)".
                 (Some(oa), Some(ob)) => {
                     const ROWS: [&str; 3] = ["top", "middle", "bottom"];
                     const COLUMNS: [&str; 3] = ["left", "centre", "right"];
@@ -543,7 +545,17 @@ pub fn lookup_rationale(scene: &Scene, query: &Query) -> Option<String> {
                         std::cmp::Ordering::Equal => "level with",
                     };
                     let word = |i: u32| words[i as usize % 3];
-                    format!("{cells}; {} is {verdict} {}", word(x), word(y))
+                    let asked = match relation {
+                        Relation::Left => "left of",
+                        Relation::Right => "right of",
+                        Relation::Above => "above",
+                        Relation::Below => "below",
+                    };
+                    format!(
+                        "{cells}; {} is {verdict} {} (asked: {asked})",
+                        word(x),
+                        word(y)
+                    )
                 }
                 _ => cells,
             }

@@ -650,9 +650,16 @@ fn the_lookup_rationale_lists_objects_first_then_names_what_the_answer_follows_f
         let family = l.family.clone().unwrap();
         let q = &l.extra["query"];
         let focus = if family == "relation" {
-            // "...; top is above middle": the cells compared along the question's axis, and
-            // the answer is whether that is the relation asked about.
+            // "...; top is above middle (asked: below)": the cells compared along the
+            // question's axis, the relation asked, and the answer is whether they agree.
             let (cells, verdict) = focus.rsplit_once("; ").unwrap();
+            let (verdict, asked) = verdict.split_once(" (asked: ").unwrap();
+            let asked_words = match q["relation"].as_str().unwrap() {
+                "left" => "left of)",
+                "right" => "right of)",
+                other => &format!("{other})"),
+            };
+            assert_eq!(asked, asked_words, "row {}: {r:?}", l.id);
             let a: Vec<(i64, i64)> = cells
                 .split("; ")
                 .map(|p| cell_of(p.rsplit_once(": ").unwrap().1))
