@@ -37,6 +37,11 @@ pub struct DemoArgs {
     pub group_size: u32,
     #[arg(long, default_value_t = 2)]
     pub actors: u32,
+    /// The student's generation budget (rollouts, D pre-training's student answers and the
+    /// evaluations); also Dr.GRPO's constant normaliser. A student that reasons before it
+    /// answers needs ~128 on the benchmark.
+    #[arg(long, default_value_t = 48)]
+    pub max_new_tokens: u32,
     /// Test questions evaluated before and after (greedy).
     #[arg(long, default_value_t = 500)]
     pub eval_rows: usize,
@@ -304,8 +309,9 @@ pub fn pretrain_discriminator(
     a.extend([how.pretrain_questions.to_string(), "--steps".into()]);
     a.extend([
         how.pretrain_steps.to_string(),
+        // The student's answers get the run's budget.
         "--max-new-tokens".into(),
-        "48".into(),
+        cfg.rollout.max_new_tokens.to_string(),
     ]);
     for addr in addrs {
         a.extend(["--teacher".into(), addr]);
@@ -446,7 +452,7 @@ fn write_config(
         frozen_discriminator: false,
         discriminator_init,
         save_every: args.iterations.div_ceil(args.accuracy_points.max(1)).max(1),
-        max_new_tokens: 48,
+        max_new_tokens: args.max_new_tokens,
         teacher_max_new_tokens: TEACHER_MAX_NEW_TOKENS,
     };
     let path = args.out.join("run.toml");
@@ -537,6 +543,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         &data,
         "test",
         args.eval_rows,
+        args.max_new_tokens,
         &args.out.join("eval-before.json"),
     )?;
     stages.end("eval_before");
@@ -557,7 +564,14 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         let out = args.out.join(format!("eval-{version:06}.json"));
         accuracy.push((
             version as f64,
-            eval_accuracy(&dir, &data, "test", args.eval_rows, &out)?,
+            eval_accuracy(
+                &dir,
+                &data,
+                "test",
+                args.eval_rows,
+                args.max_new_tokens,
+                &out,
+            )?,
         ));
     }
     let after = eval_accuracy(
@@ -565,6 +579,7 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         &data,
         "test",
         args.eval_rows,
+        args.max_new_tokens,
         &args.out.join("eval-after.json"),
     )?;
     accuracy.push((outcome.status.policy_version as f64, after));
@@ -583,17 +598,20 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Greedy accuracy of `model` on the first `rows` questions of `split` (`ril eval`, whose full
-/// report goes to `out`).
+/// Greedy accuracy of `model` on the first `rows` questions of `split`, `max_new_tokens` at
+/// most per answer (`ril eval`, whose full report goes to `out`).
 pub fn eval_accuracy(
     model: &Path,
     data: &Path,
     split: &str,
     rows: usize,
+    max_new_tokens: u32,
     out: &Path,
 ) -> anyhow::Result<f64> {
     ril(&[
         "eval",
+        "--max-new-tokens",
+        &max_new_tokens.to_string(),
         "--model",
         &p(model),
         "--data",

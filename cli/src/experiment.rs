@@ -17,6 +17,9 @@ use crate::demo::{
     pretrain_discriminator, run_config_toml, run_local, synth_benchmark,
 };
 
+/// The student's generation budget in every variant (rollouts and evaluation).
+const STUDENT_MAX_NEW_TOKENS: u32 = 48;
+
 #[derive(Debug, clap::Args)]
 pub struct AblationArgs {
     /// Where the runs, the table (`ablation.md`, `ablation.json`) and the plot go.
@@ -200,7 +203,7 @@ pub fn spec(
         frozen_discriminator: v.frozen_discriminator,
         discriminator_init: None,
         save_every: 0,
-        max_new_tokens: 48,
+        max_new_tokens: STUDENT_MAX_NEW_TOKENS,
         teacher_max_new_tokens: crate::demo::TEACHER_MAX_NEW_TOKENS,
     }
 }
@@ -299,6 +302,7 @@ fn run_one(
         data,
         &args.split,
         args.eval_rows,
+        STUDENT_MAX_NEW_TOKENS,
         &dir.join("eval.json"),
     )?;
     let result = serde_json::json!({
