@@ -448,20 +448,7 @@ fn the_focused_rationale_names_what_the_answer_follows_from() {
 #[test]
 fn the_stepwise_rationale_is_the_scene_then_the_focused_step() {
     use ril_data::shapes::RationaleKind;
-    let rows = |kind: RationaleKind| {
-        let dir = tempfile::tempdir().unwrap();
-        write_dataset(
-            &SynthConfig {
-                rationale_kind: kind,
-                ..small(10, 60)
-            },
-            dir.path(),
-        )
-        .unwrap();
-        read_all(&dir.path().join("train.jsonl"), ReadOptions::default())
-            .unwrap()
-            .0
-    };
+    let rows = |kind| rows_with_rationale(kind, 10, 60);
     let (scene, focused, stepwise) = (
         rows(RationaleKind::Scene),
         rows(RationaleKind::Focused),
@@ -482,20 +469,7 @@ fn the_stepwise_rationale_is_the_scene_then_the_focused_step() {
 #[test]
 fn the_tally_rationale_marks_what_the_answer_follows_from() {
     use ril_data::shapes::RationaleKind;
-    let rows = |kind: RationaleKind| {
-        let dir = tempfile::tempdir().unwrap();
-        write_dataset(
-            &SynthConfig {
-                rationale_kind: kind,
-                ..small(12, 400)
-            },
-            dir.path(),
-        )
-        .unwrap();
-        read_all(&dir.path().join("train.jsonl"), ReadOptions::default())
-            .unwrap()
-            .0
-    };
+    let rows = |kind| rows_with_rationale(kind, 12, 400);
     let (scene, tally) = (rows(RationaleKind::Scene), rows(RationaleKind::Tally));
     let mut families = std::collections::BTreeSet::new();
     for (s, t) in scene.iter().zip(&tally) {
@@ -616,20 +590,7 @@ fn answer_from_focus(r: &str, family: &str, q: &serde_json::Value) -> String {
 #[test]
 fn the_lookup_rationale_lists_objects_first_then_names_what_the_answer_follows_from() {
     use ril_data::shapes::RationaleKind;
-    let rows = |kind: RationaleKind| {
-        let dir = tempfile::tempdir().unwrap();
-        write_dataset(
-            &SynthConfig {
-                rationale_kind: kind,
-                ..small(14, 400)
-            },
-            dir.path(),
-        )
-        .unwrap();
-        read_all(&dir.path().join("train.jsonl"), ReadOptions::default())
-            .unwrap()
-            .0
-    };
+    let rows = |kind| rows_with_rationale(kind, 14, 400);
     let (scene, lookup) = (rows(RationaleKind::Scene), rows(RationaleKind::Lookup));
     let mut families = std::collections::BTreeSet::new();
     for (s, l) in scene.iter().zip(&lookup) {
@@ -705,4 +666,24 @@ fn the_lookup_rationale_lists_objects_first_then_names_what_the_answer_follows_f
         families.insert(family);
     }
     assert_eq!(families.len(), 7, "{families:?}");
+}
+
+/// The training rows `small(seed, n_train)` writes with rationales of `kind`.
+fn rows_with_rationale(
+    kind: ril_data::shapes::RationaleKind,
+    seed: u64,
+    n_train: usize,
+) -> Vec<ril_data::dataset::Row> {
+    let dir = tempfile::tempdir().unwrap();
+    write_dataset(
+        &SynthConfig {
+            rationale_kind: kind,
+            ..small(seed, n_train)
+        },
+        dir.path(),
+    )
+    .unwrap();
+    read_all(&dir.path().join("train.jsonl"), ReadOptions::default())
+        .unwrap()
+        .0
 }
