@@ -211,6 +211,13 @@ pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Re
             if msgs.is_empty() || msgs.iter().all(|m| content_text(&m.content).is_empty()) {
                 return Err(bad_id("messages", "no question text".into()));
             }
+            // Every turn is sent on the wire with its role; a turn without one is not a chat.
+            if let Some(i) = msgs.iter().position(|m| m.role.trim().is_empty()) {
+                return Err(bad_id(
+                    &format!("messages[{i}].role"),
+                    "empty (every chat turn needs a role, e.g. system, user, assistant)".into(),
+                ));
+            }
             msgs
         }
         (None, None) => {

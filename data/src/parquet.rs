@@ -368,12 +368,16 @@ fn read_prompt(prompt: &Value) -> std::result::Result<Vec<Message>, String> {
             .iter()
             .enumerate()
             .map(|(j, turn)| match (turn.get("role"), turn.get("content")) {
-                (Some(Value::String(role)), Some(content)) if !content.is_null() => Ok(Message {
-                    role: role.clone(),
-                    content: content.clone(),
-                }),
+                (Some(Value::String(role)), Some(content))
+                    if !content.is_null() && !role.trim().is_empty() =>
+                {
+                    Ok(Message {
+                        role: role.clone(),
+                        content: content.clone(),
+                    })
+                }
                 _ => Err(format!(
-                    "turn {j} needs `role` (a string) and `content`, got {turn}"
+                    "turn {j} needs `role` (a non-empty string) and `content`, got {turn}"
                 )),
             })
             .collect(),

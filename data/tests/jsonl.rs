@@ -136,6 +136,13 @@ fn bad_rows_name_file_row_and_field() {
             "no user turn",
             "`messages`",
         ),
+        // Found by the fuzzer (fuzz/corpus/jsonl_rows/crash-empty-role.jsonl): a turn with an
+        // empty role was read, then refused when the row came back from the wire.
+        (
+            r#"{"id": "x", "messages": [{"role": "", "content": "Be brief."}, {"role": "user", "content": "q"}], "answer": "a"}"#,
+            "every chat turn needs a role",
+            "`messages[0].role`",
+        ),
     ];
     for (line, must, field) in cases {
         let err = parse_row(line, Path::new("/data/set.jsonl"), 1, dir.path())
