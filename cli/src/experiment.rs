@@ -52,11 +52,11 @@ pub struct AblationArgs {
     /// The policy's learning rate (every variant).
     #[arg(long, default_value_t = 2e-4)]
     pub lr: f64,
-    /// Comma-separated subset of the variants (default: all); `--list-variants` names them.
     /// D's pre-training, as `ril demo` does, for every variant that uses the similarity
     /// reward: one pre-trained D per teacher set, shared by its variants and seeds.
     #[command(flatten)]
     pub pretrain: PretrainArgs,
+    /// Comma-separated subset of the variants (default: all); `--list-variants` names them.
     #[arg(long, value_delimiter = ',')]
     pub variants: Vec<String>,
     /// Print the variants and exit.

@@ -529,8 +529,6 @@ pub fn lookup_rationale(scene: &Scene, query: &Query) -> Option<String> {
                 // asked about beside it, so the answer compares two words next to each other:
                 // "top is above middle (asked: below)".
                 (Some(oa), Some(ob)) => {
-                    const ROWS: [&str; 3] = ["top", "middle", "bottom"];
-                    const COLUMNS: [&str; 3] = ["left", "centre", "right"];
                     let (x, y, words, before, after) = match relation {
                         Relation::Left | Relation::Right => {
                             (oa.cell.0, ob.cell.0, COLUMNS, "left of", "right of")
@@ -545,12 +543,8 @@ pub fn lookup_rationale(scene: &Scene, query: &Query) -> Option<String> {
                         std::cmp::Ordering::Equal => "level with",
                     };
                     let word = |i: u32| words[i as usize % 3];
-                    let asked = match relation {
-                        Relation::Left => "left of",
-                        Relation::Right => "right of",
-                        Relation::Above => "above",
-                        Relation::Below => "below",
-                    };
+                    // The question's own words, less "to the": "left of", "above".
+                    let asked = relation.phrase().trim_start_matches("to the ");
                     format!(
                         "{cells}; {} is {verdict} {} (asked: {asked})",
                         word(x),
@@ -571,9 +565,11 @@ fn reading_order(scene: &Scene) -> Vec<&Object> {
     objects
 }
 
+/// The grid's rows and columns as the rationales name them.
+const ROWS: [&str; 3] = ["top", "middle", "bottom"];
+const COLUMNS: [&str; 3] = ["left", "centre", "right"];
+
 fn cell_name(o: &Object) -> String {
-    const ROWS: [&str; 3] = ["top", "middle", "bottom"];
-    const COLUMNS: [&str; 3] = ["left", "centre", "right"];
     format!(
         "{} {}",
         ROWS[o.cell.1 as usize % 3],
