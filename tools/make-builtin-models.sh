@@ -17,6 +17,8 @@
 #      teacher-reasoned writes it then "Answer: X", teacher-narrated (one more stage) "I see ...
 #      So the answer is X.";
 #   6. a student, smaller and weaker: the same vision tower under a 2-layer decoder, shortly trained;
+#      and student-reasoned, the demo's student: that student taught the teachers' chain of
+#      thought for 160 steps (the format, not yet the skill: ~30 % held-out);
 #   7. f16 copies of each, and held-out accuracy of each on the benchmark's test split.
 # The benchmark, the mix and the shape-only set are written without rationales (--no-rationale):
 # the terse teacher and the student answer bare; the reasoning stages make their own datasets.
@@ -25,12 +27,13 @@
 #
 # Usage: tools/make-builtin-models.sh [OUT_DIR]     (default: models/builtin)
 # Env:   RIL (the binary, default target/release/ril), VISION_STEPS, TEACHER_STEPS (stage 1),
-#        TEACHER_STEPS2 (stage 2), NARRATED_STEPS, STUDENT_STEPS,
+#        TEACHER_STEPS2 (stage 2), NARRATED_STEPS, STUDENT_STEPS, STUDENT_REASONED_STEPS,
 #        KEEP_WORK=1 keeps OUT_DIR/work (datasets, full-precision checkpoints, logs),
 #        ONLY="teacher-narrated student" builds only the models named (the datasets, the
 #        tokenizer and the vision tower are regenerated identically either way; each teacher
-#        starts from the one before it: terse -> reasoned -> narrated, so a teacher named
-#        without the one it starts from needs that one's checkpoint in OUT_DIR/work).
+#        starts from the one before it: terse -> reasoned -> narrated, and student ->
+#        student-reasoned, so a model named without the one it starts from needs that one's
+#        checkpoint in OUT_DIR/work).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +44,7 @@ teacher_steps="${TEACHER_STEPS:-2000}"
 teacher_steps2="${TEACHER_STEPS2:-3000}"
 narrated_steps="${NARRATED_STEPS:-1000}"
 student_steps="${STUDENT_STEPS:-600}"
+student_reasoned_steps="${STUDENT_REASONED_STEPS:-160}"
 work="${out}/work"
 export CANDLE_NUM_THREADS="${CANDLE_NUM_THREADS:-2}"
 # The benchmark's image size and the vision tower's patch: one 24x24 patch per grid cell.
@@ -158,6 +162,17 @@ if wanted student; then
   sft student "$work/mix" "$student_steps" "$work/student-init" \
       --lr 1e-3 --min-lr 1e-4 --warmup-steps 50 --seed 0
   ship student
+fi
+
+# Student (reasoned), the demo's: the student taught the lookup chain of thought (the
+# teachers' last stage's data) for a short while. It writes the format but gets most look-ups
+# wrong (~30 % held-out; trained on to 1,500 steps it plateaus near 50 %: docs/RESULTS.md), so
+# RIL has a student to lift with teachers that answer in the same format.
+if wanted student-reasoned; then
+  log "student-reasoned ($student_reasoned_steps steps from student)"
+  cot_data cot-6 18 lookup 40000 "$weighted"
+  cot student-reasoned "$work/student-sft/final" cot-6 "$student_reasoned_steps" 1e-3 1e-4 9 reasoned
+  ship student-reasoned
 fi
 
 [ "${KEEP_WORK:-0}" = 1 ] || rm -rf "$work"

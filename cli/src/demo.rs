@@ -17,18 +17,24 @@ pub struct DemoArgs {
     /// The run directory: data, run state, checkpoints, logs, `report.json`, `metrics.jsonl`.
     #[arg(long, visible_alias = "dir", default_value = "runs/demo")]
     pub out: PathBuf,
-    /// The built-in models (student, teacher-terse, teacher-reasoned, teacher-narrated).
+    /// The built-in models (student, student-reasoned, teacher-terse, teacher-reasoned,
+    /// teacher-narrated).
     #[arg(long, default_value = "models/builtin")]
     pub models: PathBuf,
-    /// RIL iterations (learner steps). 150 at lr 2e-4 with the terse teacher was the best of
-    /// the settings tried on the validation split (docs/RESULTS.md).
-    #[arg(long, default_value_t = 150)]
+    /// The student, by its model directory under `--models`: `student-reasoned` (writes the
+    /// scene and a look-up before `Answer: X`, briefly trained) or `student` (answers bare).
+    #[arg(long, default_value = STUDENTS[0])]
+    pub student: String,
+    /// RIL iterations (learner steps). 300 at lr 2e-4 with the reasoned teacher and the
+    /// reasoning student: the best of the settings tried on the validation split
+    /// (docs/RESULTS.md).
+    #[arg(long, default_value_t = 300)]
     pub iterations: u64,
     /// The teachers in the run, by name: `terse` (teacher-terse), `reasoned`
     /// (teacher-reasoned), `narrated` (teacher-narrated); the last two reason before they
-    /// answer. The terse one alone did best on the validation split before the reasoning
-    /// teachers existed (docs/RESULTS.md); two is the paper's setting.
-    #[arg(long, value_delimiter = ',', default_value = "terse")]
+    /// answer. The reasoned one alone, in the student's own answer format, did best on the
+    /// validation split (docs/RESULTS.md); two is the paper's setting.
+    #[arg(long, value_delimiter = ',', default_value = "reasoned")]
     pub teachers: Vec<String>,
     #[arg(long, default_value_t = 4)]
     pub questions_per_iteration: u64,
@@ -40,7 +46,7 @@ pub struct DemoArgs {
     /// The student's generation budget (rollouts, D pre-training's student answers and the
     /// evaluations); also Dr.GRPO's constant normaliser. A student that reasons before it
     /// answers needs ~128 on the benchmark.
-    #[arg(long, default_value_t = 48)]
+    #[arg(long, default_value_t = 128)]
     pub max_new_tokens: u32,
     /// Test questions evaluated before and after (greedy).
     #[arg(long, default_value_t = 500)]
@@ -80,15 +86,32 @@ pub fn p(x: &Path) -> String {
 
 /// The model directories the demo needs: the student and the teachers it runs with.
 fn needed_models(args: &DemoArgs) -> anyhow::Result<Vec<&'static str>> {
-    let mut needed = vec!["student"];
+    let mut needed = vec![student_dir(&args.student)?];
     for name in &args.teachers {
         needed.push(teacher_dir(name)?);
     }
     Ok(needed)
 }
 
+/// The built-in students: the demo's default first.
+pub const STUDENTS: [&str; 2] = ["student-reasoned", "student"];
+
+/// A built-in student's model directory, checked against [`STUDENTS`].
+pub fn student_dir(name: &str) -> anyhow::Result<&'static str> {
+    STUDENTS
+        .iter()
+        .copied()
+        .find(|s| *s == name)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "--student: unknown student {name:?} (the built-in ones: {})",
+                STUDENTS.join(", ")
+            )
+        })
+}
+
 /// The model directory of a built-in teacher, by its name in the run.
-fn teacher_dir(name: &str) -> anyhow::Result<&'static str> {
+pub fn teacher_dir(name: &str) -> anyhow::Result<&'static str> {
     TEACHERS
         .iter()
         .find(|(n, _)| *n == name)
@@ -159,6 +182,13 @@ fn models(args: &DemoArgs, data: &Path) -> anyhow::Result<PathBuf> {
             "student",
             "3",
             "reference",
+            student_steps.as_str(),
+            vec!["--layers", "1"],
+        ),
+        (
+            "student-reasoned",
+            "5",
+            "style:reasoned",
             student_steps.as_str(),
             vec!["--layers", "1"],
         ),
@@ -235,6 +265,8 @@ pub struct RunSpec {
     /// Dataset directory and the built-in models' directory (absolute).
     pub data: PathBuf,
     pub models: PathBuf,
+    /// The student's model directory under `models`.
+    pub student: String,
     /// `(name, model directory name under models)`: the teachers in the run.
     pub teachers: Vec<(String, String)>,
     pub use_ans_reward: bool,
@@ -363,7 +395,7 @@ staleness_bound = 0
 path = "{data}"
 
 [student]
-checkpoint = "{models}/student"
+checkpoint = "{models}/{student}"
 
 [rollout]
 group_size = {g}
@@ -404,6 +436,7 @@ kind = "rule"
         iterations = spec.iterations,
         b = spec.questions_per_iteration,
         data = p(&spec.data),
+        student = spec.student,
         g = spec.group_size,
         max_new_tokens = spec.max_new_tokens,
         actors = spec.actors,
@@ -440,6 +473,7 @@ fn write_config(
         lr: args.lr,
         data: absolute(data)?,
         models: absolute(models)?,
+        student: args.student.clone(),
         teachers: args
             .teachers
             .iter()
@@ -785,16 +819,32 @@ mod tests {
     #[test]
     fn the_demo_needs_the_student_and_only_its_own_teachers() {
         let args = Cli::parse_from(["ril"]).demo;
-        assert_eq!(needed_models(&args).unwrap(), ["student", "teacher-terse"]);
-        let args = Cli::parse_from(["ril", "--teachers", "reasoned,narrated"]).demo;
         assert_eq!(
             needed_models(&args).unwrap(),
-            ["student", "teacher-reasoned", "teacher-narrated"]
+            ["student-reasoned", "teacher-reasoned"]
+        );
+        let args = Cli::parse_from([
+            "ril",
+            "--teachers",
+            "terse,narrated",
+            "--student",
+            "student",
+        ])
+        .demo;
+        assert_eq!(
+            needed_models(&args).unwrap(),
+            ["student", "teacher-terse", "teacher-narrated"]
         );
         let args = Cli::parse_from(["ril", "--teachers", "loud"]).demo;
         let e = needed_models(&args).unwrap_err().to_string();
         assert!(
             e.contains("\"loud\"") && e.contains("terse, reasoned, narrated"),
+            "{e}"
+        );
+        let args = Cli::parse_from(["ril", "--student", "teacher-terse"]).demo;
+        let e = needed_models(&args).unwrap_err().to_string();
+        assert!(
+            e.contains("--student") && e.contains("student-reasoned, student"),
             "{e}"
         );
     }

@@ -13,21 +13,29 @@ use anyhow::{Context, bail};
 
 use crate::config::RunConfig;
 use crate::demo::{
-    Metrics, PretrainArgs, RunSpec, TEACHERS, absolute, eval_accuracy, first_last,
-    pretrain_discriminator, run_config_toml, run_local, synth_benchmark,
+    Metrics, PretrainArgs, RunSpec, absolute, eval_accuracy, first_last, pretrain_discriminator,
+    run_config_toml, run_local, synth_benchmark,
 };
-
-/// The student's generation budget in every variant (rollouts and evaluation).
-const STUDENT_MAX_NEW_TOKENS: u32 = 48;
 
 #[derive(Debug, clap::Args)]
 pub struct AblationArgs {
     /// Where the runs, the table (`ablation.md`, `ablation.json`) and the plot go.
     #[arg(long, default_value = "runs/ablation")]
     pub out: PathBuf,
-    /// The built-in models (student and the two teachers).
+    /// The built-in models (the students and the teachers).
     #[arg(long, default_value = "models/builtin")]
     pub models: PathBuf,
+    /// The student (its model directory under `--models`), as in `ril demo`.
+    #[arg(long, default_value = crate::demo::STUDENTS[0])]
+    pub student: String,
+    /// Teacher 1 and teacher 2, by name (`terse`, `reasoned`, `narrated`): the variants with
+    /// one teacher take one of these, the others both. Two teachers with the same answer
+    /// format and different wording, as the paper's are.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_value = "reasoned,narrated")]
+    pub teachers: Vec<String>,
+    /// The student's generation budget in every variant (rollouts and evaluation).
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: u32,
     /// A dataset directory; default: the demo's `shapes` benchmark, written under `--out`.
     #[arg(long)]
     pub data: Option<PathBuf>,
@@ -71,7 +79,7 @@ pub struct Variant {
     pub label: &'static str,
     /// No training: the SFT student itself.
     pub base: bool,
-    /// Which of [`TEACHERS`] take part (indices).
+    /// Which of the ablation's two teachers (`--teachers`) take part (indices).
     pub teachers: &'static [usize],
     pub use_ans_reward: bool,
     pub use_sim_reward: bool,
@@ -179,8 +187,19 @@ pub fn spec(
     dir: &Path,
     data: &Path,
     models: &Path,
-) -> RunSpec {
-    RunSpec {
+) -> anyhow::Result<RunSpec> {
+    let teachers = v
+        .teachers
+        .iter()
+        .map(|&i| {
+            let name = args
+                .teachers
+                .get(i)
+                .with_context(|| format!("--teachers: {} needs teacher {}", v.label, i + 1))?;
+            Ok((name.clone(), crate::demo::teacher_dir(name)?.to_string()))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    Ok(RunSpec {
         id: format!("ablation-{}-s{seed}", v.key),
         dir: dir.join("run"),
         seed,
@@ -191,11 +210,8 @@ pub fn spec(
         lr: args.lr,
         data: data.to_path_buf(),
         models: models.to_path_buf(),
-        teachers: v
-            .teachers
-            .iter()
-            .map(|&i| (TEACHERS[i].0.to_string(), TEACHERS[i].1.to_string()))
-            .collect(),
+        student: args.student.clone(),
+        teachers,
         use_ans_reward: v.use_ans_reward,
         use_sim_reward: v.use_sim_reward,
         teachers_in_group: v.teachers_in_group,
@@ -203,18 +219,40 @@ pub fn spec(
         frozen_discriminator: v.frozen_discriminator,
         discriminator_init: None,
         save_every: 0,
-        max_new_tokens: STUDENT_MAX_NEW_TOKENS,
+        max_new_tokens: args.max_new_tokens,
         teacher_max_new_tokens: crate::demo::TEACHER_MAX_NEW_TOKENS,
-    }
+    })
 }
 
-/// The variant's teachers by name, e.g. `terse+reasoned`.
-fn teacher_set(v: &Variant) -> String {
+/// The variant's teachers by name, e.g. `reasoned+narrated`.
+fn teacher_set(args: &AblationArgs, v: &Variant) -> String {
     v.teachers
         .iter()
-        .map(|&i| TEACHERS[i].0)
+        .filter_map(|&i| args.teachers.get(i).map(String::as_str))
         .collect::<Vec<_>>()
         .join("+")
+}
+
+/// The ablation's own arguments that clap cannot check: two known teachers, a known student.
+pub fn check_args(args: &AblationArgs) -> anyhow::Result<()> {
+    crate::demo::student_dir(&args.student)?;
+    if args.teachers.len() != 2 {
+        bail!(
+            "--teachers: the ablation compares two teachers (teacher 1, teacher 2), got {}: {:?}",
+            args.teachers.len(),
+            args.teachers
+        );
+    }
+    if args.teachers[0] == args.teachers[1] {
+        bail!(
+            "--teachers: teacher 1 and teacher 2 are both {:?}",
+            args.teachers[0]
+        );
+    }
+    for name in &args.teachers {
+        crate::demo::teacher_dir(name)?;
+    }
+    Ok(())
 }
 
 /// Where the variant's pre-trained discriminator lives (`<out>/discriminators/<teachers>`,
@@ -225,7 +263,7 @@ pub fn pretrained_d_dir(args: &AblationArgs, v: &Variant, run_dir: &Path) -> Opt
         return None;
     }
     let out = run_dir.parent()?.parent()?;
-    Some(out.join("discriminators").join(teacher_set(v)))
+    Some(out.join("discriminators").join(teacher_set(args, v)))
 }
 
 /// Mean and (sample) standard deviation; std 0 for fewer than two values.
@@ -255,9 +293,9 @@ fn run_one(
     let started = std::time::Instant::now();
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let (model, metrics) = if v.base {
-        (models.join("student"), serde_json::Value::Null)
+        (models.join(&args.student), serde_json::Value::Null)
     } else {
-        let mut spec = spec(args, v, seed, dir, data, models);
+        let mut spec = spec(args, v, seed, dir, data, models)?;
         let config = dir.join("run.toml");
         std::fs::write(&config, run_config_toml(&spec))
             .with_context(|| format!("writing {}", config.display()))?;
@@ -270,7 +308,7 @@ fn run_one(
                 let _ = std::fs::remove_dir_all(&tmp);
                 println!(
                     "    pre-training the discriminator against {} ({} questions, {} steps)",
-                    teacher_set(v),
+                    teacher_set(args, v),
                     args.pretrain.pretrain_questions,
                     args.pretrain.pretrain_steps
                 );
@@ -302,7 +340,7 @@ fn run_one(
         data,
         &args.split,
         args.eval_rows,
-        STUDENT_MAX_NEW_TOKENS,
+        args.max_new_tokens,
         &dir.join("eval.json"),
     )?;
     let result = serde_json::json!({
@@ -311,6 +349,8 @@ fn run_one(
         "seed": seed,
         "split": args.split,
         "eval_rows": args.eval_rows,
+        "student": args.student,
+        "teachers": teacher_set(args, v),
         "iterations": if v.base { 0 } else { args.iterations },
         "accuracy": accuracy,
         "final_metrics": metrics,
@@ -391,6 +431,7 @@ pub fn ablation(args: &AblationArgs) -> anyhow::Result<()> {
     if args.seeds == 0 || args.iterations == 0 || args.eval_rows == 0 {
         bail!("--seeds, --iterations and --eval-rows must be positive");
     }
+    check_args(args)?;
     let chosen: Vec<Variant> = if args.variants.is_empty() {
         VARIANTS.to_vec()
     } else {
@@ -432,8 +473,12 @@ pub fn ablation(args: &AblationArgs) -> anyhow::Result<()> {
             let result = match std::fs::read_to_string(&result_path)
                 .ok()
                 .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .filter(|r| r["split"] == args.split.as_str())
-            {
+                // A result is reused only for the same split, student and teachers.
+                .filter(|r| {
+                    r["split"] == args.split.as_str()
+                        && r["student"] == args.student.as_str()
+                        && r["teachers"] == teacher_set(args, v).as_str()
+                }) {
                 Some(r) => {
                     println!("[{done}/{total}] {} seed {seed}: done earlier", v.label);
                     r
@@ -459,7 +504,10 @@ pub fn ablation(args: &AblationArgs) -> anyhow::Result<()> {
     }
     let md = table(args, &rows);
     let header = format!(
-        "# Ablation: {} iterations per run, B = {}, G = {}, lr {:e}, {} seed(s), {} split\n\n",
+        "# Ablation: {}, teacher 1 = {}, teacher 2 = {}; {} iterations per run, B = {}, G = {}, lr {:e}, {} seed(s), {} split\n\n",
+        args.student,
+        args.teachers[0],
+        args.teachers[1],
         args.iterations,
         args.questions_per_iteration,
         args.group_size,
@@ -547,14 +595,23 @@ mod tests {
         let args = Cli::parse_from(["ablation", "--out", "abl"]).a;
         let run = |key: &str| Path::new("abl/runs").join(format!("{key}-s1"));
         let d = |key: &str| pretrained_d_dir(&args, &variant(key).unwrap(), &run(key));
-        let both = Some(PathBuf::from("abl/discriminators/terse+reasoned"));
+        let both = Some(PathBuf::from("abl/discriminators/reasoned+narrated"));
         for key in ["ril", "il", "ril-frozen-d", "ril-grpo-std"] {
             assert_eq!(d(key), both, "{key}");
         }
-        assert_eq!(d("ril-t1"), Some(PathBuf::from("abl/discriminators/terse")));
+        assert_eq!(
+            d("ril-t1"),
+            Some(PathBuf::from("abl/discriminators/reasoned"))
+        );
         assert_eq!(
             d("ril-t2"),
-            Some(PathBuf::from("abl/discriminators/reasoned"))
+            Some(PathBuf::from("abl/discriminators/narrated"))
+        );
+        // Other teachers: the sets are named after them.
+        let other = Cli::parse_from(["ablation", "--out", "abl", "--teachers", "terse,reasoned"]).a;
+        assert_eq!(
+            pretrained_d_dir(&other, &variant("ril").unwrap(), &run("ril")),
+            Some(PathBuf::from("abl/discriminators/terse+reasoned"))
         );
         for key in ["base", "rl", "ril-no-d"] {
             assert_eq!(d(key), None, "{key}");
@@ -563,6 +620,40 @@ mod tests {
         assert_eq!(
             pretrained_d_dir(&none, &variant("ril").unwrap(), &run("ril")),
             None
+        );
+    }
+
+    #[test]
+    fn the_ablation_refuses_teacher_lists_it_cannot_compare_naming_them() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: AblationArgs,
+        }
+        use clap::Parser as _;
+        let check = |extra: &[&str]| {
+            let mut argv = vec!["ablation"];
+            argv.extend_from_slice(extra);
+            check_args(&Cli::parse_from(argv).a)
+        };
+        check(&[]).unwrap();
+        check(&["--teachers", "terse,narrated", "--student", "student"]).unwrap();
+        let e = check(&["--teachers", "reasoned"]).unwrap_err().to_string();
+        assert!(e.contains("two teachers") && e.contains("got 1"), "{e}");
+        let e = check(&["--teachers", "reasoned,reasoned"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("both \"reasoned\""), "{e}");
+        let e = check(&["--teachers", "reasoned,loud"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("\"loud\""), "{e}");
+        let e = check(&["--student", "teacher-terse"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--student") && e.contains("student-reasoned"),
+            "{e}"
         );
     }
 

@@ -180,7 +180,7 @@ fn the_ablation_writes_its_table_and_plot_and_resumes() {
         "{}",
         stdout(&out)
     );
-    let d_dir = sb.path("abl/discriminators/terse+reasoned");
+    let d_dir = sb.path("abl/discriminators/reasoned+narrated");
     assert!(d_dir.join("latest").exists(), "{}", d_dir.display());
     // The base is evaluated once (greedy); the RIL variant once per seed, each its own run.
     assert_eq!(rows[0]["accuracy"].as_array().unwrap().len(), 1);
@@ -201,6 +201,8 @@ fn the_ablation_writes_its_table_and_plot_and_resumes() {
         .unwrap();
         assert_eq!(result["accuracy"].as_f64().unwrap(), *acc);
         assert_eq!(result["split"], "val");
+        assert_eq!(result["student"], "student-reasoned");
+        assert_eq!(result["teachers"], "reasoned+narrated");
         let config =
             std::fs::read_to_string(sb.path(&format!("abl/runs/ril-frozen-d-s{seed}/run.toml")))
                 .unwrap();
@@ -209,7 +211,7 @@ fn the_ablation_writes_its_table_and_plot_and_resumes() {
         assert!(config.contains("teachers_in_group = true"), "{config}");
         // Both seeds start from the one pre-trained D.
         assert!(
-            config.contains("discriminators/terse+reasoned\""),
+            config.contains("discriminators/reasoned+narrated\""),
             "{config}"
         );
     }
@@ -241,6 +243,20 @@ fn the_ablation_writes_its_table_and_plot_and_resumes() {
         !stdout(&again).contains("pre-training"),
         "{}",
         stdout(&again)
+    );
+
+    // Other teachers: the earlier results are not theirs, so the base is evaluated again.
+    let mut other: Vec<&str> = args
+        .iter()
+        .map(|a| if *a == "base,ril-frozen-d" { "base" } else { a })
+        .collect();
+    other.extend(["--teachers", "narrated,reasoned"]);
+    let other = sb.ril(&other);
+    assert!(other.status.success(), "{}", stderr(&other));
+    assert!(
+        !stdout(&other).contains("done earlier") && stdout(&other).contains("base (SFT) seed 0 ("),
+        "{}",
+        stdout(&other)
     );
 
     // A variant that does not exist is refused, naming it and the known ones.
