@@ -427,6 +427,57 @@ fn bad_rows_name_file_row_and_field_and_can_be_skipped() {
     assert!(report.first[2].contains("row 4 (id hand-val-3), field `reward_model.ground_truth`"));
 }
 
+/// A chat turn whose role is empty or blank is refused at read, naming the row, the `prompt`
+/// field and the turn (as JSONL refuses `messages[i].role`); the rows around it are read.
+#[test]
+fn a_turn_with_an_empty_role_is_a_bad_row_naming_the_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let prompts = list_of(
+        struct_of(vec![
+            (
+                "role",
+                strings(&[Some("user"), Some("user"), Some(""), Some("  ")]),
+            ),
+            (
+                "content",
+                strings(&[
+                    Some("2 + 2?"),
+                    Some("3 + 3?"),
+                    Some("4 + 4?"),
+                    Some("5 + 5?"),
+                ]),
+            ),
+        ]),
+        &[Some(1), Some(2), Some(1)],
+    );
+    let columns = vec![
+        ("prompt", prompts),
+        (
+            "reward_model",
+            struct_of(vec![(
+                "ground_truth",
+                strings(&[Some("4"), Some("6"), Some("10")]),
+            )]),
+        ),
+    ];
+    let path = dir.path().join("roles.parquet");
+    write_batch(&path, columns);
+    let (results, _, num_rows) = read(&path, ReadOptions::default());
+    assert_eq!((num_rows, results.len()), (3, 3));
+    assert_eq!(results[0].as_ref().unwrap().messages[0].role, "user");
+    assert_eq!(
+        bad_row(&results[1]),
+        (path.clone(), 2, Some("roles-2".into()), "prompt".into())
+    );
+    let message = results[1].as_ref().unwrap_err().to_string();
+    assert!(
+        message.contains("turn 1 needs `role` (a non-empty string)"),
+        "{message}"
+    );
+    let message = results[2].as_ref().unwrap_err().to_string();
+    assert!(message.contains("turn 0 needs `role`"), "{message}");
+}
+
 #[test]
 fn tolerant_of_list_ground_truths_string_prompts_and_extra_columns() {
     let dir = tempfile::tempdir().unwrap();
