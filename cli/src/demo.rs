@@ -32,8 +32,10 @@ pub struct DemoArgs {
     pub iterations: u64,
     /// The teachers in the run, by name: `terse` (teacher-terse), `reasoned`
     /// (teacher-reasoned), `narrated` (teacher-narrated); the last two reason before they
-    /// answer. The reasoned one alone, in the student's own answer format, did best on the
-    /// validation split (docs/RESULTS.md); two is the paper's setting.
+    /// answer. The reasoned one alone, in the student's own answer format, is the one the
+    /// settings were tuned with on the validation split; with the narrated one as well, D tells
+    /// the styles apart and pulls the student off its format (docs/RESULTS.md). Two is the
+    /// paper's setting.
     #[arg(long, value_delimiter = ',', default_value = "reasoned")]
     pub teachers: Vec<String>,
     #[arg(long, default_value_t = 4)]

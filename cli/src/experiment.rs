@@ -224,8 +224,12 @@ pub fn spec(
     })
 }
 
-/// The variant's teachers by name, e.g. `reasoned+narrated`.
+/// The variant's teachers by name, e.g. `reasoned+narrated` (none for the base, which runs
+/// nothing).
 fn teacher_set(args: &AblationArgs, v: &Variant) -> String {
+    if v.base {
+        return String::new();
+    }
     v.teachers
         .iter()
         .filter_map(|&i| args.teachers.get(i).map(String::as_str))

@@ -245,18 +245,24 @@ fn the_ablation_writes_its_table_and_plot_and_resumes() {
         stdout(&again)
     );
 
-    // Other teachers: the earlier results are not theirs, so the base is evaluated again.
-    let mut other: Vec<&str> = args
-        .iter()
-        .map(|a| if *a == "base,ril-frozen-d" { "base" } else { a })
-        .collect();
+    // Other teachers: the RIL runs are not theirs, so they run again (with their own D); the
+    // base, which runs nothing, is reused.
+    let mut other = args.to_vec();
+    let seeds = other.iter().position(|a| *a == "--seeds").unwrap();
+    other[seeds + 1] = "1";
     other.extend(["--teachers", "narrated,reasoned"]);
     let other = sb.ril(&other);
     assert!(other.status.success(), "{}", stderr(&other));
+    let printed = stdout(&other);
     assert!(
-        !stdout(&other).contains("done earlier") && stdout(&other).contains("base (SFT) seed 0 ("),
-        "{}",
-        stdout(&other)
+        printed.contains("base (SFT) seed 0: done earlier")
+            && printed.contains("RIL, frozen discriminator seed 0 (")
+            && printed.contains("pre-training the discriminator against narrated+reasoned"),
+        "{printed}"
+    );
+    assert!(
+        sb.path("abl/discriminators/narrated+reasoned/latest")
+            .exists()
     );
 
     // A variant that does not exist is refused, naming it and the known ones.
