@@ -23,7 +23,7 @@ pub struct DemoArgs {
     pub models: PathBuf,
     /// The student, by its model directory under `--models`: `student-reasoned` (writes the
     /// scene and a look-up before `Answer: X`, briefly trained) or `student` (answers bare).
-    #[arg(long, default_value = STUDENTS[0])]
+    #[arg(long, default_value = STUDENTS[0].0)]
     pub student: String,
     /// RIL iterations (learner steps). 300 at lr 2e-4 with the reasoned teacher and the
     /// reasoning student: the best of the settings tried on the validation split
@@ -95,33 +95,37 @@ fn needed_models(args: &DemoArgs) -> anyhow::Result<Vec<&'static str>> {
     Ok(needed)
 }
 
-/// The built-in students: the demo's default first.
-pub const STUDENTS: [&str; 2] = ["student-reasoned", "student"];
+/// The built-in students, `(name, model directory)`: the demo's default first.
+pub const STUDENTS: [(&str, &str); 2] = [
+    ("student-reasoned", "student-reasoned"),
+    ("student", "student"),
+];
 
-/// A built-in student's model directory, checked against [`STUDENTS`].
+/// A built-in student's model directory, by its name (`--student`).
 pub fn student_dir(name: &str) -> anyhow::Result<&'static str> {
-    STUDENTS
-        .iter()
-        .copied()
-        .find(|s| *s == name)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "--student: unknown student {name:?} (the built-in ones: {})",
-                STUDENTS.join(", ")
-            )
-        })
+    builtin_dir("--student", "student", &STUDENTS, name)
 }
 
-/// The model directory of a built-in teacher, by its name in the run.
+/// The model directory of a built-in teacher, by its name in the run (`--teachers`).
 pub fn teacher_dir(name: &str) -> anyhow::Result<&'static str> {
-    TEACHERS
+    builtin_dir("--teachers", "teacher", &TEACHERS, name)
+}
+
+/// `name`'s model directory in `table`, or an error naming `flag` and the known names.
+fn builtin_dir(
+    flag: &str,
+    what: &str,
+    table: &[(&'static str, &'static str)],
+    name: &str,
+) -> anyhow::Result<&'static str> {
+    table
         .iter()
         .find(|(n, _)| *n == name)
         .map(|(_, d)| *d)
         .ok_or_else(|| {
-            let known: Vec<&str> = TEACHERS.iter().map(|(n, _)| *n).collect();
+            let known: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
             anyhow::anyhow!(
-                "--teachers: unknown teacher {name:?} (the built-in ones: {})",
+                "{flag}: unknown {what} {name:?} (the built-in ones: {})",
                 known.join(", ")
             )
         })

@@ -26,7 +26,7 @@ pub struct AblationArgs {
     #[arg(long, default_value = "models/builtin")]
     pub models: PathBuf,
     /// The student (its model directory under `--models`), as in `ril demo`.
-    #[arg(long, default_value = crate::demo::STUDENTS[0])]
+    #[arg(long, default_value = crate::demo::STUDENTS[0].0)]
     pub student: String,
     /// Teacher 1 and teacher 2, by name (`terse`, `reasoned`, `narrated`): the variants with
     /// one teacher take one of these, the others both. Two teachers with the same answer
