@@ -38,9 +38,9 @@ pub fn sample_student(
     sampling: &SamplingParams,
     seed: u64,
 ) -> Result<StudentRollouts, ActorError> {
-    let prompt = ril_learner::examples::prompt(bundle, row).map_err(|e| ActorError::Question {
-        id: row.id.clone(),
-        detail: e.to_string(),
+    let prompt = ril_prompt::prompt(bundle, row).map_err(|e| ActorError::Question {
+        id: e.id,
+        detail: e.source.to_string(),
     })?;
     let mut params = sampling.clone();
     params.seed = seed;
@@ -63,11 +63,7 @@ pub fn sample_student(
 /// A teacher's answer as the student would have produced it: its text under the student's
 /// tokenizer, ended by the end-of-turn token (as SFT targets are).
 pub fn teacher_tokens(bundle: &Bundle, text: &str) -> Result<Vec<u32>, ActorError> {
-    let mut ids = bundle.tokenizer.encode(text, false)?;
-    if let Some(eos) = bundle.tokenizer.eos_id() {
-        ids.push(eos);
-    }
-    Ok(ids)
+    Ok(ril_prompt::answer_ids(&bundle.tokenizer, text)?)
 }
 
 /// How many of `slots` teacher answers each of `n_teachers` gives: round-robin, so slot j

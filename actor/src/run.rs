@@ -13,7 +13,7 @@ use ril_model::Head;
 use ril_model::bundle::Bundle;
 use ril_model::checkpoint::{LoadOptions, load_weights_from_bytes};
 use ril_model::generate::SamplingParams;
-use ril_proto::server::Channel;
+use ril_proto::client::Channel;
 use ril_proto::v1;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
 use ril_proto::v1::discriminator_client::DiscriminatorClient;
@@ -110,7 +110,7 @@ pub fn sampling_from_proto(s: &v1::SamplingSettings) -> Result<SamplingParams, A
             "sampling.max_new_tokens is 0 (the coordinator must set it)".into(),
         ));
     }
-    p.validate()?;
+    p.validate().map_err(ril_model::ModelError::from)?;
     Ok(p)
 }
 
@@ -151,7 +151,7 @@ pub async fn run_actor(
     let bundle = Arc::new(RwLock::new(bundle));
 
     let channel =
-        ril_proto::server::connect(&opts.coordinator, opts.rpc_timeout, &opts.security).await?;
+        ril_proto::client::connect(&opts.coordinator, opts.rpc_timeout, &opts.security).await?;
     let mut coordinator = limits(CoordinatorClient::new(channel), |c, n| {
         c.max_decoding_message_size(n).max_encoding_message_size(n)
     });
@@ -192,7 +192,7 @@ pub async fn run_actor(
     tracing::info!(actor = %opts.actor_id, run = %reg.run_id, group_size, teachers = reg.teacher_addrs.len(), "registered");
 
     let connect =
-        |addr: &str| ril_proto::server::connect_lazy(addr, opts.rpc_timeout, &opts.security);
+        |addr: &str| ril_proto::client::connect_lazy(addr, opts.rpc_timeout, &opts.security);
     let mut peers = Peers {
         coordinator: coordinator.clone(),
         learner: limits(LearnerClient::new(connect(&reg.learner_addr)?), |c, n| {

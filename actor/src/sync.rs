@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use ril_proto::server::Channel;
+use ril_proto::client::Channel;
 use ril_proto::v1::learner_client::LearnerClient;
 use ril_proto::v1::{GetWeightsRequest, WeightChunk};
 use sha2::{Digest, Sha256};

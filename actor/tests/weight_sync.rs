@@ -93,7 +93,7 @@ async fn corrupt_and_truncated_transfers_are_refused_and_fetched_again() {
             .add_service(server)
             .serve_with_incoming(ril_proto::server::incoming(bound)),
     );
-    let ch = ril_proto::server::connect(&addr, Duration::from_secs(5), &Default::default())
+    let ch = ril_proto::client::connect(&addr, Duration::from_secs(5), &Default::default())
         .await
         .unwrap();
     let mut client = v1::learner_client::LearnerClient::new(ch);

@@ -148,7 +148,7 @@ pub fn run(args: &RpcBenchArgs) -> anyhow::Result<()> {
                 .serve_with_incoming(ril_proto::server::incoming(bound)),
         );
         let ch =
-            ril_proto::server::connect(&addr, Duration::from_secs(5), &Default::default()).await?;
+            ril_proto::client::connect(&addr, Duration::from_secs(5), &Default::default()).await?;
         let mut c = v1::learner_client::LearnerClient::new(ch);
         let req = v1::PushGroupsRequest {
             groups: vec![g.clone()],

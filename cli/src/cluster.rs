@@ -179,7 +179,7 @@ async fn wait_serving(
     let deadline = Instant::now() + timeout;
     loop {
         if let Ok(ril_proto::server::ServingStatus::Serving) =
-            ril_proto::server::health_check(addr, "", Duration::from_secs(2), security).await
+            ril_proto::client::health_check(addr, "", Duration::from_secs(2), security).await
         {
             return Ok(());
         }

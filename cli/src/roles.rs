@@ -543,7 +543,7 @@ pub async fn fetch_status(
     timeout: Duration,
     security: &ril_proto::security::Security,
 ) -> anyhow::Result<ril_proto::v1::RunStatus> {
-    let ch = ril_proto::server::connect(addr, timeout, security).await?;
+    let ch = ril_proto::client::connect(addr, timeout, security).await?;
     let mut c = ril_proto::v1::coordinator_client::CoordinatorClient::new(ch);
     let s = tokio::time::timeout(timeout, c.get_status(ril_proto::v1::GetStatusRequest {}))
         .await

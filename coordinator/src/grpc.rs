@@ -136,7 +136,6 @@ impl CoordinatorService for CoordinatorGrpc {
             sampling: Some(a.sampling),
             teacher_sampling: Some(a.teacher_sampling),
             teacher_slots: a.teacher_slots,
-            staleness_bound: u32::try_from(o.staleness_bound).unwrap_or(u32::MAX),
         }))
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use ril_coordinator::{CoordinatorOptions, STATE_FILE, serve};
 use ril_data::shapes::{SynthConfig, write_dataset};
-use ril_proto::server::Channel;
+use ril_proto::client::Channel;
 use ril_proto::server::{self, ServingStatus, names};
 use ril_proto::v1;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
@@ -78,7 +78,7 @@ async fn start(options: CoordinatorOptions) -> Running {
                 let s = s.to_string();
                 async move {
                     matches!(
-                        server::health_check(
+                        ril_proto::client::health_check(
                             &addr,
                             &s,
                             Duration::from_secs(5),
@@ -97,7 +97,7 @@ async fn start(options: CoordinatorOptions) -> Running {
 }
 
 async fn client(addr: &str) -> CoordinatorClient<Channel> {
-    let channel = server::connect(addr, Duration::from_secs(10), &Default::default())
+    let channel = ril_proto::client::connect(addr, Duration::from_secs(10), &Default::default())
         .await
         .unwrap();
     CoordinatorClient::new(channel)

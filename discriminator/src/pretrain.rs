@@ -20,11 +20,11 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use ril_data::Row;
-use ril_data::dataset::{Message, ReadOptions, read_all, split_file};
+use ril_data::dataset::{ReadOptions, read_all, split_file};
 use ril_model::bundle::Bundle;
-use ril_model::{ChatMessage, Head, ModelError, SamplingParams, generate};
+use ril_model::{Head, ModelError, SamplingParams, generate};
+use ril_proto::client::connect;
 use ril_proto::convert::row_to_question;
-use ril_proto::server::connect;
 use ril_proto::v1::AnswerRequest;
 use ril_proto::v1::teacher_client::TeacherClient;
 use serde::{Deserialize, Serialize};
@@ -252,27 +252,6 @@ pub fn pretrain(
     })
 }
 
-/// The row's conversation for the student's chat template: a string question gets one image
-/// part per row image before its text (LLaVA's convention) unless it places `<image>` itself.
-pub fn row_messages(row: &Row) -> Vec<ChatMessage> {
-    let n_images = row.images.len();
-    let first_user = row.messages.iter().position(|m| m.role == "user");
-    let add_images = row.image_placeholders() == 0 && n_images > 0;
-    row.messages
-        .iter()
-        .enumerate()
-        .map(|(i, Message { role, content })| match content {
-            serde_json::Value::String(text) if add_images && Some(i) == first_user => {
-                ChatMessage::with_images(role, n_images, text)
-            }
-            _ => ChatMessage {
-                role: role.clone(),
-                content: content.clone(),
-            },
-        })
-        .collect()
-}
-
 /// `n` answers of the student to each row, sampled with the paper's settings (temperature 1,
 /// top-p 0.95, top-k 50, repetition penalty 1.05), `batch_size` sequences at a time. Every
 /// answer has its own random stream, derived from `seed`, the row and the answer's index.
@@ -292,14 +271,7 @@ pub fn student_answers(
                 id: row.id.clone(),
                 source,
             };
-            let images: Vec<(&str, &[u8])> = row
-                .images
-                .iter()
-                .map(|i| (i.name.as_str(), i.bytes.as_slice()))
-                .collect();
-            let prompt = student
-                .prompt(&row_messages(row), &images)
-                .map_err(row_error)?;
+            let prompt = ril_prompt::prompt(student, row).map_err(|e| row_error(e.source))?;
             let mut answers = Vec::with_capacity(n);
             let mut start = 0;
             while start < n {
@@ -411,7 +383,7 @@ pub async fn teacher_answers(
 }
 
 async fn ask_teacher(
-    client: &mut TeacherClient<ril_proto::server::Channel>,
+    client: &mut TeacherClient<ril_proto::client::Channel>,
     addr: &str,
     request: AnswerRequest,
     timeout: Duration,

@@ -12,9 +12,10 @@ use common::*;
 use ril_discriminator::checkpoint::latest_checkpoint;
 use ril_discriminator::judge::JudgeConfig;
 use ril_discriminator::{DiscriminatorOptions, JudgeBackend, serve};
+use ril_proto::client::Channel;
+use ril_proto::client::health_check;
 use ril_proto::convert::row_to_question;
-use ril_proto::server::Channel;
-use ril_proto::server::{ServingStatus, health_check, names};
+use ril_proto::server::{ServingStatus, names};
 use ril_proto::v1;
 use ril_proto::v1::discriminator_client::DiscriminatorClient;
 use tokio::sync::oneshot;
@@ -73,7 +74,7 @@ impl Running {
 
     async fn client(&self) -> DiscriminatorClient<Channel> {
         DiscriminatorClient::new(
-            ril_proto::server::connect(&self.addr, Duration::from_secs(5), &Default::default())
+            ril_proto::client::connect(&self.addr, Duration::from_secs(5), &Default::default())
                 .await
                 .unwrap(),
         )
@@ -202,7 +203,7 @@ async fn score_returns_the_d_probability_and_the_rule_judges_answer_score() {
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
     use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
     let channel =
-        ril_proto::server::connect(&server.addr, Duration::from_secs(5), &Default::default())
+        ril_proto::client::connect(&server.addr, Duration::from_secs(5), &Default::default())
             .await
             .unwrap();
     let mut reflection = ServerReflectionClient::new(channel);

@@ -8,12 +8,9 @@ pub enum LearnerError {
     Data(#[from] ril_data::DataError),
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
-    #[error("row {id}: {source}")]
-    Row {
-        id: String,
-        #[source]
-        source: ril_model::ModelError,
-    },
+    /// A row the model cannot take (its id and why).
+    #[error(transparent)]
+    Prompt(#[from] ril_prompt::PromptError),
     #[error("{path}: {source}")]
     Io {
         path: std::path::PathBuf,

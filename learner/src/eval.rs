@@ -10,7 +10,7 @@ use ril_model::generate::{SamplingParams, generate};
 use serde::{Deserialize, Serialize};
 
 use crate::error::Result;
-use crate::examples::prompt;
+use ril_prompt::prompt;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -117,7 +117,7 @@ pub fn evaluate(
     let prompts = rows
         .iter()
         .map(|r| prompt(bundle, r))
-        .collect::<Result<Vec<_>>>()?;
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     // One flat list of (row, sample) jobs, batched.
     let jobs: Vec<(usize, usize)> = (0..rows.len())
         .flat_map(|r| (0..samples).map(move |s| (r, s)))

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::Stream;
+use ril_proto::client::Channel;
 use ril_proto::security::Security;
-use ril_proto::server::Channel;
 use ril_proto::server::{self, Bound, DEFAULT_MAX_MESSAGE_BYTES, ServingStatus, names};
 use ril_proto::v1 as pb;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
@@ -131,9 +131,11 @@ pub struct DiscriminatorLink {
 impl DiscriminatorLink {
     pub fn connect_lazy(addr: &str, timeout: Duration, security: &Security) -> Result<Self> {
         Ok(Self {
-            client: DiscriminatorClient::new(server::connect_lazy(addr, timeout, security)?)
-                .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES),
+            client: DiscriminatorClient::new(ril_proto::client::connect_lazy(
+                addr, timeout, security,
+            )?)
+            .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES),
             addr: addr.to_string(),
             buffer: Arc::default(),
         })
@@ -181,7 +183,7 @@ fn new_publisher_key() -> Bytes {
 impl GrpcCoordinator {
     /// A client that connects on first use (and reconnects after a coordinator restart).
     pub fn connect_lazy(addr: &str, timeout: Duration, security: &Security) -> Result<Self> {
-        let channel = server::connect_lazy(addr, timeout, security)?;
+        let channel = ril_proto::client::connect_lazy(addr, timeout, security)?;
         Ok(Self {
             client: CoordinatorClient::new(channel)
                 .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
@@ -589,7 +591,7 @@ impl GrpcPeers {
             .map(|a| {
                 Ok((
                     a.clone(),
-                    LearnerRanksClient::new(server::connect_lazy(a, timeout, security)?)
+                    LearnerRanksClient::new(ril_proto::client::connect_lazy(a, timeout, security)?)
                         .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)
                         .max_encoding_message_size(DEFAULT_MAX_MESSAGE_BYTES),
                 ))

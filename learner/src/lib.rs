@@ -15,8 +15,8 @@
 //! - `grpc`: the `ril.v1.Learner` adapter, the coordinator client, and [`grpc::serve`] (the
 //!   role's entry point).
 //! - `options`: [`options::LearnerOptions`], the `[learner]` table of the run's TOML file.
-//! - Supervised fine-tuning (`sft`), evaluation (`eval`), dataset rows as model inputs
-//!   (`examples`) and the NCCL library probe (`gpu`).
+//! - Supervised fine-tuning (`sft`), evaluation (`eval`) and the NCCL library probe (`gpu`).
+//!   Dataset rows become model inputs through `ril-prompt`, as for every other role.
 //!
 //! Architecture invariant: only `grpc` knows generated protobuf or tonic types.
 
@@ -24,7 +24,6 @@ pub mod collective;
 pub mod diagnostics;
 pub mod error;
 pub mod eval;
-pub mod examples;
 pub mod gpu;
 pub mod grpc;
 pub mod grpo;

@@ -43,10 +43,10 @@ use ril_model::{ChatTokenizer, LlavaConfig};
 use tokio::sync::watch;
 
 use crate::error::{LearnerError, Result};
-use crate::examples::row_messages;
 use crate::grpo::{Group, Response, ResponseSource};
 use crate::options::LearnerOptions;
 use crate::trainer::{Trainer, WeightsPayload};
+use ril_prompt::row_messages;
 
 /// A group as it arrives: converted from the wire, not yet checked against the model.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use ril_model::score::{ScoreRequest, score_tokens};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{LearnerError, Result};
-use crate::examples::{SupervisedExample, supervised};
+use ril_prompt::{SupervisedExample, supervised};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -410,7 +410,7 @@ pub fn run_sft(
             let (mut rows, _) = read_all(v, options)?;
             rows.truncate(cfg.eval_rows);
             rows.iter()
-                .map(|r| supervised(bundle, r, &cfg.target.text(r)?))
+                .map(|r| Ok(supervised(bundle, r, &cfg.target.text(r)?)?))
                 .collect::<Result<_>>()?
         }
         None => Vec::new(),

@@ -163,7 +163,7 @@ where
 }
 
 async fn health(addr: &str) -> Option<ServingStatus> {
-    server::health_check(
+    ril_proto::client::health_check(
         addr,
         names::LEARNER,
         Duration::from_secs(2),
@@ -195,9 +195,7 @@ fn scored_group(
         position,
         iteration,
         question: Some(ril_proto::convert::row_to_question(&row)),
-        prompt_token_ids: ril_learner::examples::prompt(bundle, &row)
-            .unwrap()
-            .token_ids,
+        prompt_token_ids: ril_prompt::prompt(bundle, &row).unwrap().token_ids,
         responses: rs
             .into_iter()
             .map(|r| pb::ScoredResponse {
@@ -222,7 +220,7 @@ fn scored_group(
 }
 
 async fn push(
-    client: &mut LearnerClient<ril_proto::server::Channel>,
+    client: &mut LearnerClient<ril_proto::client::Channel>,
     groups: Vec<pb::ScoredGroup>,
 ) -> pb::PushGroupsResponse {
     client
@@ -232,7 +230,7 @@ async fn push(
         .into_inner()
 }
 
-async fn version(client: &mut LearnerClient<ril_proto::server::Channel>) -> u64 {
+async fn version(client: &mut LearnerClient<ril_proto::client::Channel>) -> u64 {
     client
         .info(pb::LearnerInfoRequest {})
         .await
@@ -269,7 +267,7 @@ async fn the_learner_trains_publishes_and_serves_its_weights() {
     })
     .await;
     assert_eq!(health(&learner_addr).await, Some(ServingStatus::NotServing));
-    let whole_server = server::health_check(
+    let whole_server = ril_proto::client::health_check(
         &learner_addr,
         "",
         Duration::from_secs(2),
@@ -279,7 +277,7 @@ async fn the_learner_trains_publishes_and_serves_its_weights() {
     .unwrap();
     assert_eq!(whole_server, ServingStatus::NotServing);
     let mut client = LearnerClient::new(
-        server::connect(&learner_addr, Duration::from_secs(5), &Default::default())
+        ril_proto::client::connect(&learner_addr, Duration::from_secs(5), &Default::default())
             .await
             .unwrap(),
     )
@@ -567,7 +565,7 @@ async fn two_ranks_train_in_step_and_rank_1_refuses_pushes() {
     for addr in &addrs {
         clients.push(
             LearnerClient::new(
-                server::connect(addr, Duration::from_secs(5), &Default::default())
+                ril_proto::client::connect(addr, Duration::from_secs(5), &Default::default())
                     .await
                     .unwrap(),
             )

@@ -9,7 +9,6 @@
 //! Loading is strict: a missing, unexpected or mis-shaped tensor is an error naming the tensor.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -260,25 +259,9 @@ pub(crate) fn load_tensor_map(
     Ok(report)
 }
 
-/// Writes `bytes` to `path` atomically: a temporary file in the same directory, fsync, rename.
+/// Writes `bytes` to `path` atomically (`ril_common::fs::write_atomic`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().unwrap_or_else(|| Path::new("."));
-    std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
-    let file_name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "file".into());
-    let tmp = dir.join(format!(".{file_name}.tmp-{}", std::process::id()));
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(|e| ModelError::io(&tmp, e))?;
-        f.write_all(bytes).map_err(|e| ModelError::io(&tmp, e))?;
-        f.sync_all().map_err(|e| ModelError::io(&tmp, e))?;
-    }
-    std::fs::rename(&tmp, path).map_err(|e| ModelError::io(path, e))?;
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
+    Ok(ril_common::fs::write_atomic(path, bytes)?)
 }
 
 /// Serialises named tensors to safetensors bytes with transformers' `{"format": "pt"}` metadata.

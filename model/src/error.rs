@@ -85,3 +85,18 @@ impl ModelError {
 }
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+impl From<ril_common::SamplingError> for ModelError {
+    fn from(e: ril_common::SamplingError) -> Self {
+        Self::Input(e.to_string())
+    }
+}
+
+impl From<ril_common::fs::WriteError> for ModelError {
+    fn from(e: ril_common::fs::WriteError) -> Self {
+        Self::Io {
+            path: e.path,
+            source: e.source,
+        }
+    }
+}

@@ -17,83 +17,9 @@ use crate::batch::{PadSide, concat_images, pack};
 use crate::error::{ModelError, Result};
 use crate::vlm::{ForwardInput, Vlm};
 
-/// Sampling settings. `temperature == 0` means greedy decoding.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SamplingParams {
-    pub temperature: f64,
-    /// Nucleus sampling mass in (0, 1]; 1 disables it.
-    pub top_p: f64,
-    /// 0 disables top-k.
-    pub top_k: usize,
-    /// 1 disables it; >1 discourages tokens already in the prompt or the response.
-    pub repetition_penalty: f64,
-    pub max_new_tokens: usize,
-    /// Generation of a sequence ends after any of these (it is included in the output).
-    #[serde(default)]
-    pub stop_token_ids: Vec<u32>,
-    /// Tokens never sampled. The model's `<image>` placeholder is always added.
-    #[serde(default)]
-    pub suppress_token_ids: Vec<u32>,
-    pub seed: u64,
-}
-
-impl SamplingParams {
-    pub fn greedy(max_new_tokens: usize) -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            repetition_penalty: 1.0,
-            max_new_tokens,
-            stop_token_ids: Vec::new(),
-            suppress_token_ids: Vec::new(),
-            seed: 0,
-        }
-    }
-
-    /// The RIL paper's rollout settings: temperature 1.0, top-p 0.95, top-k 50, repetition
-    /// penalty 1.05.
-    pub fn paper(max_new_tokens: usize, seed: u64) -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 0.95,
-            top_k: 50,
-            repetition_penalty: 1.05,
-            max_new_tokens,
-            stop_token_ids: Vec::new(),
-            suppress_token_ids: Vec::new(),
-            seed,
-        }
-    }
-
-    pub fn validate(&self) -> Result<()> {
-        let bad = |what: &str, why: &str| Err(ModelError::input(format!("sampling {what}: {why}")));
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad("temperature", "must be finite and >= 0");
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", "must be in (0, 1]");
-        }
-        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad("repetition_penalty", "must be finite and > 0");
-        }
-        Ok(())
-    }
-
-    fn is_greedy(&self) -> bool {
-        self.temperature == 0.0
-    }
-
-    /// The temperature the returned log-probs are computed at.
-    pub fn logprob_temperature(&self) -> f64 {
-        if self.is_greedy() {
-            1.0
-        } else {
-            self.temperature
-        }
-    }
-}
+/// Sampling settings: the workspace's one type for them (`ril-common`), re-exported here
+/// where sampling happens.
+pub use ril_common::sampling::SamplingParams;
 
 /// One prompt: token ids (with `<image>` placeholders already expanded) and its images.
 #[derive(Debug, Clone)]

@@ -2,6 +2,7 @@
 //! structured content, image bytes, reference, answer type, family), so every role builds its
 //! model inputs from the same `ril_data::Row` the dataset readers produce.
 
+use ril_common::SamplingParams;
 use ril_data::Row;
 use ril_data::dataset::{ImageData, Message};
 use serde_json::Value;
@@ -202,5 +203,66 @@ mod tests {
                 .to_string()
                 .contains("messages")
         );
+    }
+}
+
+/// Wire sampling settings as the domain's [`SamplingParams`]. proto3 cannot tell 0 from
+/// "unset", so zeros read as: `max_new_tokens == 0` — no settings were sent, the receiver's own
+/// apply (`None`); `top_p == 0` and `repetition_penalty == 0` — disabled (1). Values are not
+/// checked here: the receiver validates them (`SamplingParams::validate`) and names the field.
+pub fn sampling_from_wire(s: &v1::SamplingSettings) -> Option<SamplingParams> {
+    if s.max_new_tokens == 0 {
+        return None;
+    }
+    let or_one = |x: f32| if x == 0.0 { 1.0 } else { f64::from(x) };
+    Some(SamplingParams {
+        temperature: f64::from(s.temperature),
+        top_p: or_one(s.top_p),
+        top_k: s.top_k as usize,
+        repetition_penalty: or_one(s.repetition_penalty),
+        max_new_tokens: s.max_new_tokens as usize,
+        stop_token_ids: Vec::new(),
+        suppress_token_ids: Vec::new(),
+        seed: s.seed,
+    })
+}
+
+/// The wire form of sampling settings (stop and suppressed tokens are the receiver's: they
+/// depend on its tokenizer).
+impl From<&SamplingParams> for v1::SamplingSettings {
+    fn from(p: &SamplingParams) -> Self {
+        Self {
+            temperature: p.temperature as f32,
+            top_p: p.top_p as f32,
+            top_k: u32::try_from(p.top_k).unwrap_or(u32::MAX),
+            repetition_penalty: p.repetition_penalty as f32,
+            max_new_tokens: u32::try_from(p.max_new_tokens).unwrap_or(u32::MAX),
+            seed: p.seed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod sampling_tests {
+    use super::*;
+
+    #[test]
+    fn sampling_round_trips_and_zeros_read_as_unset() {
+        // Values an f32 holds exactly survive the wire unchanged.
+        let p = SamplingParams {
+            top_p: 0.5,
+            repetition_penalty: 1.25,
+            ..SamplingParams::paper(48, 7)
+        };
+        assert_eq!(sampling_from_wire(&v1::SamplingSettings::from(&p)), Some(p));
+        assert_eq!(sampling_from_wire(&v1::SamplingSettings::default()), None);
+        let sparse = sampling_from_wire(&v1::SamplingSettings {
+            max_new_tokens: 5,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(sparse.top_p, 1.0);
+        assert_eq!(sparse.repetition_penalty, 1.0);
+        assert!(sparse.is_greedy());
     }
 }

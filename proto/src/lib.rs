@@ -7,9 +7,13 @@ pub mod v1 {
     tonic::include_proto!("ril.v1");
 }
 
+pub mod client;
 pub mod convert;
+pub mod error;
 pub mod security;
 pub mod server;
+
+pub use error::{RpcError, ServiceError, ServiceErrorCode};
 
 /// The encoded `FileDescriptorSet` of every `ril.v1` file, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

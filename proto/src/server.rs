@@ -1,24 +1,18 @@
 //! What every ril gRPC server shares: binding (ephemeral ports included), `grpc.health.v1`,
 //! server reflection, explicit message-size limits, and graceful shutdown on SIGTERM / Ctrl-C.
-//! Clients get the same limits and connect with a deadline. Security (TLS, mutual TLS, the run
-//! token, per-role authorisation) comes from [`crate::security`]: `secure_builder` for servers,
-//! `connect`/`connect_lazy` for clients.
+//! Security (TLS, mutual TLS, the run token, per-role authorisation) comes from
+//! [`crate::security`] through [`secure_builder`]. The client side is [`crate::client`].
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Endpoint;
 use tonic::transport::server::TcpIncoming;
 pub use tonic_health::ServingStatus;
 pub use tonic_health::server::HealthReporter;
 
-use crate::security::{AuthLayer, ClientAuth, Security};
-
-/// Every ril client's channel: TLS when the process's [`Security`] has it, and the run token
-/// on every call.
-pub type Channel = InterceptedService<tonic::transport::Channel, ClientAuth>;
+use crate::error::source_chain;
+use crate::security::{AuthLayer, Security};
 
 /// A server with the authorisation layer in front of its services.
 pub type SecureServer =
@@ -115,13 +109,12 @@ impl Bound {
 /// Writes `addr` to `path` atomically (a temporary file renamed), so that a reader never sees
 /// half an address.
 pub fn write_addr_file(path: &std::path::Path, addr: &SocketAddr) -> Result<(), ServeError> {
-    let err = |source| ServeError::AddrFile {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tmp = path.with_extension("addr.tmp");
-    std::fs::write(&tmp, addr.to_string()).map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    ril_common::fs::write_atomic(path, addr.to_string().as_bytes()).map_err(|e| {
+        ServeError::AddrFile {
+            path: path.to_path_buf(),
+            source: e.source,
+        }
+    })
 }
 
 /// Binds `addr` (e.g. `127.0.0.1:0` for an ephemeral port).
@@ -271,126 +264,6 @@ pub async fn spawn_plain_health<T: tonic_health::pb::health_server::Health>(
     });
     tracing::info!(%addr, "plaintext health endpoint listening (grpc.health.v1 only)");
     Ok(addr)
-}
-
-/// Normalises `host:port` / `http://host:port` to a URI tonic accepts (`https` with TLS).
-pub fn uri(addr: &str, tls: bool) -> String {
-    let bare = addr
-        .strip_prefix("http://")
-        .or_else(|| addr.strip_prefix("https://"))
-        .unwrap_or(addr);
-    if tls {
-        format!("https://{bare}")
-    } else {
-        format!("http://{bare}")
-    }
-}
-
-fn endpoint(addr: &str, timeout: Duration, security: &Security) -> Result<Endpoint, ServeError> {
-    let err = |detail: String| ServeError::Connect {
-        addr: addr.to_string(),
-        timeout,
-        detail,
-    };
-    let mut endpoint = Endpoint::from_shared(uri(addr, security.is_tls()))
-        .map_err(|e| err(format!("invalid address: {e}")))?
-        .connect_timeout(timeout)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(20))
-        .keep_alive_timeout(Duration::from_secs(20));
-    if let Some(tls) = security.client_tls() {
-        endpoint = endpoint.tls_config(tls).map_err(|e| ServeError::Tls {
-            what: format!("the client of {addr}"),
-            detail: source_chain(&e),
-        })?;
-    }
-    Ok(endpoint)
-}
-
-/// Connects to `addr` (TLS and the run token per `security`), failing with the address and
-/// the cause after `timeout`.
-pub async fn connect(
-    addr: &str,
-    timeout: Duration,
-    security: &Security,
-) -> Result<Channel, ServeError> {
-    let endpoint = endpoint(addr, timeout, security)?;
-    let err = |detail: String| ServeError::Connect {
-        addr: addr.to_string(),
-        timeout,
-        detail,
-    };
-    match tokio::time::timeout(timeout, endpoint.connect()).await {
-        Ok(Ok(ch)) => Ok(InterceptedService::new(ch, security.client_auth())),
-        Ok(Err(e)) => Err(err(source_chain(&e))),
-        Err(_) => Err(err("timed out".into())),
-    }
-}
-
-/// A lazily connecting channel (reconnects on its own after a peer restarts).
-pub fn connect_lazy(
-    addr: &str,
-    timeout: Duration,
-    security: &Security,
-) -> Result<Channel, ServeError> {
-    let ch = endpoint(addr, timeout, security)?.connect_lazy();
-    Ok(InterceptedService::new(ch, security.client_auth()))
-}
-
-/// `error: cause: cause` for messages that name the root problem.
-pub fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let m = c.to_string();
-        if !s.contains(&m) {
-            s.push_str(": ");
-            s.push_str(&m);
-        }
-        cur = c.source();
-    }
-    s
-}
-
-/// Asks `addr`'s grpc.health.v1 for `service` ("" = the server as a whole).
-pub async fn health_check(
-    addr: &str,
-    service: &str,
-    timeout: Duration,
-    security: &Security,
-) -> Result<ServingStatus, ServeError> {
-    let channel = connect(addr, timeout, security).await?;
-    let mut client = tonic_health::pb::health_client::HealthClient::new(channel);
-    let reply = tokio::time::timeout(
-        timeout,
-        client.check(tonic_health::pb::HealthCheckRequest {
-            service: service.to_string(),
-        }),
-    )
-    .await
-    .map_err(|_| ServeError::Connect {
-        addr: addr.to_string(),
-        timeout,
-        detail: "health check timed out".into(),
-    })?
-    .map_err(|s| ServeError::Connect {
-        addr: addr.to_string(),
-        timeout,
-        detail: format!("health check failed: {}", s.message()),
-    })?;
-    Ok(
-        match tonic_health::pb::health_check_response::ServingStatus::try_from(
-            reply.into_inner().status,
-        ) {
-            Ok(tonic_health::pb::health_check_response::ServingStatus::Serving) => {
-                ServingStatus::Serving
-            }
-            Ok(tonic_health::pb::health_check_response::ServingStatus::NotServing) => {
-                ServingStatus::NotServing
-            }
-            _ => ServingStatus::Unknown,
-        },
-    )
 }
 
 /// Fully-qualified gRPC service names, for health status keys.

@@ -151,5 +151,5 @@ impl TeacherError {
 
 /// `error: cause: cause`, for messages that must name the root problem on one line.
 pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    ril_proto::server::source_chain(e)
+    ril_proto::error::source_chain(e)
 }

@@ -490,7 +490,7 @@ async fn start_servers(sb: &Sandbox) -> Servers {
     for addr in [&discriminator, &teacher, &coordinator, &learner] {
         let deadline = Instant::now() + Duration::from_secs(120);
         while !matches!(
-            ril_proto::server::health_check(
+            ril_proto::client::health_check(
                 addr,
                 "",
                 Duration::from_secs(2),
@@ -529,8 +529,8 @@ async fn channel(
     s: &Servers,
     addr: &str,
     role: ril_proto::security::Role,
-) -> ril_proto::server::Channel {
-    ril_proto::server::connect(addr, Duration::from_secs(5), &as_role(&s.certs, role))
+) -> ril_proto::client::Channel {
+    ril_proto::client::connect(addr, Duration::from_secs(5), &as_role(&s.certs, role))
         .await
         .unwrap()
 }
@@ -840,7 +840,7 @@ async fn bad_rpc_payloads_are_refused_and_leave_the_run_unchanged() {
         &servers.teacher,
     ] {
         assert!(matches!(
-            ril_proto::server::health_check(
+            ril_proto::client::health_check(
                 addr,
                 "",
                 Duration::from_secs(2),

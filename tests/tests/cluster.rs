@@ -299,7 +299,7 @@ where
 }
 
 async fn status(sb: &Sandbox, addr: &str) -> Option<v1::RunStatus> {
-    let ch = ril_proto::server::connect(addr, Duration::from_secs(2), &security(sb))
+    let ch = ril_proto::client::connect(addr, Duration::from_secs(2), &security(sb))
         .await
         .ok()?;
     CoordinatorClient::new(ch)
@@ -350,7 +350,7 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
     ] {
         wait_until(role, Duration::from_secs(120), || async {
             matches!(
-                ril_proto::server::health_check(addr, "", Duration::from_secs(2), &security(&sb))
+                ril_proto::client::health_check(addr, "", Duration::from_secs(2), &security(&sb))
                     .await,
                 Ok(ril_proto::server::ServingStatus::Serving)
             )
@@ -360,7 +360,7 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
 
     // An actor registers, takes a lease, and dies without completing it.
     let actor = security_as(&sb, ril_proto::security::Role::Actor);
-    let ch = ril_proto::server::connect(&coord, Duration::from_secs(5), &actor)
+    let ch = ril_proto::client::connect(&coord, Duration::from_secs(5), &actor)
         .await
         .unwrap();
     let mut c = CoordinatorClient::new(ch);
@@ -509,7 +509,7 @@ async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
     ] {
         wait_until(role, Duration::from_secs(120), || async {
             matches!(
-                ril_proto::server::health_check(addr, "", Duration::from_secs(2), &security(&sb))
+                ril_proto::client::health_check(addr, "", Duration::from_secs(2), &security(&sb))
                     .await,
                 Ok(ril_proto::server::ServingStatus::Serving)
             )
@@ -543,7 +543,7 @@ async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
     // 65 MiB of "image" in one PushGroups (as an actor: the only role that may push): over
     // the 64 MiB limit.
     let actor = security_as(&sb, ril_proto::security::Role::Actor);
-    let ch = ril_proto::server::connect(&learner, Duration::from_secs(5), &actor)
+    let ch = ril_proto::client::connect(&learner, Duration::from_secs(5), &actor)
         .await
         .unwrap();
     let mut l = v1::learner_client::LearnerClient::new(ch).max_encoding_message_size(128 << 20);
@@ -574,7 +574,7 @@ async fn an_unreachable_teacher_and_an_oversized_message_give_clear_errors() {
         "{e:?}"
     );
     assert!(matches!(
-        ril_proto::server::health_check(&learner, "", Duration::from_secs(2), &security(&sb)).await,
+        ril_proto::client::health_check(&learner, "", Duration::from_secs(2), &security(&sb)).await,
         Ok(ril_proto::server::ServingStatus::Serving)
     ));
 }
@@ -866,7 +866,7 @@ async fn calls_without_credentials_or_the_right_role_are_refused_and_health_stil
             Duration::from_secs(60),
             || async {
                 matches!(
-                    ril_proto::server::health_check(&coord, "", Duration::from_secs(2), s).await,
+                    ril_proto::client::health_check(&coord, "", Duration::from_secs(2), s).await,
                     Ok(ril_proto::server::ServingStatus::Serving)
                 )
             },
@@ -877,7 +877,7 @@ async fn calls_without_credentials_or_the_right_role_are_refused_and_health_stil
     let call = |s: ril_proto::security::Security| {
         let coord = coord.clone();
         async move {
-            let ch = ril_proto::server::connect(&coord, Duration::from_secs(5), &s)
+            let ch = ril_proto::client::connect(&coord, Duration::from_secs(5), &s)
                 .await
                 .map_err(BoxError::from)?;
             CoordinatorClient::new(ch)
@@ -932,7 +932,7 @@ async fn calls_without_credentials_or_the_right_role_are_refused_and_health_stil
     );
     // A role without the right: an actor publishing a version.
     let ch =
-        ril_proto::server::connect(&coord, Duration::from_secs(5), &security_as(&sb, R::Actor))
+        ril_proto::client::connect(&coord, Duration::from_secs(5), &security_as(&sb, R::Actor))
             .await
             .unwrap();
     let s = CoordinatorClient::new(ch)

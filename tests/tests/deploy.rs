@@ -1558,7 +1558,7 @@ struct Started {
 async fn kubelet_probe(addr: &str, probe: &Value) -> Option<ril_proto::server::ServingStatus> {
     let service = probe["grpc"]["service"].as_str().unwrap_or("");
     let timeout = Duration::from_secs(probe["timeoutSeconds"].as_u64().unwrap_or(1));
-    ril_proto::server::health_check(addr, service, timeout, &Default::default())
+    ril_proto::client::health_check(addr, service, timeout, &Default::default())
         .await
         .ok()
 }

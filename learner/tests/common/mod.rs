@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use ril_data::Row;
 use ril_data::dataset::{ImageData, Message};
-use ril_learner::examples::prompt;
 use ril_learner::grpo::{Group, Response, ResponseSource};
 use ril_learner::service::IncomingGroup;
 use ril_model::bundle::Bundle;
 use ril_model::generate::SamplingParams;
 use ril_model::image::{ImageProcessor, ImageProcessorConfig};
 use ril_model::{Head, LlavaConfig, Vlm};
+use ril_prompt::prompt;
 
 /// A test-size model with the built-in tokenizer, saved as a model directory `dir/name`.
 pub fn tiny_model(dir: &Path, name: &str, seed: u64) -> PathBuf {

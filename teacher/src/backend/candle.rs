@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use ril_data::Row;
-use ril_data::dataset::Message;
 use ril_model::bundle::Bundle;
 use ril_model::generate::Prompt;
-use ril_model::{ChatMessage, Head};
+use ril_model::Head;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
@@ -286,50 +285,7 @@ impl Worker {
 
     /// The question's generation prompt, checked to fit the model's context.
     fn prompt(&self, row: &Row, settings: &SamplingSettings) -> Result<Prompt, TeacherError> {
-        let images: Vec<(&str, &[u8])> = row
-            .images
-            .iter()
-            .map(|i| (i.name.as_str(), i.bytes.as_slice()))
-            .collect();
-        let prompt = self
-            .bundle
-            .prompt(&chat_messages(row), &images)
-            .map_err(|e| TeacherError::model(&row.id, e))?;
-        let context = self.bundle.model.max_positions();
-        let needed = prompt.token_ids.len() + settings.max_new_tokens as usize;
-        if needed > context {
-            return Err(TeacherError::BadQuestion {
-                id: row.id.clone(),
-                reason: format!(
-                    "a prompt of {} tokens plus max_new_tokens {} exceeds the teacher's context of {context} tokens",
-                    prompt.token_ids.len(),
-                    settings.max_new_tokens
-                ),
-            });
-        }
-        Ok(prompt)
+        ril_prompt::prompt_within_context(&self.bundle, row, settings.max_new_tokens as usize)
+            .map_err(|e| TeacherError::model(&e.id, e.source))
     }
-}
-
-/// The row's conversation for the chat template: a string question gets one image part per
-/// row image before its text (LLaVA's convention) unless it places `<image>` itself.
-pub(crate) fn chat_messages(row: &Row) -> Vec<ChatMessage> {
-    let n_images = row.images.len();
-    let placeholders = row.image_placeholders();
-    let first_user = row.messages.iter().position(|m| m.role == "user");
-    row.messages
-        .iter()
-        .enumerate()
-        .map(|(i, Message { role, content })| match content {
-            serde_json::Value::String(text)
-                if Some(i) == first_user && placeholders == 0 && n_images > 0 =>
-            {
-                ChatMessage::with_images(role, n_images, text)
-            }
-            _ => ChatMessage {
-                role: role.clone(),
-                content: content.clone(),
-            },
-        })
-        .collect()
 }

@@ -340,7 +340,8 @@ pub(crate) fn chat_messages(row: &Row) -> Result<Vec<Value>, TeacherError> {
         })
         .collect::<Result<_, _>>()?;
     let placeholders = row.image_placeholders();
-    let first_user = row.messages.iter().position(|m| m.role == "user");
+    // Where the images go when no message places them: the rule every role shares.
+    let image_turn = ril_prompt::image_turn(row);
     let mut next = 0usize;
     let image_part = |next: &mut usize| -> Result<Value, TeacherError> {
         let url = urls.get(*next).ok_or_else(|| {
@@ -367,9 +368,7 @@ pub(crate) fn chat_messages(row: &Row) -> Result<Vec<Value>, TeacherError> {
                 }
                 Value::Array(parts)
             }
-            Value::String(text)
-                if Some(i) == first_user && placeholders == 0 && !urls.is_empty() =>
-            {
+            Value::String(text) if Some(i) == image_turn => {
                 let mut parts = Vec::new();
                 for _ in 0..urls.len() {
                     parts.push(image_part(&mut next)?);

@@ -14,8 +14,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use ril_data::Row;
 use ril_data::dataset::{ImageData, Message};
+use ril_proto::client::Channel;
 use ril_proto::convert::row_to_question;
-use ril_proto::server::Channel;
 use ril_proto::v1;
 use ril_proto::v1::teacher_client::TeacherClient;
 use ril_teacher::{Teacher, TeacherError, TeacherOptions};
@@ -91,7 +91,7 @@ impl Server {
 
     pub async fn client(&self) -> TeacherClient<Channel> {
         let channel =
-            ril_proto::server::connect(&self.addr, Duration::from_secs(10), &Default::default())
+            ril_proto::client::connect(&self.addr, Duration::from_secs(10), &Default::default())
                 .await
                 .unwrap();
         TeacherClient::new(channel)
@@ -100,7 +100,7 @@ impl Server {
     /// Current health of `service` (`""` = the server as a whole).
     pub async fn health(&self, service: &str) -> ServingStatus {
         let channel =
-            ril_proto::server::connect(&self.addr, Duration::from_secs(10), &Default::default())
+            ril_proto::client::connect(&self.addr, Duration::from_secs(10), &Default::default())
                 .await
                 .unwrap();
         let reply = HealthClient::new(channel)
@@ -116,7 +116,7 @@ impl Server {
     /// The health `Watch` stream of `ril.v1.Teacher`.
     pub async fn health_stream(&self) -> tonic::Streaming<HealthCheckResponse> {
         let channel =
-            ril_proto::server::connect(&self.addr, Duration::from_secs(10), &Default::default())
+            ril_proto::client::connect(&self.addr, Duration::from_secs(10), &Default::default())
                 .await
                 .unwrap();
         HealthClient::new(channel)
