@@ -156,93 +156,52 @@ impl SkipReport {
     }
 }
 
+/// A field of a row that is wrong: its name as the row spells it (`messages[2].role`) and why.
+type FieldError = (String, String);
+
+fn field_error(field: &str, reason: impl Into<String>) -> FieldError {
+    (field.to_string(), reason.into())
+}
+
 /// Parses and validates one JSONL line. `line_no` is 1-based; `base_dir` resolves relative
 /// image paths.
 pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Result<Row> {
-    let bad = |field: &str, reason: String| DataError::BadRow {
+    let bad = |id: Option<&str>, (field, reason): FieldError| DataError::BadRow {
         file: file.to_path_buf(),
         row: line_no,
-        id: None,
-        field: field.to_string(),
+        id: id.map(str::to_string),
+        field,
         reason,
     };
-    let value: Value =
-        serde_json::from_str(line).map_err(|e| bad("<row>", format!("invalid JSON: {e}")))?;
+    let value: Value = serde_json::from_str(line)
+        .map_err(|e| bad(None, field_error("<row>", format!("invalid JSON: {e}"))))?;
     let Value::Object(mut obj) = value else {
-        return Err(bad("<row>", "not a JSON object".into()));
+        return Err(bad(None, field_error("<row>", "not a JSON object")));
     };
-    let id = match obj.remove("id") {
-        Some(Value::String(s)) if !s.trim().is_empty() => s,
-        Some(Value::Number(n)) => n.to_string(),
-        Some(_) => return Err(bad("id", "must be a non-empty string or a number".into())),
-        None => return Err(bad("id", "missing".into())),
-    };
-    let bad_id = |field: &str, reason: String| DataError::BadRow {
-        file: file.to_path_buf(),
-        row: line_no,
-        id: Some(id.clone()),
-        field: field.to_string(),
-        reason,
-    };
-    let messages = match (obj.remove("question"), obj.remove("messages")) {
-        (Some(_), Some(_)) => {
-            return Err(bad_id(
-                "question",
-                "give `question` or `messages`, not both".into(),
-            ));
-        }
-        (Some(Value::String(q)), None) => {
-            if q.trim().is_empty() {
-                return Err(bad_id("question", "empty".into()));
-            }
-            vec![Message {
-                role: "user".into(),
-                content: Value::String(q),
-            }]
-        }
-        (Some(_), None) => return Err(bad_id("question", "must be a string".into())),
-        (None, Some(m)) => {
-            let msgs: Vec<Message> = serde_json::from_value(m).map_err(|e| {
-                bad_id(
-                    "messages",
-                    format!("must be a list of {{role, content}}: {e}"),
-                )
-            })?;
-            if msgs.is_empty() || msgs.iter().all(|m| content_text(&m.content).is_empty()) {
-                return Err(bad_id("messages", "no question text".into()));
-            }
-            // Every turn is sent on the wire with its role; a turn without one is not a chat.
-            if let Some(i) = msgs.iter().position(|m| m.role.trim().is_empty()) {
-                return Err(bad_id(
-                    &format!("messages[{i}].role"),
-                    "empty (every chat turn needs a role, e.g. system, user, assistant)".into(),
-                ));
-            }
-            msgs
-        }
-        (None, None) => {
-            return Err(bad_id(
-                "question",
-                "missing (`question` or `messages`)".into(),
-            ));
-        }
-    };
-    let answer = match obj.remove("answer") {
-        Some(Value::String(s)) if !s.trim().is_empty() => s,
-        Some(Value::Number(n)) => n.to_string(),
-        Some(Value::Bool(b)) => if b { "yes" } else { "no" }.to_string(),
-        Some(_) => return Err(bad_id("answer", "must be a non-empty string".into())),
-        None => return Err(bad_id("answer", "missing".into())),
-    };
+    let id = read_id(obj.remove("id")).map_err(|e| bad(None, e))?;
+    row_fields(obj, &id, base_dir).map_err(|e| bad(Some(&id), e))
+}
+
+/// The fields of a row whose id is known, checked.
+fn row_fields(
+    mut obj: serde_json::Map<String, Value>,
+    id: &str,
+    base_dir: &Path,
+) -> std::result::Result<Row, FieldError> {
+    let messages = read_messages(obj.remove("question"), obj.remove("messages"))?;
+    let answer = read_answer(obj.remove("answer"))?;
     let answer_type = match obj.remove("answer_type") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.parse().map_err(|e: String| bad_id("answer_type", e))?),
-        Some(_) => return Err(bad_id("answer_type", "must be a string".into())),
+        Some(Value::String(s)) => Some(
+            s.parse()
+                .map_err(|e: String| field_error("answer_type", e))?,
+        ),
+        Some(_) => return Err(field_error("answer_type", "must be a string")),
     };
     let teacher_answers = match obj.remove("teacher_answers") {
         None | Some(Value::Null) => BTreeMap::new(),
         Some(v) => serde_json::from_value(v).map_err(|e| {
-            bad_id(
+            field_error(
                 "teacher_answers",
                 format!("must map teacher names to lists of strings: {e}"),
             )
@@ -252,19 +211,9 @@ pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Re
         Some(Value::String(s)) => Some(s.clone()),
         _ => None,
     };
-    let images = match obj.remove("images") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(list)) => list
-            .iter()
-            .enumerate()
-            .map(|(i, v)| {
-                load_image(v, i, &id, base_dir).map_err(|r| bad_id(&format!("images[{i}]"), r))
-            })
-            .collect::<Result<_>>()?,
-        Some(_) => return Err(bad_id("images", "must be a list".into())),
-    };
+    let images = read_images(obj.remove("images"), id, base_dir)?;
     let row = Row {
-        id: id.clone(),
+        id: id.to_string(),
         images,
         messages,
         answer,
@@ -273,17 +222,107 @@ pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Re
         family,
         extra: obj,
     };
+    check_question(&row)?;
+    Ok(row)
+}
+
+fn read_id(id: Option<Value>) -> std::result::Result<String, FieldError> {
+    match id {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(_) => Err(field_error("id", "must be a non-empty string or a number")),
+        None => Err(field_error("id", "missing")),
+    }
+}
+
+/// The conversation: a `question` string (one user turn) or a `messages` list, not both.
+fn read_messages(
+    question: Option<Value>,
+    messages: Option<Value>,
+) -> std::result::Result<Vec<Message>, FieldError> {
+    match (question, messages) {
+        (Some(_), Some(_)) => Err(field_error(
+            "question",
+            "give `question` or `messages`, not both",
+        )),
+        (Some(Value::String(q)), None) => {
+            if q.trim().is_empty() {
+                return Err(field_error("question", "empty"));
+            }
+            Ok(vec![Message {
+                role: "user".into(),
+                content: Value::String(q),
+            }])
+        }
+        (Some(_), None) => Err(field_error("question", "must be a string")),
+        (None, Some(m)) => {
+            let msgs: Vec<Message> = serde_json::from_value(m).map_err(|e| {
+                field_error(
+                    "messages",
+                    format!("must be a list of {{role, content}}: {e}"),
+                )
+            })?;
+            if msgs.is_empty() || msgs.iter().all(|m| content_text(&m.content).is_empty()) {
+                return Err(field_error("messages", "no question text"));
+            }
+            // Every turn is sent on the wire with its role; a turn without one is not a chat.
+            if let Some(i) = msgs.iter().position(|m| m.role.trim().is_empty()) {
+                return Err(field_error(
+                    &format!("messages[{i}].role"),
+                    "empty (every chat turn needs a role, e.g. system, user, assistant)",
+                ));
+            }
+            Ok(msgs)
+        }
+        (None, None) => Err(field_error(
+            "question",
+            "missing (`question` or `messages`)",
+        )),
+    }
+}
+
+fn read_answer(answer: Option<Value>) -> std::result::Result<String, FieldError> {
+    match answer {
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s),
+        Some(Value::Number(n)) => Ok(n.to_string()),
+        Some(Value::Bool(b)) => Ok(if b { "yes" } else { "no" }.to_string()),
+        Some(_) => Err(field_error("answer", "must be a non-empty string")),
+        None => Err(field_error("answer", "missing")),
+    }
+}
+
+fn read_images(
+    images: Option<Value>,
+    id: &str,
+    base_dir: &Path,
+) -> std::result::Result<Vec<ImageData>, FieldError> {
+    match images {
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(Value::Array(list)) => list
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                load_image(v, i, id, base_dir).map_err(|r| field_error(&format!("images[{i}]"), r))
+            })
+            .collect(),
+        Some(_) => Err(field_error("images", "must be a list")),
+    }
+}
+
+/// A row is a question: its last user turn has text, and images placed in the messages match
+/// the row's images.
+fn check_question(row: &Row) -> std::result::Result<(), FieldError> {
     // The question is the last user turn's text (what every role renders and the wire form
     // requires): a conversation without one is not a question.
     if row.question_text().trim().is_empty() {
-        return Err(bad_id(
+        return Err(field_error(
             "messages",
-            "no user turn with text (the question is the last `user` turn)".into(),
+            "no user turn with text (the question is the last `user` turn)",
         ));
     }
     let placeholders = row.image_placeholders();
     if placeholders > 0 && placeholders != row.images.len() {
-        return Err(bad_id(
+        return Err(field_error(
             "images",
             format!(
                 "the messages have {placeholders} image placeholders but the row has {} images",
@@ -291,7 +330,7 @@ pub fn parse_row(line: &str, file: &Path, line_no: usize, base_dir: &Path) -> Re
             ),
         ));
     }
-    Ok(row)
+    Ok(())
 }
 
 /// Reads one image reference: a path (relative to the dataset file), a data URL, or
