@@ -165,6 +165,13 @@ fn write(target: &str, name: &str, bytes: &[u8]) -> std::io::Result<()> {
 
 /// Rewrites every generated seed.
 pub fn write_all() -> std::io::Result<()> {
+    write_message_seeds()?;
+    write_weight_seeds()?;
+    write_file_seeds()
+}
+
+/// Questions, scored groups, answer requests and sampling settings.
+fn write_message_seeds() -> std::io::Result<()> {
     write("proto_question", "plain", &question("q-1").encode_to_vec())?;
     write(
         "proto_question",
@@ -216,8 +223,11 @@ pub fn write_all() -> std::io::Result<()> {
         max_new_tokens: 8,
         ..Default::default()
     };
-    write("proto_sampling", "greedy", &zeros.encode_to_vec())?;
+    write("proto_sampling", "greedy", &zeros.encode_to_vec())
+}
 
+/// Weight transfers and checkpoint bytes.
+fn write_weight_seeds() -> std::io::Result<()> {
     let payload = safetensors(&[("score.weight", &[1, 4])]);
     write(
         "proto_weight_chunks",
@@ -254,8 +264,11 @@ pub fn write_all() -> std::io::Result<()> {
         "checkpoint_bytes",
         "unknown-tensor",
         &safetensors(&[("not.a.tensor", &[3])]),
-    )?;
+    )
+}
 
+/// Images and Parquet files (generated, and the repository's own fixtures).
+fn write_file_seeds() -> std::io::Result<()> {
     let png = png();
     write("image", "square.png", &png)?;
     write("image", "truncated.png", &png[..png.len() / 2])?;

@@ -17,7 +17,9 @@ use std::error::Error as StdError;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+use plotters::chart::MeshStyle;
 use plotters::coord::Shift;
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
@@ -401,6 +403,10 @@ fn draw_no_data<C: plotters::coord::CoordTranslate>(
     Ok(())
 }
 
+/// A chart's axes in data coordinates.
+type Axes<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
 /// Draws `chart` onto `area` (with its title when `with_title`).
 pub(crate) fn draw_chart(
     area: &DrawingArea<BitMapBackend<'_>, Shift>,
@@ -416,19 +422,7 @@ pub(crate) fn draw_chart(
         })
         .collect();
     let has_data = layers.iter().any(|l| !l.points.is_empty());
-    let all_points = || layers.iter().flat_map(|l| l.points.iter());
-    let x_range = padded_range(all_points().map(|p| p.0), 0.03).unwrap_or((0.0, 1.0));
-    let y_range = match chart.y_range {
-        Some((lo, hi)) if lo.is_finite() && hi.is_finite() && lo < hi => (lo, hi),
-        Some((lo, hi)) if lo.is_finite() && hi.is_finite() => widen(lo.min(hi), lo.max(hi), 0.0),
-        _ => padded_range(
-            all_points()
-                .map(|p| p.1)
-                .chain(chart.hlines.iter().map(|h| h.1)),
-            0.05,
-        )
-        .unwrap_or((0.0, 1.0)),
-    };
+    let (x_range, y_range) = chart_ranges(chart, &layers);
     let clamp_y = |y: f64| y.clamp(y_range.0, y_range.1);
 
     let mut builder = ChartBuilder::on(area);
@@ -443,19 +437,12 @@ pub(crate) fn draw_chart(
     let mut ctx = builder.build_cartesian_2d(x_range.0..x_range.1, y_range.0..y_range.1)?;
     let x_fmt = tick_format(x_range.0, x_range.1);
     let y_fmt = tick_format(y_range.0, y_range.1);
-    ctx.configure_mesh()
-        .x_desc(&chart.x_label)
-        .y_desc(&chart.y_label)
-        .axis_desc_style(font(16.0))
-        .label_style(font(13.0))
+    let mut mesh = ctx.configure_mesh();
+    mesh.x_desc(&chart.x_label)
         .x_labels(8)
-        .y_labels(8)
         .x_label_formatter(&x_fmt)
-        .y_label_formatter(&y_fmt)
-        .max_light_lines(1)
-        .light_line_style(RGBColor(243, 243, 243))
-        .bold_line_style(RGBColor(215, 215, 215))
-        .draw()?;
+        .y_label_formatter(&y_fmt);
+    style_mesh(&mut mesh, &chart.y_label).draw()?;
 
     let mut legend_entries = 0;
     for (label, y) in &chart.hlines {
@@ -472,48 +459,99 @@ pub(crate) fn draw_chart(
         legend_entries += 1;
     }
     for layer in &layers {
-        let points: Vec<(f64, f64)> = layer.points.iter().map(|&(x, y)| (x, clamp_y(y))).collect();
-        let colour = layer.colour;
-        let style = match layer.kind {
-            LayerKind::Line | LayerKind::Smooth => ShapeStyle::from(&colour).stroke_width(2),
-            LayerKind::Raw => ShapeStyle::from(&colour.mix(0.35)).stroke_width(1),
-        };
-        let anno = ctx.draw_series(LineSeries::new(points.iter().copied(), style))?;
-        if let Some(label) = &layer.label {
-            let text = if points.is_empty() {
-                format!("{label} (no data)")
-            } else {
-                label.clone()
-            };
-            anno.label(text).legend(move |(x, y)| {
-                PathElement::new(
-                    vec![(x, y), (x + 18, y)],
-                    ShapeStyle::from(&colour).stroke_width(2),
-                )
-            });
-            legend_entries += 1;
-        }
-        if layer.kind == LayerKind::Line && points.len() <= MARKER_MAX_POINTS {
-            ctx.draw_series(
-                points
-                    .iter()
-                    .map(|&p| Circle::new(p, 3, ShapeStyle::from(&colour).filled())),
-            )?;
-        }
+        legend_entries += draw_layer(&mut ctx, layer, clamp_y)?;
     }
 
     if !has_data {
         draw_no_data(ctx.plotting_area())?;
     }
     if legend_entries > 0 {
-        ctx.configure_series_labels()
-            .position(legend_corner(&layers, x_range, y_range))
-            .label_font(font(14.0))
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(190, 190, 190))
-            .margin(10)
-            .draw()?;
+        draw_legend(&mut ctx, legend_corner(&layers, x_range, y_range))?;
     }
+    Ok(())
+}
+
+/// The x range of every point, and the y range the chart asks for or that fits its points and
+/// reference lines.
+fn chart_ranges(chart: &Chart, layers: &[Layer]) -> ((f64, f64), (f64, f64)) {
+    let all_points = || layers.iter().flat_map(|l| l.points.iter());
+    let x_range = padded_range(all_points().map(|p| p.0), 0.03).unwrap_or((0.0, 1.0));
+    let y_range = match chart.y_range {
+        Some((lo, hi)) if lo.is_finite() && hi.is_finite() && lo < hi => (lo, hi),
+        Some((lo, hi)) if lo.is_finite() && hi.is_finite() => widen(lo.min(hi), lo.max(hi), 0.0),
+        _ => padded_range(
+            all_points()
+                .map(|p| p.1)
+                .chain(chart.hlines.iter().map(|h| h.1)),
+            0.05,
+        )
+        .unwrap_or((0.0, 1.0)),
+    };
+    (x_range, y_range)
+}
+
+/// Draws one layer (its markers too when it is a short line); returns how many legend entries
+/// it added.
+fn draw_layer(
+    ctx: &mut Axes<'_, '_>,
+    layer: &Layer,
+    clamp_y: impl Fn(f64) -> f64,
+) -> DrawResult<usize> {
+    let points: Vec<(f64, f64)> = layer.points.iter().map(|&(x, y)| (x, clamp_y(y))).collect();
+    let colour = layer.colour;
+    let style = match layer.kind {
+        LayerKind::Line | LayerKind::Smooth => ShapeStyle::from(&colour).stroke_width(2),
+        LayerKind::Raw => ShapeStyle::from(&colour.mix(0.35)).stroke_width(1),
+    };
+    let anno = ctx.draw_series(LineSeries::new(points.iter().copied(), style))?;
+    let mut entries = 0;
+    if let Some(label) = &layer.label {
+        let text = if points.is_empty() {
+            format!("{label} (no data)")
+        } else {
+            label.clone()
+        };
+        anno.label(text).legend(move |(x, y)| {
+            PathElement::new(
+                vec![(x, y), (x + 18, y)],
+                ShapeStyle::from(&colour).stroke_width(2),
+            )
+        });
+        entries += 1;
+    }
+    if layer.kind == LayerKind::Line && points.len() <= MARKER_MAX_POINTS {
+        ctx.draw_series(
+            points
+                .iter()
+                .map(|&p| Circle::new(p, 3, ShapeStyle::from(&colour).filled())),
+        )?;
+    }
+    Ok(entries)
+}
+
+/// The mesh style every chart shares: the y description, fonts, 8 y labels, light grid lines.
+fn style_mesh<'m, 'a, 'b, DB: DrawingBackend>(
+    mesh: &'m mut MeshStyle<'a, 'b, RangedCoordf64, RangedCoordf64, DB>,
+    y_label: &str,
+) -> &'m mut MeshStyle<'a, 'b, RangedCoordf64, RangedCoordf64, DB> {
+    mesh.y_desc(y_label)
+        .axis_desc_style(font(16.0))
+        .label_style(font(13.0))
+        .y_labels(8)
+        .max_light_lines(1)
+        .light_line_style(RGBColor(243, 243, 243))
+        .bold_line_style(RGBColor(215, 215, 215))
+}
+
+/// The legend box every chart shares, at `position`.
+fn draw_legend<'a, 'b: 'a>(ctx: &mut Axes<'a, 'b>, position: SeriesLabelPosition) -> DrawResult {
+    ctx.configure_series_labels()
+        .position(position)
+        .label_font(font(14.0))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(190, 190, 190))
+        .margin(10)
+        .draw()?;
     Ok(())
 }
 
@@ -589,11 +627,61 @@ fn draw_bars(
     groups: &[BarGroup],
     with_reference: bool,
 ) -> DrawResult {
-    let ours = palette(0);
-    let theirs = palette(1);
     let n = groups.len().max(1);
+    let (y_range, has_data) = bar_y_range(groups);
+    let labels = GroupLabels::wrap(root, groups, n)?;
 
-    // The values that set the y range: bar tops and bottoms (± std) and references, and 0.
+    let mut ctx = ChartBuilder::on(root)
+        .caption(title, font(22.0))
+        .margin(12)
+        .margin_right(24)
+        .x_label_area_size(labels.lines * labels.line_h + 14)
+        .y_label_area_size(72)
+        .build_cartesian_2d(-0.5..(n as f64 - 0.5), y_range.0..y_range.1)?;
+    let y_fmt = tick_format(y_range.0, y_range.1);
+    let mut mesh = ctx.configure_mesh();
+    mesh.disable_x_mesh().x_labels(0).y_label_formatter(&y_fmt);
+    style_mesh(&mut mesh, y_label).draw()?;
+
+    let half = if with_reference { 0.19 } else { 0.3 };
+    for (i, g) in groups.iter().enumerate() {
+        let x = i as f64;
+        let ours_x = if with_reference { x - half } else { x };
+        draw_our_bar(&mut ctx, root, ours_x, half, g.bar)?;
+        if let Some(r) = g.reference
+            && r.is_finite()
+        {
+            draw_reference_bar(&mut ctx, root, x + half, half, r)?;
+        }
+        // The label, centred under the group.
+        let (px, py) = ctx.backend_coord(&(x, y_range.0));
+        for (k, line) in labels.wrapped[i].iter().enumerate() {
+            root.draw(&Text::new(
+                line.clone(),
+                (px, py + 8 + k as i32 * labels.line_h as i32),
+                TextStyle::from(font(13.0)).pos(Pos::new(HPos::Center, VPos::Top)),
+            ))?;
+        }
+    }
+
+    if !has_data {
+        draw_no_data(ctx.plotting_area())?;
+    }
+    let (ours, theirs) = (palette(0), palette(1));
+    ctx.draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?
+        .label("mean ± std")
+        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], ours.filled()));
+    if with_reference {
+        ctx.draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?
+            .label("reference")
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], theirs.filled()));
+    }
+    draw_legend(&mut ctx, SeriesLabelPosition::UpperRight)
+}
+
+/// The y range of a bar chart — bar tops and bottoms (± std), references and 0, with head room
+/// above for the value labels and the legend — and whether any value is finite.
+fn bar_y_range(groups: &[BarGroup]) -> ((f64, f64), bool) {
     let mut values = vec![0.0];
     let mut has_data = false;
     for g in groups {
@@ -622,137 +710,109 @@ fn draw_bars(
         (0.0, 1.0)
     };
     let span = hi - lo;
-    // Head room above for the value labels and the legend.
     let y_range = (
         if lo < 0.0 { lo - 0.05 * span } else { lo },
         hi + 0.25 * span,
     );
+    (y_range, has_data)
+}
 
-    // Wrap the labels to the width of a group (estimated before the chart exists).
-    let label_style = TextStyle::from(font(13.0));
-    let (width, _) = root.dim_in_pixel();
-    let group_px = (width.saturating_sub(120)) / n as u32;
-    let mut wrapped = Vec::with_capacity(groups.len());
-    for g in groups {
-        wrapped.push(wrap_label(
-            root,
-            &g.label,
-            &label_style,
-            group_px.saturating_sub(8),
-        )?);
+/// The groups' labels wrapped to the width of a group (estimated before the chart exists).
+struct GroupLabels {
+    wrapped: Vec<Vec<String>>,
+    line_h: u32,
+    lines: u32,
+}
+
+impl GroupLabels {
+    fn wrap(
+        root: &DrawingArea<BitMapBackend<'_>, Shift>,
+        groups: &[BarGroup],
+        n: usize,
+    ) -> DrawResult<Self> {
+        let label_style = TextStyle::from(font(13.0));
+        let (width, _) = root.dim_in_pixel();
+        let group_px = (width.saturating_sub(120)) / n as u32;
+        let wrapped = groups
+            .iter()
+            .map(|g| wrap_label(root, &g.label, &label_style, group_px.saturating_sub(8)))
+            .collect::<DrawResult<Vec<_>>>()?;
+        let line_h = root.estimate_text_size("Ag", &label_style)?.1.max(13) + 3;
+        let lines = wrapped.iter().map(Vec::len).max().unwrap_or(1).max(1) as u32;
+        Ok(Self {
+            wrapped,
+            line_h,
+            lines,
+        })
     }
-    let line_h = root.estimate_text_size("Ag", &label_style)?.1.max(13) + 3;
-    let lines = wrapped.iter().map(Vec::len).max().unwrap_or(1).max(1) as u32;
+}
 
-    let mut ctx = ChartBuilder::on(root)
-        .caption(title, font(22.0))
-        .margin(12)
-        .margin_right(24)
-        .x_label_area_size(lines * line_h + 14)
-        .y_label_area_size(72)
-        .build_cartesian_2d(-0.5..(n as f64 - 0.5), y_range.0..y_range.1)?;
-    let y_fmt = tick_format(y_range.0, y_range.1);
-    ctx.configure_mesh()
-        .disable_x_mesh()
-        .x_labels(0)
-        .y_desc(y_label)
-        .axis_desc_style(font(16.0))
-        .label_style(font(13.0))
-        .y_labels(8)
-        .y_label_formatter(&y_fmt)
-        .max_light_lines(1)
-        .light_line_style(RGBColor(243, 243, 243))
-        .bold_line_style(RGBColor(215, 215, 215))
-        .draw()?;
+fn value_label_style() -> TextStyle<'static> {
+    TextStyle::from(font(12.0)).pos(Pos::new(HPos::Center, VPos::Bottom))
+}
 
-    let half = if with_reference { 0.19 } else { 0.3 };
-    let value_style = TextStyle::from(font(12.0)).pos(Pos::new(HPos::Center, VPos::Bottom));
-    for (i, g) in groups.iter().enumerate() {
-        let x = i as f64;
-        let ours_x = if with_reference { x - half } else { x };
-        match g.bar {
-            Some((mean, std)) if mean.is_finite() => {
-                let (b0, b1) = (mean.min(0.0), mean.max(0.0));
-                ctx.draw_series(std::iter::once(Rectangle::new(
-                    [(ours_x - half, b0), (ours_x + half, b1)],
-                    ours.filled(),
-                )))?;
-                let mut top = mean;
-                if std.is_finite() && std != 0.0 {
-                    let s = std.abs();
-                    top = mean + s;
-                    let cap = half * 0.45;
-                    let style = ShapeStyle::from(&BLACK).stroke_width(2);
-                    ctx.draw_series([
-                        PathElement::new(vec![(ours_x, mean - s), (ours_x, mean + s)], style),
-                        PathElement::new(
-                            vec![(ours_x - cap, mean + s), (ours_x + cap, mean + s)],
-                            style,
-                        ),
-                        PathElement::new(
-                            vec![(ours_x - cap, mean - s), (ours_x + cap, mean - s)],
-                            style,
-                        ),
-                    ])?;
-                }
-                let (px, py) = ctx.backend_coord(&(ours_x, top.max(0.0)));
-                root.draw(&Text::new(
-                    format!("{mean:.3}"),
-                    (px, py - 3),
-                    value_style.clone(),
-                ))?;
-            }
-            Some(_) => {
-                let (px, py) = ctx.backend_coord(&(ours_x, 0.0));
-                root.draw(&Text::new("n/a", (px, py - 3), value_style.clone()))?;
-            }
-            None => {}
-        }
-        if let Some(r) = g.reference
-            && r.is_finite()
-        {
-            let rx = x + half;
-            let (b0, b1) = (r.min(0.0), r.max(0.0));
+/// Our bar at `x` (mean with a ± std error bar and its value above), "n/a" for a non-finite
+/// mean, nothing for none.
+fn draw_our_bar(
+    ctx: &mut Axes<'_, '_>,
+    root: &DrawingArea<BitMapBackend<'_>, Shift>,
+    x: f64,
+    half: f64,
+    bar: Option<(f64, f64)>,
+) -> DrawResult {
+    match bar {
+        Some((mean, std)) if mean.is_finite() => {
+            let (b0, b1) = (mean.min(0.0), mean.max(0.0));
             ctx.draw_series(std::iter::once(Rectangle::new(
-                [(rx - half, b0), (rx + half, b1)],
-                theirs.filled(),
+                [(x - half, b0), (x + half, b1)],
+                palette(0).filled(),
             )))?;
-            let (px, py) = ctx.backend_coord(&(rx, r.max(0.0)));
+            let mut top = mean;
+            if std.is_finite() && std != 0.0 {
+                let s = std.abs();
+                top = mean + s;
+                let cap = half * 0.45;
+                let style = ShapeStyle::from(&BLACK).stroke_width(2);
+                ctx.draw_series([
+                    PathElement::new(vec![(x, mean - s), (x, mean + s)], style),
+                    PathElement::new(vec![(x - cap, mean + s), (x + cap, mean + s)], style),
+                    PathElement::new(vec![(x - cap, mean - s), (x + cap, mean - s)], style),
+                ])?;
+            }
+            let (px, py) = ctx.backend_coord(&(x, top.max(0.0)));
             root.draw(&Text::new(
-                format!("{r:.3}"),
+                format!("{mean:.3}"),
                 (px, py - 3),
-                value_style.clone(),
+                value_label_style(),
             ))?;
         }
-        // The label, centred under the group.
-        let (px, py) = ctx.backend_coord(&(x, y_range.0));
-        for (k, line) in wrapped[i].iter().enumerate() {
-            root.draw(&Text::new(
-                line.clone(),
-                (px, py + 8 + k as i32 * line_h as i32),
-                TextStyle::from(font(13.0)).pos(Pos::new(HPos::Center, VPos::Top)),
-            ))?;
+        Some(_) => {
+            let (px, py) = ctx.backend_coord(&(x, 0.0));
+            root.draw(&Text::new("n/a", (px, py - 3), value_label_style()))?;
         }
+        None => {}
     }
+    Ok(())
+}
 
-    if !has_data {
-        draw_no_data(ctx.plotting_area())?;
-    }
-
-    ctx.draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?
-        .label("mean ± std")
-        .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], ours.filled()));
-    if with_reference {
-        ctx.draw_series(std::iter::empty::<Rectangle<(f64, f64)>>())?
-            .label("reference")
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], theirs.filled()));
-    }
-    ctx.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
-        .label_font(font(14.0))
-        .background_style(WHITE.mix(0.85))
-        .border_style(RGBColor(190, 190, 190))
-        .margin(10)
-        .draw()?;
+/// A reference bar at `x` with its value above.
+fn draw_reference_bar(
+    ctx: &mut Axes<'_, '_>,
+    root: &DrawingArea<BitMapBackend<'_>, Shift>,
+    x: f64,
+    half: f64,
+    value: f64,
+) -> DrawResult {
+    let (b0, b1) = (value.min(0.0), value.max(0.0));
+    ctx.draw_series(std::iter::once(Rectangle::new(
+        [(x - half, b0), (x + half, b1)],
+        palette(1).filled(),
+    )))?;
+    let (px, py) = ctx.backend_coord(&(x, value.max(0.0)));
+    root.draw(&Text::new(
+        format!("{value:.3}"),
+        (px, py - 3),
+        value_label_style(),
+    ))?;
     Ok(())
 }

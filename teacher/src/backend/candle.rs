@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use ril_data::Row;
+use ril_model::Head;
 use ril_model::bundle::Bundle;
 use ril_model::generate::Prompt;
-use ril_model::Head;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
