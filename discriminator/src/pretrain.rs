@@ -271,7 +271,7 @@ pub fn student_answers(
                 id: row.id.clone(),
                 source,
             };
-            let prompt = ril_prompt::prompt(student, row).map_err(|e| row_error(e.source))?;
+            let prompt = ril_prompt::prompt(student, row).map_err(|e| row_error(*e.source))?;
             let mut answers = Vec::with_capacity(n);
             let mut start = 0;
             while start < n {

@@ -28,15 +28,16 @@ use serde_json::Value;
 #[error("row {id}: {source}")]
 pub struct PromptError {
     pub id: String,
+    /// Boxed: a model error is large, and a row's error travels up through every role's own.
     #[source]
-    pub source: ModelError,
+    pub source: Box<ModelError>,
 }
 
 impl PromptError {
     fn new(row: &Row, source: ModelError) -> Self {
         Self {
             id: row.id.clone(),
-            source,
+            source: Box::new(source),
         }
     }
 }

@@ -286,6 +286,6 @@ impl Worker {
     /// The question's generation prompt, checked to fit the model's context.
     fn prompt(&self, row: &Row, settings: &SamplingSettings) -> Result<Prompt, TeacherError> {
         ril_prompt::prompt_within_context(&self.bundle, row, settings.max_new_tokens as usize)
-            .map_err(|e| TeacherError::model(&e.id, e.source))
+            .map_err(|e| TeacherError::model(&e.id, *e.source))
     }
 }
