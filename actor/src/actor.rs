@@ -177,7 +177,7 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
         let result = self.lease_loop().await;
         self.stop.store(true, Ordering::SeqCst);
         heartbeat.abort();
-        self.summary.final_version = self.version.0.load(Ordering::SeqCst);
+        self.summary.final_version = self.version.get().unwrap_or(SharedVersion::NONE);
         result.map(|()| self.summary)
     }
 

@@ -1,6 +1,7 @@
 //! The actor's peers over gRPC: one client type per peer implementing its trait of
-//! [`crate::peers`]. Every call is built in [`PeerClient::request`] and its failure named in
-//! [`PeerClient::failed`], so a per-call deadline has one place to go.
+//! [`crate::peers`]. Every call is built in `PeerClient::request` and its failure named in
+//! `PeerClient::failed`, so a per-call deadline (issue 19) has one place to go; a weight transfer
+//! runs under the transfer timeout of [`crate::sync::fetch`].
 
 use std::sync::Arc;
 use std::time::Duration;
