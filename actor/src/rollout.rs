@@ -1,12 +1,13 @@
 //! The model-side half of an actor's iteration, free of gRPC: sampling G student responses
 //! with behaviour log-probs, tokenising teacher answers with the student's tokenizer, the
-//! round-robin split of teacher slots, and the binary rewards.
+//! round-robin split of teacher slots, the binary rewards, and a group's scored responses.
 
 use ril_data::Row;
 use ril_model::bundle::Bundle;
 use ril_model::generate::{FinishReason, Generation, SamplingParams, generate};
 
 use crate::error::ActorError;
+use crate::peers::{ResponseScore, ResponseSource, ScoredResponse, TeacherAnswer};
 
 /// The student's G responses to one question.
 #[derive(Debug, Clone)]
@@ -38,10 +39,7 @@ pub fn sample_student(
     sampling: &SamplingParams,
     seed: u64,
 ) -> Result<StudentRollouts, ActorError> {
-    let prompt = ril_prompt::prompt(bundle, row).map_err(|e| ActorError::Question {
-        id: e.id,
-        detail: e.source.to_string(),
-    })?;
+    let prompt = ril_prompt::prompt(bundle, row)?;
     let mut params = sampling.clone();
     params.seed = seed;
     if params.stop_token_ids.is_empty() {
@@ -88,6 +86,59 @@ pub fn rewards(d_prob: f32, answer_score: f32) -> (f32, f32) {
 
 pub fn truncated(g: &Generation) -> bool {
     g.finish_reason == FinishReason::Length
+}
+
+/// A group's responses with their rewards: the G student responses (sampled with `version`)
+/// first, then the teacher answers in slot order, each scored by the score at its index.
+/// `scores` holds one score per response, in that order (the actor checks the count first).
+///
+/// # Panics
+/// When `scores` has fewer entries than there are student responses.
+pub fn scored_responses(
+    bundle: &Bundle,
+    student: &StudentRollouts,
+    teacher_answers: &[TeacherAnswer],
+    scores: &[ResponseScore],
+    version: u64,
+) -> Result<Vec<ScoredResponse>, ActorError> {
+    let (student_scores, teacher_scores) = scores.split_at(student.texts.len());
+    let mut responses = Vec::with_capacity(scores.len());
+    for ((generation, text), score) in student
+        .generations
+        .iter()
+        .zip(&student.texts)
+        .zip(student_scores)
+    {
+        let (r_sim, r_ans) = rewards(score.d_prob, score.answer_score);
+        responses.push(ScoredResponse {
+            source: ResponseSource::Student,
+            text: text.clone(),
+            token_ids: generation.token_ids.clone(),
+            behaviour_logprobs: generation.logprobs.clone(),
+            policy_version: version,
+            d_prob: score.d_prob,
+            r_sim,
+            r_ans,
+            truncated: truncated(generation),
+        });
+    }
+    for (answer, score) in teacher_answers.iter().zip(teacher_scores) {
+        let (r_sim, r_ans) = rewards(score.d_prob, score.answer_score);
+        responses.push(ScoredResponse {
+            source: ResponseSource::Teacher {
+                name: answer.teacher.clone(),
+            },
+            text: answer.text.clone(),
+            token_ids: teacher_tokens(bundle, &answer.text)?,
+            behaviour_logprobs: Vec::new(),
+            policy_version: version,
+            d_prob: score.d_prob,
+            r_sim,
+            r_ans,
+            truncated: false,
+        });
+    }
+    Ok(responses)
 }
 
 #[cfg(test)]

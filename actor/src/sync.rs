@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use ril_proto::client::Channel;
+use ril_proto::error::RpcError;
 use ril_proto::v1::learner_client::LearnerClient;
 use ril_proto::v1::{GetWeightsRequest, WeightChunk};
 use sha2::{Digest, Sha256};
@@ -21,8 +22,8 @@ pub struct WeightPayload {
 pub enum SyncError {
     #[error("weight transfer of version {version}: {detail}")]
     Corrupt { version: u64, detail: String },
-    #[error("weight transfer from {addr}: {detail}")]
-    Transport { addr: String, detail: String },
+    #[error("weight transfer: {0}")]
+    Transport(#[source] RpcError),
     #[error("weight transfer from {addr} timed out after {timeout:?}")]
     Timeout { addr: String, timeout: Duration },
 }
@@ -161,6 +162,10 @@ impl Assembler {
     }
 }
 
+fn transport(addr: &str, status: tonic::Status) -> SyncError {
+    SyncError::Transport(RpcError::new("learner", addr, "GetWeights", status))
+}
+
 /// One transfer of the learner's current weights (or `version`, 0 = current).
 pub async fn fetch_once(
     client: &mut LearnerClient<Channel>,
@@ -176,16 +181,10 @@ pub async fn fetch_once(
                 chunk_bytes,
             })
             .await
-            .map_err(|s| SyncError::Transport {
-                addr: addr.to_string(),
-                detail: format!("{:?}: {}", s.code(), s.message()),
-            })?
+            .map_err(|s| transport(addr, s))?
             .into_inner();
         let mut asm = Assembler::new();
-        while let Some(chunk) = stream.message().await.map_err(|s| SyncError::Transport {
-            addr: addr.to_string(),
-            detail: format!("{:?}: {}", s.code(), s.message()),
-        })? {
+        while let Some(chunk) = stream.message().await.map_err(|s| transport(addr, s))? {
             asm.push(chunk)?;
         }
         asm.finish()

@@ -506,8 +506,11 @@ impl RunConfig {
         }
         // The check every actor makes of these settings when it registers, made here so that a
         // bad temperature or top_p stops `ril config check` instead of every actor later.
-        ril_actor::run::sampling_from_proto(&self.student_sampling())
-            .map_err(|e| anyhow::anyhow!("{p}: [rollout]: {e}"))?;
+        if let Some(sampling) = ril_proto::convert::sampling_from_wire(&self.student_sampling()) {
+            sampling
+                .validate()
+                .map_err(|e| anyhow::anyhow!("{p}: [rollout]: {e}"))?;
+        }
         let mut names = std::collections::BTreeSet::new();
         for t in &self.teachers {
             if !names.insert(t.name.clone()) {

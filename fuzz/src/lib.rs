@@ -273,9 +273,11 @@ pub fn proto_sampling(data: &[u8]) {
     let Ok(s) = v1::SamplingSettings::decode(data) else {
         return;
     };
-    let _ = ril_actor::run::sampling_from_proto(&s);
+    let _ = ril_proto::convert::sampling_from_wire(&s).map(|p| p.validate());
     let _ = ril_teacher::grpc::sampling_from_proto(&s).validate("sampling");
-    let _ = ril_proto::v1::RegisterActorResponse::decode(data);
+    if let Ok(registration) = ril_proto::v1::RegisterActorResponse::decode(data) {
+        let _ = ril_actor::Registration::try_from(registration);
+    }
 }
 
 /// The actor's weight-sync reassembly: a stream of length-delimited `WeightChunk`s; a payload
