@@ -193,6 +193,25 @@ fn a_config_written_back_reads_back_to_itself_with_run_level_keys_once() {
         assert!(!text.contains(filled), "{filled}: {text}");
     }
     assert!(text.contains("dir = \"out\""), "{text}");
+    // Sections in the documented order, as a person writes them.
+    let at = |section: &str| {
+        text.find(section)
+            .unwrap_or_else(|| panic!("{section}: {text}"))
+    };
+    let order = [
+        "[run]",
+        "[data]",
+        "[student]",
+        "[rollout]",
+        "[network",
+        "[coordinator]",
+        "[actors]",
+        "[learner]",
+        "[discriminator]",
+        "[[teachers]]",
+    ];
+    let positions: Vec<usize> = order.into_iter().map(at).collect();
+    assert!(positions.is_sorted(), "{text}");
     assert!(text.contains("init = \"data\""), "{text}");
     assert!(text.contains("cache = \"elsewhere/local.redb\""), "{text}");
     assert!(!text.contains(&dir.path().display().to_string()), "{text}");

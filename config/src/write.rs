@@ -143,10 +143,24 @@ impl RunConfig {
         if !teachers.is_empty() {
             file.insert("teachers".into(), Value::Array(teachers));
         }
-        toml::to_string(&file).map_err(|error| ConfigError::NotWritable {
-            path: self.path.clone(),
-            error: Box::new(error),
-        })
+        // One section at a time, in the order of the file's documentation (a table writes its
+        // keys sorted): `[run]` first, the role sections after the run-level ones.
+        let mut text = String::new();
+        for name in crate::TOP_LEVEL {
+            if let Some((key, value)) = file.remove_entry(*name) {
+                let section = toml::Table::from_iter([(key, value)]);
+                let written =
+                    toml::to_string(&section).map_err(|error| ConfigError::NotWritable {
+                        path: self.path.clone(),
+                        error: Box::new(error),
+                    })?;
+                if !text.is_empty() {
+                    text.push('\n');
+                }
+                text.push_str(&written);
+            }
+        }
+        Ok(text)
     }
 
     /// Writes [`RunConfig::to_toml`] to the config's path (atomically), after `header` (comment
