@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 use toml::Value;
 
 use crate::error::ConfigError;
-use crate::sections::{
-    ActorsSection, CoordinatorSection, DataSection, NetworkSection, RolloutSection, RunSection,
-    StudentSection,
-};
+use crate::sections::{DataSection, NetworkSection, RolloutSection, RunSection, StudentSection};
 use crate::{RunConfig, TOP_LEVEL};
 
 /// The sections a run config cannot do without.
@@ -25,18 +22,6 @@ pub(crate) struct Injection {
     pub key: &'static str,
     pub value: Value,
     pub from: &'static str,
-}
-
-/// The sections every role section is filled from, read first.
-pub(crate) struct RunLevel {
-    pub run: RunSection,
-    pub data: DataSection,
-    pub student: StudentSection,
-    pub rollout: RolloutSection,
-    pub network: NetworkSection,
-    pub coordinator: CoordinatorSection,
-    pub actors: ActorsSection,
-    pub security: ril_proto::security::SecurityConfig,
 }
 
 pub(crate) fn path_value(p: &Path) -> Value {
@@ -197,39 +182,6 @@ fn required<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// The run-level and plain sections, paths resolved against `base`.
-pub(crate) fn run_level(
-    path: &Path,
-    table: &toml::Table,
-    base: &Path,
-) -> Result<RunLevel, ConfigError> {
-    let mut run: RunSection = required(path, table, "run")?;
-    run.dir = resolve(base, &run.dir);
-    let mut data: DataSection = required(path, table, "data")?;
-    data.path = resolve(base, &data.path);
-    let mut student: StudentSection = required(path, table, "student")?;
-    student.checkpoint = resolve(base, &student.checkpoint);
-    let rollout = required(path, table, "rollout")?;
-    let network = section(path, table, "network")?.unwrap_or_default();
-    let coordinator = section(path, table, "coordinator")?.unwrap_or_default();
-    let actors = section(path, table, "actors")?.unwrap_or_default();
-    let mut security: ril_proto::security::SecurityConfig =
-        section(path, table, "security")?.unwrap_or_default();
-    for p in security_paths(&mut security) {
-        *p = resolve(base, p);
-    }
-    Ok(RunLevel {
-        run,
-        data,
-        student,
-        rollout,
-        network,
-        coordinator,
-        actors,
-        security,
-    })
-}
-
 /// `[security]`'s file paths.
 pub(crate) fn security_paths(
     security: &mut ril_proto::security::SecurityConfig,
@@ -268,19 +220,23 @@ fn resolve_key(table: &mut toml::Table, key: &str, base: &Path) {
 }
 
 /// `[learner]`, the run-level keys filled in.
-pub(crate) fn learner(
+/// The sections the role sections are filled from.
+struct RunLevel<'a> {
+    run: &'a RunSection,
+    student: &'a StudentSection,
+    network: &'a NetworkSection,
+    rollout: &'a RolloutSection,
+}
+
+fn learner(
     path: &Path,
     table: &mut toml::Table,
     base: &Path,
-    level: &RunLevel,
+    cfg: &RunLevel<'_>,
 ) -> Result<ril_learner::LearnerOptions, ConfigError> {
     let mut t = take_table(path, table, "learner")?;
-    inject(
-        path,
-        &mut t,
-        "learner",
-        learner_injections(&level.run, &level.student, &level.network),
-    )?;
+    let injections = learner_injections(cfg.run, cfg.student, cfg.network);
+    inject(path, &mut t, "learner", injections)?;
     resolve_key(&mut t, "reference_checkpoint", base);
     let mut learner: ril_learner::LearnerOptions =
         Value::Table(t)
@@ -291,29 +247,29 @@ pub(crate) fn learner(
                 error: Box::new(error),
             })?;
     if learner.grpo.loss_normalizer == 0 {
-        learner.grpo.loss_normalizer = level.rollout.max_new_tokens as usize;
+        learner.grpo.loss_normalizer = cfg.rollout.max_new_tokens as usize;
     }
     Ok(learner)
 }
 
 /// `[discriminator]`: D starts from the student unless `init` says otherwise; checkpoints under
 /// the run dir.
-pub(crate) fn discriminator(
+fn discriminator(
     path: &Path,
     table: &mut toml::Table,
     base: &Path,
-    level: &RunLevel,
+    cfg: &RunLevel<'_>,
 ) -> Result<ril_discriminator::DiscriminatorOptions, ConfigError> {
     let mut t = take_table(path, table, "discriminator")?;
     resolve_key(&mut t, "init", base);
     if !matches!(t.get("init"), Some(Value::String(_))) {
-        t.insert("init".into(), path_value(&level.student.checkpoint));
+        t.insert("init".into(), path_value(&cfg.student.checkpoint));
     }
     inject(
         path,
         &mut t,
         "discriminator",
-        discriminator_injections(&level.run),
+        discriminator_injections(cfg.run),
     )?;
     Value::Table(t)
         .try_into()
@@ -325,11 +281,11 @@ pub(crate) fn discriminator(
 }
 
 /// `[[teachers]]`: caches under the run dir, file paths relative to the config.
-pub(crate) fn teachers(
+fn teachers(
     path: &Path,
     table: &mut toml::Table,
     base: &Path,
-    level: &RunLevel,
+    cfg: &RunLevel<'_>,
 ) -> Result<Vec<ril_teacher::TeacherOptions>, ConfigError> {
     let entries = match table.remove("teachers") {
         Some(Value::Array(a)) => a,
@@ -360,7 +316,7 @@ pub(crate) fn teachers(
             resolve_key(&mut t, key, base);
         }
         if !t.contains_key("cache") {
-            let cache = default_teacher_cache(&level.run, &name);
+            let cache = default_teacher_cache(cfg.run, &name);
             t.insert("cache".into(), path_value(&cache));
         }
         let options = Value::Table(t)
@@ -378,22 +334,34 @@ pub(crate) fn teachers(
 
 impl RunConfig {
     /// Every section typed, the run-level keys filled into the role sections; not validated.
+    /// The run-level sections are read first (paths resolved against the config's directory),
+    /// then each role section from them.
     pub(crate) fn from_table(mut table: toml::Table, path: &Path) -> Result<Self, ConfigError> {
         let base = config_dir(path);
-        let level = run_level(path, &table, &base)?;
+        let mut run: RunSection = required(path, &table, "run")?;
+        run.dir = resolve(&base, &run.dir);
+        let mut data: DataSection = required(path, &table, "data")?;
+        data.path = resolve(&base, &data.path);
+        let mut student: StudentSection = required(path, &table, "student")?;
+        student.checkpoint = resolve(&base, &student.checkpoint);
+        let rollout: RolloutSection = required(path, &table, "rollout")?;
+        let network = section(path, &table, "network")?.unwrap_or_default();
+        let coordinator = section(path, &table, "coordinator")?.unwrap_or_default();
+        let actors = section(path, &table, "actors")?.unwrap_or_default();
+        let mut security: ril_proto::security::SecurityConfig =
+            section(path, &table, "security")?.unwrap_or_default();
+        for p in security_paths(&mut security) {
+            *p = resolve(&base, p);
+        }
+        let level = RunLevel {
+            run: &run,
+            student: &student,
+            network: &network,
+            rollout: &rollout,
+        };
         let learner = learner(path, &mut table, &base, &level)?;
         let discriminator = discriminator(path, &mut table, &base, &level)?;
         let teachers = teachers(path, &mut table, &base, &level)?;
-        let RunLevel {
-            run,
-            data,
-            student,
-            rollout,
-            network,
-            coordinator,
-            actors,
-            security,
-        } = level;
         Ok(Self {
             path: path.to_path_buf(),
             run,

@@ -288,79 +288,6 @@ fn pretrained_discriminator(
     Ok(ril_common::fs::publish_dir(&tmp, d_dir)?)
 }
 
-/// A variant's RIL run (its own D pre-trained first when it needs one): the final policy and
-/// the run's end-of-run metrics.
-fn train_variant(
-    ril: &RilBinary,
-    options: &AblationOptions,
-    v: &Variant,
-    seed: u64,
-    dir: &Path,
-    data: &Path,
-    models: &Path,
-) -> Result<(PathBuf, serde_json::Value)> {
-    let mut spec = spec(options, v, seed, dir, data, models)?;
-    let config = dir.join("run.toml");
-    let mut cfg = spec.write_config(&config)?;
-    let _ = std::fs::remove_dir_all(&cfg.run.dir);
-    if let Some(d_dir) = pretrained_d_dir(options, v, dir) {
-        pretrained_discriminator(ril, options, v, &cfg, data, &d_dir)?;
-        spec.discriminator_init = Some(d_dir);
-        cfg = spec.write_config(&config)?;
-    }
-    let outcome = run_local(ril, &cfg)?;
-    let metrics_file = (outcome.learner_dir).join(ril_learner::metrics_log::METRICS_FILE);
-    let metrics = ril_plot::read_metrics(&metrics_file)?;
-    let version = outcome.status.policy_version;
-    let policy = ril_learner::trainer::checkpoint_dir(&outcome.learner_dir, version);
-    Ok((policy, end_of_run(&metrics)))
-}
-
-/// One variant × seed: its run (unless it is the base) and the held-out accuracy of its final
-/// policy. Written to `dir/result.json`, which marks it done.
-fn run_one(
-    ril: &RilBinary,
-    options: &AblationOptions,
-    v: &Variant,
-    seed: u64,
-    dir: &Path,
-    data: &Path,
-    models: &Path,
-) -> Result<serde_json::Value> {
-    let started = Instant::now();
-    std::fs::create_dir_all(dir)
-        .map_err(OrchestrateError::io(format!("creating {}", dir.display())))?;
-    let (model, metrics) = if v.base {
-        (models.join(&options.student), serde_json::Value::Null)
-    } else {
-        train_variant(ril, options, v, seed, dir, data, models)?
-    };
-    let accuracy = eval_accuracy(
-        ril,
-        &model,
-        data,
-        &options.split,
-        options.eval_rows,
-        options.max_new_tokens,
-        &dir.join("eval.json"),
-    )?;
-    let result = serde_json::json!({
-        "variant": v.key,
-        "label": v.label,
-        "seed": seed,
-        "split": options.split,
-        "eval_rows": options.eval_rows,
-        "student": options.student,
-        "teachers": teacher_set(options, v),
-        "iterations": if v.base { 0 } else { options.iterations },
-        "accuracy": accuracy,
-        "final_metrics": metrics,
-        "seconds": started.elapsed().as_secs_f64(),
-    });
-    write_json(&dir.join("result.json"), &result)?;
-    Ok(result)
-}
-
 /// The last quarter's means of the run's reward components, D accuracy, KL and entropy: what
 /// the run looked like at its end.
 fn end_of_run(metrics: &Metrics) -> serde_json::Value {
@@ -456,6 +383,70 @@ struct Plan<'a> {
 }
 
 impl Plan<'_> {
+    /// A variant's RIL run (its own D pre-trained first when it needs one): the final policy
+    /// and the run's end-of-run metrics.
+    fn train_variant(
+        &self,
+        v: &Variant,
+        seed: u64,
+        dir: &Path,
+    ) -> Result<(PathBuf, serde_json::Value)> {
+        let (ril, options) = (self.ril, self.options);
+        let mut spec = spec(options, v, seed, dir, &self.data, &self.models)?;
+        let config = dir.join("run.toml");
+        let mut cfg = spec.write_config(&config)?;
+        let _ = std::fs::remove_dir_all(&cfg.run.dir);
+        if let Some(d_dir) = pretrained_d_dir(options, v, dir) {
+            pretrained_discriminator(ril, options, v, &cfg, &self.data, &d_dir)?;
+            spec.discriminator_init = Some(d_dir);
+            cfg = spec.write_config(&config)?;
+        }
+        let outcome = run_local(ril, &cfg)?;
+        let metrics_file = (outcome.learner_dir).join(ril_learner::metrics_log::METRICS_FILE);
+        let metrics = ril_plot::read_metrics(&metrics_file)?;
+        let version = outcome.status.policy_version;
+        let policy = ril_learner::trainer::checkpoint_dir(&outcome.learner_dir, version);
+        Ok((policy, end_of_run(&metrics)))
+    }
+
+    /// One variant × seed: its run (unless it is the base) and the held-out accuracy of its
+    /// final policy. Written to `dir/result.json`, which marks it done.
+    fn run_one(&self, v: &Variant, seed: u64, dir: &Path) -> Result<serde_json::Value> {
+        let options = self.options;
+        let started = Instant::now();
+        std::fs::create_dir_all(dir)
+            .map_err(OrchestrateError::io(format!("creating {}", dir.display())))?;
+        let (model, metrics) = if v.base {
+            (self.models.join(&options.student), serde_json::Value::Null)
+        } else {
+            self.train_variant(v, seed, dir)?
+        };
+        let accuracy = eval_accuracy(
+            self.ril,
+            &model,
+            &self.data,
+            &options.split,
+            options.eval_rows,
+            options.max_new_tokens,
+            &dir.join("eval.json"),
+        )?;
+        let result = serde_json::json!({
+            "variant": v.key,
+            "label": v.label,
+            "seed": seed,
+            "split": options.split,
+            "eval_rows": options.eval_rows,
+            "student": options.student,
+            "teachers": teacher_set(options, v),
+            "iterations": if v.base { 0 } else { options.iterations },
+            "accuracy": accuracy,
+            "final_metrics": metrics,
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        write_json(&dir.join("result.json"), &result)?;
+        Ok(result)
+    }
+
     /// A result of an earlier invocation, reused only for the same split, student and teachers.
     fn earlier_result(&self, v: &Variant, path: &Path) -> Option<serde_json::Value> {
         let r: serde_json::Value =
@@ -487,20 +478,12 @@ impl Plan<'_> {
                         "[{done}/{total}] {} seed {seed} ({elapsed:.0} s elapsed)",
                         v.label
                     );
-                    run_one(
-                        self.ril,
-                        self.options,
-                        v,
-                        seed,
-                        &dir,
-                        &self.data,
-                        &self.models,
-                    )
-                    .map_err(|e| OrchestrateError::Variant {
-                        variant: v.key,
-                        seed,
-                        error: Box::new(e),
-                    })?
+                    self.run_one(v, seed, &dir)
+                        .map_err(|e| OrchestrateError::Variant {
+                            variant: v.key,
+                            seed,
+                            error: Box::new(e),
+                        })?
                 }
             };
             let acc = result["accuracy"]
