@@ -88,7 +88,7 @@ pub enum OrchestrateError {
     Learner(Box<ril_learner::LearnerError>),
     /// An option that names something unknown or cannot be used (the message names the flag).
     #[error("{0}")]
-    Option(String),
+    InvalidOption(String),
     /// Where in an experiment an error happened.
     #[error("variant {variant} seed {seed}")]
     Variant {

@@ -147,7 +147,7 @@ pub fn variant(key: &str) -> Result<Variant> {
         .find(|v| v.key == key)
         .ok_or_else(|| {
             let known: Vec<&str> = VARIANTS.iter().map(|v| v.key).collect();
-            OrchestrateError::Option(format!(
+            OrchestrateError::InvalidOption(format!(
                 "unknown variant {key:?}; the variants are {}",
                 known.join(", ")
             ))
@@ -168,7 +168,11 @@ pub fn spec(
         .iter()
         .map(|&i| {
             let name = options.teachers.get(i).ok_or_else(|| {
-                OrchestrateError::Option(format!("--teachers: {} needs teacher {}", v.label, i + 1))
+                OrchestrateError::InvalidOption(format!(
+                    "--teachers: {} needs teacher {}",
+                    v.label,
+                    i + 1
+                ))
             })?;
             Ok((name.clone(), teacher_dir(name)?.to_string()))
         })
@@ -214,7 +218,7 @@ fn teacher_set(options: &AblationOptions, v: &Variant) -> String {
 /// What the ablation needs of its options that their types cannot say: two distinct known
 /// teachers, a known student, positive counts.
 pub fn check_options(options: &AblationOptions) -> Result<()> {
-    let bad = |m: String| Err(OrchestrateError::Option(m));
+    let bad = |m: String| Err(OrchestrateError::InvalidOption(m));
     if options.seeds == 0 || options.iterations == 0 || options.eval_rows == 0 {
         return bad("--seeds, --iterations and --eval-rows must be positive".into());
     }

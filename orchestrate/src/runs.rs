@@ -56,7 +56,7 @@ fn builtin_dir(
         .map(|(_, d)| *d)
         .ok_or_else(|| {
             let known: Vec<&str> = table.iter().map(|(n, _)| *n).collect();
-            OrchestrateError::Option(format!(
+            OrchestrateError::InvalidOption(format!(
                 "{flag}: unknown {what} {name:?} (the built-in ones: {})",
                 known.join(", ")
             ))
