@@ -61,106 +61,107 @@ struct TrainFigure {
     tokens_per_second: f64,
 }
 
-pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
-    let device = crate::device::parse(&args.device)?;
-    let tok = ril_model::tokenizer::byte_level_chatml()?;
-    let image_id = tok
-        .token_id("<image>")
-        .context("built-in tokenizer has no <image>")?;
-    let mut gen_figures = Vec::new();
-    let mut train_figures = Vec::new();
-    for &size in &args.sizes {
-        let size_name = size.name().to_string();
-        let cfg = LlavaConfig::sized(tok.vocab_size(), image_id, size);
-        let model = Vlm::new_random(&cfg, Head::LanguageModel, &device, DType::F32, 0)?;
-        let (parameters, _) = model.parameter_counts();
-        let examples = colour_examples(&tok, &cfg, &device)?;
-        tracing::info!(size = size_name, parameters, "benchmarking");
-
-        // Generation: every sequence produces exactly `new_tokens` (no stop tokens).
-        let params = SamplingParams::paper(args.new_tokens, 0);
-        let prompt_for = |i: usize| examples[i % examples.len()].prompt();
-        // Warm-up (allocations, thread pool).
-        generate_with(
-            &model,
-            &[prompt_for(0)],
-            &SamplingParams::paper(4, 0),
-            GenerateOptions::default(),
-        )?;
-        for &batch in &args.batches {
-            let prompts: Vec<Prompt> = (0..batch).map(prompt_for).collect();
-            for (mode, label) in [
-                (DecodeMode::KvCache, "kv-cache"),
-                (DecodeMode::Recompute, "recompute"),
-            ] {
-                if mode == DecodeMode::Recompute && batch > args.recompute_max_batch {
-                    continue;
-                }
-                let started = Instant::now();
-                let out = generate_with(
-                    &model,
-                    &prompts,
-                    &params,
-                    GenerateOptions {
-                        mode,
-                        record_logits: false,
-                    },
-                )?;
-                let seconds = started.elapsed().as_secs_f64();
-                let produced: usize = out.iter().map(|g| g.token_ids.len()).sum();
-                let fig = GenFigure {
-                    size: size_name.clone(),
-                    parameters,
-                    batch,
-                    mode: label,
-                    prompt_tokens: prompts[0].token_ids.len(),
-                    new_tokens: args.new_tokens,
-                    seconds,
-                    tokens_per_second: produced as f64 / seconds,
-                };
-                tracing::info!(?fig, "generation");
-                gen_figures.push(fig);
+/// Generation throughput at every batch size, with the KV cache and (up to
+/// `recompute_max_batch`) with full recomputation. Every sequence produces exactly
+/// `new_tokens` (no stop tokens).
+fn measure_generation(
+    args: &BenchArgs,
+    model: &Vlm,
+    examples: &[Example],
+    size_name: &str,
+    parameters: usize,
+) -> anyhow::Result<Vec<GenFigure>> {
+    let params = SamplingParams::paper(args.new_tokens, 0);
+    let prompt_for = |i: usize| examples[i % examples.len()].prompt();
+    // Warm-up (allocations, thread pool).
+    generate_with(
+        model,
+        &[prompt_for(0)],
+        &SamplingParams::paper(4, 0),
+        GenerateOptions::default(),
+    )?;
+    let mut figures = Vec::new();
+    for &batch in &args.batches {
+        let prompts: Vec<Prompt> = (0..batch).map(prompt_for).collect();
+        for (mode, label) in [
+            (DecodeMode::KvCache, "kv-cache"),
+            (DecodeMode::Recompute, "recompute"),
+        ] {
+            if mode == DecodeMode::Recompute && batch > args.recompute_max_batch {
+                continue;
             }
+            let started = Instant::now();
+            let options = GenerateOptions {
+                mode,
+                record_logits: false,
+            };
+            let out = generate_with(model, &prompts, &params, options)?;
+            let seconds = started.elapsed().as_secs_f64();
+            let produced: usize = out.iter().map(|g| g.token_ids.len()).sum();
+            let fig = GenFigure {
+                size: size_name.to_string(),
+                parameters,
+                batch,
+                mode: label,
+                prompt_tokens: prompts[0].token_ids.len(),
+                new_tokens: args.new_tokens,
+                seconds,
+                tokens_per_second: produced as f64 / seconds,
+            };
+            tracing::info!(?fig, "generation");
+            figures.push(fig);
         }
-
-        // Training: forward + backward + AdamW over a batch of image questions.
-        let batch: Vec<Example> = (0..args.train_batch)
-            .map(|i| examples[i % examples.len()].clone())
-            .collect();
-        let tokens_per_step: usize = batch
-            .iter()
-            .map(|e| e.prompt_ids.len() + e.answer_ids.len())
-            .sum();
-        let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
-        let mut step = || -> anyhow::Result<()> {
-            let loss = sft_loss(&model, &batch)?;
-            let grads = Gradients::backward(&loss, opt.params())?;
-            opt.step(&grads, 1e-4)?;
-            Ok(())
-        };
-        step()?;
-        let started = Instant::now();
-        for _ in 0..args.train_steps {
-            step()?;
-        }
-        let per_step = started.elapsed().as_secs_f64() / args.train_steps.max(1) as f64;
-        let fig = TrainFigure {
-            size: size_name.clone(),
-            parameters,
-            batch: args.train_batch,
-            tokens_per_step,
-            seconds_per_step: per_step,
-            tokens_per_second: tokens_per_step as f64 / per_step,
-        };
-        tracing::info!(?fig, "training");
-        train_figures.push(fig);
     }
+    Ok(figures)
+}
 
+/// Training throughput: forward + backward + AdamW over a batch of image questions, after one
+/// warm-up step.
+fn measure_training(
+    args: &BenchArgs,
+    model: &Vlm,
+    examples: &[Example],
+    size_name: &str,
+    parameters: usize,
+) -> anyhow::Result<TrainFigure> {
+    let batch: Vec<Example> = (0..args.train_batch)
+        .map(|i| examples[i % examples.len()].clone())
+        .collect();
+    let tokens_per_step: usize = batch
+        .iter()
+        .map(|e| e.prompt_ids.len() + e.answer_ids.len())
+        .sum();
+    let mut opt = AdamW::new(model.trainable_vars(), AdamWConfig::default())?;
+    let mut step = || -> anyhow::Result<()> {
+        let loss = sft_loss(model, &batch)?;
+        let grads = Gradients::backward(&loss, opt.params())?;
+        opt.step(&grads, 1e-4)?;
+        Ok(())
+    };
+    step()?;
+    let started = Instant::now();
+    for _ in 0..args.train_steps {
+        step()?;
+    }
+    let per_step = started.elapsed().as_secs_f64() / args.train_steps.max(1) as f64;
+    let fig = TrainFigure {
+        size: size_name.to_string(),
+        parameters,
+        batch: args.train_batch,
+        tokens_per_step,
+        seconds_per_step: per_step,
+        tokens_per_second: tokens_per_step as f64 / per_step,
+    };
+    tracing::info!(?fig, "training");
+    Ok(fig)
+}
+
+fn print_tables(gen_figures: &[GenFigure], train_figures: &[TrainFigure]) {
     println!(
         "| size | parameters | batch | decoding | prompt tokens | new tokens | seconds | new tokens/s |"
     );
     println!("|---|---:|---:|---|---:|---:|---:|---:|");
-    for f in &gen_figures {
+    for f in gen_figures {
         println!(
             "| {} | {:.1}M | {} | {} | {} | {} | {:.2} | {:.0} |",
             f.size,
@@ -176,7 +177,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     println!();
     println!("| size | parameters | batch | tokens/step | s/step | tokens/s (fwd+bwd+AdamW) |");
     println!("|---|---:|---:|---:|---:|---:|");
-    for f in &train_figures {
+    for f in train_figures {
         println!(
             "| {} | {:.1}M | {} | {} | {:.3} | {:.0} |",
             f.size,
@@ -187,6 +188,31 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             f.tokens_per_second
         );
     }
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let device = crate::device::parse(&args.device)?;
+    let tok = ril_model::tokenizer::byte_level_chatml()?;
+    let image_id = tok
+        .token_id("<image>")
+        .context("built-in tokenizer has no <image>")?;
+    let mut gen_figures = Vec::new();
+    let mut train_figures = Vec::new();
+    for &size in &args.sizes {
+        let size_name = size.name();
+        let cfg = LlavaConfig::sized(tok.vocab_size(), image_id, size);
+        let model = Vlm::new_random(&cfg, Head::LanguageModel, &device, DType::F32, 0)?;
+        let (parameters, _) = model.parameter_counts();
+        let examples = colour_examples(&tok, &cfg, &device)?;
+        tracing::info!(size = size_name, parameters, "benchmarking");
+        gen_figures.extend(measure_generation(
+            args, &model, &examples, size_name, parameters,
+        )?);
+        train_figures.push(measure_training(
+            args, &model, &examples, size_name, parameters,
+        )?);
+    }
+    print_tables(&gen_figures, &train_figures);
     if let Some(path) = &args.json {
         let json = serde_json::json!({"generation": gen_figures, "training": train_figures});
         std::fs::write(path, serde_json::to_string_pretty(&json)?)

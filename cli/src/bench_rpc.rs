@@ -138,7 +138,7 @@ pub fn run(args: &RpcBenchArgs) -> anyhow::Result<()> {
         std::hint::black_box(d);
     }
     let codec = t.elapsed().as_secs_f64() / n as f64;
-    let rt = crate::roles::runtime()?;
+    let rt = ril_orchestrate::runtime()?;
     let rpc = rt.block_on(async {
         let bound = ril_proto::server::bind("127.0.0.1:0").await?;
         let addr = bound.addr.to_string();

@@ -1,19 +1,12 @@
-//! `ril certs init DIR`: a run CA, one certificate and key per role, and a run token, laid out
-//! as `[security]` / `--security-dir` expect (`ca.crt`, `<role>.crt`, `<role>.key`, `token`).
-//! The local cluster calls [`generate`] for every run; for Kubernetes the same files go into
-//! Secrets (deploy/README.md).
-//!
-//! Each role's certificate names the role in a URI SAN (`urn:ril:role:<role>`, what servers
-//! authorise by) and carries DNS/IP SANs for loopback and the role's Kubernetes Services. Keys
-//! are ECDSA P-256, written 0600.
+//! `ril certs init DIR` (a run CA, one certificate and key per role, and a run token: what
+//! `ril_orchestrate::certs::generate` writes, which the local cluster also calls for every run)
+//! and `ril certs secrets DIR`, the same files as the Kubernetes Secrets the manifests mount
+//! (deploy/README.md).
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use anyhow::Context;
+use ril_orchestrate::certs::generate;
 use ril_proto::security::Role;
 
 #[derive(Debug, clap::Args)]
@@ -48,142 +41,6 @@ pub const TOKEN_SECRET: &str = "ril-run-token";
 /// role's pods (only theirs) at `/etc/ril/tls`.
 pub fn tls_secret(role: Role) -> String {
     format!("ril-tls-{role}")
-}
-
-/// The files [`generate`] wrote.
-#[derive(Debug)]
-pub struct Written {
-    pub files: Vec<PathBuf>,
-}
-
-/// DNS/IP names a role's certificate is valid for: loopback, and its Kubernetes Services
-/// (`ril-<role>`, headless pods `*.ril-<role>`, namespace- and cluster-qualified forms).
-fn role_sans(role: Role, namespace: &str, extra: &[String]) -> Vec<String> {
-    let mut sans = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
-    let service = format!("ril-{role}");
-    let mut services = vec![service.clone()];
-    if role == Role::Teacher {
-        // The base manifests' teacher; more teachers: `--san ril-teacher-<name>`.
-        services.push("ril-teacher-terse".into());
-    }
-    for s in services {
-        sans.push(s.clone());
-        sans.push(format!("*.{s}"));
-        sans.push(format!("{s}.{namespace}.svc"));
-        sans.push(format!("*.{s}.{namespace}.svc"));
-        sans.push(format!("{s}.{namespace}.svc.cluster.local"));
-        sans.push(format!("*.{s}.{namespace}.svc.cluster.local"));
-    }
-    sans.extend(extra.iter().cloned());
-    sans
-}
-
-fn write(path: &Path, contents: &[u8], secret: bool) -> anyhow::Result<()> {
-    use std::io::Write;
-    #[cfg(unix)]
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut o = std::fs::OpenOptions::new();
-    o.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    o.mode(if secret { 0o600 } else { 0o644 });
-    let mut f = o
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    #[cfg(unix)]
-    if secret {
-        // `mode` applies only to new files; a replaced key must not keep wider permissions.
-        use std::os::unix::fs::PermissionsExt;
-        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    }
-    f.write_all(contents)
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
-/// A fresh run token: 32 random bytes, hex.
-pub fn new_token() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 32];
-    rand::rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-/// Writes a CA, per-role certificates and keys, and a token into `dir`.
-pub fn generate(
-    dir: &Path,
-    extra_sans: &[String],
-    namespace: &str,
-    force: bool,
-) -> anyhow::Result<Written> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut names = vec!["ca.crt".to_string(), "ca.key".into(), "token".into()];
-    for r in Role::ALL {
-        names.push(format!("{r}.crt"));
-        names.push(format!("{r}.key"));
-    }
-    if !force {
-        let present: Vec<&String> = names.iter().filter(|n| dir.join(n).exists()).collect();
-        if !present.is_empty() {
-            bail!(
-                "{} already holds {} (and maybe more); pass --force to replace them",
-                dir.display(),
-                present
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-    }
-    let mut files = Vec::new();
-    let ca_key = KeyPair::generate().context("generating the CA key")?;
-    let mut ca = CertificateParams::new(Vec::<String>::new())?;
-    ca.distinguished_name.push(DnType::CommonName, "ril run CA");
-    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
-    let ca_cert = ca.self_signed(&ca_key).context("signing the CA")?;
-    let issuer = Issuer::new(ca, &ca_key);
-    write(&dir.join("ca.crt"), ca_cert.pem().as_bytes(), false)?;
-    write(&dir.join("ca.key"), ca_key.serialize_pem().as_bytes(), true)?;
-    files.push(dir.join("ca.crt"));
-    files.push(dir.join("ca.key"));
-    for role in Role::ALL {
-        let key = KeyPair::generate().with_context(|| format!("generating the {role} key"))?;
-        let mut p = CertificateParams::new(role_sans(role, namespace, extra_sans))
-            .with_context(|| format!("the {role} certificate's names"))?;
-        p.subject_alt_names
-            .push(SanType::URI(role.uri().try_into()?));
-        p.distinguished_name
-            .push(DnType::CommonName, format!("ril-{role}"));
-        p.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
-        // One certificate serves the role's server and its clients.
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        let cert = p
-            .signed_by(&key, &issuer)
-            .with_context(|| format!("signing the {role} certificate"))?;
-        let (c, k) = (
-            dir.join(format!("{role}.crt")),
-            dir.join(format!("{role}.key")),
-        );
-        write(&c, cert.pem().as_bytes(), false)?;
-        write(&k, key.serialize_pem().as_bytes(), true)?;
-        files.push(c);
-        files.push(k);
-    }
-    let token = dir.join("token");
-    write(&token, format!("{}\n", new_token()).as_bytes(), true)?;
-    files.push(token);
-    Ok(Written { files })
 }
 
 /// The Secrets for `dir` as a Kubernetes `v1/List` (JSON, which `kubectl apply -f -` reads).

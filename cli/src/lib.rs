@@ -1,5 +1,8 @@
 //! The `ril` command's library: argument parsing and the commands, so tests can drive them
-//! in-process as well as through the binary.
+//! in-process as well as through the binary. The run config is `ril-config`; the
+//! orchestration (the local cluster, the demo, the experiments) is `ril-orchestrate`: the
+//! commands here parse their flags and call in there. The benchmarks stay here: each is one
+//! process timing building blocks of the roles, with nothing to orchestrate.
 
 pub mod bench;
 pub mod bench_allreduce;
@@ -7,7 +10,6 @@ pub mod bench_nccl;
 pub mod bench_rpc;
 pub mod certs;
 pub mod cluster;
-pub mod config;
 pub mod demo;
 pub mod device;
 pub mod experiment;
@@ -15,7 +17,6 @@ pub mod logging;
 pub mod model_cmd;
 pub mod roles;
 pub mod selfcheck;
-pub mod supervise;
 pub mod train_cmd;
 
 use std::path::PathBuf;

@@ -5,9 +5,11 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
-
-use crate::config::RunConfig;
+use anyhow::bail;
+use ril_config::RunConfig;
+use ril_orchestrate::runtime;
+use ril_orchestrate::security::SecurityOverrides;
+use ril_orchestrate::status::{fetch_status, format_status};
 
 /// How a process finds its run token and certificates (overriding `[security]`).
 #[derive(Debug, Clone, Default, clap::Args)]
@@ -25,29 +27,27 @@ pub struct SecurityArgs {
     pub reflection: bool,
 }
 
+impl SecurityArgs {
+    pub fn overrides(&self) -> SecurityOverrides {
+        SecurityOverrides {
+            security_dir: self.security_dir.clone(),
+            insecure: self.insecure,
+            reflection: self.reflection,
+        }
+    }
+}
+
 /// The process's security for `role`: `--insecure`, then `--security-dir`, then `[security]`.
 pub fn resolve_security(
     config: Option<&ril_proto::security::SecurityConfig>,
     args: &SecurityArgs,
     role: ril_proto::security::Role,
 ) -> anyhow::Result<ril_proto::security::Security> {
-    use ril_proto::security::SecurityConfig;
-    let base = config.cloned().unwrap_or_default();
-    let mut c = match &args.security_dir {
-        Some(dir) => SecurityConfig {
-            mtls: base.mtls,
-            reflection: base.reflection,
-            ..SecurityConfig::from_dir(dir)
-        },
-        None => base,
-    };
-    c.allow_insecure |= args.insecure;
-    c.reflection |= args.reflection;
-    let s = c
-        .resolve(role)
-        .with_context(|| format!("setting up security for the {role} role"))?;
-    tracing::info!(%role, tls = s.is_tls(), mtls = s.mtls, token = s.has_token(), reflection = s.reflection, "security");
-    Ok(s)
+    Ok(ril_orchestrate::security::resolve_security(
+        config,
+        &args.overrides(),
+        role,
+    )?)
 }
 
 /// Flags every serving role takes.
@@ -232,13 +232,6 @@ where
     }
 }
 
-pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")
-}
-
 async fn bind(
     args: &ServeArgs,
     cfg: &RunConfig,
@@ -251,7 +244,7 @@ async fn bind(
         .with_plain_health(args.health_listen.clone(), args.health_addr_file.clone());
     tracing::info!(addr = %bound.addr, "listening");
     if let Some(f) = &args.addr_file {
-        crate::supervise::write_addr_file(f, &bound.addr)?;
+        ril_proto::server::write_addr_file(f, &bound.addr)?;
     }
     Ok(bound)
 }
@@ -510,7 +503,7 @@ impl HealthEndpoint {
         }
         tracing::info!(%addr, "health endpoint listening (grpc.health.v1)");
         if let Some(f) = addr_file {
-            crate::supervise::write_addr_file(f, &addr)?;
+            ril_proto::server::write_addr_file(f, &addr)?;
         }
         Ok(Self {
             reporter,
@@ -535,63 +528,6 @@ impl HealthEndpoint {
             Err(_) => tracing::warn!(addr = %self.addr, "health endpoint still draining; exiting"),
         }
     }
-}
-
-/// Fetches the run's status.
-pub async fn fetch_status(
-    addr: &str,
-    timeout: Duration,
-    security: &ril_proto::security::Security,
-) -> anyhow::Result<ril_proto::v1::RunStatus> {
-    let ch = ril_proto::client::connect(addr, timeout, security).await?;
-    let mut c = ril_proto::v1::coordinator_client::CoordinatorClient::new(ch);
-    let s = tokio::time::timeout(timeout, c.get_status(ril_proto::v1::GetStatusRequest {}))
-        .await
-        .map_err(|_| anyhow::anyhow!("coordinator at {addr}: status timed out after {timeout:?}"))?
-        .map_err(|s| anyhow::anyhow!("coordinator at {addr}: {:?}: {}", s.code(), s.message()))?;
-    Ok(s.into_inner())
-}
-
-pub fn format_status(s: &ril_proto::v1::RunStatus) -> String {
-    let mut out = format!(
-        "run {}: iteration {}/{} (policy version {}){}\n\
-         groups accepted {}, duplicates refused {}, leases expired {}, outstanding {}, {:.2} groups/s\n\
-         learner ranks {}/{}\n",
-        s.run_id,
-        s.iteration,
-        s.total_iterations,
-        s.policy_version,
-        if s.finished { ", finished" } else { "" },
-        s.groups_accepted,
-        s.duplicates_refused,
-        s.leases_expired,
-        s.leases_outstanding,
-        s.groups_per_second,
-        s.learner_ranks_joined,
-        s.learner_world_size,
-    );
-    let alive = s.actors.iter().filter(|a| a.alive).count();
-    out.push_str(&format!("actors: {alive} alive of {}\n", s.actors.len()));
-    for a in &s.actors {
-        out.push_str(&format!(
-            "  {} ({}) version {} seen {} ms ago, {} questions{}\n",
-            a.actor_id,
-            a.device,
-            a.policy_version,
-            a.last_seen_ms_ago,
-            a.groups_leased,
-            if a.alive { "" } else { ", gone" }
-        ));
-    }
-    if !s.metrics.is_empty() {
-        out.push_str("last step:\n");
-        let mut m: Vec<_> = s.metrics.iter().collect();
-        m.sort_by(|a, b| a.0.cmp(b.0));
-        for (k, v) in m {
-            out.push_str(&format!("  {k} = {v:.6}\n"));
-        }
-    }
-    out
 }
 
 pub fn status(args: &StatusArgs) -> anyhow::Result<()> {

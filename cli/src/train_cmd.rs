@@ -440,14 +440,15 @@ fn progress_bar(total: u64, what: &str) -> Option<indicatif::ProgressBar> {
     Some(bar)
 }
 
-pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
+/// The SFT settings `a` asks for.
+fn sft_config(a: &SftArgs) -> anyhow::Result<SftConfig> {
     let schedule = match a.schedule.as_str() {
         "constant" => Schedule::Constant,
         "linear" => Schedule::Linear,
         "cosine" => Schedule::Cosine,
         other => bail!("--schedule {other:?}: expected constant, linear or cosine"),
     };
-    let cfg = SftConfig {
+    Ok(SftConfig {
         steps: a.steps,
         batch_size: a.batch_size,
         grad_accum: a.grad_accum,
@@ -463,15 +464,12 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
         seed: a.seed,
         target: parse_target(&a.target)?,
         skip_bad_rows: a.skip_bad_rows,
-    };
-    let start_dir: &Path = match (&a.resume, &a.model) {
-        (Some(r), _) => r,
-        (None, Some(m)) => m,
-        (None, None) => bail!("give --model (a model directory) or --resume (a checkpoint)"),
-    };
-    let device = candle_core::Device::Cpu;
-    let bundle = Bundle::load(start_dir, Head::LanguageModel, &device, DType::F32)
-        .with_context(|| format!("loading {}", start_dir.display()))?;
+    })
+}
+
+/// AdamW over the model's trainable tensors but the `--freeze` prefixes, resumed from
+/// `--resume`'s optimizer state when given.
+fn sft_optimizer(a: &SftArgs, bundle: &Bundle, start_dir: &Path) -> anyhow::Result<AdamW> {
     let mut params = bundle.model.trainable_vars();
     for prefix in &a.freeze {
         let before = params.len();
@@ -491,11 +489,61 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
     )?;
-    let state = match &a.resume {
-        Some(r) => {
-            optimizer.load(&r.join(OPTIMIZER_FILE))?;
-            SftState::load(r)?
+    if let Some(r) = &a.resume {
+        optimizer.load(&r.join(OPTIMIZER_FILE))?;
+    }
+    Ok(optimizer)
+}
+
+/// Progress on a terminal's bar, log lines otherwise.
+fn report_sft_event(bar: &Option<indicatif::ProgressBar>, e: &SftEvent) {
+    match e {
+        SftEvent::Step {
+            step,
+            total,
+            loss,
+            lr,
+            grad_norm,
+            tokens_per_second,
+        } => match bar {
+            Some(b) => {
+                b.set_position(*step as u64);
+                b.set_message(format!(
+                    "loss {loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s"
+                ));
+            }
+            None => tracing::info!(
+                step,
+                total,
+                loss,
+                lr,
+                grad_norm,
+                tokens_per_second,
+                "sft step"
+            ),
+        },
+        SftEvent::Eval { step, val_loss } => {
+            tracing::info!(step, val_loss, "validation");
         }
+        SftEvent::Saved { step, dir } => {
+            tracing::info!(step, dir = %dir.display(), "checkpoint saved")
+        }
+    }
+}
+
+pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
+    let cfg = sft_config(a)?;
+    let start_dir: &Path = match (&a.resume, &a.model) {
+        (Some(r), _) => r,
+        (None, Some(m)) => m,
+        (None, None) => bail!("give --model (a model directory) or --resume (a checkpoint)"),
+    };
+    let device = candle_core::Device::Cpu;
+    let bundle = Bundle::load(start_dir, Head::LanguageModel, &device, DType::F32)
+        .with_context(|| format!("loading {}", start_dir.display()))?;
+    let mut optimizer = sft_optimizer(a, &bundle, start_dir)?;
+    let state = match &a.resume {
+        Some(r) => SftState::load(r)?,
         None => SftState::default(),
     };
     let train = split_file(&a.data, Split::Train)?;
@@ -516,38 +564,7 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
         &a.out,
         &cfg,
         state,
-        |e| match e {
-            SftEvent::Step {
-                step,
-                total,
-                loss,
-                lr,
-                grad_norm,
-                tokens_per_second,
-            } => match &bar {
-                Some(b) => {
-                    b.set_position(*step as u64);
-                    b.set_message(format!(
-                        "loss {loss:.4} lr {lr:.2e} {tokens_per_second:.0} tok/s"
-                    ));
-                }
-                None => tracing::info!(
-                    step,
-                    total,
-                    loss,
-                    lr,
-                    grad_norm,
-                    tokens_per_second,
-                    "sft step"
-                ),
-            },
-            SftEvent::Eval { step, val_loss } => {
-                tracing::info!(step, val_loss, "validation");
-            }
-            SftEvent::Saved { step, dir } => {
-                tracing::info!(step, dir = %dir.display(), "checkpoint saved")
-            }
-        },
+        |e| report_sft_event(&bar, e),
     )?;
     if let Some(b) = bar {
         b.finish();

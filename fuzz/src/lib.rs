@@ -76,13 +76,13 @@ fn scratch_file(name: &str, data: &[u8]) -> PathBuf {
 }
 
 /// The run config (`ril config check`, every role's `--config`): TOML text into a validated
-/// [`ril_cli::config::RunConfig`], then into the coordinator's options.
+/// [`ril_config::RunConfig`], then into the coordinator's options.
 pub fn run_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
     let path = scratch().join("run.toml");
-    if let Ok(config) = ril_cli::config::RunConfig::parse(text, &path) {
+    if let Ok(config) = ril_config::RunConfig::parse(text, &path) {
         let _ = config.teacher_slots();
         let _ = config.student_sampling();
         if let Ok(addrs) = config.teacher_addrs() {

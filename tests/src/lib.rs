@@ -1,11 +1,27 @@
-//! Helpers for the integration tests: run the real `ril` binary in a scratch directory.
+//! Helpers for the integration tests: run the real `ril` binary in a scratch directory, and
+//! read the Kubernetes deployment as objects ([`k8s`]).
 //!
 //! The binary is the one cargo builds next to the test executables (`target/<profile>/ril`;
 //! `cargo test --workspace` builds it because the `ril-cli` package has integration tests), or
 //! the one named by `RIL_BIN`.
 
+pub mod k8s;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+
+/// Skips a test (passing, with a message) when kubectl is absent: it renders the manifests.
+#[macro_export]
+macro_rules! need_kubectl {
+    () => {
+        if !$crate::k8s::kubectl_present() {
+            eprintln!(
+                "SKIPPED: kubectl is not on PATH (it renders deploy/k8s; CI's machine image has it)"
+            );
+            return;
+        }
+    };
+}
 
 /// Path of the `ril` binary under test.
 pub fn ril_binary() -> PathBuf {

@@ -5,6 +5,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ril_common::wait::wait_until;
 use ril_proto::v1;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
 use ril_tests::{Sandbox, ok, ril_binary, stderr, stdout};
@@ -284,18 +285,6 @@ fn serve(sb: &Sandbox, name: &str, args: &[&str]) -> (Role, String) {
     let mut role = start(sb, name, &a);
     let addr = wait_addr(sb, &mut role, &file);
     (role, addr)
-}
-
-async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !f().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 async fn status(sb: &Sandbox, addr: &str) -> Option<v1::RunStatus> {

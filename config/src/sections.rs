@@ -1,0 +1,174 @@
+//! The run config's own sections: the run-level ones (`[run]`, `[data]`, `[student]`,
+//! `[rollout]`), which are written once and filled into the role sections, and the ones no role
+//! crate owns (`[network]`, `[coordinator]`, `[actors]`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    pub id: String,
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+    pub iterations: u64,
+    pub questions_per_iteration: u64,
+    #[serde(default)]
+    pub staleness_bound: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub skip_bad_rows: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StudentSection {
+    pub checkpoint: PathBuf,
+}
+
+fn d_temperature() -> f64 {
+    1.0
+}
+fn d_top_p() -> f64 {
+    0.95
+}
+fn d_top_k() -> u32 {
+    50
+}
+fn d_rep() -> f64 {
+    1.05
+}
+fn d_max_new() -> u32 {
+    64
+}
+
+/// Student sampling (the paper's settings by default) and the group's shape. `top_p = 0` and
+/// `repetition_penalty = 0` mean "off" (1), as they do on the wire.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutSection {
+    pub group_size: u32,
+    /// Default: `group_size` (RIL's G + G mixed group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub teacher_slots: Option<u32>,
+    #[serde(default = "d_temperature")]
+    pub temperature: f64,
+    #[serde(default = "d_top_p")]
+    pub top_p: f64,
+    #[serde(default = "d_top_k")]
+    pub top_k: u32,
+    #[serde(default = "d_rep")]
+    pub repetition_penalty: f64,
+    #[serde(default = "d_max_new")]
+    pub max_new_tokens: u32,
+}
+
+impl RolloutSection {
+    /// `group_size` rollouts per question with the paper's sampling and `max_new_tokens`.
+    pub fn new(group_size: u32, max_new_tokens: u32) -> Self {
+        Self {
+            group_size,
+            teacher_slots: None,
+            temperature: d_temperature(),
+            top_p: d_top_p(),
+            top_k: d_top_k(),
+            repetition_penalty: d_rep(),
+            max_new_tokens,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkSection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub coordinator: Option<String>,
+    /// Learner rank 0's address as actors reach it. Default: what rank 0 advertises when it
+    /// joins the coordinator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub learner: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discriminator: Option<String>,
+    /// Teacher name -> address.
+    #[serde(default)]
+    pub teachers: BTreeMap<String, String>,
+}
+
+fn d_lease() -> u64 {
+    300
+}
+fn d_heartbeat() -> u64 {
+    1000
+}
+fn d_actor_timeout() -> u64 {
+    30
+}
+fn d_lease_retry() -> u64 {
+    50
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorSection {
+    #[serde(default = "d_lease")]
+    pub lease_timeout_s: u64,
+    #[serde(default = "d_heartbeat")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "d_actor_timeout")]
+    pub actor_timeout_s: u64,
+    /// How soon an actor asks again when nothing may be leased yet (on-policy runs wait for
+    /// the next version this way).
+    #[serde(default = "d_lease_retry")]
+    pub lease_retry_ms: u64,
+}
+
+impl Default for CoordinatorSection {
+    fn default() -> Self {
+        Self {
+            lease_timeout_s: d_lease(),
+            heartbeat_interval_ms: d_heartbeat(),
+            actor_timeout_s: d_actor_timeout(),
+            lease_retry_ms: d_lease_retry(),
+        }
+    }
+}
+
+fn d_actors() -> u32 {
+    1
+}
+fn d_qpl() -> u32 {
+    1
+}
+fn d_device() -> String {
+    "cpu".into()
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActorsSection {
+    /// Actors `ril train` starts (a cluster scales them with its own tools).
+    #[serde(default = "d_actors")]
+    pub count: u32,
+    #[serde(default = "d_qpl")]
+    pub questions_per_lease: u32,
+    #[serde(default = "d_device")]
+    pub device: String,
+}
+
+impl Default for ActorsSection {
+    fn default() -> Self {
+        Self {
+            count: d_actors(),
+            questions_per_lease: d_qpl(),
+            device: d_device(),
+        }
+    }
+}
