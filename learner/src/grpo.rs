@@ -165,6 +165,9 @@ pub struct Response {
     pub d_prob: f32,
     pub r_sim: f32,
     pub r_ans: f32,
+    /// The response as text: what the discriminator trains on (empty where it is not known,
+    /// e.g. in tests of the loss).
+    pub text: String,
 }
 
 /// One question's responses, ready for the model.

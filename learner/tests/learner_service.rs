@@ -14,7 +14,9 @@ use ril_learner::Result;
 use ril_learner::collective::SingleRank;
 use ril_learner::grpo::ResponseSource;
 use ril_learner::options::LearnerOptions;
-use ril_learner::service::{Acceptance, CoordinatorLink, GroupKey, IncomingGroup, LearnerService};
+use ril_learner::service::{
+    Acceptance, CoordinatorLink, GroupKey, IncomingGroup, JoinReply, JoinRequest, LearnerService,
+};
 use ril_learner::trainer::{Trainer, TrainerState, checkpoint_dir};
 
 type Shared<T> = Arc<Mutex<Vec<T>>>;
@@ -56,6 +58,16 @@ impl CoordinatorLink for FakeCoordinator {
     async fn report_metrics(&self, iteration: u64, metrics: BTreeMap<String, f64>) -> Result<()> {
         self.metrics.lock().unwrap().push((iteration, metrics));
         Ok(())
+    }
+    /// A world of one: the service never joins (startup does), so this is only for the trait.
+    async fn join_learner(&self, request: JoinRequest) -> Result<JoinReply> {
+        Ok(JoinReply {
+            world_size: 1,
+            ready: true,
+            rank_addrs: vec![request.addr],
+            collective_addrs: vec![request.collective_addr],
+            collective_id: Vec::new(),
+        })
     }
 }
 
