@@ -543,3 +543,175 @@ fn connect_nccl(_opts: &LearnerOptions, _id: &[u8]) -> Result<Box<dyn Collective
         "collective = \"nccl\" needs a build with `--features nccl`".into(),
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::Mutex;
+
+    use ril_proto::error::RpcError;
+
+    use super::*;
+    use crate::service::{Acceptance, GroupKey};
+
+    /// Answers JoinLearner from a script (the last answer repeats; a last error repeats as
+    /// UNIMPLEMENTED) and counts the joins.
+    struct ScriptedCoordinator {
+        answers: Mutex<Vec<Result<JoinReply>>>,
+        joins: Mutex<Vec<JoinRequest>>,
+    }
+
+    impl ScriptedCoordinator {
+        fn new(answers: Vec<Result<JoinReply>>) -> Self {
+            Self {
+                answers: Mutex::new(answers),
+                joins: Mutex::default(),
+            }
+        }
+    }
+
+    fn unimplemented(call: &'static str) -> LearnerError {
+        LearnerError::Coordinator(RpcError::new(
+            "coordinator",
+            "c:1",
+            call,
+            tonic::Status::unimplemented("not in this test"),
+        ))
+    }
+
+    impl CoordinatorLink for ScriptedCoordinator {
+        async fn accept_group(&self, _: GroupKey) -> Result<Acceptance> {
+            Err(unimplemented("AcceptGroup"))
+        }
+        async fn return_question(&self, _: u64, _: String) -> Result<()> {
+            Err(unimplemented("ReturnQuestion"))
+        }
+        async fn publish_version(&self, _: u64, _: u64, _: Option<PathBuf>) -> Result<()> {
+            Err(unimplemented("PublishVersion"))
+        }
+        async fn report_metrics(&self, _: u64, _: BTreeMap<String, f64>) -> Result<()> {
+            Err(unimplemented("ReportMetrics"))
+        }
+        async fn join_learner(&self, request: JoinRequest) -> Result<JoinReply> {
+            self.joins.lock().unwrap().push(request);
+            let mut answers = self.answers.lock().unwrap();
+            if answers.len() > 1 {
+                answers.remove(0)
+            } else {
+                match &answers[0] {
+                    Ok(reply) => Ok(reply.clone()),
+                    Err(_) => Err(unimplemented("JoinLearner")),
+                }
+            }
+        }
+    }
+
+    fn options(rank: u32, world_size: u32) -> LearnerOptions {
+        LearnerOptions {
+            rank,
+            world_size,
+            collective_timeout_ms: 300,
+            ..LearnerOptions::for_test(Path::new("m"), Path::new("o"), "c:1")
+        }
+    }
+
+    fn request(rank: u32) -> JoinRequest {
+        JoinRequest {
+            rank,
+            addr: format!("10.0.0.{rank}:50054"),
+            collective_addr: format!("10.0.0.{rank}:7000"),
+            collective_id: Vec::new(),
+            version: 0,
+        }
+    }
+
+    fn two_ranks(ready: bool) -> JoinReply {
+        JoinReply {
+            world_size: 2,
+            ready,
+            rank_addrs: if ready {
+                vec!["10.0.0.0:50054".into(), "10.0.0.1:50054".into()]
+            } else {
+                Vec::new()
+            },
+            collective_addrs: vec![
+                "10.0.0.0:7000".into(),
+                if ready {
+                    "10.0.0.1:7000".into()
+                } else {
+                    String::new()
+                },
+            ],
+            collective_id: Vec::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rank_retries_until_the_coordinator_answers_and_all_ranks_joined() {
+        let coordinator = ScriptedCoordinator::new(vec![
+            Err(LearnerError::Coordinator(RpcError::new(
+                "coordinator",
+                "c:1",
+                "JoinLearner",
+                tonic::Status::unavailable("starting"),
+            ))),
+            Ok(two_ranks(false)),
+            Ok(two_ranks(true)),
+        ]);
+        let reply = join_coordinator(&coordinator, &options(0, 2), request(0))
+            .await
+            .unwrap();
+        assert_eq!(reply, Some(two_ranks(true)));
+        assert_eq!(coordinator.joins.lock().unwrap().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_rank_whose_peers_never_join_names_them() {
+        let coordinator = ScriptedCoordinator::new(vec![Ok(two_ranks(false))]);
+        let e = join_coordinator(&coordinator, &options(0, 2), request(0))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("missing rank(s) 1"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_rendezvous_that_does_not_fit_the_settings_is_refused() {
+        let other_world = ScriptedCoordinator::new(vec![Ok(JoinReply {
+            world_size: 3,
+            ..two_ranks(true)
+        })]);
+        let e = join_coordinator(&other_world, &options(0, 2), request(0))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("runs 3 learner ranks"), "{e}");
+        let no_ring = ScriptedCoordinator::new(vec![Ok(JoinReply {
+            collective_addrs: Vec::new(),
+            ..two_ranks(true)
+        })]);
+        let e = join_coordinator(&no_ring, &options(1, 2), request(1))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("too old"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_coordinator_without_join_learner_suits_one_rank_only() {
+        let old = || ScriptedCoordinator::new(vec![Err(unimplemented("JoinLearner"))]);
+        let alone = join_coordinator(&old(), &options(0, 1), request(0))
+            .await
+            .unwrap();
+        assert_eq!(alone, None);
+        let e = join_coordinator(&old(), &options(0, 2), request(0))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("does not implement JoinLearner"),
+            "{e}"
+        );
+        assert_eq!(
+            ril_proto::error::status(&e).code(),
+            tonic::Code::FailedPrecondition
+        );
+    }
+}
