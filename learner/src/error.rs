@@ -119,6 +119,14 @@ pub enum LearnerError {
     Serve(#[from] ril_proto::server::ServeError),
 }
 
+impl LearnerError {
+    /// The failure of the thread that ran `task` (a panic, or a cancelled task), as
+    /// [`LearnerError::Task`]: for `spawn_blocking(...).await.map_err(LearnerError::task(..))`.
+    pub(crate) fn task(task: &'static str) -> impl FnOnce(tokio::task::JoinError) -> Self {
+        move |source| Self::Task { task, source }
+    }
+}
+
 impl ServiceError for LearnerError {
     fn error_code(&self) -> ServiceErrorCode {
         match self {

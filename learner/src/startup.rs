@@ -197,10 +197,7 @@ async fn start_learner(
         LearnerService::with_peers(trainer, coordinator, opts, peers)
     })
     .await
-    .map_err(|source| LearnerError::Task {
-        task: "starting the service",
-        source,
-    })??;
+    .map_err(LearnerError::task("starting the service"))??;
     Ok(Some(service))
 }
 
@@ -209,10 +206,7 @@ async fn load_model(options: &LearnerOptions) -> Result<Trainer> {
     let opts = options.clone();
     tokio::task::spawn_blocking(move || Trainer::open(&opts, Box::new(SingleRank)))
         .await
-        .map_err(|source| LearnerError::Task {
-            task: "loading the model",
-            source,
-        })?
+        .map_err(LearnerError::task("loading the model"))?
 }
 
 /// The ring's listener, bound before the rendezvous so its address can be announced.
@@ -394,20 +388,14 @@ async fn join_collective(
             .unwrap_or_default();
         tokio::task::spawn_blocking(move || connect_nccl(&opts, &id))
             .await
-            .map_err(|source| LearnerError::Task {
-                task: "joining NCCL",
-                source,
-            })??
+            .map_err(LearnerError::task("joining NCCL"))??
     } else if let Some(ring) = ring {
         let collective_addrs = rendezvous
             .map(|r| r.collective_addrs.clone())
             .unwrap_or_default();
         tokio::task::spawn_blocking(move || connect_ring(&opts, ring, &collective_addrs))
             .await
-            .map_err(|source| LearnerError::Task {
-                task: "joining the ring",
-                source,
-            })??
+            .map_err(LearnerError::task("joining the ring"))??
     } else {
         return Ok(trainer);
     };
@@ -437,10 +425,7 @@ async fn verify_weights(mut trainer: Trainer, collective: Box<dyn Collective>) -
         Ok(trainer)
     })
     .await
-    .map_err(|source| LearnerError::Task {
-        task: "verifying the ranks' weights",
-        source,
-    })?
+    .map_err(LearnerError::task("verifying the ranks' weights"))?
 }
 
 /// The service's peers: rank 0's clients of the other ranks and of the discriminator, a rank

@@ -428,24 +428,27 @@ impl DiscriminatorLink for FakeDiscriminator {
     }
 }
 
-/// A collective that sums nothing, standing in for the other ranks of a world of `world`.
+/// A collective for one rank of a world of `world` whose other ranks all mirror it: the sum
+/// across ranks is `world` times this rank's values.
 #[derive(Debug)]
-struct AloneInAWorld {
+struct MirroredRanks {
     rank: usize,
     world: usize,
 }
 
-impl Collective for AloneInAWorld {
+impl Collective for MirroredRanks {
     fn rank(&self) -> usize {
         self.rank
     }
     fn world_size(&self) -> usize {
         self.world
     }
-    fn all_reduce_flat(&self, _values: &mut Vec<f32>) -> Result<()> {
+    fn all_reduce_flat(&self, values: &mut Vec<f32>) -> Result<()> {
+        values.iter_mut().for_each(|v| *v *= self.world as f32);
         Ok(())
     }
-    fn all_reduce_sum_scalars(&self, _values: &mut [f64]) -> Result<()> {
+    fn all_reduce_sum_scalars(&self, values: &mut [f64]) -> Result<()> {
+        values.iter_mut().for_each(|v| *v *= self.world as f64);
         Ok(())
     }
 }
@@ -554,7 +557,7 @@ async fn rank_0_sends_the_other_rank_its_shard_and_stops_when_that_rank_fails() 
         world_size: 2,
         ..options(&init, &tmp.path().join("out"))
     };
-    let world_of_two = || Box::new(AloneInAWorld { rank: 0, world: 2 });
+    let world_of_two = || Box::new(MirroredRanks { rank: 0, world: 2 });
     let ranks = FakeRanks::default();
     let peers = Peers {
         ranks: Some(Arc::new(ranks.clone())),
@@ -662,7 +665,7 @@ async fn pushes_and_shards_reach_the_ranks_that_take_them() {
     };
     let (rank1, _) = start_with(
         &rank1_options,
-        Box::new(AloneInAWorld { rank: 1, world: 2 }),
+        Box::new(MirroredRanks { rank: 1, world: 2 }),
         peers,
     );
     let e = rank1

@@ -601,10 +601,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
             t.save_checkpoint().map(Some)
         })
         .await
-        .map_err(|source| LearnerError::Task {
-            task: "the checkpoint thread",
-            source,
-        })?
+        .map_err(LearnerError::task("the checkpoint thread"))?
     }
 }
 

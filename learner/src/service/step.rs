@@ -211,10 +211,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
             self.train_own_shard(own, n_groups, stale),
             self.send_shards(iteration_now, shards)
         );
-        let local = local.map_err(|source| LearnerError::Task {
-            task: "the training thread",
-            source,
-        })?;
+        let local = local.map_err(LearnerError::task("the training thread"))?;
         remote?;
         let step = local?;
         let report = StepReport {
@@ -478,10 +475,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
             Ok::<_, LearnerError>((payload, t.state().clone()))
         })
         .await
-        .map_err(|source| LearnerError::Task {
-            task: "the training thread",
-            source,
-        })??;
+        .map_err(LearnerError::task("the training thread"))??;
         self.install_weights(payload)?;
         Ok((state.version, state.iteration))
     }
