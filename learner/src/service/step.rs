@@ -42,17 +42,15 @@ struct StepReport {
 impl StepReport {
     fn metrics(&self, discriminator: BTreeMap<String, f64>) -> BTreeMap<String, f64> {
         let mut metrics = self.stats.metrics();
-        metrics.insert("version".into(), self.version as f64);
-        metrics.insert("step_seconds".into(), self.seconds);
-        metrics.insert(
-            "groups_per_second".into(),
-            self.n_groups as f64 / self.seconds,
-        );
-        metrics.insert("groups_trained".into(), self.groups_trained as f64);
-        metrics.insert(
-            "stale_groups_dropped".into(),
-            self.stale_groups_dropped as f64,
-        );
+        for (name, value) in [
+            ("version", self.version as f64),
+            ("step_seconds", self.seconds),
+            ("groups_per_second", self.n_groups as f64 / self.seconds),
+            ("groups_trained", self.groups_trained as f64),
+            ("stale_groups_dropped", self.stale_groups_dropped as f64),
+        ] {
+            metrics.insert(name.to_string(), value);
+        }
         for (k, mean) in &self.actor_timings_ms {
             metrics.insert(format!("actor_{k}_ms"), *mean);
         }
