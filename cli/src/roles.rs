@@ -305,7 +305,7 @@ pub fn learner(args: &LearnerArgs) -> anyhow::Result<()> {
     }
     runtime()?.block_on(async {
         let bound = bind(&args.serve, &cfg, ril_proto::security::Role::Learner).await?;
-        serve_role(|stop| ril_learner::grpc::serve(opts, bound, stop)).await
+        serve_role(|stop| ril_learner::serve(opts, bound, stop)).await
     })
 }
 

@@ -244,17 +244,18 @@ pub fn proto_question(data: &[u8]) {
 /// The learner's `PushGroups` / `TrainShard` payload: every group through the wire -> domain
 /// conversion; an accepted conversion must convert back (what rank 0 sends to other ranks).
 pub fn proto_scored_groups(data: &[u8]) {
+    use ril_learner::service::{IncomingGroup, LabelledGroup};
     let Ok(request) = v1::PushGroupsRequest::decode(data) else {
         return;
     };
     for g in &request.groups {
-        if let Ok(incoming) = ril_learner::grpc::incoming_group(g) {
-            let wire = ril_learner::grpc::scored_group(&incoming);
-            let again = ril_learner::grpc::incoming_group(&wire)
+        if let Ok(incoming) = IncomingGroup::try_from(g) {
+            let wire = v1::ScoredGroup::from(&incoming);
+            let again = IncomingGroup::try_from(&wire)
                 .expect("a converted group converts back from its wire form");
             assert_eq!(again.row, incoming.row);
             assert_eq!(again.responses.len(), incoming.responses.len());
-            let _ = ril_learner::grpc::labelled_responses(g);
+            let _ = ril_learner::convert::labelled_responses(&[LabelledGroup::from(&incoming)]);
         }
     }
 }

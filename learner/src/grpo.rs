@@ -165,6 +165,9 @@ pub struct Response {
     pub d_prob: f32,
     pub r_sim: f32,
     pub r_ans: f32,
+    /// The response as text: what the discriminator trains on (empty where it is not known,
+    /// e.g. in tests of the loss).
+    pub text: String,
 }
 
 /// One question's responses, ready for the model.
@@ -546,24 +549,11 @@ fn micro_batch(
     let mask = &scores.mask;
     let (b, r_max) = logp.dims2()?;
     let device = logp.device().clone();
-
-    let mut behaviour = vec![0f32; b * r_max];
-    let mut teacher_rows = vec![0f32; b];
-    let mut advantages = vec![0f32; b];
-    for (i, it) in chunk.iter().enumerate() {
-        match it.response.source {
-            ResponseSource::Student => {
-                let n = it.response.behaviour_logprobs.len();
-                behaviour[i * r_max..i * r_max + n]
-                    .copy_from_slice(&it.response.behaviour_logprobs);
-            }
-            ResponseSource::Teacher => teacher_rows[i] = 1.0,
-        }
-        advantages[i] = it.advantage as f32;
-    }
-    let behaviour = Tensor::from_vec(behaviour, (b, r_max), &device)?;
-    let teacher_rows = Tensor::from_vec(teacher_rows, (b, 1), &device)?;
-    let advantages = Tensor::from_vec(advantages, (b, 1), &device)?;
+    let MicroBatchInputs {
+        behaviour,
+        teacher_rows,
+        advantages,
+    } = MicroBatchInputs::new(chunk, r_max, &device)?;
     // Teacher rows: old = the policy's own log-prob, detached (ratio exactly 1).
     let old = (behaviour + logp.detach().broadcast_mul(&teacher_rows)?)?;
     let log_ratio = ((logp - &old)? * mask)?.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)?;
@@ -587,15 +577,60 @@ fn micro_batch(
     let j = (&per_response * &weights)?.sum_all()?;
     grads.accumulate(&Gradients::backward(&j.neg()?, params)?, 1.0)?;
 
-    // Statistics, from the detached values.
     let per_response: Vec<f32> = per_response.to_vec1()?;
     for (it, v) in chunk.iter().zip(&per_response) {
         sums.objective += *v as f64 * it.weight;
     }
+    add_token_statistics(chunk, logp, &k3, &take_unclipped, &scores.entropy, sums)
+}
+
+/// The per-row tensors of a micro-batch besides the scores: behaviour log-probs (zero-padded;
+/// zeros for teacher rows), which rows are teachers', and the advantages.
+struct MicroBatchInputs {
+    behaviour: Tensor,
+    teacher_rows: Tensor,
+    advantages: Tensor,
+}
+
+impl MicroBatchInputs {
+    fn new(chunk: &[Item<'_>], r_max: usize, device: &candle_core::Device) -> Result<Self> {
+        let b = chunk.len();
+        let mut behaviour = vec![0f32; b * r_max];
+        let mut teacher_rows = vec![0f32; b];
+        let mut advantages = vec![0f32; b];
+        for (i, it) in chunk.iter().enumerate() {
+            match it.response.source {
+                ResponseSource::Student => {
+                    let n = it.response.behaviour_logprobs.len();
+                    behaviour[i * r_max..i * r_max + n]
+                        .copy_from_slice(&it.response.behaviour_logprobs);
+                }
+                ResponseSource::Teacher => teacher_rows[i] = 1.0,
+            }
+            advantages[i] = it.advantage as f32;
+        }
+        Ok(Self {
+            behaviour: Tensor::from_vec(behaviour, (b, r_max), device)?,
+            teacher_rows: Tensor::from_vec(teacher_rows, (b, 1), device)?,
+            advantages: Tensor::from_vec(advantages, (b, 1), device)?,
+        })
+    }
+}
+
+/// Token statistics (KL, clipped tokens, entropy, behaviour vs learner log-probs), from the
+/// detached values of a micro-batch.
+fn add_token_statistics(
+    chunk: &[Item<'_>],
+    logp: &Tensor,
+    k3: &Tensor,
+    take_unclipped: &Tensor,
+    entropy: &Tensor,
+    sums: &mut LossSums,
+) -> Result<()> {
     let logp_v: Vec<Vec<f32>> = logp.to_vec2()?;
     let k3_v: Vec<Vec<f32>> = k3.to_vec2()?;
     let clipped_v: Vec<Vec<f32>> = take_unclipped.to_vec2()?;
-    let entropy_v: Vec<Vec<f32>> = scores.entropy.to_vec2()?;
+    let entropy_v: Vec<Vec<f32>> = entropy.to_vec2()?;
     for (i, it) in chunk.iter().enumerate() {
         let n = it.response.token_ids.len();
         sums.tokens += n as f64;

@@ -8,12 +8,18 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
+use ril_common::fs::WriteError;
+
 use crate::error::{LearnerError, Result};
 
 pub const METRICS_FILE: &str = "metrics.jsonl";
 
-fn io(path: &Path, what: &str, e: std::io::Error) -> LearnerError {
-    LearnerError::Invalid(format!("{}: {what}: {e}", path.display()))
+fn write_error(path: &Path, action: &'static str, source: std::io::Error) -> LearnerError {
+    LearnerError::Write(WriteError {
+        path: path.to_path_buf(),
+        action,
+        source,
+    })
 }
 
 /// Appends one step's line.
@@ -43,15 +49,15 @@ pub fn append(
     let mut text = serde_json::Value::Object(line).to_string();
     text.push('\n');
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, "creating", e))?;
+        std::fs::create_dir_all(dir).map_err(|e| write_error(dir, "creating the directory", e))?;
     }
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| io(path, "opening for append", e))?;
+        .map_err(|e| write_error(path, "opening for append", e))?;
     f.write_all(text.as_bytes())
-        .map_err(|e| io(path, "appending a line", e))
+        .map_err(|e| write_error(path, "appending a line", e))
 }
 
 /// Keeps the lines of versions up to `version` (a resume point); drops later ones and any line
@@ -61,7 +67,12 @@ pub fn truncate_after(path: &Path, version: u64) -> Result<usize> {
     let text = match std::fs::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
-        Err(e) => return Err(io(path, "reading", e)),
+        Err(source) => {
+            return Err(LearnerError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
     };
     let mut kept = String::new();
     let mut dropped = 0;
@@ -78,9 +89,7 @@ pub fn truncate_after(path: &Path, version: u64) -> Result<usize> {
         }
     }
     if dropped > 0 {
-        let tmp = path.with_extension("jsonl.tmp");
-        std::fs::write(&tmp, kept).map_err(|e| io(&tmp, "writing", e))?;
-        std::fs::rename(&tmp, path).map_err(|e| io(path, "replacing", e))?;
+        ril_common::fs::write_atomic(path, kept.as_bytes())?;
     }
     Ok(dropped)
 }

@@ -367,6 +367,29 @@ logprob_temperature = 1.0
         assert!(no_reward.validate().is_err());
     }
 
+    /// The run config is written from typed structs (the demo's configs among them): what is
+    /// written reads back as the same options, defaults and optional fields included.
+    #[test]
+    fn options_written_as_toml_read_back_the_same() {
+        let parsed: LearnerOptions = toml::from_str(EXAMPLE).unwrap();
+        let mut all_set = LearnerOptions::for_test(Path::new("m"), Path::new("o"), "c:1");
+        all_set.reference_checkpoint = Some("runs/reference".into());
+        all_set.advertise_addr = Some("ril-learner-0:50054".into());
+        all_set.discriminator_addr = Some("ril-discriminator:50053".into());
+        all_set.collective_advertise = Some("10.0.0.2:7000".into());
+        all_set.grpo.kl_beta = 0.04;
+        for options in [parsed, all_set] {
+            let text = toml::to_string(&options).unwrap();
+            let again: LearnerOptions = toml::from_str(&text).unwrap();
+            assert_eq!(again, options, "{text}");
+            let json = serde_json::to_string(&options).unwrap();
+            assert_eq!(
+                serde_json::from_str::<LearnerOptions>(&json).unwrap(),
+                options
+            );
+        }
+    }
+
     #[test]
     fn the_collective_is_ring_or_nccl_and_nccl_needs_the_feature_and_a_gpu() {
         let mut o = LearnerOptions::for_test(Path::new("m"), Path::new("o"), "c:1");

@@ -185,14 +185,48 @@ pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 impl SftState {
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| LearnerError::Io {
-            path: path.clone(),
+        load_state(dir)
+    }
+}
+
+/// A checkpoint's `trainer_state.json` (SFT's or the RL learner's state).
+pub fn load_state<T: serde::de::DeserializeOwned>(dir: &Path) -> Result<T> {
+    let path = dir.join(STATE_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|source| LearnerError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    serde_json::from_str(&text)
+        .map_err(|e| LearnerError::Invalid(format!("{}: {e}", path.display())))
+}
+
+/// Writes a resumable checkpoint directory `dir` whole: the model directory, the optimizer and
+/// `state`, staged in a hidden sibling and published with one rename (replacing an older `dir`),
+/// so a crash never leaves a half-written checkpoint under a real name.
+pub fn write_checkpoint_dir<T: Serialize>(
+    bundle: &Bundle,
+    optimizer: &AdamW,
+    state: &T,
+    dir: &Path,
+) -> Result<()> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "checkpoint".into());
+    let staged = dir.with_file_name(format!(".{name}.tmp"));
+    if staged.exists() {
+        std::fs::remove_dir_all(&staged).map_err(|source| LearnerError::Io {
+            path: staged.clone(),
             source,
         })?;
-        serde_json::from_str(&text)
-            .map_err(|e| LearnerError::Invalid(format!("{}: {e}", path.display())))
     }
+    bundle.save(&staged)?;
+    optimizer.save(&staged.join(OPTIMIZER_FILE))?;
+    let text = serde_json::to_string_pretty(state)
+        .map_err(|e| LearnerError::Invalid(format!("trainer state: {e}")))?;
+    ril_common::fs::write_atomic(&staged.join(STATE_FILE), text.as_bytes())?;
+    ril_common::fs::publish_dir(&staged, dir)?;
+    Ok(())
 }
 
 /// Progress, for progress bars and logs.
@@ -381,11 +415,102 @@ pub fn save_checkpoint(
     state: &SftState,
     dir: &Path,
 ) -> Result<()> {
-    bundle.save(dir)?;
-    optimizer.save(&dir.join(OPTIMIZER_FILE))?;
-    let text =
-        serde_json::to_string_pretty(state).map_err(|e| LearnerError::Invalid(e.to_string()))?;
-    ril_model::checkpoint::write_atomic(&dir.join(STATE_FILE), text.as_bytes())?;
+    write_checkpoint_dir(bundle, optimizer, state, dir)
+}
+
+/// Validation examples, decoded and tokenised once (not at every evaluation).
+fn validation_examples(
+    bundle: &Bundle,
+    val: Option<&Path>,
+    cfg: &SftConfig,
+    options: ReadOptions,
+) -> Result<Vec<SupervisedExample>> {
+    let Some(v) = val else {
+        return Ok(Vec::new());
+    };
+    let (mut rows, _) = read_all(v, options)?;
+    rows.truncate(cfg.eval_rows);
+    rows.iter()
+        .map(|r| Ok(supervised(bundle, r, &cfg.target.text(r)?)?))
+        .collect()
+}
+
+/// One optimizer step over `grad_accum` batches from `stream`; advances `state` and returns
+/// the step's loss per target token.
+fn sft_step(
+    bundle: &Bundle,
+    optimizer: &mut AdamW,
+    stream: &mut Stream,
+    cfg: &SftConfig,
+    state: &mut SftState,
+    on_event: &mut impl FnMut(&SftEvent),
+) -> Result<f64> {
+    let step_started = Instant::now();
+    let mut grads = Gradients::default();
+    let mut loss_sum = 0f64;
+    let mut target_tokens = 0usize;
+    let mut all_tokens = 0usize;
+    for _ in 0..cfg.grad_accum {
+        let mut batch = Vec::with_capacity(cfg.batch_size);
+        for _ in 0..cfg.batch_size {
+            let row = stream.next_row()?;
+            batch.push(supervised(bundle, &row, &cfg.target.text(&row)?)?);
+        }
+        let (sum, n, all) = nll_sum(bundle, &batch)?;
+        loss_sum += sum.to_scalar::<f32>()? as f64;
+        target_tokens += n;
+        all_tokens += all;
+        grads.accumulate(&Gradients::backward(&sum, optimizer.params())?, 1.0)?;
+    }
+    grads.scale(1.0 / target_tokens.max(1) as f64)?;
+    let lr = lr_at(cfg, state.step);
+    let stats = optimizer.step(&grads, lr)?;
+    let loss = loss_sum / target_tokens.max(1) as f64;
+    if !loss.is_finite() {
+        return Err(LearnerError::Invalid(format!(
+            "sft: loss is {loss} at step {}",
+            state.step + 1
+        )));
+    }
+    state.step += 1;
+    state.epoch = stream.epoch;
+    state.cursor = stream.position();
+    if state.step.is_multiple_of(cfg.log_every.max(1)) || state.step == cfg.steps {
+        on_event(&SftEvent::Step {
+            step: state.step,
+            total: cfg.steps,
+            loss,
+            lr,
+            grad_norm: stats.grad_norm,
+            tokens_per_second: all_tokens as f64 / step_started.elapsed().as_secs_f64(),
+        });
+    }
+    Ok(loss)
+}
+
+/// The periodic checkpoint of `state.step`, and the deletion of those beyond
+/// `keep_checkpoints` (`saved`: the steps checkpointed so far).
+fn save_periodic_checkpoint(
+    bundle: &Bundle,
+    optimizer: &AdamW,
+    state: &SftState,
+    out: &Path,
+    cfg: &SftConfig,
+    saved: &mut Vec<usize>,
+    on_event: &mut impl FnMut(&SftEvent),
+) -> Result<()> {
+    let dir = out.join(format!("checkpoint-{:06}", state.step));
+    save_checkpoint(bundle, optimizer, state, &dir)?;
+    saved.push(state.step);
+    on_event(&SftEvent::Saved {
+        step: state.step,
+        dir,
+    });
+    for old in checkpoints_to_delete(saved.clone(), cfg.keep_checkpoints) {
+        let dir = out.join(format!("checkpoint-{old:06}"));
+        std::fs::remove_dir_all(&dir).map_err(|source| LearnerError::Io { path: dir, source })?;
+        saved.retain(|s| *s != old);
+    }
     Ok(())
 }
 
@@ -404,98 +529,50 @@ pub fn run_sft(
     let options = ReadOptions {
         skip_bad_rows: cfg.skip_bad_rows,
     };
-    // Validation examples are decoded and tokenised once, not at every evaluation.
-    let val_examples: Vec<SupervisedExample> = match val {
-        Some(v) => {
-            let (mut rows, _) = read_all(v, options)?;
-            rows.truncate(cfg.eval_rows);
-            rows.iter()
-                .map(|r| Ok(supervised(bundle, r, &cfg.target.text(r)?)?))
-                .collect::<Result<_>>()?
-        }
-        None => Vec::new(),
-    };
+    let val_examples = validation_examples(bundle, val, cfg, options)?;
     let mut stream = Stream::open(train, cfg.seed, state.epoch, state.cursor, options)?;
     let started = Instant::now();
-    let first_val_loss = if val_examples.is_empty() {
-        None
-    } else {
+    let evaluate = |state: &SftState, on_event: &mut dyn FnMut(&SftEvent)| -> Result<f64> {
         let v = validation_loss(bundle, &val_examples, cfg.batch_size)?;
         on_event(&SftEvent::Eval {
             step: state.step,
             val_loss: v,
         });
-        Some(v)
+        Ok(v)
+    };
+    let first_val_loss = if val_examples.is_empty() {
+        None
+    } else {
+        Some(evaluate(&state, &mut on_event)?)
     };
     let mut last_loss = f64::NAN;
     let mut saved: Vec<usize> = Vec::new();
     while state.step < cfg.steps {
-        let step_started = Instant::now();
-        let mut grads = Gradients::default();
-        let mut loss_sum = 0f64;
-        let mut target_tokens = 0usize;
-        let mut all_tokens = 0usize;
-        for _ in 0..cfg.grad_accum {
-            let mut batch = Vec::with_capacity(cfg.batch_size);
-            for _ in 0..cfg.batch_size {
-                let row = stream.next_row()?;
-                batch.push(supervised(bundle, &row, &cfg.target.text(&row)?)?);
-            }
-            let (sum, n, all) = nll_sum(bundle, &batch)?;
-            loss_sum += sum.to_scalar::<f32>()? as f64;
-            target_tokens += n;
-            all_tokens += all;
-            grads.accumulate(&Gradients::backward(&sum, optimizer.params())?, 1.0)?;
-        }
-        grads.scale(1.0 / target_tokens.max(1) as f64)?;
-        let lr = lr_at(cfg, state.step);
-        let stats = optimizer.step(&grads, lr)?;
-        last_loss = loss_sum / target_tokens.max(1) as f64;
-        if !last_loss.is_finite() {
-            return Err(LearnerError::Invalid(format!(
-                "sft: loss is {last_loss} at step {}",
-                state.step + 1
-            )));
-        }
-        state.step += 1;
-        state.epoch = stream.epoch;
-        state.cursor = stream.position();
-        if state.step.is_multiple_of(cfg.log_every.max(1)) || state.step == cfg.steps {
-            on_event(&SftEvent::Step {
-                step: state.step,
-                total: cfg.steps,
-                loss: last_loss,
-                lr,
-                grad_norm: stats.grad_norm,
-                tokens_per_second: all_tokens as f64 / step_started.elapsed().as_secs_f64(),
-            });
-        }
+        last_loss = sft_step(
+            bundle,
+            optimizer,
+            &mut stream,
+            cfg,
+            &mut state,
+            &mut on_event,
+        )?;
         if !val_examples.is_empty()
             && cfg.eval_every > 0
             && (state.step.is_multiple_of(cfg.eval_every) || state.step == cfg.steps)
         {
-            let v = validation_loss(bundle, &val_examples, cfg.batch_size)?;
-            state.last_val_loss = Some(v);
-            on_event(&SftEvent::Eval {
-                step: state.step,
-                val_loss: v,
-            });
+            state.last_val_loss = Some(evaluate(&state, &mut on_event)?);
         }
         if cfg.save_every > 0 && state.step.is_multiple_of(cfg.save_every) && state.step < cfg.steps
         {
-            let dir = out.join(format!("checkpoint-{:06}", state.step));
-            save_checkpoint(bundle, optimizer, &state, &dir)?;
-            saved.push(state.step);
-            on_event(&SftEvent::Saved {
-                step: state.step,
-                dir,
-            });
-            for old in checkpoints_to_delete(saved.clone(), cfg.keep_checkpoints) {
-                let dir = out.join(format!("checkpoint-{old:06}"));
-                std::fs::remove_dir_all(&dir)
-                    .map_err(|source| LearnerError::Io { path: dir, source })?;
-                saved.retain(|s| *s != old);
-            }
+            save_periodic_checkpoint(
+                bundle,
+                optimizer,
+                &state,
+                out,
+                cfg,
+                &mut saved,
+                &mut on_event,
+            )?;
         }
     }
     let final_dir = out.join("final");

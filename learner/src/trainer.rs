@@ -5,8 +5,9 @@
 //! Checkpoint layout, `<out_dir>/checkpoint-<version:06>/`: the policy as a model directory
 //! (`Bundle::save`: config.json, model.safetensors, tokenizer files, preprocessor config), the
 //! optimizer moments (`optimizer.safetensors`) and `trainer_state.json` ([`TrainerState`]), the
-//! same file names supervised fine-tuning uses. A checkpoint is written to a temporary directory
-//! and renamed into place, so a crash never leaves a half-written one under a real name.
+//! same file names supervised fine-tuning uses. A checkpoint is staged in a hidden directory and
+//! published with one rename (`ril_common::fs::publish_dir`), so a crash never leaves a
+//! half-written one under a real name.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -26,7 +27,7 @@ use crate::collective::Collective;
 use crate::error::{LearnerError, Result};
 use crate::grpo::{Group, GrpoConfig, GrpoStats, train_step};
 use crate::options::LearnerOptions;
-use crate::sft::{OPTIMIZER_FILE, STATE_FILE, checkpoints_to_delete};
+use crate::sft::{OPTIMIZER_FILE, STATE_FILE, checkpoints_to_delete, write_checkpoint_dir};
 
 const CHECKPOINT_PREFIX: &str = "checkpoint-";
 
@@ -50,13 +51,7 @@ pub struct TrainerState {
 
 impl TrainerState {
     pub fn load(dir: &Path) -> Result<Self> {
-        let path = dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| LearnerError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        serde_json::from_str(&text)
-            .map_err(|e| LearnerError::Invalid(format!("{}: {e}", path.display())))
+        crate::sft::load_state(dir)
     }
 }
 
@@ -347,32 +342,17 @@ impl Trainer {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let version = self.state.version;
         let dir = checkpoint_dir(&self.out_dir, version);
-        let tmp = self
-            .out_dir
-            .join(format!(".{CHECKPOINT_PREFIX}{version:06}.tmp"));
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| LearnerError::Io { path, source }
-        };
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
-        }
-        self.policy.save(&tmp)?;
-        self.optimizer.save(&tmp.join(OPTIMIZER_FILE))?;
-        let text = serde_json::to_string_pretty(&self.state)
-            .map_err(|e| LearnerError::Invalid(format!("trainer state: {e}")))?;
-        ril_model::checkpoint::write_atomic(&tmp.join(STATE_FILE), text.as_bytes())?;
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir).map_err(io(&dir))?;
-        }
-        std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+        write_checkpoint_dir(&self.policy, &self.optimizer, &self.state, &dir)?;
         self.saved_version = Some(version);
         if self.keep_checkpoints > 0 {
             let existing = list_checkpoints(&self.out_dir)?;
             let versions: Vec<usize> = existing.iter().map(|(v, _)| *v as usize).collect();
             for old in checkpoints_to_delete(versions, self.keep_checkpoints) {
                 let old_dir = checkpoint_dir(&self.out_dir, old as u64);
-                std::fs::remove_dir_all(&old_dir).map_err(io(&old_dir))?;
+                std::fs::remove_dir_all(&old_dir).map_err(|source| LearnerError::Io {
+                    path: old_dir.clone(),
+                    source,
+                })?;
             }
         }
         tracing::info!(checkpoint = %dir.display(), version, "checkpoint written");

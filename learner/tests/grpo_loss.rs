@@ -30,6 +30,7 @@ fn response(source: ResponseSource, r_sim: f32, r_ans: f32) -> Response {
         d_prob: 0.5,
         r_sim,
         r_ans,
+        text: String::new(),
     }
 }
 

@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use ril_common::wait::wait_until;
 use ril_learner::options::LearnerOptions;
 use ril_learner::trainer::checkpoint_dir;
 use ril_proto::server::{self, ServingStatus, names};
@@ -146,22 +147,6 @@ impl Coordinator for TestCoordinator {
     }
 }
 
-/// Polls `check` every 20 ms until it is true, failing after `secs`.
-async fn wait_until<F, Fut>(what: &str, secs: u64, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn health(addr: &str) -> Option<ServingStatus> {
     ril_proto::client::health_check(
         addr,
@@ -262,9 +247,11 @@ async fn the_learner_trains_publishes_and_serves_its_weights() {
     let learner = tokio::spawn(ril_learner::serve(options, learner_bound, async move {
         let _ = learner_stopped.await;
     }));
-    wait_until("the learner's health service", 60, || async {
-        health(&learner_addr).await.is_some()
-    })
+    wait_until(
+        "the learner's health service",
+        Duration::from_secs(60),
+        || async { health(&learner_addr).await.is_some() },
+    )
     .await;
     assert_eq!(health(&learner_addr).await, Some(ServingStatus::NotServing));
     let whole_server = ril_proto::client::health_check(
@@ -276,12 +263,11 @@ async fn the_learner_trains_publishes_and_serves_its_weights() {
     .await
     .unwrap();
     assert_eq!(whole_server, ServingStatus::NotServing);
-    let mut client = LearnerClient::new(
+    let mut client = ril_proto::client::learner(
         ril_proto::client::connect(&learner_addr, Duration::from_secs(5), &Default::default())
             .await
             .unwrap(),
-    )
-    .max_decoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES);
+    );
     let not_ready = client.info(pb::LearnerInfoRequest {}).await.unwrap_err();
     assert_eq!(not_ready.code(), tonic::Code::Unavailable, "{not_ready:?}");
 
@@ -295,7 +281,7 @@ async fn the_learner_trains_publishes_and_serves_its_weights() {
                 let _ = coordinator_stopped.await;
             }),
     );
-    wait_until("SERVING", 60, || async {
+    wait_until("SERVING", Duration::from_secs(60), || async {
         health(&learner_addr).await == Some(ServingStatus::Serving)
     })
     .await;
@@ -345,12 +331,12 @@ async fn the_learner_trains_publishes_and_serves_its_weights() {
     let reply = push(&mut client, vec![g1]).await;
     assert!(reply.verdicts[0].accepted, "{:?}", reply.verdicts[0]);
 
-    wait_until("version 1", 120, || {
+    wait_until("version 1", Duration::from_secs(120), || {
         let mut c = client.clone();
         async move { version(&mut c).await == 1 }
     })
     .await;
-    wait_until("PublishVersion(1)", 30, || async {
+    wait_until("PublishVersion(1)", Duration::from_secs(30), || async {
         !record.lock().unwrap().published.is_empty() && !record.lock().unwrap().metrics.is_empty()
     })
     .await;
@@ -468,9 +454,11 @@ async fn the_learner_trains_publishes_and_serves_its_weights() {
     )
     .await;
     assert!(fresh.verdicts.iter().all(|v| v.accepted), "{fresh:?}");
-    wait_until("the iteration 1 metrics", 120, || async {
-        record.lock().unwrap().metrics.len() == 2
-    })
+    wait_until(
+        "the iteration 1 metrics",
+        Duration::from_secs(120),
+        || async { record.lock().unwrap().metrics.len() == 2 },
+    )
     .await;
     assert_eq!(
         record.lock().unwrap().metrics[1].metrics["stale_groups_dropped"],
@@ -556,21 +544,18 @@ async fn two_ranks_train_in_step_and_rank_1_refuses_pushes() {
         )));
     }
     for addr in &addrs {
-        wait_until("SERVING", 120, || async {
+        wait_until("SERVING", Duration::from_secs(120), || async {
             health(addr).await == Some(ServingStatus::Serving)
         })
         .await;
     }
     let mut clients = Vec::new();
     for addr in &addrs {
-        clients.push(
-            LearnerClient::new(
-                ril_proto::client::connect(addr, Duration::from_secs(5), &Default::default())
-                    .await
-                    .unwrap(),
-            )
-            .max_decoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES),
-        );
+        clients.push(ril_proto::client::learner(
+            ril_proto::client::connect(addr, Duration::from_secs(5), &Default::default())
+                .await
+                .unwrap(),
+        ));
     }
     let refused = clients[1]
         .push_groups(pb::PushGroupsRequest {
@@ -590,7 +575,7 @@ async fn two_ranks_train_in_step_and_rank_1_refuses_pushes() {
     let reply = push(&mut clients[0], groups).await;
     assert!(reply.verdicts.iter().all(|v| v.accepted), "{reply:?}");
     for c in &clients {
-        wait_until("version 1 on every rank", 120, || {
+        wait_until("version 1 on every rank", Duration::from_secs(120), || {
             let mut c = c.clone();
             async move { version(&mut c).await == 1 }
         })
@@ -620,7 +605,7 @@ async fn two_ranks_train_in_step_and_rank_1_refuses_pushes() {
         .unwrap(),
     ));
     assert_ne!(shas[0], initial, "the policy did not change");
-    wait_until("PublishVersion(1)", 30, || async {
+    wait_until("PublishVersion(1)", Duration::from_secs(30), || async {
         !record.lock().unwrap().published.is_empty()
     })
     .await;

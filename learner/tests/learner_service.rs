@@ -1,21 +1,28 @@
-//! The learner service without gRPC, against an in-memory coordinator: a resumed learner
-//! continues exactly, and bad groups are refused with the position and field before anything is
-//! committed.
+//! The learner service without gRPC, against fake peers (coordinator, discriminator, other
+//! ranks): a resumed learner continues exactly, bad groups are refused with the position and
+//! field before anything is committed, D trains on each iteration before its version is
+//! published, rank 0 shards iterations across ranks, and pushes and shards reach only the ranks
+//! that take them.
 
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use ril_learner::Result;
-use ril_learner::collective::SingleRank;
+use ril_learner::collective::{Collective, SingleRank};
 use ril_learner::grpo::ResponseSource;
 use ril_learner::options::LearnerOptions;
-use ril_learner::service::{Acceptance, CoordinatorLink, GroupKey, IncomingGroup, LearnerService};
+use ril_learner::service::{
+    Acceptance, CoordinatorLink, DiscriminatorLink, DiscriminatorStep, GroupKey, IncomingGroup,
+    JoinReply, JoinRequest, LabelledGroup, LearnerService, Peers, ShardPeers,
+};
 use ril_learner::trainer::{Trainer, TrainerState, checkpoint_dir};
+use ril_learner::{LearnerError, Result};
 
 type Shared<T> = Arc<Mutex<Vec<T>>>;
 
@@ -56,6 +63,16 @@ impl CoordinatorLink for FakeCoordinator {
     async fn report_metrics(&self, iteration: u64, metrics: BTreeMap<String, f64>) -> Result<()> {
         self.metrics.lock().unwrap().push((iteration, metrics));
         Ok(())
+    }
+    /// A world of one: the service never joins (startup does), so this is only for the trait.
+    async fn join_learner(&self, request: JoinRequest) -> Result<JoinReply> {
+        Ok(JoinReply {
+            world_size: 1,
+            ready: true,
+            rank_addrs: vec![request.addr],
+            collective_addrs: vec![request.collective_addr],
+            collective_id: Vec::new(),
+        })
     }
 }
 
@@ -380,4 +397,295 @@ async fn a_failed_step_stops_the_learner_and_hands_its_questions_back() {
     // on disk yet).
     let saved = service.shutdown().await.unwrap();
     assert_eq!(saved, Some(checkpoint_dir(&tmp.path().join("out"), 1)));
+}
+
+/// Records D's Train calls, and how many versions the coordinator had seen published by then.
+#[derive(Clone)]
+struct FakeDiscriminator {
+    coordinator: FakeCoordinator,
+    calls: Shared<(u64, Vec<LabelledGroup>, usize)>,
+}
+
+impl DiscriminatorLink for FakeDiscriminator {
+    fn train(
+        &self,
+        iteration: u64,
+        groups: Vec<LabelledGroup>,
+    ) -> Pin<Box<dyn Future<Output = Result<DiscriminatorStep>> + Send + '_>> {
+        Box::pin(async move {
+            let published = self.coordinator.published.lock().unwrap().len();
+            self.calls
+                .lock()
+                .unwrap()
+                .push((iteration, groups, published));
+            Ok(DiscriminatorStep {
+                loss: 0.5,
+                accuracy: 0.75,
+                step: iteration + 1,
+                skipped: false,
+            })
+        })
+    }
+}
+
+/// A collective for one rank of a world of `world` whose other ranks all mirror it: the sum
+/// across ranks is `world` times this rank's values.
+#[derive(Debug)]
+struct MirroredRanks {
+    rank: usize,
+    world: usize,
+}
+
+impl Collective for MirroredRanks {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_flat(&self, values: &mut Vec<f32>) -> Result<()> {
+        values.iter_mut().for_each(|v| *v *= self.world as f32);
+        Ok(())
+    }
+    fn all_reduce_sum_scalars(&self, values: &mut [f64]) -> Result<()> {
+        values.iter_mut().for_each(|v| *v *= self.world as f64);
+        Ok(())
+    }
+}
+
+/// Records the shards rank 0 sends, answering with the next version (or failing).
+#[derive(Clone, Default)]
+struct FakeRanks {
+    shards: Shared<(u32, u64, Vec<IncomingGroup>)>,
+    fail: bool,
+}
+
+impl ShardPeers for FakeRanks {
+    fn train_shard(
+        &self,
+        rank: u32,
+        iteration: u64,
+        groups: Vec<IncomingGroup>,
+    ) -> Pin<Box<dyn Future<Output = Result<u64>> + Send + '_>> {
+        Box::pin(async move {
+            self.shards.lock().unwrap().push((rank, iteration, groups));
+            if self.fail {
+                return Err(LearnerError::PeerRank {
+                    rank,
+                    iteration,
+                    source: ril_proto::RpcError::new(
+                        "learner",
+                        "10.0.0.2:50054",
+                        "TrainShard",
+                        tonic::Status::unavailable("rank 1 is gone"),
+                    ),
+                });
+            }
+            Ok(iteration + 1)
+        })
+    }
+}
+
+fn start_with(
+    opts: &LearnerOptions,
+    collective: Box<dyn Collective>,
+    peers: Peers,
+) -> (LearnerService<FakeCoordinator>, FakeCoordinator) {
+    let link = FakeCoordinator::default();
+    let trainer = Trainer::open(opts, collective).unwrap();
+    let service = LearnerService::with_peers(trainer, link.clone(), opts.clone(), peers).unwrap();
+    (service, link)
+}
+
+/// After an iteration trains, D gets that iteration's accepted responses (labelled, with their
+/// texts) before the version is published, and its step's numbers join the step's metrics.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_discriminator_trains_on_the_iteration_before_its_version_is_published() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tiny_model(tmp.path(), "init", 6);
+    let opts = options(&init, &tmp.path().join("out"));
+    let coordinator = FakeCoordinator::default();
+    let discriminator = FakeDiscriminator {
+        coordinator: coordinator.clone(),
+        calls: Shared::default(),
+    };
+    let trainer = Trainer::open(&opts, Box::new(SingleRank)).unwrap();
+    let peers = Peers {
+        discriminator: Some(Arc::new(discriminator.clone())),
+        ..Peers::default()
+    };
+    let service =
+        LearnerService::with_peers(trainer, coordinator.clone(), opts.clone(), peers).unwrap();
+    let groups = groups(&init);
+    // A refused group (a duplicate position) is not D's to learn from.
+    assert!(service.push_group(groups[0].clone()).await.accepted);
+    assert!(!service.push_group(groups[0].clone()).await.accepted);
+    assert!(service.push_group(groups[1].clone()).await.accepted);
+    wait_for_version(&service, 1).await;
+    ril_common::wait::wait_until("the step's metrics", Duration::from_secs(30), || async {
+        !coordinator.metrics.lock().unwrap().is_empty()
+    })
+    .await;
+    let calls = discriminator.calls.lock().unwrap().clone();
+    assert_eq!(calls.len(), 1);
+    let (iteration, trained_on, published_before) = &calls[0];
+    assert_eq!((*iteration, *published_before), (0, 0));
+    assert_eq!(
+        trained_on
+            .iter()
+            .map(|g| g.row.id.as_str())
+            .collect::<Vec<_>>(),
+        ["q0", "q1"]
+    );
+    for g in trained_on {
+        let labels: Vec<bool> = g.responses.iter().map(|r| r.from_student).collect();
+        assert_eq!(labels, [true, true, false]);
+        assert_eq!(g.responses[2].text, "red", "the teacher's answer as text");
+    }
+    let metrics = &coordinator.metrics.lock().unwrap()[0].1;
+    assert_eq!(metrics["d_train_items"], 6.0);
+    assert_eq!((metrics["d_step"], metrics["d_train_loss"]), (1.0, 0.5));
+}
+
+/// Rank 0 of two keeps every other group (in position order) and sends the rest, in wire form
+/// with the prompt it rendered, to rank 1; a rank that fails stops the learner, naming it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rank_0_sends_the_other_rank_its_shard_and_stops_when_that_rank_fails() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tiny_model(tmp.path(), "init", 8);
+    let opts = LearnerOptions {
+        world_size: 2,
+        ..options(&init, &tmp.path().join("out"))
+    };
+    let world_of_two = || Box::new(MirroredRanks { rank: 0, world: 2 });
+    let ranks = FakeRanks::default();
+    let peers = Peers {
+        ranks: Some(Arc::new(ranks.clone())),
+        ..Peers::default()
+    };
+    let (service, link) = start_with(&opts, world_of_two(), peers);
+    let groups = groups(&init);
+    // Pushed out of order: the shards follow positions, not arrival.
+    assert!(service.push_group(groups[1].clone()).await.accepted);
+    assert!(service.push_group(groups[0].clone()).await.accepted);
+    wait_for_version(&service, 1).await;
+    {
+        let shards = ranks.shards.lock().unwrap();
+        assert_eq!(shards.len(), 1);
+        let (rank, iteration, shard) = &shards[0];
+        assert_eq!((*rank, *iteration), (1, 0));
+        assert_eq!(
+            shard.iter().map(|g| g.position).collect::<Vec<_>>(),
+            [1],
+            "group 0 stays on rank 0, group 1 goes to rank 1"
+        );
+        assert!(
+            !shard[0].prompt_ids.is_empty(),
+            "the prompt rank 0 rendered"
+        );
+        assert!(shard[0].timings_ms.is_empty());
+    }
+    assert_eq!(link.published.lock().unwrap().len(), 1);
+
+    let failing = FakeRanks {
+        fail: true,
+        ..FakeRanks::default()
+    };
+    let peers = Peers {
+        ranks: Some(Arc::new(failing)),
+        ..Peers::default()
+    };
+    let (service, link) = start_with(&opts, world_of_two(), peers);
+    assert!(service.push_group(groups[0].clone()).await.accepted);
+    assert!(service.push_group(groups[1].clone()).await.accepted);
+    let mut rx = service.progress();
+    tokio::time::timeout(
+        Duration::from_secs(120),
+        rx.wait_for(|p| p.failed.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let failure = service.failure().unwrap();
+    assert!(
+        matches!(*failure, LearnerError::PeerRank { rank: 1, .. }),
+        "{failure}"
+    );
+    assert!(failure.to_string().contains("rank 1 is gone"), "{failure}");
+    assert!(link.published.lock().unwrap().is_empty());
+    assert_eq!(
+        link.returned.lock().unwrap().len(),
+        2,
+        "the iteration's questions are handed back"
+    );
+}
+
+/// The rank guards, as the gRPC adapter reports them: only rank 0 takes pushes (the others name
+/// rank 0), a push holds groups, TrainShard goes to ranks > 0 and must match their iteration,
+/// and a shard the rank's model refuses stops that rank.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushes_and_shards_reach_the_ranks_that_take_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tiny_model(tmp.path(), "init", 9);
+    let code = |e: LearnerError| ril_proto::error::status(&e).code();
+
+    let (rank0, _) = start(&options(&init, &tmp.path().join("r0")));
+    let e = rank0.push_groups(Vec::new()).await.unwrap_err();
+    assert!(e.to_string().contains("no groups"), "{e}");
+    assert_eq!(code(e), tonic::Code::InvalidArgument);
+    let e = rank0.train_shard(0, Vec::new()).await.unwrap_err();
+    assert_eq!(code(e), tonic::Code::FailedPrecondition);
+    let mut bad = groups(&init).remove(0);
+    bad.position = 5;
+    bad.responses[0].token_ids[0] = u32::MAX;
+    let malformed = Err(ril_learner::service::Rejection::new(
+        6, "question", "missing",
+    ));
+    let verdicts = rank0.push_groups(vec![Ok(bad), malformed]).await.unwrap();
+    assert_eq!(
+        verdicts
+            .iter()
+            .map(|v| (v.position, v.accepted))
+            .collect::<Vec<_>>(),
+        [(5, false), (6, false)]
+    );
+    assert!(
+        verdicts[1].reason.contains("field `question`"),
+        "{verdicts:?}"
+    );
+
+    let rank1_options = LearnerOptions {
+        rank: 1,
+        world_size: 2,
+        ..options(&init, &tmp.path().join("r1"))
+    };
+    let peers = Peers {
+        rank0_addr: Some("10.0.0.1:50054".into()),
+        ..Peers::default()
+    };
+    let (rank1, _) = start_with(
+        &rank1_options,
+        Box::new(MirroredRanks { rank: 1, world: 2 }),
+        peers,
+    );
+    let e = rank1
+        .push_groups(vec![Ok(groups(&init).remove(0))])
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("push to rank 0 at 10.0.0.1:50054"),
+        "{e}"
+    );
+    assert_eq!(code(e), tonic::Code::FailedPrecondition);
+    let e = rank1.train_shard(3, Vec::new()).await.unwrap_err();
+    assert!(e.to_string().contains("a shard of iteration 3"), "{e}");
+    assert_eq!(code(e), tonic::Code::FailedPrecondition);
+    let mut refused = groups(&init).remove(0);
+    refused.responses.clear();
+    let e = rank1.train_shard(0, vec![refused]).await.unwrap_err();
+    assert!(e.to_string().contains("field `responses`"), "{e}");
+    assert!(rank1.failure().is_some());
+    let e = rank1.train_shard(0, Vec::new()).await.unwrap_err();
+    assert!(e.to_string().contains("stopped after a failed"), "{e}");
+    assert_eq!(code(e), tonic::Code::Aborted);
 }

@@ -114,6 +114,7 @@ pub fn responses(
             d_prob: 0.0,
             r_sim: 0.0,
             r_ans: 0.0,
+            text: String::new(),
         })
         .collect();
     for t in teachers {
@@ -127,6 +128,7 @@ pub fn responses(
             d_prob: 0.0,
             r_sim: 0.0,
             r_ans: 0.0,
+            text: t.to_string(),
         });
     }
     for (i, r) in out.iter_mut().enumerate() {
