@@ -595,10 +595,12 @@ impl RunConfig {
         o.actor.teacher_addrs = teacher_addrs;
         o.actor.discriminator_addr = discriminator_addr;
         o.actor.learner_addr = self.network.learner.clone().unwrap_or_default();
-        o.actor.sampling = self.student_sampling();
-        // All zeros: actors ask teachers for answers drawn with the teacher servers' own
-        // settings (which key their caches).
-        o.actor.teacher_sampling = ril_proto::v1::SamplingSettings::default();
+        // Checked at load (`max_new_tokens` > 0), so the settings are never "unset".
+        o.actor.sampling =
+            ril_proto::convert::sampling_from_wire(&self.student_sampling()).unwrap_or_default();
+        // None: actors ask teachers for answers drawn with the teacher servers' own settings
+        // (which key their caches).
+        o.actor.teacher_sampling = None;
         o
     }
 

@@ -17,6 +17,7 @@
 //! - [`grpc`]: the `ril.v1.Coordinator` adapter and [`serve`] (health, reflection, message
 //!   limits, graceful shutdown that writes the state).
 
+pub mod convert;
 pub mod coordinator;
 pub mod error;
 pub mod grpc;
@@ -32,5 +33,5 @@ pub use coordinator::{
 };
 pub use error::{CoordinatorError, Result};
 pub use grpc::{CoordinatorGrpc, serve};
-pub use options::{ActorSettings, CoordinatorOptions, paper_sampling};
+pub use options::{ActorSettings, CoordinatorOptions};
 pub use persist::{STATE_FILE, VersionRecord};

@@ -24,6 +24,7 @@
 
 pub mod answer_judge;
 pub mod checkpoint;
+pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod judge;

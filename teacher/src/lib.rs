@@ -16,15 +16,16 @@
 
 pub mod backend;
 pub mod cache;
+pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod options;
 pub mod service;
 
-pub use error::{ErrorKind, TeacherError};
+pub use error::TeacherError;
 pub use grpc::{serve, serve_loading, serve_teacher};
 pub use options::{
     BackendOptions, CandleOptions, DEFAULT_SHUTDOWN_GRACE, OpenAiOptions, ReplayOptions,
-    SamplingSettings, TeacherOptions,
+    TeacherOptions,
 };
 pub use service::{Answer, AnswerQuery, Teacher, TeacherInfo};
