@@ -819,10 +819,21 @@ impl Coordinator {
         })
     }
 
-    /// A learner rank joins. Ranks poll until `ready`; rank 0 brings the collective's id.
     /// The address of learner rank 0 once it has joined (actors pull weights from it).
     pub fn learner_rank0_addr(&self) -> Option<String> {
         self.book.ranks.get(&0).cloned()
+    }
+
+    /// Where actors pull weights and push groups: the configured learner address, or else
+    /// rank 0's joined one; until it has joined, actors are told to come back.
+    pub fn learner_addr_for_actors(&self) -> Result<String> {
+        let configured = &self.options.actor.learner_addr;
+        if !configured.is_empty() {
+            return Ok(configured.clone());
+        }
+        self.learner_rank0_addr().ok_or_else(|| {
+            CoordinatorError::Unavailable("learner rank 0 has not joined yet".into())
+        })
     }
 
     /// Learner rank 0's publisher key, from its JoinLearner (its SHA-256 is kept, persisted).
@@ -859,6 +870,7 @@ impl Coordinator {
         Ok(())
     }
 
+    /// A learner rank joins. Ranks poll until `ready`; rank 0 brings the collective's id.
     pub fn join_learner(
         &mut self,
         rank: u32,

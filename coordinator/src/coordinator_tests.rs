@@ -578,3 +578,26 @@ fn datasets_that_cannot_be_used_are_errors_naming_the_file() {
     assert_eq!(c.stream().rows(), 10);
     assert_eq!(c.stream().skipped().skipped, 1);
 }
+
+#[test]
+fn actors_get_the_configured_learner_or_rank_zeros_once_it_joined() {
+    let f = fixture();
+    let mut c = Coordinator::open(CoordinatorOptions {
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    let e = c.learner_addr_for_actors().unwrap_err();
+    assert!(
+        matches!(e, CoordinatorError::Unavailable(_)) && e.to_string().contains("rank 0"),
+        "{e}"
+    );
+    c.join_learner(0, "h:0", &[], "", 0, Now::current())
+        .unwrap();
+    assert_eq!(c.learner_addr_for_actors().unwrap(), "h:0");
+    let mut options = f.options.clone();
+    options.state_dir = None;
+    options.actor.learner_addr = "learner:50051".into();
+    let c = Coordinator::open(options).unwrap();
+    assert_eq!(c.learner_addr_for_actors().unwrap(), "learner:50051");
+}

@@ -106,22 +106,10 @@ impl CoordinatorService for CoordinatorGrpc {
         request: Request<v1::RegisterActorRequest>,
     ) -> std::result::Result<Response<v1::RegisterActorResponse>, Status> {
         let r: RegisterActor = convert(request)?;
-        let configured = self.options.actor.learner_addr.clone();
         let (run_id, learner_addr) = self
             .with(move |c, now| {
-                // Without a configured learner address, actors get rank 0's joined one; until
-                // it has joined they are told to come back.
-                let learner = if configured.is_empty() {
-                    c.learner_rank0_addr()
-                } else {
-                    Some(configured)
-                };
-                match learner {
-                    Some(l) => Ok((c.register_actor(&r.actor_id, &r.device, now)?, l)),
-                    None => Err(CoordinatorError::Unavailable(
-                        "learner rank 0 has not joined yet".into(),
-                    )),
-                }
+                let learner_addr = c.learner_addr_for_actors()?;
+                Ok((c.register_actor(&r.actor_id, &r.device, now)?, learner_addr))
             })
             .await?;
         Ok(Response::new(registration(

@@ -127,19 +127,17 @@ mod tests {
     use super::*;
 
     fn question(id: &str) -> v1::Question {
-        row_to_question(&Row {
-            id: id.into(),
-            images: Vec::new(),
-            messages: vec![ril_data::dataset::Message {
-                role: "user".into(),
-                content: serde_json::Value::String("What colour?".into()),
-            }],
-            answer: "red".into(),
-            answer_type: None,
-            teacher_answers: Default::default(),
-            family: None,
-            extra: Default::default(),
-        })
+        let line = format!(
+            r#"{{"id": "{id}", "messages": [{{"role": "user", "content": "What colour?"}}], "answer": "red"}}"#
+        );
+        let row = ril_data::dataset::parse_row(
+            &line,
+            std::path::Path::new("test.jsonl"),
+            1,
+            std::path::Path::new("."),
+        )
+        .unwrap();
+        row_to_question(&row)
     }
 
     fn field_of(e: DiscriminatorError) -> String {

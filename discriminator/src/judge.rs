@@ -94,10 +94,10 @@ pub struct JudgeConfig {
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
     /// Wait before the first retry; doubled for each following one.
-    #[serde(default = "default_initial_backoff", with = "seconds")]
+    #[serde(default = "ril_openai::default_initial_backoff", with = "seconds")]
     pub initial_backoff: Duration,
     /// Requests in flight at once from this client.
-    #[serde(default = "default_max_concurrency")]
+    #[serde(default = "ril_openai::default_max_concurrency")]
     pub max_concurrency: usize,
     /// 0 by default: the reward should not depend on the judge's dice.
     #[serde(default)]
@@ -113,12 +113,6 @@ fn default_timeout() -> Duration {
 fn default_max_retries() -> u32 {
     3
 }
-fn default_initial_backoff() -> Duration {
-    Duration::from_millis(500)
-}
-fn default_max_concurrency() -> usize {
-    16
-}
 fn default_max_tokens() -> u32 {
     512
 }
@@ -132,8 +126,8 @@ impl JudgeConfig {
             api_key: None,
             timeout: default_timeout(),
             max_retries: default_max_retries(),
-            initial_backoff: default_initial_backoff(),
-            max_concurrency: default_max_concurrency(),
+            initial_backoff: ril_openai::default_initial_backoff(),
+            max_concurrency: ril_openai::default_max_concurrency(),
             temperature: 0.0,
             max_tokens: default_max_tokens(),
         }

@@ -264,7 +264,7 @@ pub fn proto_answer_request(data: &[u8]) {
     let Ok(request) = v1::AnswerRequest::decode(data) else {
         return;
     };
-    let _ = ril_teacher::grpc::query_from_proto(&request);
+    let _ = ril_teacher::AnswerQuery::try_from(request);
 }
 
 /// Sampling settings from the wire (the coordinator's `RegisterActor` answer for actors; an
@@ -274,7 +274,7 @@ pub fn proto_sampling(data: &[u8]) {
         return;
     };
     let _ = ril_actor::run::sampling_from_proto(&s);
-    let _ = ril_teacher::grpc::sampling_from_proto(&s).validate("sampling");
+    let _ = ril_teacher::convert::sampling_from_request(&s);
     let _ = ril_proto::v1::RegisterActorResponse::decode(data);
 }
 

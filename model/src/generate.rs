@@ -1,8 +1,13 @@
-//! Batched sampling with a KV cache kept outside the model.
+//! Batched sampling with a KV cache kept outside the model: the one sampling loop of ril.
+//!
+//! [`generate_sequences`] samples a batch in which every sequence has its own settings and its
+//! own random stream ([`SequenceSpec`]); [`generate`] is that loop with one set of settings and
+//! stream `j` of one seed for sequence `j` ([`sequence_rng`]). A teacher batches unrelated
+//! requests and gives answer `i` of a key stream `i` of its seed, so a sequence's sample does
+//! not depend on what else is in the batch or on when the others finish.
 //!
 //! Logits processing follows transformers' `generate` order: repetition penalty, temperature,
-//! top-k, top-p. Each sequence has its own seeded random stream, so a sequence's sample does not
-//! depend on what else is in the batch or on when the others finish.
+//! top-k, top-p.
 //!
 //! The log-prob returned for each token is `log softmax(logits / temperature)` of the *raw* model
 //! logits (no penalty, no truncation): the behaviour policy's probability that scoring the same
@@ -13,7 +18,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{PadSide, concat_images, pack};
+use crate::batch::{Packed, PadSide, concat_images, pack};
 use crate::decoder::KvCache;
 use crate::error::{ModelError, Result};
 use crate::vlm::{ForwardInput, Vlm};
@@ -235,26 +240,11 @@ impl<'m, 'a> Batch<'m, 'a> {
         let Some(cache) = self.cache.as_mut() else {
             return self.recompute_logits();
         };
-        let seqs: Vec<&[u32]> = self.states.iter().map(|s| s.history.as_slice()).collect();
-        let packed = pack(&seqs, 0, PadSide::Left, self.model.device())?;
-        let images: Vec<Option<&Tensor>> = self
-            .states
-            .iter()
-            .map(|s| s.prompt.pixel_values.as_ref())
-            .collect();
-        let px = concat_images(&images)?;
-        let hidden = self.model.forward_hidden(
-            &ForwardInput {
-                input_ids: &packed.input_ids,
-                positions: &packed.positions,
-                key_valid: &packed.key_valid,
-                pixel_values: px.as_ref(),
-            },
-            Some(cache),
-        )?;
+        let all: Vec<usize> = (0..self.states.len()).collect();
+        let (packed, logits) = forward_whole(self.model, &self.states, &all, Some(cache))?;
         self.key_valid = packed.key_valid;
         self.next_positions = packed.lengths.iter().map(|&l| l as u32).collect();
-        last_logits(self.model, &hidden)
+        Ok(logits)
     }
 
     /// Draws the next token of every running sequence from its row of `logits`.
@@ -346,33 +336,41 @@ impl<'m, 'a> Batch<'m, 'a> {
 
     /// [`DecodeMode::Recompute`]: the whole of every running sequence through the model.
     fn recompute_logits(&self) -> Result<Vec<Vec<f32>>> {
-        let seqs: Vec<&[u32]> = self
-            .active
-            .iter()
-            .map(|&s| self.states[s].history.as_slice())
-            .collect();
-        let packed = pack(&seqs, 0, PadSide::Left, self.model.device())?;
-        let images: Vec<Option<&Tensor>> = self
-            .active
-            .iter()
-            .map(|&s| self.states[s].prompt.pixel_values.as_ref())
-            .collect();
-        let px = concat_images(&images)?;
-        let hidden = self.model.forward_hidden(
-            &ForwardInput {
-                input_ids: &packed.input_ids,
-                positions: &packed.positions,
-                key_valid: &packed.key_valid,
-                pixel_values: px.as_ref(),
-            },
-            None,
-        )?;
-        last_logits(self.model, &hidden)
+        let (_, logits) = forward_whole(self.model, &self.states, &self.active, None)?;
+        Ok(logits)
     }
 
     fn finish(self) -> Vec<Generation> {
         self.states.into_iter().map(|s| s.generation).collect()
     }
+}
+
+/// The whole of the sequences `rows` (images included) through the model, left-padded into
+/// one batch: the packed batch and each row's last logits.
+fn forward_whole(
+    model: &Vlm,
+    states: &[SequenceState<'_>],
+    rows: &[usize],
+    cache: Option<&mut KvCache>,
+) -> Result<(Packed, Vec<Vec<f32>>)> {
+    let seqs: Vec<&[u32]> = rows.iter().map(|&s| states[s].history.as_slice()).collect();
+    let packed = pack(&seqs, 0, PadSide::Left, model.device())?;
+    let images: Vec<Option<&Tensor>> = rows
+        .iter()
+        .map(|&s| states[s].prompt.pixel_values.as_ref())
+        .collect();
+    let px = concat_images(&images)?;
+    let hidden = model.forward_hidden(
+        &ForwardInput {
+            input_ids: &packed.input_ids,
+            positions: &packed.positions,
+            key_valid: &packed.key_valid,
+            pixel_values: px.as_ref(),
+        },
+        cache,
+    )?;
+    let logits = last_logits(model, &hidden)?;
+    Ok((packed, logits))
 }
 
 fn last_logits(model: &Vlm, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {

@@ -41,6 +41,17 @@ impl fmt::Debug for ClientConfig {
     }
 }
 
+/// The wait before the first retry unless a role's config says otherwise
+/// (`#[serde(default = "ril_openai::default_initial_backoff")]`).
+pub fn default_initial_backoff() -> Duration {
+    Duration::from_millis(500)
+}
+
+/// Calls in flight at once unless a role's config says otherwise.
+pub fn default_max_concurrency() -> usize {
+    16
+}
+
 /// A setting out of range, named as the config spells it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("`{field}` {reason}")]

@@ -29,7 +29,10 @@ pub mod error;
 pub mod wire;
 
 pub use client::OpenAiClient;
-pub use config::{ClientConfig, ConfigError, check_api_key, endpoint_url, seconds};
+pub use config::{
+    ClientConfig, ConfigError, check_api_key, default_initial_backoff, default_max_concurrency,
+    endpoint_url, seconds,
+};
 pub use error::OpenAiError;
 pub use reqwest::StatusCode;
 pub use wire::{

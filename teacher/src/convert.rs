@@ -40,11 +40,11 @@ impl TryFrom<v1::AnswerRequest> for AnswerQuery {
     }
 }
 
-/// Sampling settings sent with a request. A teacher takes them literally: settings that were
+/// Sampling settings sent with a request, checked. A teacher takes them literally: settings that were
 /// sent are meant, so a zero `top_p`, `repetition_penalty` or `max_new_tokens` is an error
 /// naming the field (where `sampling_from_wire` reads zeros as "unset"). A request that wants
 /// the server's own settings sends none.
-fn sampling_from_request(s: &v1::SamplingSettings) -> Result<SamplingParams, TeacherError> {
+pub fn sampling_from_request(s: &v1::SamplingSettings) -> Result<SamplingParams, TeacherError> {
     let sent = sampling_from_wire(s)
         .ok_or_else(|| TeacherError::invalid("sampling.max_new_tokens", "must be at least 1"))?;
     let sent = SamplingParams {
@@ -85,19 +85,13 @@ mod tests {
     use super::*;
 
     fn request(sampling: Option<v1::SamplingSettings>) -> v1::AnswerRequest {
-        let row = ril_data::Row {
-            id: "q1".into(),
-            images: Vec::new(),
-            messages: vec![ril_data::dataset::Message {
-                role: "user".into(),
-                content: serde_json::Value::String("What colour?".into()),
-            }],
-            answer: "red".into(),
-            answer_type: None,
-            teacher_answers: Default::default(),
-            family: None,
-            extra: Default::default(),
-        };
+        let row = ril_data::dataset::parse_row(
+            r#"{"id": "q1", "messages": [{"role": "user", "content": "What colour?"}], "answer": "red"}"#,
+            std::path::Path::new("test.jsonl"),
+            1,
+            std::path::Path::new("."),
+        )
+        .unwrap();
         v1::AnswerRequest {
             question: Some(row_to_question(&row)),
             n: 2,

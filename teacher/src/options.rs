@@ -302,10 +302,10 @@ pub struct OpenAiOptions {
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
     /// Wait before the first retry; doubled for each following one (capped at 30 s).
-    #[serde(default = "default_initial_backoff", with = "seconds")]
+    #[serde(default = "ril_openai::default_initial_backoff", with = "seconds")]
     pub initial_backoff: Duration,
     /// HTTP requests in flight at once from this server.
-    #[serde(default = "default_max_concurrency")]
+    #[serde(default = "ril_openai::default_max_concurrency")]
     pub max_concurrency: usize,
     /// The most choices asked for in one call (`n`); more answers take several calls.
     #[serde(default = "default_max_n_per_call")]
@@ -325,12 +325,6 @@ fn default_connect_timeout() -> Duration {
 fn default_max_retries() -> u32 {
     4
 }
-fn default_initial_backoff() -> Duration {
-    Duration::from_millis(500)
-}
-fn default_max_concurrency() -> usize {
-    16
-}
 fn default_max_n_per_call() -> u32 {
     16
 }
@@ -348,8 +342,8 @@ impl OpenAiOptions {
             timeout: default_timeout(),
             connect_timeout: default_connect_timeout(),
             max_retries: default_max_retries(),
-            initial_backoff: default_initial_backoff(),
-            max_concurrency: default_max_concurrency(),
+            initial_backoff: ril_openai::default_initial_backoff(),
+            max_concurrency: ril_openai::default_max_concurrency(),
             max_n_per_call: default_max_n_per_call(),
             extended_sampling: true,
         }
