@@ -288,13 +288,10 @@ impl RunConfig {
         o.actor.teacher_addrs = teacher_addrs;
         o.actor.discriminator_addr = discriminator_addr;
         o.actor.learner_addr = self.network.learner.clone().unwrap_or_default();
-        // The coordinator still holds the wire form of the settings it hands to actors; the
-        // conversion goes once it holds `SamplingParams` (`sampling = self.student_sampling()`,
-        // `teacher_sampling = None`).
-        o.actor.sampling = ril_proto::v1::SamplingSettings::from(&self.student_sampling());
-        // All zeros: actors ask teachers for answers drawn with the teacher servers' own
-        // settings (which key their caches).
-        o.actor.teacher_sampling = ril_proto::v1::SamplingSettings::default();
+        o.actor.sampling = self.student_sampling();
+        // None: actors ask teachers for answers drawn with the teacher servers' own settings
+        // (which key their caches).
+        o.actor.teacher_sampling = None;
         o
     }
 

@@ -32,9 +32,6 @@ const FORGET_AFTER_TIMEOUTS: u32 = 10;
 /// Held locked (advisory) by the coordinator that owns a `state_dir`.
 pub const LOCK_FILE: &str = "coordinator.lock";
 
-/// Longest id (actor, lease, question) a request may carry.
-const MAX_ID_LEN: usize = 512;
-
 /// A point in time, monotonic and wall-clock (for deadlines handed to clients).
 #[derive(Debug, Clone, Copy)]
 pub struct Now {
@@ -222,25 +219,6 @@ impl std::fmt::Debug for Coordinator {
             .field("state_path", &self.state_path)
             .finish()
     }
-}
-
-fn check_id(field: &'static str, value: &str) -> Result<()> {
-    if value.trim().is_empty() {
-        return Err(CoordinatorError::invalid(field, "empty"));
-    }
-    if value.len() > MAX_ID_LEN {
-        return Err(CoordinatorError::invalid(
-            field,
-            format!("{} bytes, more than {MAX_ID_LEN}", value.len()),
-        ));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(CoordinatorError::invalid(
-            field,
-            format!("{value:?} contains control characters"),
-        ));
-    }
-    Ok(())
 }
 
 /// Takes `state_dir/coordinator.lock` so that two coordinators never write one run's state.
@@ -451,13 +429,6 @@ impl Coordinator {
 
     /// An actor joins (or re-joins) the run. Returns the run id.
     pub fn register_actor(&mut self, actor_id: &str, device: &str, now: Now) -> Result<String> {
-        check_id("actor_id", actor_id)?;
-        if device.len() > MAX_ID_LEN || device.chars().any(char::is_control) {
-            return Err(CoordinatorError::invalid(
-                "device",
-                format!("{device:?} is not a device name"),
-            ));
-        }
         self.expire(now);
         let known = self.book.actors.contains_key(actor_id);
         let actor = self.book.touch_actor(actor_id, now);
@@ -476,7 +447,6 @@ impl Coordinator {
         policy_version: u64,
         now: Now,
     ) -> Result<HeartbeatReply> {
-        check_id("actor_id", actor_id)?;
         self.expire(now);
         let known = match self.book.actors.get_mut(actor_id) {
             Some(a) => {
@@ -503,13 +473,6 @@ impl Coordinator {
         policy_version: u64,
         now: Now,
     ) -> Result<LeaseGrant> {
-        check_id("actor_id", actor_id)?;
-        if max_questions == 0 {
-            return Err(CoordinatorError::invalid(
-                "max_questions",
-                "must be at least 1",
-            ));
-        }
         self.expire(now);
         let lease_prefix = self.lease_prefix.clone();
         self.transact(now, |book, stream, options| {
@@ -600,8 +563,6 @@ impl Coordinator {
         returned: &[u64],
         now: Now,
     ) -> Result<()> {
-        check_id("actor_id", actor_id)?;
-        check_id("lease_id", lease_id)?;
         self.expire(now);
         self.transact(now, |book, _, options| {
             if let Some(a) = book.actors.get_mut(actor_id) {
@@ -660,8 +621,6 @@ impl Coordinator {
         iteration: u64,
         now: Now,
     ) -> Result<Acceptance> {
-        check_id("lease_id", lease_id)?;
-        check_id("question_id", question_id)?;
         self.expire(now);
         let acceptance = self.transact(now, |book, stream, options| {
             let refuse = |reason: String| Ok(Acceptance::Refused(reason));
@@ -770,27 +729,6 @@ impl Coordinator {
         checkpoint: &str,
         now: Now,
     ) -> Result<()> {
-        if version == 0 {
-            return Err(CoordinatorError::invalid(
-                "version",
-                "published versions start at 1 (version 0 is the policy the run starts from)",
-            ));
-        }
-        if iteration.checked_add(1) != Some(version) {
-            return Err(CoordinatorError::invalid(
-                "iteration",
-                format!(
-                    "version {version} comes from iteration {}, not {iteration}",
-                    version - 1
-                ),
-            ));
-        }
-        if checkpoint.chars().any(char::is_control) {
-            return Err(CoordinatorError::invalid(
-                "checkpoint",
-                "contains control characters",
-            ));
-        }
         self.expire(now);
         self.transact(now, |book, _, options| {
             let latest = book.state.version;
@@ -881,23 +819,25 @@ impl Coordinator {
         })
     }
 
-    /// A learner rank joins. Ranks poll until `ready`; rank 0 brings the collective's id.
     /// The address of learner rank 0 once it has joined (actors pull weights from it).
     pub fn learner_rank0_addr(&self) -> Option<String> {
         self.book.ranks.get(&0).cloned()
     }
 
+    /// Where actors pull weights and push groups: the configured learner address, or else
+    /// rank 0's joined one; until it has joined, actors are told to come back.
+    pub fn learner_addr_for_actors(&self) -> Result<String> {
+        let configured = &self.options.actor.learner_addr;
+        if !configured.is_empty() {
+            return Ok(configured.clone());
+        }
+        self.learner_rank0_addr().ok_or_else(|| {
+            CoordinatorError::Unavailable("learner rank 0 has not joined yet".into())
+        })
+    }
+
     /// Learner rank 0's publisher key, from its JoinLearner (its SHA-256 is kept, persisted).
     pub fn set_publisher(&mut self, key: &[u8], now: Now) -> Result<()> {
-        if key.len() < MIN_PUBLISHER_KEY_BYTES {
-            return Err(CoordinatorError::invalid(
-                "publisher_key",
-                format!(
-                    "rank 0 brings a random key of at least {MIN_PUBLISHER_KEY_BYTES} bytes ({} sent)",
-                    key.len()
-                ),
-            ));
-        }
         let digest = publisher_digest(key);
         if self.book.state.publisher_key_sha256 == digest {
             return Ok(());
@@ -930,6 +870,7 @@ impl Coordinator {
         Ok(())
     }
 
+    /// A learner rank joins. Ranks poll until `ready`; rank 0 brings the collective's id.
     pub fn join_learner(
         &mut self,
         rank: u32,
@@ -944,13 +885,6 @@ impl Coordinator {
             return Err(CoordinatorError::invalid(
                 "rank",
                 format!("rank {rank} is outside the learner world of {world_size} ranks"),
-            ));
-        }
-        check_id("addr", addr)?;
-        if rank != 0 && !collective_id.is_empty() {
-            return Err(CoordinatorError::invalid(
-                "collective_id",
-                format!("only rank 0 brings the collective id (rank {rank} sent one)"),
             ));
         }
         if rank == 0 {
@@ -995,15 +929,6 @@ impl Coordinator {
         iteration: u64,
         metrics: impl IntoIterator<Item = (String, f64)>,
     ) -> Result<()> {
-        let metrics: Vec<(String, f64)> = metrics.into_iter().collect();
-        if let Some((name, _)) = metrics.iter().find(|(n, _)| {
-            n.trim().is_empty() || n.len() > MAX_ID_LEN || n.chars().any(char::is_control)
-        }) {
-            return Err(CoordinatorError::invalid(
-                "metrics",
-                format!("{name:?} is not a metric name"),
-            ));
-        }
         self.book.metrics.extend(metrics);
         self.book.metrics_iteration = Some(iteration);
         Ok(())
@@ -1134,9 +1059,6 @@ impl Book {
 #[cfg(test)]
 #[path = "coordinator_tests.rs"]
 mod tests;
-
-/// The shortest publisher key learner rank 0 may bring.
-pub const MIN_PUBLISHER_KEY_BYTES: usize = 16;
 
 /// SHA-256 of a publisher key, hex (as the state file keeps it).
 fn publisher_digest(key: &[u8]) -> String {

@@ -82,40 +82,8 @@ fn a_group_is_accepted_once_and_bad_groups_are_refused_with_a_reason() {
     assert!(r.contains("never issued"), "{r}");
     let r = refused(c.accept_group(&g.lease_id, 12, "x", 3, t).unwrap());
     assert!(r.contains("unknown position 12"), "{r}");
-    // Malformed requests name the field.
-    let e = c.accept_group(&g.lease_id, 1, "", 0, t).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            CoordinatorError::InvalidArgument {
-                field: "question_id",
-                ..
-            }
-        ),
-        "{e}"
-    );
-    let e = c.lease("", 1, 0, t).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            CoordinatorError::InvalidArgument {
-                field: "actor_id",
-                ..
-            }
-        ),
-        "{e}"
-    );
-    let e = c.lease("a", 0, 0, t).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            CoordinatorError::InvalidArgument {
-                field: "max_questions",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    // Malformed requests (an empty question id, actor id, no questions asked for) are refused
+    // at the boundary: `convert::tests::malformed_requests_name_the_field`.
 
     assert_eq!(accept(&mut c, &g, 1, t), Acceptance::Accepted);
     let s = c.status(t);
@@ -225,29 +193,8 @@ fn on_policy_runs_wait_for_the_next_version_and_staleness_lets_them_run_ahead() 
     assert!(g1.items.iter().all(|i| i.iteration == 1));
     assert_eq!(g1.policy_version, 1);
 
-    // Version rules: in order, from the matching iteration, a retry is harmless.
-    let e = c.publish_version(0, 0, "", t).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            CoordinatorError::InvalidArgument {
-                field: "version",
-                ..
-            }
-        ),
-        "{e}"
-    );
-    let e = c.publish_version(2, 0, "", t).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            CoordinatorError::InvalidArgument {
-                field: "iteration",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    // Version rules: in order, a retry is harmless. (Version 0 and a version not from the
+    // matching iteration are refused at the boundary: `convert::tests`.)
     let e = c.publish_version(3, 2, "", t).unwrap_err();
     assert!(e.to_string().contains("skips ahead"), "{e}");
     c.publish_version(1, 0, "ckpt/v1", t).unwrap();
@@ -507,22 +454,8 @@ fn learner_ranks_rendezvous_with_rank_zeros_collective_id() {
         matches!(e, CoordinatorError::InvalidArgument { field: "rank", .. }),
         "{e}"
     );
-    let e = c.join_learner(1, "", &[], "", 0, t).unwrap_err();
-    assert!(
-        matches!(e, CoordinatorError::InvalidArgument { field: "addr", .. }),
-        "{e}"
-    );
-    let e = c.join_learner(1, "h:1", &[1], "", 0, t).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            CoordinatorError::InvalidArgument {
-                field: "collective_id",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    // An empty address and a collective id from rank 1 are refused at the boundary
+    // (`convert::tests`).
     let r1 = c.join_learner(1, "h:1", &[], "c:1", 0, t).unwrap();
     assert!(!r1.ready && r1.rank_addrs.is_empty() && r1.world_size == 2);
     assert_eq!(
@@ -557,17 +490,7 @@ fn metrics_are_merged_and_bad_names_refused() {
     assert_eq!(s.metrics["loss"], 1.0);
     assert_eq!(s.metrics["kl"], 0.1);
     assert_eq!(s.metrics_iteration, Some(1));
-    let e = c.report_metrics(2, [(String::new(), 1.0)]).unwrap_err();
-    assert!(
-        matches!(
-            e,
-            CoordinatorError::InvalidArgument {
-                field: "metrics",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    // Bad metric names are refused at the boundary (`convert::tests`).
 }
 
 #[test]
@@ -654,4 +577,27 @@ fn datasets_that_cannot_be_used_are_errors_naming_the_file() {
     .unwrap();
     assert_eq!(c.stream().rows(), 10);
     assert_eq!(c.stream().skipped().skipped, 1);
+}
+
+#[test]
+fn actors_get_the_configured_learner_or_rank_zeros_once_it_joined() {
+    let f = fixture();
+    let mut c = Coordinator::open(CoordinatorOptions {
+        state_dir: None,
+        ..f.options.clone()
+    })
+    .unwrap();
+    let e = c.learner_addr_for_actors().unwrap_err();
+    assert!(
+        matches!(e, CoordinatorError::Unavailable(_)) && e.to_string().contains("rank 0"),
+        "{e}"
+    );
+    c.join_learner(0, "h:0", &[], "", 0, Now::current())
+        .unwrap();
+    assert_eq!(c.learner_addr_for_actors().unwrap(), "h:0");
+    let mut options = f.options.clone();
+    options.state_dir = None;
+    options.actor.learner_addr = "learner:50051".into();
+    let c = Coordinator::open(options).unwrap();
+    assert_eq!(c.learner_addr_for_actors().unwrap(), "learner:50051");
 }

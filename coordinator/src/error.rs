@@ -1,7 +1,10 @@
 //! The coordinator's errors. Request errors name the field that was wrong; dataset and state
-//! errors name the file.
+//! errors name the file. Their [`ServiceError`] kind is how the gRPC adapter reports them
+//! (`ril_proto::error::status`).
 
 use std::path::PathBuf;
+
+use ril_proto::{ServiceError, ServiceErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -54,6 +57,10 @@ pub enum CoordinatorError {
         source: std::io::Error,
     },
 
+    /// The state file could not be written (atomically: the previous one is intact).
+    #[error(transparent)]
+    Write(#[from] ril_common::fs::WriteError),
+
     #[error(transparent)]
     Serve(#[from] ril_proto::server::ServeError),
 
@@ -81,6 +88,25 @@ impl CoordinatorError {
         Self::Io {
             path: path.into(),
             source,
+        }
+    }
+}
+
+impl ServiceError for CoordinatorError {
+    fn error_code(&self) -> ServiceErrorCode {
+        match self {
+            Self::InvalidArgument { .. } => ServiceErrorCode::InvalidArgument,
+            Self::FailedPrecondition(_) => ServiceErrorCode::FailedPrecondition,
+            Self::PermissionDenied(_) => ServiceErrorCode::PermissionDenied,
+            Self::Unavailable(_) => ServiceErrorCode::Unavailable,
+            Self::Options(_)
+            | Self::Dataset { .. }
+            | Self::DatasetInvalid { .. }
+            | Self::State { .. }
+            | Self::Io { .. }
+            | Self::Write(_)
+            | Self::Serve(_)
+            | Self::Internal(_) => ServiceErrorCode::Internal,
         }
     }
 }

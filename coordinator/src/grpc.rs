@@ -8,26 +8,20 @@ use std::future::Future;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use ril_proto::error::status;
 use ril_proto::server::{self, Bound, ServingStatus, names};
 use ril_proto::v1;
 use ril_proto::v1::coordinator_server::{Coordinator as CoordinatorService, CoordinatorServer};
 use tonic::{Request, Response, Status};
+use tracing::instrument;
 
-use crate::coordinator::{Acceptance, Coordinator, Now};
+use crate::convert::{
+    AcceptGroup, CompleteLease, Heartbeat, JoinLearner, LeaseRequest, PublishVersion,
+    RegisterActor, ReportMetrics, ReturnQuestion, registration,
+};
+use crate::coordinator::{Coordinator, Now};
 use crate::error::{CoordinatorError, Result};
 use crate::options::CoordinatorOptions;
-
-impl From<CoordinatorError> for Status {
-    fn from(e: CoordinatorError) -> Self {
-        match &e {
-            CoordinatorError::InvalidArgument { .. } => Status::invalid_argument(e.to_string()),
-            CoordinatorError::FailedPrecondition(_) => Status::failed_precondition(e.to_string()),
-            CoordinatorError::Unavailable(_) => Status::unavailable(e.to_string()),
-            CoordinatorError::PermissionDenied(_) => Status::permission_denied(e.to_string()),
-            _ => Status::internal(e.to_string()),
-        }
-    }
-}
 
 type Shared = Arc<Mutex<Coordinator>>;
 
@@ -74,17 +68,19 @@ impl CoordinatorGrpc {
         &self,
         f: impl FnOnce(&mut Coordinator, Now) -> Result<T> + Send + 'static,
     ) -> std::result::Result<T, Status> {
-        let shared =
-            self.state.get().cloned().ok_or_else(|| {
-                Status::unavailable("the coordinator is still loading its dataset")
-            })?;
+        let shared = self.state.get().cloned().ok_or_else(|| {
+            status(&CoordinatorError::Unavailable(
+                "the coordinator is still loading its dataset".into(),
+            ))
+        })?;
         tokio::task::spawn_blocking(move || {
             let mut c = lock(&shared);
             f(&mut c, Now::current())
         })
         .await
-        .map_err(|e| Status::internal(format!("coordinator task failed: {e}")))?
-        .map_err(Status::from)
+        .map_err(|e| CoordinatorError::Internal(format!("coordinator task failed: {e}")))
+        .and_then(|r| r)
+        .map_err(|e| status(&e))
     }
 }
 
@@ -94,97 +90,65 @@ fn lock(shared: &Mutex<Coordinator>) -> std::sync::MutexGuard<'_, Coordinator> {
     shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn ms(d: Duration) -> u64 {
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+/// A request converted into its domain form, or INVALID_ARGUMENT naming the field.
+fn convert<T, R>(request: Request<R>) -> std::result::Result<T, Status>
+where
+    T: TryFrom<R, Error = CoordinatorError>,
+{
+    T::try_from(request.into_inner()).map_err(|e| status(&e))
 }
 
 #[tonic::async_trait]
 impl CoordinatorService for CoordinatorGrpc {
+    #[instrument(skip(self, request))]
     async fn register_actor(
         &self,
         request: Request<v1::RegisterActorRequest>,
     ) -> std::result::Result<Response<v1::RegisterActorResponse>, Status> {
-        let r = request.into_inner();
-        let configured = self.options.actor.learner_addr.clone();
+        let r: RegisterActor = convert(request)?;
         let (run_id, learner_addr) = self
             .with(move |c, now| {
-                // Without a configured learner address, actors get rank 0's joined one; until
-                // it has joined they are told to come back.
-                let learner = if configured.is_empty() {
-                    c.learner_rank0_addr()
-                } else {
-                    Some(configured)
-                };
-                match learner {
-                    Some(l) => Ok((c.register_actor(&r.actor_id, &r.device, now)?, l)),
-                    None => Err(CoordinatorError::Unavailable(
-                        "learner rank 0 has not joined yet".into(),
-                    )),
-                }
+                let learner_addr = c.learner_addr_for_actors()?;
+                Ok((c.register_actor(&r.actor_id, &r.device, now)?, learner_addr))
             })
             .await?;
-        let o = &self.options;
-        let a = &o.actor;
-        Ok(Response::new(v1::RegisterActorResponse {
+        Ok(Response::new(registration(
+            &self.options,
             run_id,
-            heartbeat_interval_ms: ms(o.heartbeat_interval),
-            lease_timeout_ms: ms(o.lease_timeout),
-            group_size: a.group_size,
-            teacher_addrs: a.teacher_addrs.clone(),
-            discriminator_addr: a.discriminator_addr.clone(),
             learner_addr,
-            sampling: Some(a.sampling),
-            teacher_sampling: Some(a.teacher_sampling),
-            teacher_slots: a.teacher_slots,
-        }))
+        )))
     }
 
+    #[instrument(skip(self, request))]
     async fn heartbeat(
         &self,
         request: Request<v1::HeartbeatRequest>,
     ) -> std::result::Result<Response<v1::HeartbeatResponse>, Status> {
-        let r = request.into_inner();
+        let r: Heartbeat = convert(request)?;
         let h = self
             .with(move |c, now| c.heartbeat(&r.actor_id, r.policy_version, now))
             .await?;
-        Ok(Response::new(v1::HeartbeatResponse {
-            latest_version: h.latest_version,
-            known: h.known,
-            run_finished: h.run_finished,
-        }))
+        Ok(Response::new(h.into()))
     }
 
+    #[instrument(skip(self, request))]
     async fn lease_prompts(
         &self,
         request: Request<v1::LeasePromptsRequest>,
     ) -> std::result::Result<Response<v1::LeasePromptsResponse>, Status> {
-        let r = request.into_inner();
+        let r: LeaseRequest = convert(request)?;
         let g = self
             .with(move |c, now| c.lease(&r.actor_id, r.max_questions, r.policy_version, now))
             .await?;
-        Ok(Response::new(v1::LeasePromptsResponse {
-            lease_id: g.lease_id,
-            deadline_unix_ms: g.deadline_unix_ms,
-            policy_version: g.policy_version,
-            items: g
-                .items
-                .iter()
-                .map(|i| v1::LeaseItem {
-                    position: i.position,
-                    iteration: i.iteration,
-                    question: Some(ril_proto::convert::row_to_question(&i.row)),
-                })
-                .collect(),
-            retry_after_ms: g.retry_after_ms,
-            run_finished: g.run_finished,
-        }))
+        Ok(Response::new(g.into()))
     }
 
+    #[instrument(skip(self, request))]
     async fn complete_lease(
         &self,
         request: Request<v1::CompleteLeaseRequest>,
     ) -> std::result::Result<Response<v1::CompleteLeaseResponse>, Status> {
-        let r = request.into_inner();
+        let r: CompleteLease = convert(request)?;
         self.with(move |c, now| {
             c.complete_lease(&r.actor_id, &r.lease_id, &r.returned_positions, now)
         })
@@ -192,44 +156,38 @@ impl CoordinatorService for CoordinatorGrpc {
         Ok(Response::new(v1::CompleteLeaseResponse {}))
     }
 
+    #[instrument(skip(self, request))]
     async fn accept_group(
         &self,
         request: Request<v1::AcceptGroupRequest>,
     ) -> std::result::Result<Response<v1::AcceptGroupResponse>, Status> {
-        let r = request.into_inner();
+        let r: AcceptGroup = convert(request)?;
         let a = self
             .with(move |c, now| {
                 c.check_publisher(&r.publisher_key, "AcceptGroup")?;
                 c.accept_group(&r.lease_id, r.position, &r.question_id, r.iteration, now)
             })
             .await?;
-        Ok(Response::new(match a {
-            Acceptance::Accepted => v1::AcceptGroupResponse {
-                accepted: true,
-                reason: String::new(),
-            },
-            Acceptance::Refused(reason) => v1::AcceptGroupResponse {
-                accepted: false,
-                reason,
-            },
-        }))
+        Ok(Response::new(a.into()))
     }
 
+    #[instrument(skip(self, request))]
     async fn return_question(
         &self,
         request: Request<v1::ReturnQuestionRequest>,
     ) -> std::result::Result<Response<v1::ReturnQuestionResponse>, Status> {
-        let r = request.into_inner();
+        let r = ReturnQuestion::from(request.into_inner());
         self.with(move |c, now| c.return_question(r.position, &r.reason, now))
             .await?;
         Ok(Response::new(v1::ReturnQuestionResponse {}))
     }
 
+    #[instrument(skip(self, request))]
     async fn publish_version(
         &self,
         request: Request<v1::PublishVersionRequest>,
     ) -> std::result::Result<Response<v1::PublishVersionResponse>, Status> {
-        let r = request.into_inner();
+        let r: PublishVersion = convert(request)?;
         self.with(move |c, now| {
             c.check_publisher(&r.publisher_key, "PublishVersion")?;
             c.publish_version(r.version, r.iteration, &r.checkpoint, now)
@@ -238,23 +196,16 @@ impl CoordinatorService for CoordinatorGrpc {
         Ok(Response::new(v1::PublishVersionResponse {}))
     }
 
+    #[instrument(skip(self, request))]
     async fn join_learner(
         &self,
         request: Request<v1::JoinLearnerRequest>,
     ) -> std::result::Result<Response<v1::JoinLearnerResponse>, Status> {
-        let r = request.into_inner();
+        let r: JoinLearner = convert(request)?;
         let j = self
             .with(move |c, now| {
-                if r.rank == 0 {
-                    c.set_publisher(&r.publisher_key, now)?;
-                } else if !r.publisher_key.is_empty() {
-                    return Err(CoordinatorError::invalid(
-                        "publisher_key",
-                        format!(
-                            "only rank 0 brings a publisher key (rank {} sent one)",
-                            r.rank
-                        ),
-                    ));
+                if let Some(key) = &r.publisher_key {
+                    c.set_publisher(key, now)?;
                 }
                 c.join_learner(
                     r.rank,
@@ -266,58 +217,28 @@ impl CoordinatorService for CoordinatorGrpc {
                 )
             })
             .await?;
-        Ok(Response::new(v1::JoinLearnerResponse {
-            world_size: j.world_size,
-            ready: j.ready,
-            rank_addrs: j.rank_addrs,
-            collective_id: j.collective_id.into(),
-            collective_addrs: j.collective_addrs,
-        }))
+        Ok(Response::new(j.into()))
     }
 
+    #[instrument(skip(self, request))]
     async fn report_metrics(
         &self,
         request: Request<v1::ReportMetricsRequest>,
     ) -> std::result::Result<Response<v1::ReportMetricsResponse>, Status> {
-        let r = request.into_inner();
+        let r: ReportMetrics = convert(request)?;
         self.with(move |c, _| c.report_metrics(r.iteration, r.metrics))
             .await?;
         Ok(Response::new(v1::ReportMetricsResponse {}))
     }
 
+    #[instrument(skip(self, request))]
     async fn get_status(
         &self,
-        _request: Request<v1::GetStatusRequest>,
+        request: Request<v1::GetStatusRequest>,
     ) -> std::result::Result<Response<v1::RunStatus>, Status> {
+        let v1::GetStatusRequest {} = request.into_inner();
         let s = self.with(|c, now| Ok(c.status(now))).await?;
-        Ok(Response::new(v1::RunStatus {
-            run_id: s.run_id,
-            policy_version: s.policy_version,
-            iteration: s.iteration,
-            total_iterations: s.total_iterations,
-            cursor: s.cursor,
-            groups_accepted: s.groups_accepted,
-            duplicates_refused: s.duplicates_refused,
-            leases_expired: s.leases_expired,
-            leases_outstanding: s.leases_outstanding,
-            actors: s
-                .actors
-                .into_iter()
-                .map(|a| v1::ActorStatus {
-                    actor_id: a.actor_id,
-                    device: a.device,
-                    policy_version: a.policy_version,
-                    last_seen_ms_ago: a.last_seen_ms_ago,
-                    alive: a.alive,
-                    groups_leased: a.groups_leased,
-                })
-                .collect(),
-            metrics: s.metrics.into_iter().collect(),
-            groups_per_second: s.groups_per_second,
-            finished: s.finished,
-            learner_world_size: s.learner_world_size,
-            learner_ranks_joined: s.learner_ranks_joined,
-        }))
+        Ok(Response::new(s.into()))
     }
 }
 

@@ -14,9 +14,17 @@
 //!   history, run id), replaced atomically after every change a restart must see. Reopening the
 //!   same `state_dir` continues the run; positions outstanding at the restart are re-issued. A
 //!   lock file keeps a second coordinator off a `state_dir` in use.
-//! - [`grpc`]: the `ril.v1.Coordinator` adapter and [`serve`] (health, reflection, message
-//!   limits, graceful shutdown that writes the state).
+//! - [`convert`]: one domain request per RPC (`TryFrom` the proto request; every rule that
+//!   needs no run state is checked there, errors naming the field) and the replies from domain
+//!   types. [`error`]: [`CoordinatorError`] and its kind at the RPC edge
+//!   (`ril_proto::ServiceError`).
+//! - [`grpc`]: the `ril.v1.Coordinator` adapter (convert, call the domain on the blocking pool,
+//!   `ril_proto::error::status`) and [`serve`] (health, reflection, message limits, graceful
+//!   shutdown that writes the state).
+//! - [`options`]: [`CoordinatorOptions`], with the actors' sampling as
+//!   `ril_common::SamplingParams` (no wire types).
 
+pub mod convert;
 pub mod coordinator;
 pub mod error;
 pub mod grpc;
@@ -32,5 +40,5 @@ pub use coordinator::{
 };
 pub use error::{CoordinatorError, Result};
 pub use grpc::{CoordinatorGrpc, serve};
-pub use options::{ActorSettings, CoordinatorOptions, paper_sampling};
+pub use options::{ActorSettings, CoordinatorOptions};
 pub use persist::{STATE_FILE, VersionRecord};

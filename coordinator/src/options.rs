@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use ril_proto::v1::SamplingSettings;
+use ril_common::SamplingParams;
 
 use crate::error::{CoordinatorError, Result};
 
@@ -59,20 +59,11 @@ pub struct ActorSettings {
     pub teacher_addrs: Vec<String>,
     pub discriminator_addr: String,
     pub learner_addr: String,
-    pub sampling: SamplingSettings,
-    pub teacher_sampling: SamplingSettings,
-}
-
-/// The paper's sampling settings: temperature 1.0, top-p 0.95, top-k 50, repetition penalty 1.05.
-pub fn paper_sampling() -> SamplingSettings {
-    SamplingSettings {
-        temperature: 1.0,
-        top_p: 0.95,
-        top_k: 50,
-        repetition_penalty: 1.05,
-        max_new_tokens: 256,
-        seed: 0,
-    }
+    /// How actors sample the student.
+    pub sampling: SamplingParams,
+    /// What actors ask the teachers for; `None`: the teacher servers' own settings (which key
+    /// their caches).
+    pub teacher_sampling: Option<SamplingParams>,
 }
 
 impl Default for ActorSettings {
@@ -83,8 +74,9 @@ impl Default for ActorSettings {
             teacher_addrs: Vec::new(),
             discriminator_addr: String::new(),
             learner_addr: String::new(),
-            sampling: paper_sampling(),
-            teacher_sampling: paper_sampling(),
+            // The paper's sampling with 256 new tokens, seed 0.
+            sampling: SamplingParams::default(),
+            teacher_sampling: Some(SamplingParams::default()),
         }
     }
 }

@@ -8,8 +8,7 @@
 //! that is not accepted is re-issued after a restart.
 
 use std::collections::BTreeSet;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
@@ -212,39 +211,14 @@ impl StateFile {
         Ok(())
     }
 
-    /// Writes the state to `path` atomically.
+    /// Writes the state to `path` atomically (`ril_common::fs::write_atomic`).
     pub fn save(&self, path: &Path) -> Result<()> {
-        let dir = path.parent().unwrap_or(Path::new("."));
         let text = serde_json::to_vec_pretty(self).map_err(|e| CoordinatorError::State {
             path: path.to_path_buf(),
             problem: format!("cannot serialise: {e}"),
         })?;
-        let tmp = temp_path(path);
-        let io = |e| CoordinatorError::io(&tmp, e);
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        file.write_all(&text).map_err(io)?;
-        file.sync_all().map_err(io)?;
-        drop(file);
-        std::fs::rename(&tmp, path).map_err(|e| CoordinatorError::io(path, e))?;
-        sync_dir(dir);
+        ril_common::fs::write_atomic(path, &text)?;
         Ok(())
-    }
-}
-
-fn temp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-/// Makes the rename durable. Directories cannot be opened for syncing everywhere (Windows), so
-/// a failure is logged, not returned.
-fn sync_dir(dir: &Path) {
-    match std::fs::File::open(dir).and_then(|d| d.sync_all()) {
-        Ok(()) => {}
-        Err(e) => {
-            tracing::debug!(dir = %dir.display(), error = %e, "cannot fsync the state directory")
-        }
     }
 }
 
@@ -294,7 +268,7 @@ mod tests {
         s.accepted.insert(0);
         s.accepted.insert(7);
         s.save(&path).unwrap();
-        assert!(!temp_path(&path).exists());
+        assert!(!ril_common::fs::temp_sibling(&path).exists());
         let back = StateFile::load(&path).unwrap().unwrap();
         assert_eq!(back, s);
         back.check_identity(&id, &path).unwrap();

@@ -1,10 +1,10 @@
 //! The coordinator over the wire: a real server on an ephemeral loopback port, real dataset
 //! files, waits on predicates with a bound (never fixed sleeps).
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use ril_common::wait::wait_until;
 use ril_coordinator::{CoordinatorOptions, STATE_FILE, serve};
 use ril_data::shapes::{SynthConfig, write_dataset};
 use ril_proto::client::Channel;
@@ -44,19 +44,6 @@ fn options(dir: &Path) -> CoordinatorOptions {
     }
 }
 
-/// Polls `check` until it holds, failing after `WAIT`.
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < WAIT, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 struct Running {
     addr: String,
     stop: oneshot::Sender<()>,
@@ -70,7 +57,7 @@ async fn start(options: CoordinatorOptions) -> Running {
     let task = tokio::spawn(serve(options, bound, async {
         let _ = stopped.await;
     }));
-    wait_until("the coordinator to be SERVING", || {
+    wait_until("the coordinator to be SERVING", WAIT, || {
         let addr = addr.clone();
         async move {
             let ok = |s: &str| {
@@ -100,9 +87,7 @@ async fn client(addr: &str) -> CoordinatorClient<Channel> {
     let channel = ril_proto::client::connect(addr, Duration::from_secs(10), &Default::default())
         .await
         .unwrap();
-    CoordinatorClient::new(channel)
-        .max_decoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES)
+    ril_proto::client::coordinator(channel)
 }
 
 async fn stop(r: Running) {
@@ -375,7 +360,7 @@ async fn an_expired_lease_goes_to_another_actor_and_the_late_group_counts_once()
         .into_inner();
     assert_eq!(first.items.len(), 2);
     // The background ticker expires it; no request needs to arrive.
-    wait_until("the lease to expire", || {
+    wait_until("the lease to expire", WAIT, || {
         let mut c = c.clone();
         async move {
             let s = c

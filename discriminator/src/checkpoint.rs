@@ -2,9 +2,10 @@
 //! with `Bundle::load(dir, Head::Scalar, ..)`, so the ecosystem's tools read it too) plus the
 //! optimizer's moments and the trainer state, and `ROOT/latest` naming the newest one.
 //!
-//! A checkpoint is written to a temporary directory beside the others and renamed into place,
-//! and only then does `latest` (itself written atomically) point at it: a crash at any moment
-//! leaves `latest` naming a complete checkpoint.
+//! A checkpoint is written to a temporary directory beside the others and published in place
+//! (`ril_common::fs::publish_dir`), and only then does `latest` (itself written atomically,
+//! `ril_common::fs::write_atomic`) point at it: a crash at any moment leaves `latest` naming a
+//! complete checkpoint.
 
 use std::path::{Path, PathBuf};
 
@@ -57,7 +58,7 @@ impl DiscriminatorState {
                 path: dir.join(STATE_FILE),
                 reason: e.to_string(),
             })?;
-        ril_model::checkpoint::write_atomic(&dir.join(STATE_FILE), text.as_bytes())?;
+        ril_common::fs::write_atomic(&dir.join(STATE_FILE), text.as_bytes())?;
         Ok(())
     }
 }
@@ -135,16 +136,11 @@ pub fn save_atomically(
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
+    // An existing directory of this step is from a run that stopped before `latest` moved on:
+    // it is replaced.
     let dir = root.join(&name);
-    if dir.exists() {
-        // A checkpoint of this step from a run that stopped before `latest` moved on.
-        std::fs::remove_dir_all(&dir).map_err(|e| DiscriminatorError::io(&dir, e))?;
-    }
-    std::fs::rename(&tmp, &dir).map_err(|e| DiscriminatorError::io(&dir, e))?;
-    if let Ok(d) = std::fs::File::open(root) {
-        let _ = d.sync_all();
-    }
-    ril_model::checkpoint::write_atomic(&root.join(LATEST_FILE), format!("{name}\n").as_bytes())?;
+    ril_common::fs::publish_dir(&tmp, &dir)?;
+    ril_common::fs::write_atomic(&root.join(LATEST_FILE), format!("{name}\n").as_bytes())?;
     let steps: Vec<u64> = std::fs::read_dir(root)
         .map_err(|e| DiscriminatorError::io(root, e))?
         .filter_map(|entry| entry.ok())

@@ -1,9 +1,11 @@
-//! The discriminator crate's error type. Every variant says what was wrong and where; the gRPC
-//! adapter maps them to status codes through one table (`grpc::status`).
+//! The discriminator crate's error type. Every variant says what was wrong and where; its
+//! [`ServiceError`] kind is how the gRPC adapter reports it (`ril_proto::error::status`).
 
 use std::path::PathBuf;
 
 use ril_model::ModelError;
+use ril_openai::OpenAiError;
+use ril_proto::{RpcError, ServiceError, ServiceErrorCode};
 
 use crate::judge::JudgeError;
 
@@ -50,11 +52,21 @@ pub enum DiscriminatorError {
         source: std::io::Error,
     },
 
+    /// A checkpoint file or directory could not be written (atomically: what was there is
+    /// intact).
+    #[error(transparent)]
+    Write(#[from] ril_common::fs::WriteError),
+
     #[error("discriminator checkpoint {path}: {reason}")]
     Checkpoint { path: PathBuf, reason: String },
 
-    #[error("teacher {addr}: {detail}")]
-    Teacher { addr: String, detail: String },
+    /// A teacher server failed to answer a question (pre-training asks them for answers).
+    #[error("question {question:?}: {source}")]
+    Teacher {
+        question: String,
+        #[source]
+        source: RpcError,
+    },
 
     #[error(transparent)]
     Data(#[from] ril_data::DataError),
@@ -90,6 +102,41 @@ impl DiscriminatorError {
         Self::Config {
             field,
             problem: problem.into(),
+        }
+    }
+}
+
+impl ServiceError for DiscriminatorError {
+    fn error_code(&self) -> ServiceErrorCode {
+        match self {
+            Self::InvalidRequest { .. } | Self::Question { .. } => {
+                ServiceErrorCode::InvalidArgument
+            }
+            Self::NotReady(_) => ServiceErrorCode::Unavailable,
+            Self::Config { .. } => ServiceErrorCode::FailedPrecondition,
+            Self::Judge(e) => match e {
+                JudgeError::InvalidConfig { .. } => ServiceErrorCode::FailedPrecondition,
+                JudgeError::Client(e) => match e {
+                    OpenAiError::InvalidConfig(_) | OpenAiError::ClientBuild { .. } => {
+                        ServiceErrorCode::FailedPrecondition
+                    }
+                    // The judge is down, overloaded or garbled its reply: asking again later
+                    // may work.
+                    OpenAiError::Transport { .. }
+                    | OpenAiError::Http { .. }
+                    | OpenAiError::Unreachable { .. }
+                    | OpenAiError::Unparseable { .. } => ServiceErrorCode::Unavailable,
+                },
+            },
+            Self::Teacher { .. } => ServiceErrorCode::Unavailable,
+            Self::NonFiniteLoss { .. }
+            | Self::Model(_)
+            | Self::Io { .. }
+            | Self::Write(_)
+            | Self::Checkpoint { .. }
+            | Self::Data(_)
+            | Self::Serve(_)
+            | Self::Task(_) => ServiceErrorCode::Internal,
         }
     }
 }

@@ -1,59 +1,26 @@
-//! The thin gRPC adapter: validates and converts `ril.v1` messages, calls the domain service,
-//! maps errors to status codes through one table ([`status`]); and [`serve`], which runs it
-//! with health, reflection, explicit message limits and graceful shutdown.
+//! The thin gRPC adapter: converts `ril.v1` messages (`convert`), calls the domain service,
+//! maps errors to status codes through the one table (`ril_proto::error::status`); and
+//! [`serve`], which runs it with health, reflection, explicit message limits and graceful
+//! shutdown.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
 
 use candle_core::Device;
-use ril_proto::convert::question_to_row;
+use ril_proto::error::status;
 use ril_proto::server::{
     Bound, ServeError, ServingStatus, health, incoming, names, reflection, set_status,
 };
 use ril_proto::v1;
 use ril_proto::v1::discriminator_server::{Discriminator, DiscriminatorServer};
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tracing::{info, instrument, warn};
 
 use crate::answer_judge::AnswerJudge;
+use crate::convert::{ScoreQuery, TrainBatch};
 use crate::error::{DiscriminatorError, Result};
-use crate::judge::JudgeError;
-use crate::model::LabelledResponse;
 use crate::options::DiscriminatorOptions;
 use crate::service::{DiscriminatorService, wait_for_judge};
-
-/// The one table from domain errors to gRPC status codes.
-pub fn status(error: &DiscriminatorError) -> Status {
-    let code = match error {
-        DiscriminatorError::InvalidRequest { .. } | DiscriminatorError::Question { .. } => {
-            Code::InvalidArgument
-        }
-        DiscriminatorError::NotReady(_) => Code::Unavailable,
-        DiscriminatorError::Judge(JudgeError::InvalidConfig { .. })
-        | DiscriminatorError::Judge(JudgeError::ClientBuild { .. })
-        | DiscriminatorError::Config { .. } => Code::FailedPrecondition,
-        // The judge is down, overloaded or garbled its reply: asking again later may work.
-        DiscriminatorError::Judge(_) | DiscriminatorError::Teacher { .. } => Code::Unavailable,
-        DiscriminatorError::NonFiniteLoss { .. }
-        | DiscriminatorError::Model(_)
-        | DiscriminatorError::Io { .. }
-        | DiscriminatorError::Checkpoint { .. }
-        | DiscriminatorError::Data(_)
-        | DiscriminatorError::Serve(_)
-        | DiscriminatorError::Task(_) => Code::Internal,
-    };
-    Status::new(code, error.to_string())
-}
-
-fn invalid(field: impl Into<String>, problem: impl Into<String>) -> Status {
-    status(&DiscriminatorError::invalid(field, problem))
-}
-
-/// A question as a row, or InvalidArgument naming the field under `prefix`.
-fn row_of(question: Option<&v1::Question>, prefix: &str) -> Result<ril_data::Row, Status> {
-    let question = question.ok_or_else(|| invalid(prefix, "missing"))?;
-    question_to_row(question).map_err(|e| invalid(format!("{prefix}.{}", e.field), e.to_string()))
-}
 
 /// The gRPC face of [`DiscriminatorService`]. Until the service is set (model loaded, judge
 /// answering) every call is UNAVAILABLE.
@@ -88,25 +55,12 @@ impl Discriminator for DiscriminatorGrpc {
         request: Request<v1::ScoreRequest>,
     ) -> Result<Response<v1::ScoreResponse>, Status> {
         let service = self.service()?;
-        let request = request.into_inner();
-        let row = row_of(request.question.as_ref(), "question")?;
+        let query = ScoreQuery::try_from(request.into_inner()).map_err(|e| status(&e))?;
         let outcome = service
-            .score(Arc::new(row), request.responses)
+            .score(query.question, query.responses)
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(v1::ScoreResponse {
-            scores: outcome
-                .scores
-                .into_iter()
-                .map(|s| v1::ResponseScore {
-                    d_prob: s.d_prob,
-                    answer_score: f32::from(s.answer_score),
-                    judge: s.judge,
-                    extracted_answer: s.extracted_answer,
-                })
-                .collect(),
-            discriminator_step: outcome.discriminator_step,
-        }))
+        Ok(Response::new(outcome.into()))
     }
 
     #[instrument(skip(self, request))]
@@ -115,54 +69,21 @@ impl Discriminator for DiscriminatorGrpc {
         request: Request<v1::TrainRequest>,
     ) -> Result<Response<v1::TrainResponse>, Status> {
         let service = self.service()?;
-        let request = request.into_inner();
-        // Items of one question usually repeat it: each distinct question becomes one shared
-        // row, so D renders it and decodes its images once.
-        let mut rows: Vec<(&v1::Question, Arc<ril_data::Row>)> = Vec::new();
-        let mut items = Vec::with_capacity(request.items.len());
-        for (i, item) in request.items.iter().enumerate() {
-            let prefix = format!("items[{i}].question");
-            let question = item
-                .question
-                .as_ref()
-                .ok_or_else(|| invalid(&prefix, "missing"))?;
-            let row = match rows.iter().find(|(q, _)| *q == question) {
-                Some((_, row)) => row.clone(),
-                None => {
-                    let row = Arc::new(row_of(Some(question), &prefix)?);
-                    rows.push((question, row.clone()));
-                    row
-                }
-            };
-            items.push(LabelledResponse {
-                question: row,
-                response: item.response.clone(),
-                from_student: item.from_student,
-            });
-        }
+        let batch = TrainBatch::try_from(request.into_inner()).map_err(|e| status(&e))?;
         let outcome = service
-            .train(request.iteration, items)
+            .train(batch.iteration, batch.items)
             .await
             .map_err(|e| status(&e))?;
-        Ok(Response::new(v1::TrainResponse {
-            loss: outcome.loss,
-            accuracy: outcome.accuracy,
-            step: outcome.step,
-            skipped: outcome.skipped,
-        }))
+        Ok(Response::new(outcome.into()))
     }
 
-    #[instrument(skip(self, _request))]
+    #[instrument(skip(self, request))]
     async fn info(
         &self,
-        _request: Request<v1::DiscriminatorInfoRequest>,
+        request: Request<v1::DiscriminatorInfoRequest>,
     ) -> Result<Response<v1::DiscriminatorInfo>, Status> {
-        let info = self.service()?.info();
-        Ok(Response::new(v1::DiscriminatorInfo {
-            step: info.step,
-            judge: info.judge,
-            frozen: info.frozen,
-        }))
+        let v1::DiscriminatorInfoRequest {} = request.into_inner();
+        Ok(Response::new(self.service()?.info().into()))
     }
 }
 

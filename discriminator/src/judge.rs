@@ -6,31 +6,23 @@
 //! that a correct answer was wrong. So every failure (unreachable, refused, unreadable reply) is a
 //! [`JudgeError`], and the caller decides whether to drop the sample or stop.
 //!
-//! Retry policy:
-//! - connect errors, timeouts, HTTP 408, 429 and 5xx are transient: retried up to
-//!   `max_retries` times with exponential backoff (doubling from `initial_backoff`, capped at
-//!   [`MAX_BACKOFF`], plus up to 25% jitter so that many clients do not retry in lockstep), or
-//!   after the server's `Retry-After` seconds when it sends them (capped the same way). When they
-//!   run out: [`JudgeError::Unreachable`], carrying the last failure.
-//! - other 4xx (bad key, unknown model, prompt too long) will not change by asking again:
-//!   [`JudgeError::Http`] at once.
-//! - a reply without a readable score is retried once (within `max_retries`), immediately: a
-//!   sampled judge (temperature > 0) or a proxy's transient error page served with 200 often
-//!   succeeds the second time, but a greedy judge repeats itself, so more tries only cost time.
-//!   Then [`JudgeError::Unparseable`].
-//!
-//! The concurrency limit is per client and covers every call, `judge` and `judge_many` alike,
-//! because its purpose is to protect the judge server, not to batch one call. A request keeps its
-//! slot while it backs off, so an overloaded judge is not refilled by other requests meanwhile.
+//! The HTTP side (retries with backoff, `Retry-After`, the concurrency limit, errors naming the
+//! endpoint and the attempts) is `ril_openai`'s, shared with the teacher's openai backend; the
+//! judge sets `retry_unreadable_once`: a reply without a readable score is asked for once more
+//! (a sampled judge or a proxy's error page served with 200 often does better the second time;
+//! a greedy judge repeats itself, so more tries only cost time). What is the judge's own: its
+//! prompt ([`JUDGE_PROMPT_TEMPLATE`]), its config ([`JudgeConfig`]) and reading the verdict.
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use ril_openai::{
+    ChatCompletion, ChatMessage, ChatRequest, ClientConfig, OpenAiClient, OpenAiError, seconds,
+    snippet,
+};
 use serde::{Deserialize, Serialize};
-use tokio::sync::Semaphore;
-use tracing::{debug, instrument, warn};
+use tracing::{debug, instrument};
 
 /// The paper's judge prompt. The placeholders are filled in a single pass, so a question or a
 /// response that itself contains `{reference}` is sent verbatim.
@@ -49,14 +41,6 @@ Generated answer:
 Output 1 if the generated text fully and correctly captures the core point of the reference \
 answer, else 0. Give a brief explanation first, then the score inside <answer></answer>, for \
 example <answer>1</answer>.";
-
-/// Longest wait between two attempts, whatever the backoff or the server's `Retry-After` say: a
-/// judge that wants longer is treated as down rather than stalling the training loop.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
-
-/// Longest excerpt of a reply quoted in an error: enough to recognise an HTML error page or a
-/// truncated answer, short enough for one log line.
-const MAX_DETAIL_CHARS: usize = 200;
 
 /// Fills [`JUDGE_PROMPT_TEMPLATE`].
 pub fn render_judge_prompt(question: &str, reference: &str, response: &str) -> String {
@@ -110,10 +94,10 @@ pub struct JudgeConfig {
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
     /// Wait before the first retry; doubled for each following one.
-    #[serde(default = "default_initial_backoff", with = "seconds")]
+    #[serde(default = "ril_openai::default_initial_backoff", with = "seconds")]
     pub initial_backoff: Duration,
     /// Requests in flight at once from this client.
-    #[serde(default = "default_max_concurrency")]
+    #[serde(default = "ril_openai::default_max_concurrency")]
     pub max_concurrency: usize,
     /// 0 by default: the reward should not depend on the judge's dice.
     #[serde(default)]
@@ -129,12 +113,6 @@ fn default_timeout() -> Duration {
 fn default_max_retries() -> u32 {
     3
 }
-fn default_initial_backoff() -> Duration {
-    Duration::from_millis(500)
-}
-fn default_max_concurrency() -> usize {
-    16
-}
 fn default_max_tokens() -> u32 {
     512
 }
@@ -148,8 +126,8 @@ impl JudgeConfig {
             api_key: None,
             timeout: default_timeout(),
             max_retries: default_max_retries(),
-            initial_backoff: default_initial_backoff(),
-            max_concurrency: default_max_concurrency(),
+            initial_backoff: ril_openai::default_initial_backoff(),
+            max_concurrency: ril_openai::default_max_concurrency(),
             temperature: 0.0,
             max_tokens: default_max_tokens(),
         }
@@ -171,58 +149,29 @@ impl JudgeConfig {
         format!("{}/chat/completions", self.base_url.trim_end_matches('/'))
     }
 
+    /// The settings of the HTTP client (the judge's reply must carry a score, so an
+    /// unreadable one is asked for once more).
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            base_url: self.base_url.clone(),
+            api_key: self.api_key.clone(),
+            timeout: self.timeout,
+            connect_timeout: None,
+            max_retries: self.max_retries,
+            initial_backoff: self.initial_backoff,
+            max_concurrency: self.max_concurrency,
+            retry_unreadable_once: true,
+        }
+    }
+
     pub fn validate(&self) -> Result<(), JudgeError> {
         let invalid =
             |field: &'static str, reason: String| Err(JudgeError::InvalidConfig { field, reason });
-        match reqwest::Url::parse(&self.base_url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
-            Ok(_) => {
-                return invalid(
-                    "base_url",
-                    format!(
-                        "must be an http(s) URL with a host, like {}; got `{}`",
-                        "http://127.0.0.1:8000/v1", self.base_url
-                    ),
-                );
-            }
-            Err(error) => {
-                return invalid(
-                    "base_url",
-                    format!(
-                        "`{}` is not a URL ({error}); expected e.g. http://127.0.0.1:8000/v1",
-                        self.base_url
-                    ),
-                );
-            }
-        }
-        if self
-            .base_url
-            .trim_end_matches('/')
-            .ends_with("/chat/completions")
-        {
-            return invalid(
-                "base_url",
-                "is the API root (e.g. http://127.0.0.1:8000/v1); `/chat/completions` is appended"
-                    .to_owned(),
-            );
-        }
+        self.client_config()
+            .validate()
+            .or_else(|e| invalid(e.field, e.reason))?;
         if self.model.trim().is_empty() {
             return invalid("model", "must name the served judge model".to_owned());
-        }
-        if let Some(key) = &self.api_key
-            && (key.is_empty() || key.chars().any(|c| c.is_control() || !c.is_ascii()))
-        {
-            // The key itself is never quoted.
-            return invalid(
-                "api_key",
-                "must be non-empty printable ASCII (check for a trailing newline)".to_owned(),
-            );
-        }
-        if self.timeout.is_zero() {
-            return invalid("timeout", "must be positive".to_owned());
-        }
-        if self.max_concurrency == 0 {
-            return invalid("max_concurrency", "must be at least 1".to_owned());
         }
         if !(self.temperature.is_finite() && (0.0..=2.0).contains(&self.temperature)) {
             return invalid(
@@ -256,26 +205,6 @@ impl fmt::Debug for JudgeConfig {
     }
 }
 
-/// Durations as (fractional) seconds, the unit people write in config files.
-mod seconds {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
-
-    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_f64(duration.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let seconds = f64::deserialize(deserializer)?;
-        Duration::try_from_secs_f64(seconds).map_err(|_| {
-            D::Error::custom(format!(
-                "expected a non-negative number of seconds, got {seconds}"
-            ))
-        })
-    }
-}
-
 /// The judge's verdict on one response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JudgeScore {
@@ -287,166 +216,41 @@ pub struct JudgeScore {
     pub raw: String,
 }
 
-/// Why the judge gave no score. Every message names the endpoint and is complete on one line
-/// (causes are rendered into it rather than left to `source()`), because these end up in log
-/// fields and RPC statuses where an error chain is lost.
+/// Why the judge gave no score. A config the judge refuses, or a call that failed: the client's
+/// error names the endpoint (and the attempts when retries ran out), complete on one line.
 #[derive(Debug, thiserror::Error)]
 pub enum JudgeError {
     #[error("invalid judge config: `{field}` {reason}")]
     InvalidConfig { field: &'static str, reason: String },
 
-    #[error("could not build the HTTP client for judge {endpoint}: {}", error_chain(.error))]
-    ClientBuild {
-        endpoint: String,
-        error: reqwest::Error,
-    },
-
-    /// One attempt failed before a status arrived (connect error, timeout, broken connection).
-    /// Only seen inside [`JudgeError::Unreachable`].
-    #[error("judge {endpoint}: {}", error_chain(.error))]
-    Transport {
-        endpoint: String,
-        error: reqwest::Error,
-    },
-
-    #[error("judge {endpoint} answered {status}: {detail}")]
-    Http {
-        endpoint: String,
-        status: StatusCode,
-        /// The start of the reply body.
-        detail: String,
-    },
-
-    #[error(
-        "judge {endpoint} unreachable after {attempts} attempt{}; last error: {}",
-        if *.attempts == 1 { "" } else { "s" },
-        .last_error.reason()
-    )]
-    Unreachable {
-        endpoint: String,
-        attempts: u32,
-        /// A [`JudgeError::Transport`] or a retryable [`JudgeError::Http`].
-        last_error: Box<JudgeError>,
-    },
-
-    #[error("judge {endpoint} gave no readable score: {detail}")]
-    Unparseable {
-        endpoint: String,
-        /// What was wrong, then the start of the reply; at most 200 characters.
-        detail: String,
-    },
+    #[error("judge {0}")]
+    Client(#[from] OpenAiError),
 }
 
-impl JudgeError {
-    /// The message without the leading "judge {endpoint}", for nesting in a message that
-    /// already names it.
-    fn reason(&self) -> String {
-        match self {
-            JudgeError::Transport { error, .. } => error_chain(error),
-            JudgeError::Http { status, detail, .. } => format!("answered {status}: {detail}"),
-            other => other.to_string(),
-        }
-    }
-}
-
-/// reqwest's own message is a generic "error sending request for url (...)": the cause that
-/// says what to fix (connection refused, timed out) is further down the chain.
-fn error_chain(error: &reqwest::Error) -> String {
-    let mut causes = Vec::new();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        causes.push(cause.to_string());
-        source = cause.source();
-    }
-    if error.is_timeout() && !causes.iter().any(|c| c.contains("timed out")) {
-        causes.insert(0, "timed out".to_owned());
-    }
-    if causes.is_empty() {
-        causes.push(error.to_string());
-    }
-    causes.join(": ")
-}
-
-/// A client for one judge endpoint. Cloning is cheap and clones share the concurrency limit.
+/// A client for one judge endpoint. Cloning is cheap and clones share the concurrency limit,
+/// which covers every call, `judge` and `judge_many` alike.
 #[derive(Clone)]
 pub struct JudgeClient {
     config: Arc<JudgeConfig>,
-    endpoint: Arc<str>,
-    http: reqwest::Client,
-    slots: Arc<Semaphore>,
+    client: OpenAiClient,
 }
 
 impl fmt::Debug for JudgeClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JudgeClient")
-            .field("endpoint", &self.endpoint)
+            .field("endpoint", &self.client.endpoint())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
 }
 
-#[derive(Serialize)]
-struct ChatRequest<'a> {
-    model: &'a str,
-    messages: [ChatMessage<'a>; 1],
-    temperature: f64,
-    max_tokens: u32,
-    n: u32,
-}
-
-#[derive(Serialize)]
-struct ChatMessage<'a> {
-    role: &'static str,
-    content: &'a str,
-}
-
-#[derive(Deserialize)]
-struct ChatCompletion {
-    choices: Vec<ChatChoice>,
-}
-
-#[derive(Deserialize)]
-struct ChatChoice {
-    message: ChatReply,
-    #[serde(default)]
-    finish_reason: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct ChatReply {
-    #[serde(default)]
-    content: Option<String>,
-}
-
-/// How one attempt ended, when it did not produce a score.
-enum AttemptFailure {
-    /// Worth another attempt after a backoff (or after the server's `Retry-After`).
-    Transient {
-        error: JudgeError,
-        retry_after: Option<Duration>,
-    },
-    /// The server answered but no score could be read from it.
-    Unparseable(String),
-    /// Asking again will not help.
-    Fatal(JudgeError),
-}
-
 impl JudgeClient {
     pub fn new(config: JudgeConfig) -> Result<Self, JudgeError> {
         config.validate()?;
-        let endpoint = config.endpoint();
-        install_crypto_provider();
-        let http = reqwest::Client::builder()
-            .build()
-            .map_err(|error| JudgeError::ClientBuild {
-                endpoint: endpoint.clone(),
-                error,
-            })?;
+        let client = OpenAiClient::new(config.client_config())?;
         Ok(Self {
-            slots: Arc::new(Semaphore::new(config.max_concurrency)),
-            endpoint: endpoint.into(),
             config: Arc::new(config),
-            http,
+            client,
         })
     }
 
@@ -455,7 +259,7 @@ impl JudgeClient {
     }
 
     pub fn endpoint(&self) -> &str {
-        &self.endpoint
+        self.client.endpoint()
     }
 
     /// Asks whether `response` captures the core point of `reference` as an answer to
@@ -463,7 +267,7 @@ impl JudgeClient {
     #[instrument(
         level = "debug",
         skip_all,
-        fields(endpoint = %self.endpoint, model = %self.config.model)
+        fields(endpoint = %self.client.endpoint(), model = %self.config.model)
     )]
     pub async fn judge(
         &self,
@@ -473,63 +277,19 @@ impl JudgeClient {
     ) -> Result<JudgeScore, JudgeError> {
         let prompt = render_judge_prompt(question, reference, response);
         let request = ChatRequest {
-            model: &self.config.model,
-            messages: [ChatMessage {
-                role: "user",
-                content: &prompt,
-            }],
-            temperature: self.config.temperature,
-            max_tokens: self.config.max_tokens,
+            model: self.config.model.clone(),
+            messages: vec![ChatMessage::text("user", prompt)],
             n: 1,
+            temperature: self.config.temperature as f32,
+            top_p: None,
+            max_tokens: self.config.max_tokens,
+            seed: None,
+            top_k: None,
+            repetition_penalty: None,
         };
-        let _slot = self
-            .slots
-            .acquire()
-            .await
-            .expect("the judge's semaphore is never closed");
-
-        let max_attempts = self.config.max_retries.saturating_add(1);
-        let mut retried_unparseable = false;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            debug!(attempt, "asking the judge");
-            let failure = match self.attempt(&request).await {
-                Ok(score) => {
-                    debug!(attempt, score = score.score, "judge answered");
-                    return Ok(score);
-                }
-                Err(failure) => failure,
-            };
-            match failure {
-                AttemptFailure::Fatal(error) => return Err(error),
-                AttemptFailure::Unparseable(detail) => {
-                    if retried_unparseable || attempt >= max_attempts {
-                        return Err(JudgeError::Unparseable {
-                            endpoint: self.endpoint.to_string(),
-                            detail,
-                        });
-                    }
-                    retried_unparseable = true;
-                    warn!(attempt, %detail, "judge reply had no score; asking once more");
-                }
-                AttemptFailure::Transient { error, retry_after } => {
-                    if attempt >= max_attempts {
-                        return Err(JudgeError::Unreachable {
-                            endpoint: self.endpoint.to_string(),
-                            attempts: attempt,
-                            last_error: Box::new(error),
-                        });
-                    }
-                    let delay = retry_after.map_or_else(
-                        || backoff(self.config.initial_backoff, attempt),
-                        |after| after.min(MAX_BACKOFF),
-                    );
-                    warn!(attempt, ?delay, %error, "judge attempt failed; retrying");
-                    tokio::time::sleep(delay).await;
-                }
-            }
-        }
+        let score = self.client.post(&request, read_score).await?;
+        debug!(score = score.score, "judge answered");
+        Ok(score)
     }
 
     /// Judges `(question, reference, response)` triples, at most `max_concurrency` at a time;
@@ -537,7 +297,7 @@ impl JudgeClient {
     #[instrument(
         level = "debug",
         skip_all,
-        fields(endpoint = %self.endpoint, n_items = items.len())
+        fields(endpoint = %self.client.endpoint(), n_items = items.len())
     )]
     pub async fn judge_many<Q, R, S>(
         &self,
@@ -553,79 +313,15 @@ impl JudgeClient {
         }))
         .await
     }
-
-    async fn attempt(&self, request: &ChatRequest<'_>) -> Result<JudgeScore, AttemptFailure> {
-        let transport = |error: reqwest::Error| AttemptFailure::Transient {
-            error: JudgeError::Transport {
-                endpoint: self.endpoint.to_string(),
-                error,
-            },
-            retry_after: None,
-        };
-        let mut builder = self
-            .http
-            .post(&*self.endpoint)
-            .timeout(self.config.timeout)
-            .json(request);
-        if let Some(key) = &self.config.api_key {
-            // reqwest marks the header sensitive, so it is not printed by its Debug either.
-            builder = builder.bearer_auth(key);
-        }
-        let reply = builder.send().await.map_err(transport)?;
-        let status = reply.status();
-        let retry_after = reply
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let body = reply.bytes().await.map_err(transport)?;
-        let body = String::from_utf8_lossy(&body);
-
-        if !status.is_success() {
-            let error = JudgeError::Http {
-                endpoint: self.endpoint.to_string(),
-                status,
-                detail: snippet(&body, MAX_DETAIL_CHARS),
-            };
-            let transient = status.is_server_error()
-                || status == StatusCode::TOO_MANY_REQUESTS
-                || status == StatusCode::REQUEST_TIMEOUT;
-            return Err(if transient {
-                AttemptFailure::Transient { error, retry_after }
-            } else {
-                AttemptFailure::Fatal(error)
-            });
-        }
-        parse_completion(&body).map_err(AttemptFailure::Unparseable)
-    }
-}
-
-/// reqwest's rustls backend is built without a crypto provider (see the workspace manifest) and
-/// panics when none is installed; ring is installed unless the process chose one already.
-fn install_crypto_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        // Losing a race with another thread installing one is fine: any provider serves.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-}
-
-fn backoff(initial: Duration, failed_attempts: u32) -> Duration {
-    let exponent = failed_attempts.saturating_sub(1).min(20);
-    let base = initial.saturating_mul(1 << exponent).min(MAX_BACKOFF);
-    let jitter = base.mul_f64(rand::random_range(0.0..0.25));
-    (base + jitter).min(MAX_BACKOFF)
 }
 
 /// Reads a chat completion's first choice, or says (within 200 characters) why it cannot.
-fn parse_completion(body: &str) -> Result<JudgeScore, String> {
-    let unparseable = |reason: &str| snippet(&format!("{reason}: {body}"), MAX_DETAIL_CHARS);
-    let completion: ChatCompletion = serde_json::from_str(body)
-        .map_err(|error| unparseable(&format!("reply is not a chat completion ({error})")))?;
+fn read_score(body: &str) -> Result<JudgeScore, String> {
+    let completion = ChatCompletion::from_body(body)?;
     let Some(choice) = completion.choices.into_iter().next() else {
-        return Err(unparseable("reply has no choices"));
+        return Err(snippet(&format!("reply has no choices: {body}")));
     };
-    let content = choice.message.content.unwrap_or_default();
+    let content = choice.text().unwrap_or_default();
     parse_verdict(&content).ok_or_else(|| {
         let reason = match choice.finish_reason.as_deref() {
             Some("length") => {
@@ -633,7 +329,7 @@ fn parse_completion(body: &str) -> Result<JudgeScore, String> {
             }
             _ => "no <answer>0|1</answer> in the judge's last tag".to_owned(),
         };
-        snippet(&format!("{reason}: {content}"), MAX_DETAIL_CHARS)
+        snippet(&format!("{reason}: {content}"))
     })
 }
 
@@ -657,15 +353,4 @@ fn parse_verdict(content: &str) -> Option<JudgeScore> {
         explanation: content[..open].trim().to_owned(),
         raw: content.to_owned(),
     })
-}
-
-/// The start of `text` on one line (whitespace runs collapsed), at most `max_chars` characters.
-fn snippet(text: &str, max_chars: usize) -> String {
-    let one_line = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    if one_line.chars().count() <= max_chars {
-        return one_line;
-    }
-    let mut cut: String = one_line.chars().take(max_chars - 1).collect();
-    cut.push('…');
-    cut
 }

@@ -13,17 +13,21 @@
 //!   untouched; idempotent per learner iteration; a frozen mode), checkpoints.
 //! - [`checkpoint`]: D's checkpoint directories (`step-N/` + `latest`, written atomically).
 //! - [`answer_judge`]: the answer reward, rule-based (`ril_data::answer::check`) or the LLM
-//!   judge ([`judge`], an OpenAI-compatible client).
+//!   judge ([`judge`]: its prompt, config and verdict over `ril_openai`'s client).
 //! - [`service`]: the domain service (D behind a read-write lock, model work on blocking
-//!   threads); [`grpc`]: the thin `ril.v1.Discriminator` adapter and [`serve`].
+//!   threads); [`convert`]: the wire to the domain (`ScoreQuery`, `TrainBatch`, questions
+//!   checked and named) and back; [`grpc`]: the thin `ril.v1.Discriminator` adapter (convert,
+//!   call, `ril_proto::error::status`) and [`serve`]. [`error`]: [`DiscriminatorError`] and its
+//!   kind at the RPC edge (`ril_proto::ServiceError`).
 //! - [`pretrain`]: offline pre-training of D on k student and k teacher answers per question,
 //!   and [`run_pretrain`], the pipeline behind `ril discriminator pretrain`.
 //!
-//! Architecture invariant: only `grpc` (and `pretrain`'s teacher client) touch generated
-//! `ril.v1` types; everything else is plain domain types.
+//! Architecture invariant: only `convert`, `grpc` (and `pretrain`'s teacher client) touch
+//! generated `ril.v1` types; everything else is plain domain types.
 
 pub mod answer_judge;
 pub mod checkpoint;
+pub mod convert;
 pub mod error;
 pub mod grpc;
 pub mod judge;

@@ -23,7 +23,8 @@ use ril_data::Row;
 use ril_data::dataset::{ReadOptions, read_all, split_file};
 use ril_model::bundle::Bundle;
 use ril_model::{Head, ModelError, SamplingParams, generate};
-use ril_proto::client::connect;
+use ril_proto::RpcError;
+use ril_proto::client::{Channel, connect};
 use ril_proto::convert::row_to_question;
 use ril_proto::v1::AnswerRequest;
 use ril_proto::v1::teacher_client::TeacherClient;
@@ -32,7 +33,7 @@ use tracing::{info, warn};
 
 use crate::checkpoint::latest_checkpoint;
 use crate::error::{DiscriminatorError, Result};
-use crate::model::{DiscriminatorModel, Evaluation, LabelledResponse};
+use crate::model::{DiscriminatorModel, Evaluation, LabelledResponse, TrainOutcome};
 use crate::options::DiscriminatorOptions;
 
 /// File in the output directory holding the labelled answers, so a resumed pre-training does
@@ -163,83 +164,24 @@ pub fn pretrain(
         ));
     }
     let started = Instant::now();
-    let evaluate = |model: &DiscriminatorModel| -> Result<Option<Evaluation>> {
-        if held_out.is_empty() {
-            Ok(None)
-        } else {
-            model.evaluate(held_out).map(Some)
-        }
-    };
-    let initial_held_out = evaluate(model)?;
-    if let Some(e) = initial_held_out {
-        on_event(PretrainEvent::Eval {
-            step: model.step(),
-            held_out: e,
-        });
-    }
+    let initial_held_out = evaluate(model, held_out, on_event)?;
     let mut final_train_loss = 0.0;
     let mut checkpoint = None;
-    let save = |model: &DiscriminatorModel,
-                checkpoint: &mut Option<PathBuf>,
-                on_event: &mut dyn FnMut(PretrainEvent)|
-     -> Result<()> {
-        if let Some(root) = checkpoint_dir
-            && let Some(dir) = model.save_checkpoint(root)?
-        {
-            on_event(PretrainEvent::Saved {
-                step: model.step(),
-                dir: dir.clone(),
-            });
-            *checkpoint = Some(dir);
-        }
-        Ok(())
-    };
     while model.step() < schedule.steps {
-        let step = model.step();
-        let batch: Vec<LabelledResponse> =
-            batch_indices(train.len(), schedule.batch_size, schedule.seed, step)
-                .into_iter()
-                .map(|i| train[i].clone())
-                .collect();
-        let lr = schedule.lr_at(step);
-        let outcome = model.train_step_at(&batch, None, lr)?;
-        if outcome.skipped {
-            return Err(DiscriminatorError::config(
-                "frozen",
-                "a frozen discriminator cannot be pre-trained",
-            ));
-        }
+        let outcome = pretrain_step(model, train, schedule, on_event)?;
         final_train_loss = outcome.loss;
-        on_event(PretrainEvent::Step {
-            step: outcome.step,
-            total: schedule.steps,
-            loss: outcome.loss,
-            accuracy: outcome.accuracy,
-            lr,
-            grad_norm: outcome.grad_norm,
-        });
         if schedule.eval_every > 0
             && outcome.step % schedule.eval_every == 0
             && outcome.step < schedule.steps
-            && let Some(e) = evaluate(model)?
         {
-            on_event(PretrainEvent::Eval {
-                step: outcome.step,
-                held_out: e,
-            });
+            evaluate(model, held_out, on_event)?;
         }
         if schedule.save_every > 0 && outcome.step % schedule.save_every == 0 {
-            save(model, &mut checkpoint, on_event)?;
+            save(model, checkpoint_dir, &mut checkpoint, on_event)?;
         }
     }
-    let final_held_out = evaluate(model)?;
-    if let Some(e) = final_held_out {
-        on_event(PretrainEvent::Eval {
-            step: model.step(),
-            held_out: e,
-        });
-    }
-    save(model, &mut checkpoint, on_event)?;
+    let final_held_out = evaluate(model, held_out, on_event)?;
+    save(model, checkpoint_dir, &mut checkpoint, on_event)?;
     Ok(PretrainReport {
         steps: model.step(),
         n_train: train.len(),
@@ -250,6 +192,75 @@ pub fn pretrain(
         seconds: started.elapsed().as_secs_f64(),
         checkpoint,
     })
+}
+
+/// One optimizer step on the batch of the current step (a function of the step).
+fn pretrain_step(
+    model: &mut DiscriminatorModel,
+    train: &[LabelledResponse],
+    schedule: &PretrainSchedule,
+    on_event: &mut dyn FnMut(PretrainEvent),
+) -> Result<TrainOutcome> {
+    let step = model.step();
+    let batch: Vec<LabelledResponse> =
+        batch_indices(train.len(), schedule.batch_size, schedule.seed, step)
+            .into_iter()
+            .map(|i| train[i].clone())
+            .collect();
+    let lr = schedule.lr_at(step);
+    let outcome = model.train_step_at(&batch, None, lr)?;
+    if outcome.skipped {
+        return Err(DiscriminatorError::config(
+            "frozen",
+            "a frozen discriminator cannot be pre-trained",
+        ));
+    }
+    on_event(PretrainEvent::Step {
+        step: outcome.step,
+        total: schedule.steps,
+        loss: outcome.loss,
+        accuracy: outcome.accuracy,
+        lr,
+        grad_norm: outcome.grad_norm,
+    });
+    Ok(outcome)
+}
+
+/// Held-out loss and accuracy (none without held-out examples), reported as an event.
+fn evaluate(
+    model: &DiscriminatorModel,
+    held_out: &[LabelledResponse],
+    on_event: &mut dyn FnMut(PretrainEvent),
+) -> Result<Option<Evaluation>> {
+    if held_out.is_empty() {
+        return Ok(None);
+    }
+    let e = model.evaluate(held_out)?;
+    on_event(PretrainEvent::Eval {
+        step: model.step(),
+        held_out: e,
+    });
+    Ok(Some(e))
+}
+
+/// Saves a checkpoint under `checkpoint_dir` (when given and not already saved at this step),
+/// remembering it in `checkpoint`.
+fn save(
+    model: &DiscriminatorModel,
+    checkpoint_dir: Option<&Path>,
+    checkpoint: &mut Option<PathBuf>,
+    on_event: &mut dyn FnMut(PretrainEvent),
+) -> Result<()> {
+    if let Some(root) = checkpoint_dir
+        && let Some(dir) = model.save_checkpoint(root)?
+    {
+        on_event(PretrainEvent::Saved {
+            step: model.step(),
+            dir: dir.clone(),
+        });
+        *checkpoint = Some(dir);
+    }
+    Ok(())
 }
 
 /// `n` answers of the student to each row, sampled with the paper's settings (temperature 1,
@@ -334,12 +345,7 @@ pub async fn teacher_answers(
     let mut clients = Vec::with_capacity(teachers.len());
     for addr in teachers {
         let channel = connect(addr, timeout, security).await?;
-        clients.push((
-            addr.clone(),
-            TeacherClient::new(channel)
-                .max_decoding_message_size(ril_proto::server::DEFAULT_MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(ril_proto::server::DEFAULT_MAX_MESSAGE_BYTES),
-        ));
+        clients.push((addr.clone(), ril_proto::client::teacher(channel)));
     }
     let mut all = Vec::with_capacity(rows.len());
     for row in rows {
@@ -382,40 +388,44 @@ pub async fn teacher_answers(
     Ok(all)
 }
 
+/// The answers one teacher gives to the request's question, in index order.
 async fn ask_teacher(
-    client: &mut TeacherClient<ril_proto::client::Channel>,
+    client: &mut TeacherClient<Channel>,
     addr: &str,
     request: AnswerRequest,
     timeout: Duration,
 ) -> Result<Vec<String>> {
-    let id = request
+    let question = request
         .question
         .as_ref()
         .map(|q| q.id.clone())
         .unwrap_or_default();
-    let err = |detail: String| DiscriminatorError::Teacher {
-        addr: addr.to_string(),
-        detail: format!("question {id:?}: {detail}"),
+    let failed = |source: RpcError| DiscriminatorError::Teacher {
+        question: question.clone(),
+        source,
     };
+    let answer_failed = |status| failed(RpcError::new("teacher", addr, "Answer", status));
     let collect = async {
         let mut stream = client
             .answer(request)
             .await
-            .map_err(|s| err(format!("{:?}: {}", s.code(), s.message())))?
+            .map_err(answer_failed)?
             .into_inner();
         let mut by_index = BTreeMap::new();
-        while let Some(answer) = stream
-            .message()
-            .await
-            .map_err(|s| err(format!("{:?}: {}", s.code(), s.message())))?
-        {
+        while let Some(answer) = stream.message().await.map_err(answer_failed)? {
             by_index.insert(answer.index, answer.text);
         }
         Ok(by_index.into_values().collect())
     };
-    tokio::time::timeout(timeout, collect)
-        .await
-        .map_err(|_| err(format!("no complete answer within {timeout:?}")))?
+    tokio::time::timeout(timeout, collect).await.map_err(|_| {
+        failed(RpcError::local(
+            "teacher",
+            addr,
+            "Answer",
+            tonic::Code::DeadlineExceeded,
+            format!("no complete answer within {timeout:?}"),
+        ))
+    })?
 }
 
 /// Student answers labelled 1 and teacher answers labelled 0, row by row.
@@ -650,7 +660,7 @@ fn save_examples(path: &Path, examples: &[LabelledResponse]) -> Result<()> {
         text.write_all(b"\n")
             .map_err(|e| DiscriminatorError::io(path, e))?;
     }
-    ril_model::checkpoint::write_atomic(path, &text)?;
+    ril_common::fs::write_atomic(path, &text)?;
     Ok(())
 }
 

@@ -22,6 +22,7 @@ use crate::error::{DiscriminatorError, Result};
 use crate::judge::JudgeError;
 use crate::model::{DiscriminatorModel, LabelledResponse, TrainOutcome};
 use crate::options::DiscriminatorOptions;
+use ril_openai::OpenAiError;
 
 /// Both reward components of one response.
 #[derive(Debug, Clone, PartialEq)]
@@ -267,7 +268,7 @@ pub async fn wait_for_judge(judge: &AnswerJudge) {
                 info!(judge = %judge.name(), "the judge answers");
                 return;
             }
-            Err(DiscriminatorError::Judge(e @ JudgeError::Http { .. })) => {
+            Err(DiscriminatorError::Judge(e @ JudgeError::Client(OpenAiError::Http { .. }))) => {
                 error!(error = %e, retry_in = ?delay, "the judge refuses requests; check its URL, model and key");
             }
             Err(e) => warn!(error = %e, retry_in = ?delay, "the judge does not answer yet"),

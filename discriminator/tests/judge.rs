@@ -13,6 +13,7 @@ use axum::routing::post;
 use ril_discriminator::judge::{
     JUDGE_PROMPT_TEMPLATE, JudgeClient, JudgeConfig, JudgeError, JudgeScore, render_judge_prompt,
 };
+use ril_openai::OpenAiError;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
@@ -359,9 +360,9 @@ async fn sends_the_bearer_key_and_fails_clearly_without_retrying_when_refused() 
         config.max_retries = 3;
         let error = client(config).judge("q", "a", "a").await.unwrap_err();
         match &error {
-            JudgeError::Http {
+            JudgeError::Client(OpenAiError::Http {
                 endpoint, status, ..
-            } => {
+            }) => {
                 assert_eq!(endpoint, &server.endpoint());
                 assert_eq!(status.as_u16(), 401);
             }
@@ -422,15 +423,15 @@ async fn gives_up_after_max_retries_on_persistent_server_errors() {
     config.max_retries = 2;
     let error = client(config).judge("q", "r", "r").await.unwrap_err();
     match &error {
-        JudgeError::Unreachable {
+        JudgeError::Client(OpenAiError::Unreachable {
             endpoint,
             attempts,
             last_error,
-        } => {
+        }) => {
             assert_eq!(endpoint, &server.endpoint());
             assert_eq!(*attempts, 3);
             assert!(
-                matches!(**last_error, JudgeError::Http { status, .. } if status == 503),
+                matches!(**last_error, OpenAiError::Http { status, .. } if status == 503),
                 "{last_error:?}"
             );
         }
@@ -453,15 +454,15 @@ async fn a_judge_slower_than_the_timeout_is_unreachable_after_every_attempt() {
     let error = client(config).judge("q", "r", "r").await.unwrap_err();
     let elapsed = started.elapsed();
     match &error {
-        JudgeError::Unreachable {
+        JudgeError::Client(OpenAiError::Unreachable {
             endpoint,
             attempts,
             last_error,
-        } => {
+        }) => {
             assert_eq!(endpoint, &server.endpoint());
             assert_eq!(*attempts, 3);
             assert!(
-                matches!(&**last_error, JudgeError::Transport { error, .. } if error.is_timeout()),
+                matches!(&**last_error, OpenAiError::Transport { error, .. } if error.is_timeout()),
                 "{last_error:?}"
             );
         }
@@ -521,7 +522,7 @@ async fn a_reply_without_a_score_is_an_error_naming_the_endpoint_after_one_retry
         config.max_retries = 3;
         let error = client(config).judge("q", "r", "r").await.unwrap_err();
         match &error {
-            JudgeError::Unparseable { endpoint, detail } => {
+            JudgeError::Client(OpenAiError::Unparseable { endpoint, detail }) => {
                 assert_eq!(endpoint, &server.endpoint());
                 assert!(detail.contains(expected_reason), "{detail}");
                 assert!(
@@ -596,15 +597,15 @@ async fn a_closed_port_is_unreachable_and_the_error_names_the_url() {
     assert_eq!(judge.endpoint(), url);
     let error = judge.judge("q", "r", "r").await.unwrap_err();
     match &error {
-        JudgeError::Unreachable {
+        JudgeError::Client(OpenAiError::Unreachable {
             endpoint,
             attempts,
             last_error,
-        } => {
+        }) => {
             assert_eq!(endpoint, &url);
             assert_eq!(*attempts, 2);
             assert!(
-                matches!(&**last_error, JudgeError::Transport { error, .. } if error.is_connect()),
+                matches!(&**last_error, OpenAiError::Transport { error, .. } if error.is_connect()),
                 "{last_error:?}"
             );
         }

@@ -73,7 +73,7 @@ impl Running {
     }
 
     async fn client(&self) -> DiscriminatorClient<Channel> {
-        DiscriminatorClient::new(
+        ril_proto::client::discriminator(
             ril_proto::client::connect(&self.addr, Duration::from_secs(5), &Default::default())
                 .await
                 .unwrap(),

@@ -265,7 +265,7 @@ pub fn proto_answer_request(data: &[u8]) {
     let Ok(request) = v1::AnswerRequest::decode(data) else {
         return;
     };
-    let _ = ril_teacher::grpc::query_from_proto(&request);
+    let _ = ril_teacher::AnswerQuery::try_from(request);
 }
 
 /// Sampling settings from the wire (the coordinator's `RegisterActor` answer for actors; an
@@ -275,7 +275,7 @@ pub fn proto_sampling(data: &[u8]) {
         return;
     };
     let _ = ril_proto::convert::sampling_from_wire(&s).map(|p| p.validate());
-    let _ = ril_teacher::grpc::sampling_from_proto(&s).validate("sampling");
+    let _ = ril_teacher::convert::sampling_from_request(&s);
     if let Ok(registration) = ril_proto::v1::RegisterActorResponse::decode(data) {
         let _ = ril_actor::Registration::try_from(registration);
     }

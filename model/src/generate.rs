@@ -1,8 +1,13 @@
-//! Batched sampling with a KV cache kept outside the model.
+//! Batched sampling with a KV cache kept outside the model: the one sampling loop of ril.
+//!
+//! [`generate_sequences`] samples a batch in which every sequence has its own settings and its
+//! own random stream ([`SequenceSpec`]); [`generate`] is that loop with one set of settings and
+//! stream `j` of one seed for sequence `j` ([`sequence_rng`]). A teacher batches unrelated
+//! requests and gives answer `i` of a key stream `i` of its seed, so a sequence's sample does
+//! not depend on what else is in the batch or on when the others finish.
 //!
 //! Logits processing follows transformers' `generate` order: repetition penalty, temperature,
-//! top-k, top-p. Each sequence has its own seeded random stream, so a sequence's sample does not
-//! depend on what else is in the batch or on when the others finish.
+//! top-k, top-p.
 //!
 //! The log-prob returned for each token is `log softmax(logits / temperature)` of the *raw* model
 //! logits (no penalty, no truncation): the behaviour policy's probability that scoring the same
@@ -13,7 +18,8 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use crate::batch::{PadSide, concat_images, pack};
+use crate::batch::{Packed, PadSide, concat_images, pack};
+use crate::decoder::KvCache;
 use crate::error::{ModelError, Result};
 use crate::vlm::{ForwardInput, Vlm};
 
@@ -74,7 +80,8 @@ impl Default for GenerateOptions {
     }
 }
 
-/// Samples one response per prompt.
+/// Samples one response per prompt: prompt `j` draws from stream `j` of `params.seed`
+/// ([`sequence_rng`]).
 pub fn generate(
     model: &Vlm,
     prompts: &[Prompt],
@@ -83,13 +90,7 @@ pub fn generate(
     generate_with(model, prompts, params, GenerateOptions::default())
 }
 
-struct SequenceState {
-    history: Vec<u32>,
-    generation: Generation,
-    rng: ChaCha8Rng,
-    done: bool,
-}
-
+/// [`generate`] with a decode mode and logit recording.
 pub fn generate_with(
     model: &Vlm,
     prompts: &[Prompt],
@@ -97,79 +98,164 @@ pub fn generate_with(
     options: GenerateOptions,
 ) -> Result<Vec<Generation>> {
     params.validate()?;
-    // The `<image>` placeholder stands for image features: a sampled one could not be fed back.
-    let image_token = model.config().image_token_index;
-    let mut params = params.clone();
-    if !params.suppress_token_ids.contains(&image_token) {
-        params.suppress_token_ids.push(image_token);
-    }
-    let params = &params;
-    if prompts.is_empty() {
-        return Ok(Vec::new());
-    }
-    let longest = prompts.iter().map(|p| p.token_ids.len()).max().unwrap_or(0);
-    if longest + params.max_new_tokens > model.max_positions() {
-        return Err(ModelError::input(format!(
-            "a prompt of {longest} tokens plus {} new tokens exceeds max_position_embeddings {}",
-            params.max_new_tokens,
-            model.max_positions()
-        )));
-    }
-    let mut states: Vec<SequenceState> = prompts
+    let sequences = prompts
         .iter()
         .enumerate()
-        .map(|(i, p)| {
-            let mut rng = ChaCha8Rng::seed_from_u64(params.seed);
-            rng.set_stream(i as u64);
-            SequenceState {
-                history: p.token_ids.clone(),
+        .map(|(j, prompt)| SequenceSpec {
+            prompt,
+            params,
+            rng: sequence_rng(params.seed, j as u64),
+        })
+        .collect();
+    generate_sequences(model, sequences, options)
+}
+
+/// The random stream `stream` of `seed`: what sequence `stream` of a [`generate`] call draws
+/// from, and what a caller gives a sequence whose sample must not depend on its batch (a
+/// teacher's answer `i` of a key).
+pub fn sequence_rng(seed: u64, stream: u64) -> ChaCha8Rng {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(stream);
+    rng
+}
+
+/// One sequence to sample: its prompt, its own settings and its own random stream, so that
+/// what it samples depends on nothing else in the batch.
+#[derive(Debug, Clone)]
+pub struct SequenceSpec<'a> {
+    pub prompt: &'a Prompt,
+    pub params: &'a SamplingParams,
+    pub rng: ChaCha8Rng,
+}
+
+/// Samples every sequence in one batch (prefill once, then one token per step for the
+/// sequences still going); the generations come back in the order of `sequences`. Each
+/// sequence stops at one of its stop tokens (included in its output) or after its own
+/// `max_new_tokens`.
+pub fn generate_sequences(
+    model: &Vlm,
+    sequences: Vec<SequenceSpec<'_>>,
+    options: GenerateOptions,
+) -> Result<Vec<Generation>> {
+    let mut batch = Batch::start(model, sequences, options)?;
+    if batch.active.is_empty() {
+        return Ok(batch.finish());
+    }
+    let mut logits = batch.prefill()?;
+    loop {
+        batch.sample(&logits)?;
+        if !batch.drop_finished()? {
+            break;
+        }
+        logits = batch.next_logits()?;
+    }
+    Ok(batch.finish())
+}
+
+struct SequenceState<'a> {
+    prompt: &'a Prompt,
+    /// The caller's settings with the `<image>` placeholder suppressed.
+    params: SamplingParams,
+    history: Vec<u32>,
+    generation: Generation,
+    rng: ChaCha8Rng,
+    done: bool,
+}
+
+/// A batch being decoded: the sequences, which of them are still running (rows of the KV
+/// cache), and the cache's bookkeeping (no cache: [`DecodeMode::Recompute`]).
+struct Batch<'m, 'a> {
+    model: &'m Vlm,
+    states: Vec<SequenceState<'a>>,
+    /// Rows of the running batch -> sequence index.
+    active: Vec<usize>,
+    cache: Option<KvCache>,
+    key_valid: Vec<Vec<u8>>,
+    next_positions: Vec<u32>,
+}
+
+impl<'m, 'a> Batch<'m, 'a> {
+    /// Checks every sequence's settings and that the longest prompt plus the most new tokens
+    /// fits the model.
+    fn start(
+        model: &'m Vlm,
+        sequences: Vec<SequenceSpec<'a>>,
+        options: GenerateOptions,
+    ) -> Result<Self> {
+        // The `<image>` placeholder stands for image features: a sampled one could not be fed
+        // back.
+        let image_token = model.config().image_token_index;
+        let mut states = Vec::with_capacity(sequences.len());
+        for spec in sequences {
+            spec.params.validate()?;
+            let mut params = spec.params.clone();
+            if !params.suppress_token_ids.contains(&image_token) {
+                params.suppress_token_ids.push(image_token);
+            }
+            states.push(SequenceState {
+                prompt: spec.prompt,
+                history: spec.prompt.token_ids.clone(),
                 generation: Generation {
                     token_ids: Vec::new(),
                     logprobs: Vec::new(),
                     finish_reason: FinishReason::Length,
                     step_logits: options.record_logits.then(Vec::new),
                 },
-                rng,
+                rng: spec.rng,
                 done: params.max_new_tokens == 0,
-            }
-        })
-        .collect();
-    if params.max_new_tokens == 0 {
-        return Ok(states.into_iter().map(|s| s.generation).collect());
-    }
-    let pad_id = 0;
-    let device = model.device().clone();
-    // Rows of the current batch -> sequence index.
-    let mut active: Vec<usize> = (0..prompts.len()).collect();
-    let mut cache = model.new_cache_with_capacity(longest + params.max_new_tokens);
-    let mut key_valid: Vec<Vec<u8>> = Vec::new();
-    let mut next_positions: Vec<u32> = Vec::new();
-    let mut logits = match options.mode {
-        DecodeMode::KvCache => {
-            let seqs: Vec<&[u32]> = prompts.iter().map(|p| p.token_ids.as_slice()).collect();
-            let packed = pack(&seqs, pad_id, PadSide::Left, &device)?;
-            let images: Vec<Option<&Tensor>> =
-                prompts.iter().map(|p| p.pixel_values.as_ref()).collect();
-            let px = concat_images(&images)?;
-            let hidden = model.forward_hidden(
-                &ForwardInput {
-                    input_ids: &packed.input_ids,
-                    positions: &packed.positions,
-                    key_valid: &packed.key_valid,
-                    pixel_values: px.as_ref(),
-                },
-                Some(&mut cache),
-            )?;
-            key_valid = packed.key_valid;
-            next_positions = packed.lengths.iter().map(|&l| l as u32).collect();
-            last_logits(model, &hidden)?
+                params,
+            });
         }
-        DecodeMode::Recompute => recompute_logits(model, prompts, &states, &active)?,
-    };
-    loop {
-        for (row, &seq) in active.iter().enumerate() {
-            let state = &mut states[seq];
+        let longest = states.iter().map(|s| s.history.len()).max().unwrap_or(0);
+        let most_new = states
+            .iter()
+            .map(|s| s.params.max_new_tokens)
+            .max()
+            .unwrap_or(0);
+        if longest + most_new > model.max_positions() {
+            return Err(ModelError::input(format!(
+                "a prompt of {longest} tokens plus {most_new} new tokens exceeds max_position_embeddings {}",
+                model.max_positions()
+            )));
+        }
+        let active = if states.iter().all(|s| s.done) {
+            Vec::new()
+        } else {
+            (0..states.len()).collect()
+        };
+        let cache = (options.mode == DecodeMode::KvCache)
+            .then(|| model.new_cache_with_capacity(longest + most_new));
+        Ok(Self {
+            model,
+            states,
+            active,
+            cache,
+            key_valid: Vec::new(),
+            next_positions: Vec::new(),
+        })
+    }
+
+    /// The first step's logits: every prompt (images included) through the model once.
+    fn prefill(&mut self) -> Result<Vec<Vec<f32>>> {
+        let Some(cache) = self.cache.as_mut() else {
+            return self.recompute_logits();
+        };
+        let all: Vec<usize> = (0..self.states.len()).collect();
+        let (packed, logits) = forward_whole(self.model, &self.states, &all, Some(cache))?;
+        self.key_valid = packed.key_valid;
+        self.next_positions = packed.lengths.iter().map(|&l| l as u32).collect();
+        Ok(logits)
+    }
+
+    /// Draws the next token of every running sequence from its row of `logits`.
+    fn sample(&mut self, logits: &[Vec<f32>]) -> Result<()> {
+        for (row, &seq) in self.active.iter().enumerate() {
+            let state = &mut self.states[seq];
+            if state.done {
+                continue;
+            }
             let raw = &logits[row];
+            let params = &state.params;
             let token = choose_token(raw, &state.history, params, &mut state.rng)?;
             let lp = token_logprob(raw, token, params.logprob_temperature())?;
             state.history.push(token);
@@ -187,74 +273,91 @@ pub fn generate_with(
                 state.done = true;
             }
         }
-        let keep: Vec<usize> = (0..active.len())
-            .filter(|&r| !states[active[r]].done)
+        Ok(())
+    }
+
+    /// Drops finished sequences from the running batch (and their rows from the cache).
+    /// Returns whether any sequence is still running.
+    fn drop_finished(&mut self) -> Result<bool> {
+        let keep: Vec<usize> = (0..self.active.len())
+            .filter(|&r| !self.states[self.active[r]].done)
             .collect();
         if keep.is_empty() {
-            break;
+            return Ok(false);
         }
-        if keep.len() != active.len() {
-            if options.mode == DecodeMode::KvCache {
+        if keep.len() != self.active.len() {
+            if let Some(cache) = self.cache.as_mut() {
                 let rows: Vec<u32> = keep.iter().map(|&r| r as u32).collect();
-                cache.retain_rows(&Tensor::new(rows.as_slice(), &device)?)?;
-                key_valid = keep.iter().map(|&r| key_valid[r].clone()).collect();
-                next_positions = keep.iter().map(|&r| next_positions[r]).collect();
+                cache.retain_rows(&Tensor::new(rows.as_slice(), self.model.device())?)?;
+                self.key_valid = keep.iter().map(|&r| self.key_valid[r].clone()).collect();
+                self.next_positions = keep.iter().map(|&r| self.next_positions[r]).collect();
             }
-            active = keep.iter().map(|&r| active[r]).collect();
+            self.active = keep.iter().map(|&r| self.active[r]).collect();
         }
-        logits = match options.mode {
-            DecodeMode::KvCache => {
-                let b = active.len();
-                let last: Vec<u32> = active
-                    .iter()
-                    .map(|&s| *states[s].history.last().expect("a token was just sampled"))
-                    .collect();
-                let ids = Tensor::from_vec(last, (b, 1), &device)?;
-                let positions = Tensor::from_vec(next_positions.clone(), (b, 1), &device)?;
-                for row in key_valid.iter_mut() {
-                    row.push(1);
-                }
-                let hidden = model.forward_hidden(
-                    &ForwardInput {
-                        input_ids: &ids,
-                        positions: &positions,
-                        key_valid: &key_valid,
-                        pixel_values: None,
-                    },
-                    Some(&mut cache),
-                )?;
-                for p in next_positions.iter_mut() {
-                    *p += 1;
-                }
-                last_logits(model, &hidden)?
-            }
-            DecodeMode::Recompute => recompute_logits(model, prompts, &states, &active)?,
-        };
+        Ok(true)
     }
-    Ok(states.into_iter().map(|s| s.generation).collect())
+
+    /// The next step's logits: the last sampled tokens against the cache.
+    fn next_logits(&mut self) -> Result<Vec<Vec<f32>>> {
+        let Some(cache) = self.cache.as_mut() else {
+            return self.recompute_logits();
+        };
+        let device = self.model.device();
+        let b = self.active.len();
+        let last: Vec<u32> = self
+            .active
+            .iter()
+            .map(|&s| {
+                *self.states[s]
+                    .history
+                    .last()
+                    .expect("a token was just sampled")
+            })
+            .collect();
+        let ids = Tensor::from_vec(last, (b, 1), device)?;
+        let positions = Tensor::from_vec(self.next_positions.clone(), (b, 1), device)?;
+        for row in self.key_valid.iter_mut() {
+            row.push(1);
+        }
+        let hidden = self.model.forward_hidden(
+            &ForwardInput {
+                input_ids: &ids,
+                positions: &positions,
+                key_valid: &self.key_valid,
+                pixel_values: None,
+            },
+            Some(cache),
+        )?;
+        for p in self.next_positions.iter_mut() {
+            *p += 1;
+        }
+        last_logits(self.model, &hidden)
+    }
+
+    /// [`DecodeMode::Recompute`]: the whole of every running sequence through the model.
+    fn recompute_logits(&self) -> Result<Vec<Vec<f32>>> {
+        let (_, logits) = forward_whole(self.model, &self.states, &self.active, None)?;
+        Ok(logits)
+    }
+
+    fn finish(self) -> Vec<Generation> {
+        self.states.into_iter().map(|s| s.generation).collect()
+    }
 }
 
-fn last_logits(model: &Vlm, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
-    let t = hidden.dim(1)?;
-    let last = hidden.narrow(1, t - 1, 1)?;
-    let logits = model.lm_logits(&last)?.squeeze(1)?;
-    Ok(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
-}
-
-fn recompute_logits(
+/// The whole of the sequences `rows` (images included) through the model, left-padded into
+/// one batch: the packed batch and each row's last logits.
+fn forward_whole(
     model: &Vlm,
-    prompts: &[Prompt],
-    states: &[SequenceState],
-    active: &[usize],
-) -> Result<Vec<Vec<f32>>> {
-    let seqs: Vec<&[u32]> = active
-        .iter()
-        .map(|&s| states[s].history.as_slice())
-        .collect();
+    states: &[SequenceState<'_>],
+    rows: &[usize],
+    cache: Option<&mut KvCache>,
+) -> Result<(Packed, Vec<Vec<f32>>)> {
+    let seqs: Vec<&[u32]> = rows.iter().map(|&s| states[s].history.as_slice()).collect();
     let packed = pack(&seqs, 0, PadSide::Left, model.device())?;
-    let images: Vec<Option<&Tensor>> = active
+    let images: Vec<Option<&Tensor>> = rows
         .iter()
-        .map(|&s| prompts[s].pixel_values.as_ref())
+        .map(|&s| states[s].prompt.pixel_values.as_ref())
         .collect();
     let px = concat_images(&images)?;
     let hidden = model.forward_hidden(
@@ -264,9 +367,17 @@ fn recompute_logits(
             key_valid: &packed.key_valid,
             pixel_values: px.as_ref(),
         },
-        None,
+        cache,
     )?;
-    last_logits(model, &hidden)
+    let logits = last_logits(model, &hidden)?;
+    Ok((packed, logits))
+}
+
+fn last_logits(model: &Vlm, hidden: &Tensor) -> Result<Vec<Vec<f32>>> {
+    let t = hidden.dim(1)?;
+    let last = hidden.narrow(1, t - 1, 1)?;
+    let logits = model.lm_logits(&last)?.squeeze(1)?;
+    Ok(logits.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?)
 }
 
 /// `log softmax(raw / temperature)[token]`, in f64 for accuracy.

@@ -7,7 +7,10 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
-use ril_model::generate::{DecodeMode, GenerateOptions, Prompt, SamplingParams, generate_with};
+use ril_model::generate::{
+    DecodeMode, FinishReason, GenerateOptions, Prompt, SamplingParams, SequenceSpec,
+    generate_sequences, generate_with, sequence_rng,
+};
 use ril_model::optim::{AdamW, AdamWConfig, Gradients};
 use ril_model::score::{ScoreRequest, scalar_scores, score_tokens};
 use ril_model::tokenizer::byte_level_chatml;
@@ -245,6 +248,71 @@ fn sampling_is_seeded_per_sequence_and_honours_stop_and_length() {
     for g in ril_model::generate(&model, &prompts, &params).unwrap() {
         assert!(!g.token_ids.contains(&image_id));
     }
+}
+
+/// The one sampling loop with per-sequence settings and streams (what a teacher batches
+/// unrelated requests with): a sequence samples the same whatever its batch-mates ask for, and
+/// `generate` is that loop with stream `j` of one seed for sequence `j`.
+#[test]
+fn each_sequence_has_its_own_settings_and_stream() {
+    let (tok, cfg, model) = setup(5);
+    let prompts = prompts(&tok, &cfg);
+    let mine = SamplingParams::paper(8, 21);
+    let mut other = SamplingParams::paper(3, 99);
+    other.temperature = 0.3;
+    other.top_k = 2;
+    let nothing = SamplingParams::greedy(0);
+    let spec = |prompt, params, seed, stream| SequenceSpec {
+        prompt,
+        params,
+        rng: sequence_rng(seed, stream),
+    };
+    let alone = generate_sequences(
+        &model,
+        vec![spec(&prompts[0], &mine, 21, 4)],
+        GenerateOptions::default(),
+    )
+    .unwrap();
+    let mixed = generate_sequences(
+        &model,
+        vec![
+            spec(&prompts[1], &other, 99, 0),
+            spec(&prompts[0], &mine, 21, 4),
+            spec(&prompts[2], &nothing, 0, 0),
+        ],
+        GenerateOptions::default(),
+    )
+    .unwrap();
+    assert_eq!(alone[0].token_ids, mixed[1].token_ids);
+    assert_eq!(alone[0].token_ids.len(), 8);
+    assert_eq!(mixed[0].token_ids.len(), 3, "its own max_new_tokens");
+    assert!(mixed[2].token_ids.is_empty());
+    assert_eq!(mixed[2].finish_reason, FinishReason::Length);
+
+    let via_generate = ril_model::generate(&model, &prompts, &mine).unwrap();
+    let specs = prompts
+        .iter()
+        .enumerate()
+        .map(|(j, p)| spec(p, &mine, 21, j as u64))
+        .collect();
+    let via_sequences = generate_sequences(&model, specs, GenerateOptions::default()).unwrap();
+    for (a, b) in via_generate.iter().zip(&via_sequences) {
+        assert_eq!(a.token_ids, b.token_ids);
+        assert_eq!(a.logprobs, b.logprobs);
+    }
+    // A sequence whose settings are out of range fails the call, naming the setting.
+    let mut bad = mine.clone();
+    bad.top_p = 0.0;
+    let e = generate_sequences(
+        &model,
+        vec![
+            spec(&prompts[0], &mine, 1, 0),
+            spec(&prompts[1], &bad, 1, 1),
+        ],
+        GenerateOptions::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("top_p"), "{e}");
 }
 
 fn train(model: &Vlm, opt: &mut AdamW, examples: &[Example], steps: usize, lr: f64) -> f32 {

@@ -14,24 +14,40 @@ use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, Tab
 use sha2::{Digest, Sha256};
 
 use crate::error::TeacherError;
-use crate::options::SamplingSettings;
+use ril_common::SamplingParams;
 
 /// key -> JSON list of answer texts.
 const ANSWERS: TableDefinition<&str, &str> = TableDefinition::new("answers_v1");
 
 /// The cache key of `(id, teacher, settings)`.
-pub fn cache_key(id: &str, teacher: &str, settings: &SamplingSettings) -> String {
+pub fn cache_key(id: &str, teacher: &str, settings: &SamplingParams) -> String {
     // Lengths first, so that no id or name can run into the next field.
     let canonical = format!(
         "ril-teacher-cache/v1\nid={}:{id}\nteacher={}:{teacher}\n{}",
         id.len(),
         teacher.len(),
-        settings.canonical()
+        canonical_sampling(settings)
     );
     Sha256::digest(canonical.as_bytes())
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect()
+}
+
+/// Every sampling setting of the key, exactly: floats by the bits of the `f32` they travel as
+/// (the key of a user's existing cache file must keep matching), integers in decimal. Stop and
+/// suppressed tokens are not settings a teacher takes (`options::validate_sampling`).
+fn canonical_sampling(p: &SamplingParams) -> String {
+    let bits = |x: f64| (x as f32).to_bits();
+    format!(
+        "temperature={:08x};top_p={:08x};top_k={};repetition_penalty={:08x};max_new_tokens={};seed={}",
+        bits(p.temperature),
+        bits(p.top_p),
+        p.top_k,
+        bits(p.repetition_penalty),
+        p.max_new_tokens,
+        p.seed
+    )
 }
 
 #[derive(Debug)]
@@ -187,7 +203,7 @@ mod tests {
     fn lists_grow_by_appending_and_persist() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/cache.redb");
-        let s = SamplingSettings::default();
+        let s = SamplingParams::default();
         let k = cache_key("q1", "big", &s);
         assert_eq!(k.len(), 64);
         assert_ne!(k, cache_key("q1", "small", &s));
@@ -208,5 +224,64 @@ mod tests {
         assert_eq!(c.entries().unwrap(), 1);
         let m = AnswerCache::in_memory().unwrap();
         assert_eq!(m.entries().unwrap(), 0);
+    }
+
+    /// Keys written by earlier versions must keep hitting: the exact text and digest of a key
+    /// are pinned (they were made when the settings were `f32` fields).
+    #[test]
+    fn keys_are_byte_identical_to_the_ones_already_on_disk() {
+        let paper = SamplingParams::default();
+        assert_eq!(
+            canonical_sampling(&paper),
+            "temperature=3f800000;top_p=3f733333;top_k=50;repetition_penalty=3f866666;max_new_tokens=256;seed=0"
+        );
+        assert_eq!(
+            cache_key("q1", "big", &paper),
+            "22b8ce603d00964aa9ea8920ba922d65dc8c5a8e18a46b18ff8dee6afe900a23"
+        );
+        let tuned = SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            top_k: 5,
+            repetition_penalty: 1.3,
+            max_new_tokens: 10,
+            seed: 3,
+            ..paper.clone()
+        };
+        assert_eq!(
+            canonical_sampling(&tuned),
+            "temperature=3f333333;top_p=3f666666;top_k=5;repetition_penalty=3fa66666;max_new_tokens=10;seed=3"
+        );
+        // A value that came over the wire as f32 makes the same key as the same value written
+        // in the config.
+        let from_wire = SamplingParams {
+            temperature: f64::from(0.7f32),
+            top_p: f64::from(0.9f32),
+            repetition_penalty: f64::from(1.3f32),
+            ..tuned.clone()
+        };
+        assert_eq!(
+            cache_key("q1", "big", &from_wire),
+            cache_key("q1", "big", &tuned)
+        );
+    }
+
+    #[test]
+    fn every_setting_is_part_of_the_key() {
+        let base = SamplingParams::default();
+        type Edit = fn(&mut SamplingParams);
+        let edits: [Edit; 6] = [
+            |p| p.temperature = 0.7,
+            |p| p.top_p = 0.9,
+            |p| p.top_k = 5,
+            |p| p.repetition_penalty = 1.0,
+            |p| p.max_new_tokens = 7,
+            |p| p.seed = 1,
+        ];
+        for edit in edits {
+            let mut v = base.clone();
+            edit(&mut v);
+            assert_ne!(canonical_sampling(&v), canonical_sampling(&base), "{v:?}");
+        }
     }
 }

@@ -1,23 +1,13 @@
 //! The teacher's errors. Every message is complete on one line (causes are rendered into it),
 //! names what was wrong and where (question id, field, endpoint, file), and never contains an API
-//! key. [`TeacherError::kind`] says how the gRPC adapter reports it.
+//! key. Its [`ServiceError`] kind says how the gRPC adapter reports it
+//! (`ril_proto::error::status`).
 
 use std::path::PathBuf;
 
 use ril_model::ModelError;
-
-/// How an error is reported to a client: the adapter maps each to a gRPC status code.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// The request is wrong (`INVALID_ARGUMENT`).
-    InvalidArgument,
-    /// The backend has no answer for the question (`NOT_FOUND`).
-    NotFound,
-    /// Try again later: still loading, shutting down, or the endpoint is down (`UNAVAILABLE`).
-    Unavailable,
-    /// A fault of this server or of its backend that asking again will not fix (`INTERNAL`).
-    Internal,
-}
+use ril_openai::OpenAiError;
+use ril_proto::{ServiceError, ServiceErrorCode};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TeacherError {
@@ -58,22 +48,11 @@ pub enum TeacherError {
     #[error("teacher is shutting down: {0}")]
     ShuttingDown(String),
 
-    /// An OpenAI-compatible endpoint answered with an error status that asking again will not
-    /// fix (bad key, unknown model, prompt too long), or an unreadable reply.
-    #[error("teacher endpoint {endpoint} {detail}")]
-    Endpoint { endpoint: String, detail: String },
-
-    /// An OpenAI-compatible endpoint kept failing transiently (connect errors, timeouts, 429,
-    /// 5xx) until the retries ran out.
-    #[error(
-        "teacher endpoint {endpoint} unreachable after {attempts} attempt{}; last error: {last_error}",
-        if *.attempts == 1 { "" } else { "s" }
-    )]
-    Unreachable {
-        endpoint: String,
-        attempts: u32,
-        last_error: String,
-    },
+    /// An OpenAI-compatible endpoint refused the request (bad key, unknown model, prompt too
+    /// long), gave an unreadable reply, or kept failing transiently (connect errors, timeouts,
+    /// 429, 5xx) until the retries ran out.
+    #[error("teacher endpoint {0}")]
+    Endpoint(#[from] OpenAiError),
 
     /// Generation failed inside the model.
     #[error("generation failed for question {id:?}: {source}")]
@@ -130,21 +109,33 @@ impl TeacherError {
             },
         }
     }
+}
 
-    pub fn kind(&self) -> ErrorKind {
+impl ServiceError for TeacherError {
+    fn error_code(&self) -> ServiceErrorCode {
         match self {
-            Self::InvalidArgument { .. } | Self::BadQuestion { .. } => ErrorKind::InvalidArgument,
-            Self::NotFound { .. } => ErrorKind::NotFound,
-            Self::Loading { .. } | Self::ShuttingDown(_) | Self::Unreachable { .. } => {
-                ErrorKind::Unavailable
+            Self::InvalidArgument { .. } | Self::BadQuestion { .. } => {
+                ServiceErrorCode::InvalidArgument
             }
-            Self::Endpoint { .. }
-            | Self::Config { .. }
+            Self::NotFound { .. } => ServiceErrorCode::NotFound,
+            Self::Loading { .. } | Self::ShuttingDown(_) => ServiceErrorCode::Unavailable,
+            // Down or overloaded: asking again later can work. A refusal or a garbled reply
+            // would come again.
+            Self::Endpoint(e) => match e {
+                OpenAiError::Unreachable { .. } | OpenAiError::Transport { .. } => {
+                    ServiceErrorCode::Unavailable
+                }
+                OpenAiError::InvalidConfig(_)
+                | OpenAiError::ClientBuild { .. }
+                | OpenAiError::Http { .. }
+                | OpenAiError::Unparseable { .. } => ServiceErrorCode::Internal,
+            },
+            Self::Config { .. }
             | Self::Load { .. }
             | Self::Model { .. }
             | Self::Cache { .. }
             | Self::Serve(_)
-            | Self::Internal(_) => ErrorKind::Internal,
+            | Self::Internal(_) => ServiceErrorCode::Internal,
         }
     }
 }

@@ -13,76 +13,18 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::Stream;
-use ril_proto::convert::question_to_row;
+use ril_proto::error::status;
 use ril_proto::server::{self, Bound, DEFAULT_MAX_MESSAGE_BYTES, ServingStatus, names, set_status};
 use ril_proto::v1;
 use ril_proto::v1::teacher_server::TeacherServer;
 use tokio::sync::{mpsc, watch};
 use tonic::{Request, Response, Status};
-use tracing::{error, info, warn};
+use tracing::{error, info, instrument, warn};
 
-use crate::error::{ErrorKind, TeacherError};
-use crate::options::{DEFAULT_SHUTDOWN_GRACE, SamplingSettings, TeacherOptions};
+use crate::convert::answer_to_wire;
+use crate::error::TeacherError;
+use crate::options::{DEFAULT_SHUTDOWN_GRACE, TeacherOptions};
 use crate::service::{Answer, AnswerQuery, Teacher};
-
-/// The gRPC status of a teacher error; the message carries the whole cause.
-pub fn to_status(e: &TeacherError) -> Status {
-    let message = e.to_string();
-    match e.kind() {
-        ErrorKind::InvalidArgument => Status::invalid_argument(message),
-        ErrorKind::NotFound => Status::not_found(message),
-        ErrorKind::Unavailable => Status::unavailable(message),
-        ErrorKind::Internal => Status::internal(message),
-    }
-}
-
-pub fn sampling_from_proto(s: &v1::SamplingSettings) -> SamplingSettings {
-    SamplingSettings {
-        temperature: s.temperature,
-        top_p: s.top_p,
-        top_k: s.top_k,
-        repetition_penalty: s.repetition_penalty,
-        max_new_tokens: s.max_new_tokens,
-        seed: s.seed,
-    }
-}
-
-pub fn sampling_to_proto(s: &SamplingSettings) -> v1::SamplingSettings {
-    v1::SamplingSettings {
-        temperature: s.temperature,
-        top_p: s.top_p,
-        top_k: s.top_k,
-        repetition_penalty: s.repetition_penalty,
-        max_new_tokens: s.max_new_tokens,
-        seed: s.seed,
-    }
-}
-
-/// Validates an `AnswerRequest` into a domain query; errors name the field.
-pub fn query_from_proto(request: &v1::AnswerRequest) -> Result<AnswerQuery, TeacherError> {
-    let question = request
-        .question
-        .as_ref()
-        .ok_or_else(|| TeacherError::invalid("question", "missing"))?;
-    if request.n == 0 {
-        return Err(TeacherError::invalid("n", "must be at least 1"));
-    }
-    let row = question_to_row(question).map_err(|e| {
-        TeacherError::invalid(
-            format!("question.{}", e.field),
-            format!("(question {:?}): {}", e.id, e.problem),
-        )
-    })?;
-    let sampling = request.sampling.as_ref().map(sampling_from_proto);
-    if let Some(s) = &sampling {
-        s.validate("sampling")?;
-    }
-    Ok(AnswerQuery {
-        row,
-        n: request.n,
-        sampling,
-    })
-}
 
 /// Where the loaded teacher appears; empty while loading and after shutdown.
 type Slot = Arc<RwLock<Option<Arc<Teacher>>>>;
@@ -98,7 +40,7 @@ impl TeacherGrpc {
     fn teacher(&self) -> Result<Arc<Teacher>, Status> {
         let teacher = self.slot.read().unwrap_or_else(|p| p.into_inner()).clone();
         teacher.ok_or_else(|| {
-            to_status(&if *self.stopping.borrow() {
+            status(&if *self.stopping.borrow() {
                 TeacherError::ShuttingDown("not taking new requests".into())
             } else {
                 TeacherError::Loading {
@@ -121,13 +63,8 @@ impl Stream for AnswerStream {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         self.rx.poll_recv(cx).map(|item| {
             item.map(|r| match r {
-                Ok(a) => Ok(v1::TeacherAnswer {
-                    teacher: self.teacher.clone(),
-                    index: a.index,
-                    text: a.text,
-                    from_cache: a.from_cache,
-                }),
-                Err(e) => Err(to_status(&e)),
+                Ok(answer) => Ok(answer_to_wire(&self.teacher, answer)),
+                Err(e) => Err(status(&e)),
             })
         })
     }
@@ -137,31 +74,28 @@ impl Stream for AnswerStream {
 impl v1::teacher_server::Teacher for TeacherGrpc {
     type AnswerStream = AnswerStream;
 
+    #[instrument(skip(self, request))]
     async fn answer(
         &self,
         request: Request<v1::AnswerRequest>,
     ) -> Result<Response<Self::AnswerStream>, Status> {
-        let query = query_from_proto(request.get_ref()).map_err(|e| to_status(&e))?;
+        let query = AnswerQuery::try_from(request.into_inner()).map_err(|e| status(&e))?;
         let teacher = self.teacher()?;
-        let rx = teacher.answer(query).map_err(|e| to_status(&e))?;
+        let rx = teacher.answer(query).map_err(|e| status(&e))?;
         Ok(Response::new(AnswerStream {
             teacher: teacher.name().to_string(),
             rx,
         }))
     }
 
+    #[instrument(skip(self, request))]
     async fn info(
         &self,
-        _request: Request<v1::TeacherInfoRequest>,
+        request: Request<v1::TeacherInfoRequest>,
     ) -> Result<Response<v1::TeacherInfo>, Status> {
-        let info = self.teacher()?.info().await.map_err(|e| to_status(&e))?;
-        Ok(Response::new(v1::TeacherInfo {
-            name: info.name,
-            backend: info.backend,
-            cache_entries: info.cache_entries,
-            cache_hits: info.cache_hits,
-            generated: info.generated,
-        }))
+        let v1::TeacherInfoRequest {} = request.into_inner();
+        let info = self.teacher()?.info().await.map_err(|e| status(&e))?;
+        Ok(Response::new(info.into()))
     }
 }
 
@@ -239,9 +173,6 @@ where
             let _ = stop_tx.send(true);
         })
     };
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
     let mut secure = bound.server(&health_service).await?;
     let server = tokio::spawn(
         secure
@@ -253,34 +184,64 @@ where
     );
     info!(teacher = %name, %addr, "teacher server listening; loading the backend");
 
-    let loaded = tokio::select! {
+    let load_error = match tokio::select! {
         result = loader => Some(result),
         _ = stopped(stop_rx.clone()) => None,
-    };
-    let mut load_error = None;
-    match loaded {
+    } {
         Some(Ok(teacher)) => {
             *slot.write().unwrap_or_else(|p| p.into_inner()) = Some(teacher);
             if !*stop_rx.borrow() {
                 set_status(&reporter, &[names::TEACHER], ServingStatus::Serving).await;
                 info!(teacher = %name, %addr, "teacher serving");
             }
+            None
         }
         Some(Err(e)) => {
             error!(teacher = %name, error = %e, "teacher backend failed to load; stopping");
-            load_error = Some(e);
             let _ = stop_tx.send(true);
+            Some(e)
         }
-        None => info!(teacher = %name, "shut down while loading"),
+        None => {
+            info!(teacher = %name, "shut down while loading");
+            None
+        }
+    };
+    let served = drain(server, &slot, stop_rx, grace, &name, addr).await;
+    // After a failed load the caller's shutdown never came: stop waiting for it.
+    watcher.abort();
+    // Streams still being produced finish (into the cache) before the file is closed.
+    let teacher = slot.write().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some(teacher) = teacher {
+        teacher.close().await;
     }
+    info!(teacher = %name, "teacher server stopped");
+    match load_error {
+        Some(e) => Err(e),
+        None => served,
+    }
+}
 
-    // Graceful shutdown waits for every open stream, and a health `Watch` never ends on its
-    // own: once the answer streams are produced, connections get `grace` to finish; then serve
-    // stops waiting for them (their tasks end when their clients go, or with the process).
-    let mut server = server;
+/// Resolves once the server is told to stop.
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+type ServerTask = tokio::task::JoinHandle<Result<(), tonic::transport::Error>>;
+
+/// Waits for the server to stop after shutdown. Graceful shutdown waits for every open stream,
+/// and a health `Watch` never ends on its own: once the answer streams are produced,
+/// connections get `grace` to finish; then this stops waiting for them (their tasks end when
+/// their clients go, or with the process).
+async fn drain(
+    mut server: ServerTask,
+    slot: &Slot,
+    stop_rx: watch::Receiver<bool>,
+    grace: Duration,
+    name: &str,
+    addr: std::net::SocketAddr,
+) -> Result<(), TeacherError> {
     let drained = {
         let slot = slot.clone();
-        let stop_rx = stop_rx.clone();
         async move {
             stopped(stop_rx).await;
             let teacher = slot.read().unwrap_or_else(|p| p.into_inner()).clone();
@@ -291,31 +252,15 @@ where
         }
     };
     let joined = tokio::select! {
-        joined = &mut server => Some(joined),
-        () = drained => None,
-    };
-    // After a failed load the caller's shutdown never came: stop waiting for it.
-    watcher.abort();
-    let served = match joined {
-        Some(joined) => joined
-            .map_err(|e| TeacherError::Internal(format!("the gRPC server task failed: {e}")))?
-            .map_err(|source| ril_proto::server::ServeError::Serve { addr, source }),
-        None => {
+        joined = &mut server => joined,
+        () = drained => {
             warn!(teacher = %name, ?grace, "connections still open after the shutdown grace (health watchers?); not waiting for them");
             server.abort();
             let _ = server.await;
-            Ok(())
+            return Ok(());
         }
     };
-    // Streams still being produced finish (into the cache) before the file is closed.
-    let teacher = slot.write().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some(teacher) = teacher {
-        teacher.close().await;
-    }
-    info!(teacher = %name, "teacher server stopped");
-    if let Some(e) = load_error {
-        return Err(e);
-    }
-    served?;
-    Ok(())
+    joined
+        .map_err(|e| TeacherError::Internal(format!("the gRPC server task failed: {e}")))?
+        .map_err(|source| ril_proto::server::ServeError::Serve { addr, source }.into())
 }

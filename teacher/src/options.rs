@@ -27,6 +27,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use ril_common::SamplingParams;
+use ril_openai::{ClientConfig, seconds};
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
@@ -36,77 +38,49 @@ use crate::error::TeacherError;
 /// The largest `max_n` a server accepts: a request for more answers is a mistake, not a need.
 pub const MAX_N_LIMIT: u32 = 4096;
 
-/// Sampling settings of a request (the proto's `SamplingSettings`). Every field is part of the
-/// cache key: answers drawn differently are different answers.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct SamplingSettings {
-    /// 0 = greedy decoding.
-    pub temperature: f32,
-    /// Nucleus mass in (0, 1]; 1 disables it.
-    pub top_p: f32,
-    /// 0 disables top-k.
-    pub top_k: u32,
-    /// 1 disables it.
-    pub repetition_penalty: f32,
-    pub max_new_tokens: u32,
-    /// Answer `i` is drawn from a random stream derived from `(seed, i)`.
-    pub seed: u64,
-}
-
-impl Default for SamplingSettings {
-    /// The RIL paper's sampling (temperature 1.0, top-p 0.95, top-k 50, repetition penalty 1.05)
-    /// with room for a short reasoned answer.
-    fn default() -> Self {
-        Self {
-            temperature: 1.0,
-            top_p: 0.95,
-            top_k: 50,
-            repetition_penalty: 1.05,
-            max_new_tokens: 256,
-            seed: 0,
-        }
-    }
-}
-
-impl SamplingSettings {
-    /// Checks every field; errors name it as `{prefix}.{field}`.
-    pub fn validate(&self, prefix: &str) -> Result<(), TeacherError> {
-        let bad = |field: &str, reason: String| {
-            Err(TeacherError::invalid(format!("{prefix}.{field}"), reason))
+/// Checks sampling settings as a teacher takes them; errors name the field as
+/// `{prefix}.{field}`. Every setting is part of the cache key (answers drawn differently are
+/// different answers), so the stop and suppressed tokens, which the key does not hold, must be
+/// left to the model: its own stop tokens end an answer.
+pub fn validate_sampling(p: &SamplingParams, prefix: &str) -> Result<(), TeacherError> {
+    let bad = |field: &str, reason: String| {
+        Err(TeacherError::invalid(format!("{prefix}.{field}"), reason))
+    };
+    if let Err(e) = p.validate() {
+        let got = match e.field {
+            "temperature" => p.temperature,
+            "top_p" => p.top_p,
+            _ => p.repetition_penalty,
         };
-        if !self.temperature.is_finite() || self.temperature < 0.0 {
-            return bad(
-                "temperature",
-                format!("must be finite and >= 0; got {}", self.temperature),
-            );
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad("top_p", format!("must be in (0, 1]; got {}", self.top_p));
-        }
-        if !self.repetition_penalty.is_finite() || self.repetition_penalty <= 0.0 {
-            return bad(
-                "repetition_penalty",
-                format!("must be finite and > 0; got {}", self.repetition_penalty),
-            );
-        }
-        if self.max_new_tokens == 0 {
-            return bad("max_new_tokens", "must be at least 1".into());
-        }
-        Ok(())
+        return bad(e.field, format!("{}; got {got}", e.problem));
     }
+    if p.max_new_tokens == 0 {
+        return bad("max_new_tokens", "must be at least 1".into());
+    }
+    for (field, ids) in [
+        ("stop_token_ids", &p.stop_token_ids),
+        ("suppress_token_ids", &p.suppress_token_ids),
+    ] {
+        if !ids.is_empty() {
+            return bad(
+                field,
+                "is not a teacher setting: answers end at the model's own stop tokens".into(),
+            );
+        }
+    }
+    Ok(())
+}
 
-    /// A canonical, exact rendering of every field (floats by their bits), for cache keys.
-    pub fn canonical(&self) -> String {
-        format!(
-            "temperature={:08x};top_p={:08x};top_k={};repetition_penalty={:08x};max_new_tokens={};seed={}",
-            self.temperature.to_bits(),
-            self.top_p.to_bits(),
-            self.top_k,
-            self.repetition_penalty.to_bits(),
-            self.max_new_tokens,
-            self.seed
-        )
+/// The settings at the precision they travel at (`f32` on the wire, as the cache key renders
+/// them), so that the answers of a key do not depend on whether its settings came from the
+/// config (`f64`) or a request (`f32`).
+pub fn at_wire_precision(p: SamplingParams) -> SamplingParams {
+    let f32_precision = |x: f64| f64::from(x as f32);
+    SamplingParams {
+        temperature: f32_precision(p.temperature),
+        top_p: f32_precision(p.top_p),
+        repetition_penalty: f32_precision(p.repetition_penalty),
+        ..p
     }
 }
 
@@ -122,8 +96,9 @@ pub struct TeacherOptions {
     /// an in-memory cache that ends with the process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<PathBuf>,
-    /// Used for requests that carry no sampling settings.
-    pub sampling: SamplingSettings,
+    /// Used for requests that carry no sampling settings: the paper's sampling with 256 new
+    /// tokens unless the table says otherwise.
+    pub sampling: SamplingParams,
     /// The most answers one request may ask for.
     pub max_n: u32,
     /// At shutdown, once every answer stream has been produced, how long `serve` waits for
@@ -152,7 +127,7 @@ impl TeacherOptions {
             name: name.into(),
             backend,
             cache: None,
-            sampling: SamplingSettings::default(),
+            sampling: SamplingParams::default(),
             max_n: default_max_n(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
@@ -168,7 +143,7 @@ impl TeacherOptions {
                 format!("must be in 1..={MAX_N_LIMIT}; got {}", self.max_n),
             ));
         }
-        self.sampling.validate("sampling").map_err(|e| match e {
+        validate_sampling(&self.sampling, "sampling").map_err(|e| match e {
             TeacherError::InvalidArgument { field, reason } => {
                 TeacherError::Config { field, reason }
             }
@@ -186,7 +161,7 @@ struct CommonOptions {
     #[serde(default)]
     cache: Option<PathBuf>,
     #[serde(default)]
-    sampling: SamplingSettings,
+    sampling: SamplingParams,
     #[serde(default = "default_max_n")]
     max_n: u32,
     #[serde(default = "default_shutdown_grace", with = "seconds")]
@@ -327,10 +302,10 @@ pub struct OpenAiOptions {
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
     /// Wait before the first retry; doubled for each following one (capped at 30 s).
-    #[serde(default = "default_initial_backoff", with = "seconds")]
+    #[serde(default = "ril_openai::default_initial_backoff", with = "seconds")]
     pub initial_backoff: Duration,
     /// HTTP requests in flight at once from this server.
-    #[serde(default = "default_max_concurrency")]
+    #[serde(default = "ril_openai::default_max_concurrency")]
     pub max_concurrency: usize,
     /// The most choices asked for in one call (`n`); more answers take several calls.
     #[serde(default = "default_max_n_per_call")]
@@ -350,12 +325,6 @@ fn default_connect_timeout() -> Duration {
 fn default_max_retries() -> u32 {
     4
 }
-fn default_initial_backoff() -> Duration {
-    Duration::from_millis(500)
-}
-fn default_max_concurrency() -> usize {
-    16
-}
 fn default_max_n_per_call() -> u32 {
     16
 }
@@ -373,41 +342,31 @@ impl OpenAiOptions {
             timeout: default_timeout(),
             connect_timeout: default_connect_timeout(),
             max_retries: default_max_retries(),
-            initial_backoff: default_initial_backoff(),
-            max_concurrency: default_max_concurrency(),
+            initial_backoff: ril_openai::default_initial_backoff(),
+            max_concurrency: ril_openai::default_max_concurrency(),
             max_n_per_call: default_max_n_per_call(),
             extended_sampling: true,
         }
     }
 
-    /// The URL requests go to: `{base_url}/chat/completions`.
-    pub fn endpoint(&self) -> String {
-        format!("{}/chat/completions", self.base_url.trim_end_matches('/'))
+    /// The HTTP client's settings (the key is read from `api_key_env` when the backend loads).
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig {
+            base_url: self.base_url.clone(),
+            api_key: None,
+            timeout: self.timeout,
+            connect_timeout: Some(self.connect_timeout),
+            max_retries: self.max_retries,
+            initial_backoff: self.initial_backoff,
+            max_concurrency: self.max_concurrency,
+            retry_unreadable_once: false,
+        }
     }
 
     fn validate(&self) -> Result<(), TeacherError> {
-        match reqwest::Url::parse(&self.base_url) {
-            Ok(url) if matches!(url.scheme(), "http" | "https") && url.has_host() => {}
-            _ => {
-                return Err(TeacherError::config(
-                    "base_url",
-                    format!(
-                        "must be an http(s) URL with a host, like http://127.0.0.1:8000/v1; got `{}`",
-                        self.base_url
-                    ),
-                ));
-            }
-        }
-        if self
-            .base_url
-            .trim_end_matches('/')
-            .ends_with("/chat/completions")
-        {
-            return Err(TeacherError::config(
-                "base_url",
-                "is the API root (e.g. http://127.0.0.1:8000/v1); `/chat/completions` is appended",
-            ));
-        }
+        self.client_config()
+            .validate()
+            .map_err(|e| TeacherError::config(e.field, e.reason))?;
         if self.model.trim().is_empty() {
             return Err(TeacherError::config(
                 "model",
@@ -420,18 +379,6 @@ impl OpenAiOptions {
             return Err(TeacherError::config(
                 "api_key_env",
                 "must name an environment variable",
-            ));
-        }
-        if self.timeout.is_zero() {
-            return Err(TeacherError::config("timeout", "must be positive"));
-        }
-        if self.connect_timeout.is_zero() {
-            return Err(TeacherError::config("connect_timeout", "must be positive"));
-        }
-        if self.max_concurrency == 0 {
-            return Err(TeacherError::config(
-                "max_concurrency",
-                "must be at least 1",
             ));
         }
         if self.max_n_per_call == 0 {
@@ -475,26 +422,6 @@ impl ReplayOptions {
             return Err(TeacherError::config("teacher", "must not be empty"));
         }
         Ok(())
-    }
-}
-
-/// Durations as (fractional) seconds, the unit people write in config files.
-mod seconds {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
-
-    pub fn serialize<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_f64(duration.as_secs_f64())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
-        let seconds = f64::deserialize(deserializer)?;
-        Duration::try_from_secs_f64(seconds).map_err(|_| {
-            D::Error::custom(format!(
-                "expected a non-negative number of seconds, got {seconds}"
-            ))
-        })
     }
 }
 
@@ -593,9 +520,15 @@ mod tests {
         for t in &config.teachers {
             t.validate().unwrap();
         }
-        // TOML out and back in.
-        let text = toml::to_string(&big).unwrap();
-        assert_eq!(&toml::from_str::<TeacherOptions>(&text).unwrap(), big);
+        // TOML out and back in, every backend (run configs are written from these structs).
+        for t in &config.teachers {
+            let text = toml::to_string(t).unwrap();
+            assert_eq!(
+                &toml::from_str::<TeacherOptions>(&text).unwrap(),
+                t,
+                "{text}"
+            );
+        }
 
         let e = toml::from_str::<TeacherOptions>(
             "name = \"x\"\nbackend = \"candle\"\ncheckpoint = \"m\"\nbatch_windw_ms = 3\n",
@@ -642,37 +575,47 @@ mod tests {
     }
 
     #[test]
-    fn canonical_sampling_distinguishes_every_field() {
-        let base = SamplingSettings::default();
-        let variants = [
-            SamplingSettings {
-                temperature: 0.7,
-                ..base.clone()
-            },
-            SamplingSettings {
-                top_p: 0.9,
-                ..base.clone()
-            },
-            SamplingSettings {
-                top_k: 5,
-                ..base.clone()
-            },
-            SamplingSettings {
-                repetition_penalty: 1.0,
-                ..base.clone()
-            },
-            SamplingSettings {
-                max_new_tokens: 7,
-                ..base.clone()
-            },
-            SamplingSettings {
-                seed: 1,
-                ..base.clone()
-            },
+    fn sampling_errors_name_prefix_and_field_and_the_value() {
+        let ok = SamplingParams::default();
+        validate_sampling(&ok, "sampling").unwrap();
+        type Break = fn(&mut SamplingParams);
+        let cases: [(Break, &str, &str); 5] = [
+            (|p| p.top_p = 0.0, "`sampling.top_p`", "got 0"),
+            (|p| p.temperature = -1.0, "`sampling.temperature`", "got -1"),
+            (
+                |p| p.repetition_penalty = 0.0,
+                "`sampling.repetition_penalty`",
+                "> 0",
+            ),
+            (
+                |p| p.max_new_tokens = 0,
+                "`sampling.max_new_tokens`",
+                "at least 1",
+            ),
+            (
+                |p| p.stop_token_ids = vec![2],
+                "`sampling.stop_token_ids`",
+                "stop tokens",
+            ),
         ];
-        for v in &variants {
-            assert_ne!(v.canonical(), base.canonical(), "{v:?}");
+        for (break_it, field, problem) in cases {
+            let mut p = ok.clone();
+            break_it(&mut p);
+            let e = validate_sampling(&p, "sampling").unwrap_err().to_string();
+            assert!(e.contains(field) && e.contains(problem), "{e}");
         }
-        assert_eq!(base.canonical(), SamplingSettings::default().canonical());
+    }
+
+    #[test]
+    fn settings_at_wire_precision_are_what_a_request_would_carry() {
+        let from_config = SamplingParams::default();
+        let from_wire = SamplingParams {
+            top_p: f64::from(0.95f32),
+            repetition_penalty: f64::from(1.05f32),
+            ..SamplingParams::default()
+        };
+        assert_ne!(from_config, from_wire);
+        assert_eq!(at_wire_precision(from_config), from_wire);
+        assert_eq!(at_wire_precision(from_wire.clone()), from_wire);
     }
 }

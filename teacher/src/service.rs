@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use ril_common::SamplingParams;
 use ril_data::Row;
 use tokio::sync::{Mutex as AsyncMutex, mpsc, watch};
 use tracing::debug;
@@ -17,7 +18,7 @@ use tracing::debug;
 use crate::backend::{Backend, BatchStats};
 use crate::cache::{AnswerCache, cache_key};
 use crate::error::TeacherError;
-use crate::options::{SamplingSettings, TeacherOptions};
+use crate::options::{TeacherOptions, at_wire_precision, validate_sampling};
 
 /// What a client asks for.
 #[derive(Debug, Clone)]
@@ -25,7 +26,7 @@ pub struct AnswerQuery {
     pub row: Row,
     pub n: u32,
     /// `None`: the server's configured settings.
-    pub sampling: Option<SamplingSettings>,
+    pub sampling: Option<SamplingParams>,
 }
 
 /// One answer of a stream.
@@ -59,7 +60,7 @@ pub struct Teacher {
     name: String,
     backend: Backend,
     cache: Arc<AnswerCache>,
-    default_sampling: SamplingSettings,
+    default_sampling: SamplingParams,
     max_n: u32,
     /// Per-key locks of requests that may generate.
     keys: Mutex<HashMap<String, Arc<AsyncMutex<()>>>>,
@@ -165,7 +166,7 @@ impl Teacher {
     }
 
     /// Checks the request and resolves its sampling settings.
-    fn check(&self, query: &AnswerQuery) -> Result<SamplingSettings, TeacherError> {
+    fn check(&self, query: &AnswerQuery) -> Result<SamplingParams, TeacherError> {
         if query.row.id.is_empty() {
             return Err(TeacherError::invalid("question.id", "empty"));
         }
@@ -182,8 +183,8 @@ impl Teacher {
             .sampling
             .clone()
             .unwrap_or_else(|| self.default_sampling.clone());
-        settings.validate("sampling")?;
-        Ok(settings)
+        validate_sampling(&settings, "sampling")?;
+        Ok(at_wire_precision(settings))
     }
 
     /// Starts answering; the answers (or an error that ends the stream) arrive on the receiver.
@@ -218,7 +219,7 @@ impl Teacher {
         &self,
         row: Arc<Row>,
         n: u32,
-        settings: SamplingSettings,
+        settings: SamplingParams,
         tx: &mpsc::Sender<Result<Answer, TeacherError>>,
     ) -> Result<(), TeacherError> {
         let key = cache_key(&row.id, &self.name, &settings);
@@ -243,7 +244,7 @@ impl Teacher {
         &self,
         row: Arc<Row>,
         n: u32,
-        settings: &SamplingSettings,
+        settings: &SamplingParams,
         key: &str,
         sent: &mut u32,
         tx: &mpsc::Sender<Result<Answer, TeacherError>>,

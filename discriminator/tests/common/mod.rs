@@ -4,7 +4,6 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use ril_data::Row;
@@ -116,18 +115,10 @@ pub fn separation(
     )
 }
 
-/// Polls `predicate` until it holds or `timeout` passes (then panics with `what`).
-pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut predicate: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !predicate().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+/// The one `wait_until` (polls until the predicate holds, panics with `what` after the
+/// timeout).
+#[allow(unused_imports)]
+pub use ril_common::wait::wait_until;
 
 /// Every parameter's values, by name.
 pub fn weights(model: &ril_discriminator::DiscriminatorModel) -> Vec<(String, Vec<u32>)> {

@@ -3,8 +3,10 @@
 //! batching window for others; the batch closes early when it holds `max_batch` answers. While a
 //! batch runs, new requests queue and form the next one.
 //!
-//! A request for `n` answers is `n` sequences of the same prompt; answer `i` samples from the
-//! random stream `(seed, i)` (see `decode`), so it does not depend on its batch. One question's
+//! A request for `n` answers is `n` sequences of the same prompt in one
+//! `ril_model::generate::generate_sequences` call, each with its request's settings; answer `i`
+//! samples from the random stream `i` of the settings' seed (`sequence_rng(seed, i)`), wherever
+//! it sits in the batch, so it does not depend on what else was batched with it. One question's
 //! bad input (an image that does not decode, a prompt too long) fails that request alone.
 
 use std::ops::Range;
@@ -15,16 +17,18 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
+use ril_common::SamplingParams;
 use ril_data::Row;
 use ril_model::Head;
 use ril_model::bundle::Bundle;
-use ril_model::generate::Prompt;
+use ril_model::generate::{
+    FinishReason, GenerateOptions, Prompt, SequenceSpec, generate_sequences, sequence_rng,
+};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
-use super::decode::{Sequence, generate_sequences};
 use crate::error::TeacherError;
-use crate::options::{CandleOptions, SamplingSettings};
+use crate::options::CandleOptions;
 
 /// Counters of the generation thread, for tests and logs.
 #[derive(Debug, Default)]
@@ -47,7 +51,7 @@ impl BatchStats {
 
 struct Job {
     row: Arc<Row>,
-    settings: SamplingSettings,
+    settings: SamplingParams,
     indices: Range<u32>,
     reply: oneshot::Sender<Result<Vec<String>, TeacherError>>,
 }
@@ -127,7 +131,7 @@ impl CandleBackend {
     pub async fn generate(
         &self,
         row: Arc<Row>,
-        settings: &SamplingSettings,
+        settings: &SamplingParams,
         indices: Range<u32>,
         out: &mpsc::Sender<(u32, String)>,
     ) -> Result<(), TeacherError> {
@@ -215,23 +219,18 @@ impl Worker {
     }
 
     fn run_batch(&self, batch: Vec<Job>) {
-        let model = &self.bundle.model;
-        let mut accepted: Vec<Job> = Vec::with_capacity(batch.len());
-        let mut seqs = Vec::new();
-        // Sequence -> its job in `accepted`.
-        let mut owners = Vec::new();
+        // The jobs whose prompts fit, each with its prompt and its settings (the model's stop
+        // tokens end an answer).
+        let stop_token_ids = self.bundle.stop_token_ids();
+        let mut accepted: Vec<(Job, Prompt, SamplingParams)> = Vec::with_capacity(batch.len());
         for job in batch {
             match self.prompt(&job.row, &job.settings) {
                 Ok(prompt) => {
-                    for index in job.indices.clone() {
-                        seqs.push(Sequence {
-                            prompt: prompt.clone(),
-                            settings: job.settings.clone(),
-                            index,
-                        });
-                        owners.push(accepted.len());
-                    }
-                    accepted.push(job);
+                    let params = SamplingParams {
+                        stop_token_ids: stop_token_ids.clone(),
+                        ..job.settings.clone()
+                    };
+                    accepted.push((job, prompt, params));
                 }
                 Err(e) => {
                     debug!(id = %job.row.id, error = %e, "question rejected");
@@ -240,37 +239,55 @@ impl Worker {
                 }
             }
         }
-        if seqs.is_empty() {
+        // Sequence -> its job in `accepted`.
+        let mut owners = Vec::new();
+        let mut sequences = Vec::new();
+        for (j, (job, prompt, params)) in accepted.iter().enumerate() {
+            for index in job.indices.clone() {
+                sequences.push(SequenceSpec {
+                    prompt,
+                    params,
+                    rng: sequence_rng(params.seed, u64::from(index)),
+                });
+                owners.push(j);
+            }
+        }
+        if sequences.is_empty() {
             return;
         }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.stats
             .sequences
-            .fetch_add(seqs.len() as u64, Ordering::Relaxed);
+            .fetch_add(sequences.len() as u64, Ordering::Relaxed);
         let started = Instant::now();
-        let outcome = generate_sequences(model, &seqs, &self.bundle.stop_token_ids());
+        let n_sequences = sequences.len();
+        let outcome = generate_sequences(&self.bundle.model, sequences, GenerateOptions::default());
         debug!(
             jobs = accepted.len(),
-            sequences = seqs.len(),
+            sequences = n_sequences,
             elapsed = ?started.elapsed(),
             "teacher batch generated"
         );
         let mut texts: Vec<Result<Vec<String>, TeacherError>> =
             (0..accepted.len()).map(|_| Ok(Vec::new())).collect();
         match outcome {
-            Ok(outputs) => {
-                for (s, ids) in outputs.iter().enumerate() {
+            Ok(generations) => {
+                for (s, mut generation) in generations.into_iter().enumerate() {
                     let j = owners[s];
                     let Ok(list) = &mut texts[j] else { continue };
-                    match self.bundle.tokenizer.decode(ids, true) {
+                    // An answer ends before its stop token.
+                    if generation.finish_reason == FinishReason::Stop {
+                        generation.token_ids.pop();
+                    }
+                    match self.bundle.tokenizer.decode(&generation.token_ids, true) {
                         Ok(text) => list.push(text.trim().to_string()),
-                        Err(e) => texts[j] = Err(TeacherError::model(&accepted[j].row.id, e)),
+                        Err(e) => texts[j] = Err(TeacherError::model(&accepted[j].0.row.id, e)),
                     }
                 }
             }
             Err(e) => {
                 warn!(error = %e, "teacher batch failed");
-                for (j, job) in accepted.iter().enumerate() {
+                for (j, (job, _, _)) in accepted.iter().enumerate() {
                     texts[j] = Err(TeacherError::Internal(format!(
                         "generation of a batch holding question {:?} failed: {e}",
                         job.row.id
@@ -278,14 +295,14 @@ impl Worker {
                 }
             }
         }
-        for (job, result) in accepted.into_iter().zip(texts) {
+        for ((job, _, _), result) in accepted.into_iter().zip(texts) {
             let _ = job.reply.send(result);
         }
     }
 
     /// The question's generation prompt, checked to fit the model's context.
-    fn prompt(&self, row: &Row, settings: &SamplingSettings) -> Result<Prompt, TeacherError> {
-        ril_prompt::prompt_within_context(&self.bundle, row, settings.max_new_tokens as usize)
+    fn prompt(&self, row: &Row, settings: &SamplingParams) -> Result<Prompt, TeacherError> {
+        ril_prompt::prompt_within_context(&self.bundle, row, settings.max_new_tokens)
             .map_err(|e| TeacherError::model(&e.id, *e.source))
     }
 }

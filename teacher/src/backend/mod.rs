@@ -5,14 +5,14 @@
 use std::ops::Range;
 use std::sync::Arc;
 
+use ril_common::SamplingParams;
 use ril_data::Row;
 use tokio::sync::mpsc;
 
 use crate::error::TeacherError;
-use crate::options::{BackendOptions, SamplingSettings};
+use crate::options::BackendOptions;
 
 pub mod candle;
-pub(crate) mod decode;
 pub mod openai;
 pub mod replay;
 
@@ -71,7 +71,7 @@ impl Backend {
     pub async fn generate(
         &self,
         row: Arc<Row>,
-        settings: &SamplingSettings,
+        settings: &SamplingParams,
         indices: Range<u32>,
         out: &mpsc::Sender<(u32, String)>,
     ) -> Result<(), TeacherError> {

@@ -94,7 +94,7 @@ impl Server {
             ril_proto::client::connect(&self.addr, Duration::from_secs(10), &Default::default())
                 .await
                 .unwrap();
-        TeacherClient::new(channel)
+        ril_proto::client::teacher(channel)
     }
 
     /// Current health of `service` (`""` = the server as a whole).
