@@ -13,11 +13,21 @@
 # the driver's libcuda.so.1), so `run` puts the lib folders of the machine's NVIDIA Python
 # wheels on LD_LIBRARY_PATH and says which library is still missing.
 #
-# `run` prints the environment (`ril env`: features, CUDA driver, NCCL library), then
-# `ril bench nccl`: a world-size-1 NCCL communicator doing the learner's bucketed all-reduce on
-# device buffers (values checked, bandwidth for 1/10/100 MB), the scalar all-reduce, and the
-# error path (a 2-rank communicator with a made-up id and no peer must fail within its timeout).
-# The model on the GPU (CPU == CUDA self-check, model benchmarks) is not part of it yet.
+# `run` (under 8 minutes on an H200; each step has its own time limit, a failed step is
+# reported and the others still run; the exit status says whether all passed) writes
+# OUT/gpu-check.txt and one file per step:
+#   1. `ril env` and nvidia-smi: features, CUDA driver, NCCL library;
+#   2. the CPU == CUDA self-check (`ril model selfcheck --device cuda:0 --against cpu`): logits,
+#      log-probs, greedy tokens, one Dr.GRPO step and one D step against the CPU;
+#   3. `ril bench model --device cuda:0` for the tiny and medium presets and a ~0.5B config
+#      (bench-configs/llava-0.5b.json): generation tokens/s at batch 1/8/32, training tokens/s;
+#   4. the same shapes in PyTorch eager on the same GPU (torch-bench.py, when torch imports),
+#      giving ril / PyTorch ratios;
+#   5. `ril bench nccl`: the learner's all-reduce at 1 MB .. 1 GB, host-staged and
+#      device-resident, values checked, and the error path;
+#   6. `ril demo` with every role on cuda:0, timed, with its report.
+# RIL_GPU_CHECK_STEPS=1,2,... runs a subset; RIL_GPU_CHECK_DEVICE (default cuda:0) is the device
+# (`cpu` makes a dry run of the script on a machine without a GPU).
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 [ -d "$here/../.git" ] && cd "$here/.."
@@ -40,7 +50,8 @@ case "${1:-}" in
     mkdir -p target/gpu-check
     # Stripped: the release profile keeps debug info (~230 MB), over what travels to the GPU machine.
     strip -o target/gpu-check/ril target/release/ril
-    cp tools/gpu-check.sh target/gpu-check/
+    cp tools/gpu-check.sh tools/torch-bench.py target/gpu-check/
+    cp -r tools/bench-configs target/gpu-check/
     echo "carry target/gpu-check/ to the GPU machine and run: ./gpu-check.sh run"
     ;;
   run)
@@ -77,11 +88,47 @@ PY
       echo "gpu-check: $ril cannot find these libraries (LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}):" >&2
       echo "$missing" >&2
     fi
+    # The PyTorch script and the 0.5B config: beside this script (a `build` copies them) or in
+    # the checkout's tools/.
+    assets="$here"
+    [ -f "$assets/torch-bench.py" ] || assets=tools
+    wanted="${RIL_GPU_CHECK_STEPS:-1,2,3,4,5,6}"
+    dev="${RIL_GPU_CHECK_DEVICE:-cuda:0}"
+    torch_dev=cpu
+    case "$dev" in cuda*) torch_dev=cuda ;; esac
+    failed=()
+    # step N NAME LIMIT_S COMMAND...: runs it with its limit, its output to OUT/NAME.txt and the
+    # summary; records a failure (or a timeout) and goes on.
+    step() {
+      local n="$1" name="$2" limit="$3"
+      shift 3
+      case ",$wanted," in *",$n,"*) ;; *) return 0 ;; esac
+      echo "== $n. $name (limit ${limit} s): $*"
+      local started rc=0
+      started=$(date +%s)
+      timeout --kill-after=10 "$limit" "$@" > "$out/$name.txt" 2>&1 || rc=$?
+      tail -n 60 "$out/$name.txt"
+      echo "-- $name: exit $rc after $(( $(date +%s) - started )) s"
+      [ "$rc" = 0 ] || failed+=("$name (exit $rc)")
+    }
     {
       echo "== nvidia-smi"; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || true
-      echo "== ril env"; "$ril" env
-      echo "== ril bench nccl"; "$ril" bench nccl --sizes-mb 1,10,100,1000
+      step 1 env 30 "$ril" env
+      step 2 selfcheck-cuda 90 "$ril" model selfcheck --device "$dev" --against cpu --out "$out/selfcheck"
+      step 3 bench-model 150 "$ril" bench model --device "$dev" --sizes tiny,medium \
+        --configs "$assets/bench-configs/llava-0.5b.json" --json "$out/bench-model.json"
+      # torch-bench.py exits 3, saying so, where torch does not import.
+      step 4 torch-bench 120 python3 "$assets/torch-bench.py" "$out/bench-model.json" \
+        --device "$torch_dev" --out "$out/torch-bench.json"
+      step 5 bench-nccl 60 "$ril" bench nccl --sizes-mb 1,10,100,1000
+      step 6 demo-cuda 240 "$ril" demo --device "$dev" --out "$out/demo"
+      if [ "${#failed[@]}" -gt 0 ]; then
+        echo "gpu-check: FAILED: ${failed[*]}"
+      else
+        echo "gpu-check: every step passed"
+      fi
     } 2>&1 | tee "$out/gpu-check.txt"
+    grep -q "^gpu-check: every step passed" "$out/gpu-check.txt"
     ;;
   *)
     echo "usage: $0 build [--cuda] | run [OUT_DIR]" >&2

@@ -19,6 +19,11 @@ pub struct BenchArgs {
     /// Model sizes to measure (test, tiny, medium).
     #[arg(long, value_delimiter = ',', default_value = "tiny,medium")]
     pub sizes: Vec<ModelSize>,
+    /// Also measure these model configs (transformers' LLaVA `config.json` layout, e.g.
+    /// tools/bench-configs/llava-0.5b.json), named by file stem. Their `vocab_size` and
+    /// `image_token_index` must be the built-in tokenizer's (260 and 259).
+    #[arg(long, value_delimiter = ',')]
+    pub configs: Vec<PathBuf>,
     /// Generation batch sizes.
     #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
     pub batches: Vec<usize>,
@@ -49,6 +54,18 @@ struct GenFigure {
     new_tokens: usize,
     seconds: f64,
     tokens_per_second: f64,
+}
+
+/// What `tools/torch-bench.py` needs to build the same model and the same inputs.
+#[derive(Debug, Serialize)]
+struct ModelShape {
+    size: String,
+    parameters: usize,
+    config: LlavaConfig,
+    prompt_tokens: usize,
+    image_tokens_per_prompt: usize,
+    images_per_prompt: usize,
+    answer_tokens: usize,
 }
 
 #[derive(Debug, Serialize)]
@@ -190,6 +207,57 @@ fn print_tables(gen_figures: &[GenFigure], train_figures: &[TrainFigure]) {
     }
 }
 
+/// The models to measure: the presets, then the config files.
+fn bench_models(
+    args: &BenchArgs,
+    vocab: usize,
+    image_id: u32,
+) -> anyhow::Result<Vec<(String, LlavaConfig)>> {
+    let mut models: Vec<(String, LlavaConfig)> = args
+        .sizes
+        .iter()
+        .map(|&size| {
+            (
+                size.name().to_string(),
+                LlavaConfig::sized(vocab, image_id, size),
+            )
+        })
+        .collect();
+    for path in &args.configs {
+        let cfg = LlavaConfig::from_file(path)?;
+        let (v, i) = (cfg.text_config.vocab_size, cfg.image_token_index);
+        anyhow::ensure!(
+            v == vocab && i == image_id,
+            "{}: text_config.vocab_size {v} and image_token_index {i}, but the benchmark's \
+             built-in tokenizer has {vocab} tokens and <image> = {image_id}",
+            path.display()
+        );
+        let name = path.file_stem().map_or_else(
+            || path.display().to_string(),
+            |s| s.to_string_lossy().into_owned(),
+        );
+        models.push((name, cfg));
+    }
+    Ok(models)
+}
+
+fn model_shape(name: &str, parameters: usize, cfg: &LlavaConfig, e: &Example) -> ModelShape {
+    let image_tokens = e
+        .prompt_ids
+        .iter()
+        .filter(|&&t| t == cfg.image_token_index)
+        .count();
+    ModelShape {
+        size: name.to_string(),
+        parameters,
+        config: cfg.clone(),
+        prompt_tokens: e.prompt_ids.len(),
+        image_tokens_per_prompt: image_tokens,
+        images_per_prompt: e.pixel_values.dim(0).unwrap_or(1),
+        answer_tokens: e.answer_ids.len(),
+    }
+}
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let device = crate::device::parse(&args.device)?;
     let tok = ril_model::tokenizer::byte_level_chatml()?;
@@ -198,23 +266,30 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .context("built-in tokenizer has no <image>")?;
     let mut gen_figures = Vec::new();
     let mut train_figures = Vec::new();
-    for &size in &args.sizes {
-        let size_name = size.name();
-        let cfg = LlavaConfig::sized(tok.vocab_size(), image_id, size);
+    let mut shapes = Vec::new();
+    for (name, cfg) in bench_models(args, tok.vocab_size(), image_id)? {
         let model = Vlm::new_random(&cfg, Head::LanguageModel, &device, DType::F32, 0)?;
         let (parameters, _) = model.parameter_counts();
         let examples = colour_examples(&tok, &cfg, &device)?;
-        tracing::info!(size = size_name, parameters, "benchmarking");
+        tracing::info!(size = name, parameters, "benchmarking");
+        shapes.push(model_shape(&name, parameters, &cfg, &examples[0]));
         gen_figures.extend(measure_generation(
-            args, &model, &examples, size_name, parameters,
+            args, &model, &examples, &name, parameters,
         )?);
         train_figures.push(measure_training(
-            args, &model, &examples, size_name, parameters,
+            args, &model, &examples, &name, parameters,
         )?);
     }
     print_tables(&gen_figures, &train_figures);
     if let Some(path) = &args.json {
-        let json = serde_json::json!({"generation": gen_figures, "training": train_figures});
+        let run = serde_json::json!({
+            "device": args.device, "new_tokens": args.new_tokens, "batches": args.batches,
+            "recompute_max_batch": args.recompute_max_batch, "train_batch": args.train_batch,
+            "train_steps": args.train_steps,
+        });
+        let json = serde_json::json!({
+            "run": run, "models": shapes, "generation": gen_figures, "training": train_figures,
+        });
         std::fs::write(path, serde_json::to_string_pretty(&json)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
