@@ -360,13 +360,16 @@ fn compare_discriminator_step(
     device: &Device,
     against: &Device,
     dirs: &ModelDirs,
+    out: &Path,
     checks: &mut Vec<DeviceCheck>,
 ) -> anyhow::Result<()> {
     let options = DiscriminatorOptions::for_test(&dirs.discriminator);
-    let load = |d: &Device| DiscriminatorModel::from_init(&options, d);
+    let load = |d: &Device| -> anyhow::Result<DiscriminatorModel> {
+        Ok(DiscriminatorModel::from_init(&options, d)?)
+    };
     let (mut on_dev, mut on_ref) = (load(device)?, load(against)?);
     let before = weights(&on_ref.bundle().model)?;
-    let items = discriminator_items()?;
+    let items = discriminator_items(out)?;
     let losses = (
         f64::from(on_dev.train_step(&items, None)?.loss),
         f64::from(on_ref.train_step(&items, None)?.loss),
@@ -380,27 +383,26 @@ fn compare_discriminator_step(
     Ok(())
 }
 
-/// Two image questions, each with a terse (student) and a fuller (teacher) answer.
-fn discriminator_items() -> anyhow::Result<Vec<LabelledResponse>> {
+/// Two image questions (PNGs written under `out`, rows read by the dataset loader), each with a
+/// terse (student) and a fuller (teacher) answer.
+fn discriminator_items(out: &Path) -> anyhow::Result<Vec<LabelledResponse>> {
     let mut items = Vec::new();
-    for (colour, rgb) in [("red", [220, 30, 30]), ("blue", [30, 40, 220])] {
+    for (i, (colour, rgb)) in [("red", [220, 30, 30]), ("blue", [30, 40, 220])]
+        .into_iter()
+        .enumerate()
+    {
+        let image = out.join(format!("{colour}.png"));
         let png = ril_model::toy::square_png(16, 16, [255, 255, 255], Some(rgb))?;
-        let row = Arc::new(ril_data::Row {
-            id: format!("colour-{colour}"),
-            images: vec![ril_data::dataset::ImageData {
-                name: format!("{colour}.png"),
-                bytes: png,
-            }],
-            messages: vec![ril_data::dataset::Message {
-                role: "user".into(),
-                content: serde_json::Value::String("What colour is the object?".into()),
-            }],
-            answer: colour.into(),
-            answer_type: None,
-            teacher_answers: Default::default(),
-            family: Some("colour".into()),
-            extra: Default::default(),
+        std::fs::write(&image, png).with_context(|| format!("writing {}", image.display()))?;
+        let line = serde_json::json!({
+            "id": format!("colour-{colour}"),
+            "question": "What colour is the object?",
+            "images": [format!("{colour}.png")],
+            "answer": colour,
         });
+        let questions = out.join("questions.jsonl");
+        let row = ril_data::dataset::parse_row(&line.to_string(), &questions, i + 1, out)?;
+        let row = Arc::new(row);
         for (response, from_student) in [
             (format!("Answer: {colour}"), true),
             (format!("The object is {colour}. Answer: {colour}"), false),
@@ -430,7 +432,7 @@ pub fn compare(
     compare_greedy(&dev, &reference, &mut checks)?;
     let sampled = compare_scores(&dev, &reference, seed, &mut checks)?;
     compare_grpo_step(&dev, &reference, &sampled, &mut checks)?;
-    compare_discriminator_step(device, against, &dirs, &mut checks)?;
+    compare_discriminator_step(device, against, &dirs, out, &mut checks)?;
     Ok(DeviceReport {
         device: format!("{device:?}"),
         against: format!("{against:?}"),

@@ -281,26 +281,6 @@ mod tests {
         g
     }
 
-    /// Doubles a tensor's values in its own storage, as the NCCL device path sums in place.
-    struct DoubleInPlace;
-
-    impl candle_core::InplaceOp1 for DoubleInPlace {
-        fn name(&self) -> &'static str {
-            "double"
-        }
-        fn cpu_fwd(
-            &self,
-            storage: &mut candle_core::CpuStorage,
-            _layout: &candle_core::Layout,
-        ) -> candle_core::Result<()> {
-            match storage {
-                candle_core::CpuStorage::F32(v) => v.iter_mut().for_each(|x| *x *= 2.0),
-                _ => candle_core::bail!("f32 only"),
-            }
-            Ok(())
-        }
-    }
-
     #[test]
     fn buckets_cover_the_buffer_once_in_order() {
         // (total, bucket size, the (start, end) of each bucket)
@@ -319,11 +299,11 @@ mod tests {
         }
     }
 
-    /// The device path's flatten -> reduce in place -> write back, on CPU tensors: every
+    /// The device path's flatten -> reduce -> write back, on CPU tensors: every
     /// gradient comes back under its name, shape and dtype with the reduced values, and the
     /// inputs are untouched (the flat buffer is a copy, also with a single gradient).
     #[test]
-    fn device_flatten_reduce_in_place_and_write_back_keep_the_layout() -> Result<()> {
+    fn device_flatten_reduce_and_write_back_keep_the_layout() -> Result<()> {
         let dev = Device::Cpu;
         let a = Tensor::arange(0f32, 6.0, &dev)?.reshape((2, 3))?;
         let b = Tensor::new(&[[7f32], [8.0]], &dev)?.t()?; // not contiguous
@@ -333,12 +313,13 @@ mod tests {
             vec![("a", a.clone())],
         ] {
             let mut g = grads(&named);
-            let flat = DeviceFlatGradients::new(&g)?;
+            let mut flat = DeviceFlatGradients::new(&g)?;
             assert_eq!(
                 flat.len(),
                 named.iter().map(|(_, t)| t.elem_count()).sum::<usize>()
             );
-            flat.flat.inplace_op1(&DoubleInPlace)?;
+            // The reduction stands in as doubling (what two identical ranks would sum to).
+            flat.flat = flat.flat.affine(2.0, 0.0)?;
             flat.write_back(&mut g)?;
             assert_eq!(g.grads.len(), named.len());
             for (name, original) in &named {
@@ -365,30 +346,15 @@ mod tests {
         Ok(())
     }
 
-    /// The host path (flatten to a host buffer, reduce, write back) through a collective of
-    /// one rank that keeps the default `all_reduce_sum`: the gradients come back identical.
+    /// The host path (flatten to a host buffer, reduce, write back), called directly (one rank
+    /// would skip it): the gradients come back identical, on their device.
     #[test]
     fn the_host_path_writes_back_what_it_flattened() -> Result<()> {
-        #[derive(Debug)]
-        struct Identity;
-        impl Collective for Identity {
-            fn rank(&self) -> usize {
-                0
-            }
-            fn world_size(&self) -> usize {
-                1
-            }
-            fn all_reduce_flat(&self, _values: &mut Vec<f32>) -> Result<()> {
-                Ok(())
-            }
-            fn all_reduce_sum_scalars(&self, _values: &mut [f64]) -> Result<()> {
-                Ok(())
-            }
-        }
         let a = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((3, 2))?;
         let mut g = grads(&[("a", a.clone())]);
-        Identity.all_reduce_sum(&mut g)?;
+        all_reduce_sum_through_host(&SingleRank, &mut g)?;
         assert_eq!(g.grads["a"].to_vec2::<f32>()?, a.to_vec2::<f32>()?);
+        assert!(g.grads["a"].device().is_cpu());
         Ok(())
     }
 }
