@@ -187,7 +187,7 @@ fn compare_greedy(
         },
         LOGIT_TOLERANCE,
         format!(
-            "{} prompts, {} logits compared (max |diff|)",
+            "{} prompts, {} logits compared (max abs diff)",
             a.len(),
             la.len()
         ),
@@ -434,11 +434,20 @@ pub fn compare(
     compare_grpo_step(&dev, &reference, &sampled, &mut checks)?;
     compare_discriminator_step(device, against, &dirs, out, &mut checks)?;
     Ok(DeviceReport {
-        device: format!("{device:?}"),
-        against: format!("{against:?}"),
+        device: label(device),
+        against: label(against),
         parameters: dev.bundle.model.parameter_counts().0,
         checks,
     })
+}
+
+/// `cpu`, `cuda:N`, as `--device` spells it.
+fn label(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        other => format!("{other:?}"),
+    }
 }
 
 fn print_report(report: &DeviceReport, json_path: &Path) {
