@@ -17,6 +17,7 @@ pub mod logging;
 pub mod model_cmd;
 pub mod roles;
 pub mod selfcheck;
+pub mod selfcheck_device;
 pub mod train_cmd;
 
 use std::path::PathBuf;

@@ -33,6 +33,11 @@ pub struct SelfcheckArgs {
     pub max_steps: usize,
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Compare `--device` against this device instead (e.g. `--device cuda:0 --against cpu`):
+    /// the same weights on both, logits, scored log-probs, greedy tokens, one Dr.GRPO step and
+    /// one discriminator step; writes `device-selfcheck.json`.
+    #[arg(long)]
+    pub against: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,7 +69,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Where the model directories and `selfcheck.json` go.
-fn out_dir(args: &SelfcheckArgs) -> anyhow::Result<PathBuf> {
+pub(crate) fn out_dir(args: &SelfcheckArgs) -> anyhow::Result<PathBuf> {
     let out = match &args.out {
         Some(p) => p.clone(),
         None => PathBuf::from("runs").join(format!(
@@ -320,6 +325,9 @@ fn print_report(report: &Report, json_path: &Path) {
 }
 
 pub fn run(args: &SelfcheckArgs) -> anyhow::Result<()> {
+    if let Some(against) = &args.against {
+        return crate::selfcheck_device::run(args, against);
+    }
     let device = crate::device::parse(&args.device)?;
     let out = out_dir(args)?;
     let mut checks = Vec::new();

@@ -22,14 +22,59 @@ pub trait Collective: Send + std::fmt::Debug {
     fn all_reduce_flat(&self, values: &mut Vec<f32>) -> Result<()>;
     /// Sums scalars (loss terms, token and group counts) across ranks, in place.
     fn all_reduce_sum_scalars(&self, values: &mut [f64]) -> Result<()>;
-    /// Sums `grads` across ranks, in place: flattened into one buffer (the ranks' layouts
-    /// checked to agree first), reduced with [`Collective::all_reduce_flat`], written back.
+    /// Sums `grads` across ranks, in place. By default through the host
+    /// ([`all_reduce_sum_through_host`]); the NCCL collective keeps CUDA gradients on their
+    /// device instead.
     fn all_reduce_sum(&self, grads: &mut Gradients) -> Result<()> {
-        let mut flat = FlatGradients::new(grads)?;
-        flat.check_same_layout(self)?;
-        self.all_reduce_flat(&mut flat.values)?;
-        flat.write_back(grads)
+        all_reduce_sum_through_host(self, grads)
     }
+}
+
+/// The host path of [`Collective::all_reduce_sum`]: `grads` flattened into one host buffer (the
+/// ranks' layouts checked to agree first), reduced with [`Collective::all_reduce_flat`], written
+/// back onto each gradient's device.
+pub fn all_reduce_sum_through_host<C: Collective + ?Sized>(
+    collective: &C,
+    grads: &mut Gradients,
+) -> Result<()> {
+    let mut flat = FlatGradients::new(grads)?;
+    flat.check_same_layout(collective)?;
+    collective.all_reduce_flat(&mut flat.values)?;
+    flat.write_back(grads)
+}
+
+/// The element ranges `0..total` is reduced in, `bucket_elems` at a time (the last one shorter):
+/// every rank cuts the same buffer the same way, so the ranks' bucket calls pair up.
+pub fn bucket_ranges(
+    total: usize,
+    bucket_elems: usize,
+) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let bucket_elems = bucket_elems.max(1);
+    (0..total)
+        .step_by(bucket_elems)
+        .map(move |start| start..(start + bucket_elems).min(total))
+}
+
+/// Sums (value count, tensor count) across ranks: ranks whose gradients differ in layout fail
+/// here, naming this rank's layout, instead of reducing mismatched buffers.
+fn check_layout_across_ranks<C: Collective + ?Sized>(
+    collective: &C,
+    n_values: usize,
+    n_tensors: usize,
+) -> Result<()> {
+    let mine = [n_values as f64, n_tensors as f64];
+    let mut sum = mine;
+    collective.all_reduce_sum_scalars(&mut sum)?;
+    let world = collective.world_size() as f64;
+    if sum[0] != mine[0] * world || sum[1] != mine[1] * world {
+        return Err(crate::error::LearnerError::Collective(format!(
+            "rank {}: gradient layouts differ across ranks: this rank has {} tensors / {} values",
+            collective.rank(),
+            mine[1],
+            mine[0]
+        )));
+    }
+    Ok(())
 }
 
 /// One rank: the sum over ranks is the rank's own value.
@@ -124,19 +169,7 @@ impl FlatGradients {
     /// Sums (value count, tensor count) across ranks first: ranks whose gradients differ in
     /// layout fail here, naming this rank's layout, instead of reducing mismatched buffers.
     pub fn check_same_layout<C: Collective + ?Sized>(&self, collective: &C) -> Result<()> {
-        let mine = [self.values.len() as f64, self.layout.len() as f64];
-        let mut sum = mine;
-        collective.all_reduce_sum_scalars(&mut sum)?;
-        let world = collective.world_size() as f64;
-        if sum[0] != mine[0] * world || sum[1] != mine[1] * world {
-            return Err(crate::error::LearnerError::Collective(format!(
-                "rank {}: gradient layouts differ across ranks: this rank has {} tensors / {} values",
-                collective.rank(),
-                mine[1],
-                mine[0]
-            )));
-        }
-        Ok(())
+        check_layout_across_ranks(collective, self.values.len(), self.layout.len())
     }
 
     /// Writes `values` (after the reduction) back into `grads`, tensor by tensor.
@@ -149,6 +182,179 @@ impl FlatGradients {
             )?;
             grads.grads.insert(name, t);
         }
+        Ok(())
+    }
+}
+
+/// Gradients as one contiguous f32 tensor on their own device, in name order: one `Tensor::cat`
+/// of the flattened gradients (on a GPU, device-to-device copies into one fresh allocation; no
+/// host copy), and the layout to cut it back into gradients. The device path of the NCCL
+/// collective reduces [`DeviceFlatGradients::flat`] in place; the code is device-generic, so the
+/// layout is tested on CPU tensors.
+#[derive(Debug)]
+pub struct DeviceFlatGradients {
+    /// Owned by this value alone (a fresh allocation), so reducing it in place changes no
+    /// other tensor.
+    pub flat: candle_core::Tensor,
+    /// (name, dims, dtype, offset, length) per tensor.
+    layout: Vec<(String, Vec<usize>, candle_core::DType, usize, usize)>,
+}
+
+impl DeviceFlatGradients {
+    /// Flattens `grads` (all on one device; empty gradients are refused, the host path handles
+    /// them) into one f32 tensor on that device.
+    pub fn new(grads: &Gradients) -> Result<Self> {
+        let mut parts = Vec::with_capacity(grads.grads.len());
+        let mut layout = Vec::with_capacity(grads.grads.len());
+        let mut offset = 0;
+        for (name, g) in &grads.grads {
+            let n = g.elem_count();
+            layout.push((name.clone(), g.dims().to_vec(), g.dtype(), offset, n));
+            parts.push(g.flatten_all()?.to_dtype(candle_core::DType::F32)?);
+            offset += n;
+        }
+        let flat = match parts.as_slice() {
+            [] => {
+                return Err(crate::error::LearnerError::Collective(
+                    "device all-reduce: no gradients to flatten".into(),
+                ));
+            }
+            // `cat` of one tensor returns that tensor (shared storage): copy, so the in-place
+            // reduction writes into a buffer nobody else holds.
+            [one] => one.copy()?,
+            many => candle_core::Tensor::cat(many, 0)?,
+        };
+        Ok(Self { flat, layout })
+    }
+
+    /// The number of f32 values in [`DeviceFlatGradients::flat`].
+    pub fn len(&self) -> usize {
+        self.flat.elem_count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// As [`FlatGradients::check_same_layout`].
+    pub fn check_same_layout<C: Collective + ?Sized>(&self, collective: &C) -> Result<()> {
+        check_layout_across_ranks(collective, self.len(), self.layout.len())
+    }
+
+    /// Cuts the (reduced) flat tensor back into `grads` on the device: each gradient a narrow +
+    /// reshape view of it (no copy), cast back to its dtype.
+    pub fn write_back(self, grads: &mut Gradients) -> Result<()> {
+        for (name, dims, dtype, start, len) in self.layout {
+            let t = self
+                .flat
+                .narrow(0, start, len)?
+                .reshape(dims.as_slice())?
+                .to_dtype(dtype)?;
+            grads.grads.insert(name, t);
+        }
+        Ok(())
+    }
+}
+
+/// The one device every gradient lives on, when that is not the CPU (the device path); `None`
+/// for CPU gradients, none at all, or gradients spread over several devices (the host path).
+pub fn accelerator_device(grads: &Gradients) -> Option<candle_core::Device> {
+    let mut devices = grads.grads.values().map(|g| g.device());
+    let first = devices.next()?;
+    if first.is_cpu() || !devices.all(|d| d.same_device(first)) {
+        return None;
+    }
+    Some(first.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+
+    fn grads(named: &[(&str, Tensor)]) -> Gradients {
+        let mut g = Gradients::default();
+        for (name, t) in named {
+            g.grads.insert((*name).to_string(), t.clone());
+        }
+        g
+    }
+
+    #[test]
+    fn buckets_cover_the_buffer_once_in_order() {
+        // (total, bucket size, the (start, end) of each bucket)
+        let cases: [(usize, usize, &[_]); 5] = [
+            (0, 4, &[]),
+            (3, 4, &[(0, 3)]),
+            (8, 4, &[(0, 4), (4, 8)]),
+            (10, 4, &[(0, 4), (4, 8), (8, 10)]),
+            (2, 0, &[(0, 1), (1, 2)]),
+        ];
+        for (total, bucket, want) in cases {
+            let got: Vec<_> = bucket_ranges(total, bucket)
+                .map(|r| (r.start, r.end))
+                .collect();
+            assert_eq!(got, want, "total {total}, bucket {bucket}");
+        }
+    }
+
+    /// The device path's flatten -> reduce -> write back, on CPU tensors: every
+    /// gradient comes back under its name, shape and dtype with the reduced values, and the
+    /// inputs are untouched (the flat buffer is a copy, also with a single gradient).
+    #[test]
+    fn device_flatten_reduce_and_write_back_keep_the_layout() -> Result<()> {
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 6.0, &dev)?.reshape((2, 3))?;
+        let b = Tensor::new(&[[7f32], [8.0]], &dev)?.t()?; // not contiguous
+        let c = Tensor::new(&[9f32, 10.0], &dev)?.to_dtype(DType::F64)?;
+        for named in [
+            vec![("a", a.clone()), ("b", b.clone()), ("c", c.clone())],
+            vec![("a", a.clone())],
+        ] {
+            let mut g = grads(&named);
+            let mut flat = DeviceFlatGradients::new(&g)?;
+            assert_eq!(
+                flat.len(),
+                named.iter().map(|(_, t)| t.elem_count()).sum::<usize>()
+            );
+            // The reduction stands in as doubling (what two identical ranks would sum to).
+            flat.flat = flat.flat.affine(2.0, 0.0)?;
+            flat.write_back(&mut g)?;
+            assert_eq!(g.grads.len(), named.len());
+            for (name, original) in &named {
+                let back = &g.grads[*name];
+                assert_eq!(back.dims(), original.dims(), "{name}");
+                assert_eq!(back.dtype(), original.dtype(), "{name}");
+                let want = original.to_dtype(DType::F32)?.affine(2.0, 0.0)?;
+                let diff = (back.to_dtype(DType::F32)? - want)?.abs()?.max_all()?;
+                assert_eq!(diff.to_scalar::<f32>()?, 0.0, "{name}");
+            }
+        }
+        assert_eq!(a.flatten_all()?.to_vec1::<f32>()?, [0., 1., 2., 3., 4., 5.]);
+        Ok(())
+    }
+
+    /// The device path is taken only for gradients all on one accelerator: CPU gradients and
+    /// none at all go through the host; an empty set is refused by the device flattening.
+    #[test]
+    fn cpu_gradients_take_the_host_path() -> Result<()> {
+        let t = Tensor::zeros(3, DType::F32, &Device::Cpu)?;
+        assert!(accelerator_device(&grads(&[("x", t)])).is_none());
+        assert!(accelerator_device(&Gradients::default()).is_none());
+        assert!(DeviceFlatGradients::new(&Gradients::default()).is_err());
+        Ok(())
+    }
+
+    /// The host path (flatten to a host buffer, reduce, write back), called directly (one rank
+    /// would skip it): the gradients come back identical, on their device.
+    #[test]
+    fn the_host_path_writes_back_what_it_flattened() -> Result<()> {
+        let a = Tensor::arange(0f32, 6.0, &Device::Cpu)?.reshape((3, 2))?;
+        let mut g = grads(&[("a", a.clone())]);
+        all_reduce_sum_through_host(&SingleRank, &mut g)?;
+        assert_eq!(g.grads["a"].to_vec2::<f32>()?, a.to_vec2::<f32>()?);
+        assert!(g.grads["a"].device().is_cpu());
         Ok(())
     }
 }
