@@ -120,7 +120,7 @@ PY
       # torch-bench.py exits 3, saying so, where torch does not import.
       step 4 torch-bench 120 python3 "$assets/torch-bench.py" "$out/bench-model.json" \
         --device "$torch_dev" --out "$out/torch-bench.json"
-      step 5 bench-nccl 60 "$ril" bench nccl --sizes-mb 1,10,100,1000
+      step 5 bench-nccl 90 "$ril" bench nccl --paths host,device --sizes-mb 1,10,100,1000
       step 6 demo-cuda 240 "$ril" demo --device "$dev" --out "$out/demo"
       if [ "${#failed[@]}" -gt 0 ]; then
         echo "gpu-check: FAILED: ${failed[*]}"
