@@ -344,10 +344,7 @@ fn devices_default_to_cpu_and_run_device_fills_the_roles_without_their_own() {
     assert_eq!(RunConfig::parse(&text, &path).unwrap(), cfg, "{text}");
 
     // An OpenAI teacher runs no model here: it takes no device.
-    let bad = with_candle_teacher.replace(
-        "model = \"Qwen",
-        "device = \"cuda:0\"\nmodel = \"Qwen",
-    );
+    let bad = with_candle_teacher.replace("model = \"Qwen", "device = \"cuda:0\"\nmodel = \"Qwen");
     let e = RunConfig::parse(&bad, &path).unwrap_err().to_string();
     assert!(e.contains("device"), "{e}");
 }

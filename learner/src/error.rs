@@ -141,9 +141,7 @@ impl ServiceError for LearnerError {
             | Self::Device { .. }
             | Self::Data(_)
             | Self::Prompt(_)
-            | Self::NoGroups => {
-                ServiceErrorCode::InvalidArgument
-            }
+            | Self::NoGroups => ServiceErrorCode::InvalidArgument,
             Self::MalformedShard(_) => ServiceErrorCode::InvalidArgument,
             Self::VersionNotHeld { .. }
             | Self::NotRankZero { .. }

@@ -22,7 +22,8 @@ pub enum DeviceError {
     CannotOpen {
         spec: String,
         ordinal: usize,
-        error: candle_core::Error,
+        /// Boxed: the error types that wrap this one stay small.
+        error: Box<candle_core::Error>,
     },
 }
 
@@ -78,7 +79,7 @@ impl DeviceSpec {
         Device::new_cuda(ordinal).map_err(|error| DeviceError::CannotOpen {
             spec: spec.to_string(),
             ordinal,
-            error,
+            error: Box::new(error),
         })
     }
 }

@@ -315,7 +315,14 @@ fn evaluate(
 ) -> Result<Vec<(f64, f64)>> {
     let eval = |model: &Path, out: &Path| {
         let (rows, budget) = (options.eval_rows, options.max_new_tokens);
-        eval_accuracy(ril, model, data, ("test", rows, budget), options.device(), out)
+        eval_accuracy(
+            ril,
+            model,
+            data,
+            ("test", rows, budget),
+            options.device(),
+            out,
+        )
     };
     let version = outcome.status.policy_version;
     let final_ckpt = ril_learner::trainer::checkpoint_dir(&outcome.learner_dir, version);
