@@ -84,7 +84,7 @@ impl SharedVersion {
 }
 
 fn device_name(device: &Device) -> String {
-    format!("{device:?}")
+    ril_model::device::describe(device)
 }
 
 fn elapsed_ms(since: Instant) -> f64 {
@@ -110,7 +110,7 @@ pub async fn register<C: Coordinator>(
         }
         match coordinator.register(&opts.actor_id, &device).await {
             Ok(r) => {
-                tracing::info!(run = %r.run_id, group_size = r.settings.group_size, teachers = r.teacher_addrs.len(), "registered");
+                tracing::info!(run = %r.run_id, %device, group_size = r.settings.group_size, teachers = r.teacher_addrs.len(), "registered");
                 return Ok(Some(r));
             }
             Err(e) if e.is_unavailable() && Instant::now() < deadline => {

@@ -61,6 +61,10 @@ pub struct DemoArgs {
     /// SFT steps for the models made on first use when the built-in ones are missing.
     #[arg(long, default_value_t = 300)]
     pub fallback_sft_steps: usize,
+    /// Every role on this device (`[run] device` of the run config), the evaluations too:
+    /// cpu, cuda or cuda:N. Default: the CPU.
+    #[arg(long, value_parser = crate::device::form)]
+    pub device: Option<String>,
 }
 
 /// D's pre-training before RIL, for `ril demo` and `ril experiment ablation`.
@@ -103,6 +107,7 @@ impl DemoArgs {
             accuracy_points: self.accuracy_points,
             pretrain: self.pretrain.settings(),
             fallback_sft_steps: self.fallback_sft_steps,
+            device: self.device.clone(),
         }
     }
 }
@@ -122,6 +127,19 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         demo: DemoArgs,
+    }
+
+    /// `--device` puts the whole run on one device; its form is checked when the flags are read.
+    #[test]
+    fn the_demo_device_is_checked_for_its_form_and_defaults_to_none() {
+        let parse = |argv: &[&str]| Cli::try_parse_from(argv).map(|c| c.demo.options().device);
+        assert_eq!(parse(&["ril"]).unwrap(), None);
+        assert_eq!(
+            parse(&["ril", "--device", "cuda:0"]).unwrap().as_deref(),
+            Some("cuda:0")
+        );
+        let e = parse(&["ril", "--device", "gpu"]).unwrap_err().to_string();
+        assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
     }
 
     #[test]

@@ -97,6 +97,9 @@ pub struct LearnerArgs {
     pub advertise: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub rank: u32,
+    /// Overrides `[learner] device` (ranks of one machine each on their own GPU).
+    #[arg(long)]
+    pub device: Option<String>,
     /// Overrides `[learner] collective_listen` (the ring collective's listen address, with
     /// world_size > 1).
     #[arg(long)]
@@ -119,8 +122,9 @@ pub struct TeacherArgs {
 pub struct DiscriminatorServeArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
+    /// Overrides `[discriminator] device`.
+    #[arg(long)]
+    pub device: Option<String>,
     /// The environment variable that holds the LLM judge's API key (`[discriminator.judge]
     /// kind = "llm"`), e.g. filled from a Kubernetes Secret, so that the key never has to be
     /// written into the run config. An unset or empty variable: no key is sent.
@@ -287,6 +291,9 @@ pub fn learner(args: &LearnerArgs) -> anyhow::Result<()> {
         bail!("no coordinator address: set [network] coordinator or pass --coordinator");
     }
     opts.rank = args.rank;
+    if let Some(device) = &args.device {
+        opts.device = device.clone();
+    }
     if let Some(c) = &args.collective_listen {
         opts.collective_listen = c.clone();
     }
@@ -339,7 +346,10 @@ pub fn discriminator(args: &DiscriminatorServeArgs) -> anyhow::Result<()> {
     if let Some(var) = &args.judge_api_key_env {
         judge_api_key_from_env(&mut cfg.discriminator.judge, var, std::env::var(var).ok())?;
     }
-    let device = crate::device::parse(&args.device)?;
+    if let Some(device) = &args.device {
+        cfg.discriminator.device = device.clone();
+    }
+    let device = cfg.discriminator.open_device()?;
     runtime()?.block_on(async {
         let bound = bind(&args.serve, &cfg, ril_proto::security::Role::Discriminator).await?;
         serve_role(|stop| ril_discriminator::serve(cfg.discriminator.clone(), device, bound, stop))

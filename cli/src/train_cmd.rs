@@ -389,6 +389,9 @@ pub struct SftArgs {
     pub freeze: Vec<String>,
     #[arg(long)]
     pub skip_bad_rows: bool,
+    /// Where the model, optimizer state and batches live: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 fn parse_target(s: &str) -> anyhow::Result<Target> {
@@ -538,7 +541,8 @@ pub fn sft(a: &SftArgs) -> anyhow::Result<()> {
         (None, Some(m)) => m,
         (None, None) => bail!("give --model (a model directory) or --resume (a checkpoint)"),
     };
-    let device = candle_core::Device::Cpu;
+    let device = crate::device::parse(&a.device)?;
+    tracing::info!(device = %crate::device::describe(&device), "sft");
     let bundle = Bundle::load(start_dir, Head::LanguageModel, &device, DType::F32)
         .with_context(|| format!("loading {}", start_dir.display()))?;
     let mut optimizer = sft_optimizer(a, &bundle, start_dir)?;
@@ -613,6 +617,9 @@ pub struct EvalArgs {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub skip_bad_rows: bool,
+    /// Where the model and its generation run: cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
 }
 
 pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
@@ -630,13 +637,10 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
     if rows.is_empty() {
         bail!("{}: no rows to evaluate", file.display());
     }
-    let bundle = Bundle::load(
-        &a.model,
-        Head::LanguageModel,
-        &candle_core::Device::Cpu,
-        DType::F32,
-    )
-    .with_context(|| format!("loading {}", a.model.display()))?;
+    let device = crate::device::parse(&a.device)?;
+    tracing::info!(device = %crate::device::describe(&device), "eval");
+    let bundle = Bundle::load(&a.model, Head::LanguageModel, &device, DType::F32)
+        .with_context(|| format!("loading {}", a.model.display()))?;
     let cfg = EvalConfig {
         samples: a.samples,
         temperature: a.temperature,

@@ -69,6 +69,13 @@ pub enum ConfigError {
     /// A value out of range or a combination that cannot run, said in words.
     #[error("{}: {problem}", path.display())]
     Invalid { path: PathBuf, problem: String },
+    /// A device string (`key`, e.g. `actors.device`) that is not `cpu`, `cuda` or `cuda:N`.
+    #[error("{}: {key}: {error}", path.display())]
+    Device {
+        path: PathBuf,
+        key: &'static str,
+        error: ril_model::DeviceError,
+    },
     #[error("{}: [rollout]: {error}", path.display())]
     Sampling {
         path: PathBuf,

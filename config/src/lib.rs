@@ -11,6 +11,7 @@
 //! iterations = 8              # learner steps (policy versions)
 //! questions_per_iteration = 4 # B
 //! staleness_bound = 0         # k: 0 = synchronous on-policy
+//! device = "cuda:0"           # optional: every role's device unless it names its own
 //!
 //! [data]
 //! path = "data/shapes"        # dataset dir (its train split) or a .jsonl / .parquet file
@@ -33,6 +34,10 @@
 //! [[teachers]]                # name + backend = "candle" | "openai" | "replay"
 //! [actors]                    # count (local mode), questions_per_lease, device
 //! ```
+//!
+//! Devices: `[run] device = "cuda:0"` puts every role on that GPU; `[actors]`, `[learner]`,
+//! `[discriminator]` and a candle `[[teachers]]` entry each take their own `device`, which wins.
+//! Default: `cpu`.
 //!
 //! [`RunConfig::parse`] reads it in named steps (`parse.rs`); [`RunConfig::to_toml`] writes a
 //! config back in the same shape (`write.rs`), so that programs (the demo, the ablation) build
@@ -178,6 +183,19 @@ impl RunConfig {
         }
         if self.rollout.max_new_tokens == 0 {
             return Err(self.invalid("[rollout] max_new_tokens must be positive".into()));
+        }
+        // The forms only: each role opens its device where it runs, which need not be here.
+        let devices = [("run.device", self.run.device.as_deref())]
+            .into_iter()
+            .chain([("actors.device", Some(self.actors.device.as_str()))]);
+        for (key, device) in devices {
+            if let Some(Err(error)) = device.map(str::parse::<ril_model::DeviceSpec>) {
+                return Err(ConfigError::Device {
+                    path: self.path.clone(),
+                    key,
+                    error,
+                });
+            }
         }
         // The check every actor makes of these settings when it registers, made here so that a
         // bad temperature or top_p stops `ril config check` instead of every actor later.

@@ -98,6 +98,38 @@ pub(crate) fn discriminator_injections(run: &RunSection) -> Vec<Injection> {
     }]
 }
 
+/// The role sections that take `[run] device` when they name no device of their own.
+pub(crate) const DEVICE_SECTIONS: [&str; 3] = ["actors", "learner", "discriminator"];
+
+/// Whether a `[[teachers]]` entry has a `device` key (only the candle backend runs a model).
+pub(crate) fn teacher_has_device(t: &toml::Table) -> bool {
+    t.get("backend").and_then(Value::as_str) == Some("candle")
+}
+
+/// `[run] device` filled into every role section (and candle teacher) without its own
+/// `device`. A default, not an injection: a role may name another device (the learner on one
+/// GPU, the actors on another).
+fn fill_run_device(path: &Path, table: &mut toml::Table, device: &str) -> Result<(), ConfigError> {
+    let fill = |t: &mut toml::Table| {
+        t.entry("device")
+            .or_insert_with(|| Value::String(device.to_string()));
+    };
+    for name in DEVICE_SECTIONS {
+        let mut t = take_table(path, table, name)?;
+        fill(&mut t);
+        table.insert(name.into(), Value::Table(t));
+    }
+    if let Some(Value::Array(entries)) = table.get_mut("teachers") {
+        for entry in entries {
+            match entry {
+                Value::Table(t) if teacher_has_device(t) => fill(t),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Where a teacher's answer cache goes unless its entry names one.
 pub(crate) fn default_teacher_cache(run: &RunSection, name: &str) -> PathBuf {
     run.dir.join("teachers").join(format!("{name}.redb"))
@@ -345,6 +377,9 @@ impl RunConfig {
         let mut student: StudentSection = required(path, &table, "student")?;
         student.checkpoint = resolve(&base, &student.checkpoint);
         let rollout: RolloutSection = required(path, &table, "rollout")?;
+        if let Some(device) = &run.device {
+            fill_run_device(path, &mut table, device)?;
+        }
         let network = section(path, &table, "network")?.unwrap_or_default();
         let coordinator = section(path, &table, "coordinator")?.unwrap_or_default();
         let actors = section(path, &table, "actors")?.unwrap_or_default();

@@ -18,6 +18,11 @@ pub struct RunSection {
     pub questions_per_iteration: u64,
     #[serde(default)]
     pub staleness_bound: u64,
+    /// The device of every role that does not name its own (`[actors]`, `[learner]`,
+    /// `[discriminator]` and candle `[[teachers]]` `device`): `cpu`, `cuda` or `cuda:N`. None:
+    /// each role's own default, `cpu`. One GPU for the whole run is `device = "cuda:0"` here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -159,6 +164,8 @@ pub struct ActorsSection {
     pub count: u32,
     #[serde(default = "d_qpl")]
     pub questions_per_lease: u32,
+    /// Where each actor's copy of the student samples: `cpu`, `cuda` or `cuda:N`. Default:
+    /// `[run] device`, else `cpu`.
     #[serde(default = "d_device")]
     pub device: String,
 }

@@ -242,6 +242,7 @@ fn relative_paths_round_trip_for_a_config_in_a_relative_directory() {
             iterations: 2,
             questions_per_iteration: 4,
             staleness_bound: 0,
+            device: None,
         },
         DataSection {
             path: "/abs/data".into(),
@@ -304,4 +305,91 @@ max_new_tokens = 128
     )
     .unwrap();
     assert_eq!(new, parsed);
+}
+
+/// Every role runs on the CPU unless told otherwise; `[run] device` moves every role that names
+/// no device of its own, a role's own `device` wins, and the file written back reads back the
+/// same (each role's device written only where it differs from `[run] device`).
+#[test]
+fn devices_default_to_cpu_and_run_device_fills_the_roles_without_their_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.toml");
+    let with_candle_teacher = base(dir.path()).replace(
+        "[[teachers]]",
+        "[[teachers]]\nname = \"small\"\nbackend = \"candle\"\ncheckpoint = \"student\"\n[[teachers]]",
+    );
+    let candle_device = |cfg: &RunConfig| match &cfg.teachers[0].backend {
+        ril_teacher::BackendOptions::Candle(c) => c.device.clone(),
+        other => panic!("{other:?}"),
+    };
+    let cfg = RunConfig::parse(&with_candle_teacher, &path).unwrap();
+    assert_eq!(cfg.run.device, None);
+    assert_eq!(cfg.actors.device, "cpu");
+    assert_eq!(cfg.learner.device, "cpu");
+    assert_eq!(cfg.discriminator.device, "cpu");
+    assert_eq!(candle_device(&cfg), "cpu");
+
+    let on_gpu = with_candle_teacher.replace(
+        "questions_per_iteration = 2\n",
+        "questions_per_iteration = 2\ndevice = \"cuda:0\"\n[learner]\ndevice = \"cuda:1\"\n",
+    );
+    let cfg = RunConfig::parse(&on_gpu, &path).unwrap();
+    assert_eq!(cfg.run.device.as_deref(), Some("cuda:0"));
+    assert_eq!(cfg.actors.device, "cuda:0");
+    assert_eq!(cfg.learner.device, "cuda:1");
+    assert_eq!(cfg.discriminator.device, "cuda:0");
+    assert_eq!(candle_device(&cfg), "cuda:0");
+    let text = cfg.to_toml().unwrap();
+    assert_eq!(text.matches("device = ").count(), 2, "{text}");
+    assert_eq!(RunConfig::parse(&text, &path).unwrap(), cfg, "{text}");
+
+    // An OpenAI teacher runs no model here: it takes no device.
+    let bad = with_candle_teacher.replace("model = \"Qwen", "device = \"cuda:0\"\nmodel = \"Qwen");
+    let e = RunConfig::parse(&bad, &path).unwrap_err().to_string();
+    assert!(e.contains("device"), "{e}");
+}
+
+/// A device string that is not `cpu`, `cuda` or `cuda:N` is refused naming the key and the
+/// string, wherever it is. Only the form is checked: a CUDA device passes on a machine without
+/// one (the role opens it where it runs).
+#[test]
+fn a_bad_device_string_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.toml");
+    let text = base(dir.path());
+    let at = |section: &str, device: &str| {
+        text.replace(
+            "[rollout]",
+            &format!("[{section}]\ndevice = \"{device}\"\n[rollout]"),
+        )
+    };
+    for (section, key) in [
+        ("actors", "actors.device"),
+        ("learner", "learner.device"),
+        ("discriminator", "discriminator.device"),
+    ] {
+        let e = RunConfig::parse(&at(section, "gpu0"), &path)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(key) && e.contains("\"gpu0\"") && e.contains("expected cpu, cuda or cuda:N"),
+            "{e}"
+        );
+        RunConfig::parse(&at(section, "cuda:7"), &path).unwrap();
+    }
+    let run = text.replace(
+        "questions_per_iteration = 2\n",
+        "questions_per_iteration = 2\ndevice = \"cuda:x\"\n",
+    );
+    let e = RunConfig::parse(&run, &path).unwrap_err().to_string();
+    assert!(e.contains("run.device") && e.contains("\"cuda:x\""), "{e}");
+    let teacher = text.replace(
+        "[[teachers]]",
+        "[[teachers]]\nname = \"small\"\nbackend = \"candle\"\ncheckpoint = \"student\"\ndevice = \"tpu\"\n[[teachers]]",
+    );
+    let e = RunConfig::parse(&teacher, &path).unwrap_err().to_string();
+    assert!(
+        e.contains("\"small\"") && e.contains("device") && e.contains("\"tpu\""),
+        "{e}"
+    );
 }

@@ -12,7 +12,7 @@ use crate::RunConfig;
 use crate::error::ConfigError;
 use crate::parse::{
     Injection, TEACHER_PATH_KEYS, config_dir, default_teacher_cache, discriminator_injections,
-    learner_injections, path_value, security_paths,
+    learner_injections, path_value, security_paths, teacher_has_device,
 };
 use crate::sections::{ActorsSection, CoordinatorSection, NetworkSection};
 
@@ -51,6 +51,16 @@ fn strip(table: &mut toml::Table, injections: Vec<Injection>) {
 }
 
 impl RunConfig {
+    /// Leaves out a role's `device` when it is `[run] device`, which parsing fills in.
+    fn strip_run_device(&self, table: &mut toml::Table) {
+        let Some(device) = &self.run.device else {
+            return;
+        };
+        if table.get("device").and_then(Value::as_str) == Some(device.as_str()) {
+            table.remove("device");
+        }
+    }
+
     fn table_of<T: Serialize>(&self, value: &T) -> Result<toml::Table, ConfigError> {
         toml::Table::try_from(value).map_err(|error| ConfigError::NotWritable {
             path: self.path.clone(),
@@ -65,6 +75,7 @@ impl RunConfig {
             learner_injections(&self.run, &self.student, &self.network),
         );
         relative_keys(&mut t, &LEARNER_PATH_KEYS, base);
+        self.strip_run_device(&mut t);
         Ok(t)
     }
 
@@ -75,6 +86,7 @@ impl RunConfig {
         }
         strip(&mut t, discriminator_injections(&self.run));
         relative_keys(&mut t, &DISCRIMINATOR_PATH_KEYS, base);
+        self.strip_run_device(&mut t);
         Ok(t)
     }
 
@@ -88,6 +100,9 @@ impl RunConfig {
                     t.remove("cache");
                 }
                 relative_keys(&mut t, &TEACHER_PATH_KEYS, base);
+                if teacher_has_device(&t) {
+                    self.strip_run_device(&mut t);
+                }
                 Ok(Value::Table(t))
             })
             .collect()
@@ -123,8 +138,15 @@ impl RunConfig {
             let t = self.table_of(&self.coordinator)?;
             file.insert("coordinator".into(), Value::Table(t));
         }
-        if self.actors != ActorsSection::default() {
-            file.insert("actors".into(), Value::Table(self.table_of(&self.actors)?));
+        // `[actors]` as parsing gives it when the file has none: the defaults on the run's device.
+        let absent = ActorsSection {
+            device: (self.run.device.clone()).unwrap_or_else(|| ActorsSection::default().device),
+            ..ActorsSection::default()
+        };
+        if self.actors != absent {
+            let mut actors = self.table_of(&self.actors)?;
+            self.strip_run_device(&mut actors);
+            file.insert("actors".into(), Value::Table(actors));
         }
         if security != ril_proto::security::SecurityConfig::default() {
             file.insert("security".into(), Value::Table(self.table_of(&security)?));

@@ -31,6 +31,11 @@ pub enum DiscriminatorError {
         problem: String,
     },
 
+    /// `discriminator.device` is not a device string, or names a device this build or machine
+    /// cannot open. (The error's text is the message, so it is not also the source.)
+    #[error("discriminator.device: {error}")]
+    Device { error: ril_model::DeviceError },
+
     /// The loss of a training step was NaN or infinite: the step was refused before any weight
     /// or optimizer moment changed.
     #[error(
@@ -113,7 +118,7 @@ impl ServiceError for DiscriminatorError {
                 ServiceErrorCode::InvalidArgument
             }
             Self::NotReady(_) => ServiceErrorCode::Unavailable,
-            Self::Config { .. } => ServiceErrorCode::FailedPrecondition,
+            Self::Config { .. } | Self::Device { .. } => ServiceErrorCode::FailedPrecondition,
             Self::Judge(e) => match e {
                 JudgeError::InvalidConfig { .. } => ServiceErrorCode::FailedPrecondition,
                 JudgeError::Client(e) => match e {

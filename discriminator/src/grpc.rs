@@ -136,7 +136,8 @@ pub async fn serve(
         .serve_with_incoming_shutdown(incoming(bound), stop);
     let mut server = std::pin::pin!(server);
     let serve_error = |source| DiscriminatorError::Serve(ServeError::Serve { addr, source });
-    info!(%addr, judge = %options.judge_name(), "discriminator listening; loading D");
+    let device_name = ril_model::device::describe(&device);
+    info!(%addr, judge = %options.judge_name(), device = %device_name, "discriminator listening; loading D");
 
     let startup = async {
         let judge = AnswerJudge::new(&options.judge)?;

@@ -38,7 +38,7 @@ impl From<JudgeBackendToml> for JudgeBackend {
     }
 }
 
-/// Everything the discriminator service needs but the device. Keys and defaults:
+/// Everything the discriminator service needs, the device included. Keys and defaults:
 ///
 /// ```toml
 /// [discriminator]
@@ -60,6 +60,7 @@ impl From<JudgeBackendToml> for JudgeBackend {
 /// micro_batch_size = 16
 /// seed = 0
 /// max_message_bytes = 67108864
+/// device = "cpu"                      # or cuda / cuda:N
 ///
 /// [discriminator.judge]
 /// kind = "rule"                       # or "llm" with JudgeConfig's keys:
@@ -137,6 +138,10 @@ pub struct DiscriminatorOptions {
     /// images included).
     #[serde(default = "default_max_message_bytes")]
     pub max_message_bytes: usize,
+    /// Where D's weights, optimizer state and batches live: `cpu`, `cuda` or `cuda:N`.
+    /// Default: `[run] device`, else `cpu`.
+    #[serde(default = "default_device")]
+    pub device: String,
 }
 
 fn default_true() -> bool {
@@ -169,6 +174,9 @@ fn default_max_train_items() -> usize {
 fn default_micro_batch_size() -> usize {
     16
 }
+fn default_device() -> String {
+    "cpu".into()
+}
 fn default_max_message_bytes() -> usize {
     ril_proto::server::DEFAULT_MAX_MESSAGE_BYTES
 }
@@ -196,6 +204,7 @@ impl DiscriminatorOptions {
             micro_batch_size: default_micro_batch_size(),
             seed: 0,
             max_message_bytes: default_max_message_bytes(),
+            device: default_device(),
         }
     }
 
@@ -244,7 +253,20 @@ impl DiscriminatorOptions {
         if let JudgeBackend::Llm(cfg) = &self.judge {
             cfg.validate()?;
         }
+        // The form only: the device is opened where D runs (`open_device`).
+        self.device_spec()?;
         Ok(())
+    }
+
+    /// `device` parsed, not opened.
+    pub fn device_spec(&self) -> Result<ril_model::DeviceSpec> {
+        (self.device.parse()).map_err(|error| DiscriminatorError::Device { error })
+    }
+
+    /// Opens `device`.
+    pub fn open_device(&self) -> Result<candle_core::Device> {
+        (self.device_spec()?.open(&self.device))
+            .map_err(|error| DiscriminatorError::Device { error })
     }
 
     /// The clipping norm as the optimizer takes it.

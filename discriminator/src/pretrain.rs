@@ -705,6 +705,7 @@ pub async fn run_pretrain(
     mut on_event: impl FnMut(PretrainEvent) + Send + 'static,
 ) -> Result<PretrainReport> {
     options.validate()?;
+    info!(device = %ril_model::device::describe(&device), "discriminator pre-training");
     let out = options
         .discriminator
         .checkpoint_dir

@@ -29,6 +29,13 @@ pub enum LearnerError {
     /// Settings or an input that are wrong, with what and where.
     #[error("{0}")]
     Invalid(String),
+    /// The device setting (`key`) is not a device string, or names a device this build or
+    /// machine cannot open. (The error's text is the message, so it is not also the source.)
+    #[error("{key}: {error}")]
+    Device {
+        key: &'static str,
+        error: ril_model::DeviceError,
+    },
     /// A loss or statistic that must be finite is not; nothing was updated.
     #[error("non-finite {what}: {detail}")]
     NonFinite { what: &'static str, detail: String },
@@ -130,9 +137,11 @@ impl LearnerError {
 impl ServiceError for LearnerError {
     fn error_code(&self) -> ServiceErrorCode {
         match self {
-            Self::Invalid(_) | Self::Data(_) | Self::Prompt(_) | Self::NoGroups => {
-                ServiceErrorCode::InvalidArgument
-            }
+            Self::Invalid(_)
+            | Self::Device { .. }
+            | Self::Data(_)
+            | Self::Prompt(_)
+            | Self::NoGroups => ServiceErrorCode::InvalidArgument,
             Self::MalformedShard(_) => ServiceErrorCode::InvalidArgument,
             Self::VersionNotHeld { .. }
             | Self::NotRankZero { .. }

@@ -627,10 +627,12 @@ fn add_token_statistics(
     entropy: &Tensor,
     sums: &mut LossSums,
 ) -> Result<()> {
-    let logp_v: Vec<Vec<f32>> = logp.to_vec2()?;
-    let k3_v: Vec<Vec<f32>> = k3.to_vec2()?;
-    let clipped_v: Vec<Vec<f32>> = take_unclipped.to_vec2()?;
-    let entropy_v: Vec<Vec<f32>> = entropy.to_vec2()?;
+    // One device -> host transfer for the four (on a GPU, each is a synchronisation).
+    let stacked = Tensor::stack(&[&logp.detach(), k3, take_unclipped, entropy], 0)?;
+    let [logp_v, k3_v, clipped_v, entropy_v]: [Vec<Vec<f32>>; 4] = stacked
+        .to_vec3::<f32>()?
+        .try_into()
+        .expect("four tensors were stacked");
     for (i, it) in chunk.iter().enumerate() {
         let n = it.response.token_ids.len();
         sums.tokens += n as f64;

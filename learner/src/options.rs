@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 
+use ril_model::DeviceSpec;
+
 use crate::error::{LearnerError, Result};
 use crate::grpo::GrpoConfig;
 
@@ -122,7 +124,8 @@ pub struct LearnerOptions {
     /// (0: only at start).
     #[serde(default = "default_verify_every")]
     pub verify_every: u64,
-    /// `cpu`, `cuda` or `cuda:N`.
+    /// Where the policy, the reference, the optimizer state and the batches live: `cpu`,
+    /// `cuda` or `cuda:N`. Default: `[run] device`, else `cpu`.
     #[serde(default = "default_device")]
     pub device: String,
     /// Weights' dtype in memory: `f32`, `bf16` or `f16` (optimizer moments stay f32).
@@ -201,7 +204,7 @@ impl LearnerOptions {
         match self.collective.as_str() {
             "ring" => {}
             "nccl" if cfg!(feature = "nccl") => {
-                if !self.device.starts_with("cuda") {
+                if self.device_spec()? == DeviceSpec::Cpu {
                     return bad(format!(
                         "collective = \"nccl\" needs a CUDA device (device = \"cuda:N\"), not {:?}",
                         self.device
@@ -236,45 +239,36 @@ impl LearnerOptions {
         if self.coordinator_timeout_ms == 0 {
             return bad("coordinator_timeout_ms must be positive".into());
         }
-        self.parse_device()?;
+        self.device_spec()?;
         self.parse_dtype()?;
         Ok(())
     }
 
-    /// `None` for `cpu`, the ordinal for `cuda` (0) or `cuda:N`.
-    pub fn cuda_ordinal(&self) -> Result<Option<usize>> {
-        let bad = || {
-            LearnerError::Invalid(format!(
-                "learner.device {:?}: expected cpu, cuda or cuda:N",
-                self.device
-            ))
-        };
-        match self.device.as_str() {
-            "cpu" => Ok(None),
-            spec => match spec.strip_prefix("cuda") {
-                Some("") => Ok(Some(0)),
-                Some(rest) => rest
-                    .strip_prefix(':')
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .map(Some)
-                    .ok_or_else(bad),
-                None => Err(bad()),
-            },
-        }
+    /// `device` parsed (not opened): the form is checked with the rest of the settings, so
+    /// that `ril config check` refuses a bad string on any machine, GPU or not.
+    pub fn device_spec(&self) -> Result<DeviceSpec> {
+        self.device.parse().map_err(|error| LearnerError::Device {
+            key: "learner.device",
+            error,
+        })
     }
 
+    /// `None` for `cpu`, the ordinal for `cuda` (0) or `cuda:N`.
+    pub fn cuda_ordinal(&self) -> Result<Option<usize>> {
+        Ok(match self.device_spec()? {
+            DeviceSpec::Cpu => None,
+            DeviceSpec::Cuda(ordinal) => Some(ordinal),
+        })
+    }
+
+    /// Opens `device` (the trainer's weights, optimizer state and batches live there).
     pub fn parse_device(&self) -> Result<Device> {
-        let bad =
-            |m: String| LearnerError::Invalid(format!("learner.device {:?}: {m}", self.device));
-        let Some(ordinal) = self.cuda_ordinal()? else {
-            return Ok(Device::Cpu);
-        };
-        if !candle_core::utils::cuda_is_available() {
-            return Err(bad(
-                "this build has no CUDA support (rebuild with `--features cuda`)".into(),
-            ));
-        }
-        Device::new_cuda(ordinal).map_err(|e| bad(format!("cannot open the GPU: {e}")))
+        self.device_spec()?
+            .open(&self.device)
+            .map_err(|error| LearnerError::Device {
+                key: "learner.device",
+                error,
+            })
     }
 
     pub fn parse_dtype(&self) -> Result<DType> {

@@ -159,6 +159,7 @@ impl Trainer {
         options.validate()?;
         let device = options.parse_device()?;
         let dtype = options.parse_dtype()?;
+        tracing::info!(device = %ril_model::device::describe(&device), ?dtype, rank = options.rank, "learner: loading the policy");
         let reference_dir = options.reference_checkpoint();
         let reference_id = checkpoint_id(reference_dir)?;
         let reference = Vlm::from_pretrained(reference_dir, Head::LanguageModel, &device, dtype)?;

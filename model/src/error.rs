@@ -8,6 +8,9 @@ pub enum ModelError {
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),
 
+    #[error(transparent)]
+    Device(#[from] crate::device::DeviceError),
+
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,

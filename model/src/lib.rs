@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod decoder;
+pub mod device;
 pub mod error;
 pub mod generate;
 pub mod image;
@@ -22,6 +23,7 @@ pub mod toy;
 pub mod vlm;
 
 pub use config::{LlavaConfig, ModelSize};
+pub use device::{DeviceError, DeviceSpec};
 pub use error::{ModelError, Result};
 pub use generate::{Generation, Prompt, SamplingParams, generate};
 pub use tokenizer::{ChatMessage, ChatTokenizer};

@@ -326,9 +326,20 @@ impl Vlm {
     /// Input embeddings `[B, T, d]`: token embeddings with every `<image>` token replaced, in
     /// row-major order, by the next image feature.
     pub fn embed(&self, input_ids: &Tensor, pixel_values: Option<&Tensor>) -> Result<Tensor> {
-        let (b, t) = input_ids.dims2()?;
+        let (_, t) = input_ids.dims2()?;
+        self.embed_host_ids(&input_ids.to_vec2::<u32>()?, t, pixel_values)
+    }
+
+    /// [`Vlm::embed`] with the ids already on the host (`ids`, `[B][T]`): where the image
+    /// tokens are and whether every id is in the vocabulary is decided there.
+    fn embed_host_ids(
+        &self,
+        ids: &[Vec<u32>],
+        t: usize,
+        pixel_values: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let b = ids.len();
         let image_token = self.cfg.image_token_index;
-        let ids = input_ids.to_vec2::<u32>()?;
         let vocab = self.vocab_size() as u32;
         let mut image_positions = Vec::new();
         let mut text_ids = Vec::with_capacity(b * t);
@@ -400,14 +411,26 @@ impl Vlm {
                 cached + t
             )));
         }
-        let max_pos = input.positions.max_all()?.to_scalar::<u32>()? as usize;
+        // The ids and positions come to the host in one transfer (on a GPU each is a
+        // synchronisation): the positions' maximum is checked and the image tokens found there.
+        let both = Tensor::cat(&[input.input_ids, input.positions], 1)?.to_vec2::<u32>()?;
+        let (ids, positions): (Vec<Vec<u32>>, Vec<&[u32]>) = both
+            .iter()
+            .map(|row| (row[..t].to_vec(), &row[t..]))
+            .unzip();
+        let max_pos = positions
+            .iter()
+            .flat_map(|r| r.iter())
+            .copied()
+            .max()
+            .unwrap_or(0) as usize;
         if max_pos >= self.max_positions() {
             return Err(ModelError::input(format!(
                 "position {max_pos} exceeds max_position_embeddings {}",
                 self.max_positions()
             )));
         }
-        let embeds = self.embed(input.input_ids, input.pixel_values)?;
+        let embeds = self.embed_host_ids(&ids, t, input.pixel_values)?;
         let mask = crate::ops::attention_mask(input.key_valid, t, self.dtype, &self.device)?;
         self.decoder
             .forward_embeds(&embeds, input.positions, &mask, cache)

@@ -43,6 +43,16 @@ pub struct DemoOptions {
     pub pretrain: PretrainSettings,
     /// SFT steps for the models made on first use when the built-in ones are missing.
     pub fallback_sft_steps: usize,
+    /// Every role's device (`[run] device`), the evaluations' and the fallback models' SFT.
+    /// None: the CPU.
+    pub device: Option<String>,
+}
+
+impl DemoOptions {
+    /// The device as the commands take it.
+    fn device(&self) -> &str {
+        self.device.as_deref().unwrap_or("cpu")
+    }
 }
 
 /// The model directories the demo needs: the student and the teachers it runs with.
@@ -179,6 +189,8 @@ fn make_model(
         "1000000",
         "--target",
         model.target,
+        "--device",
+        options.device(),
     ])?;
     ril.run(&[
         "model",
@@ -224,6 +236,7 @@ fn write_config(
             .max(1),
         max_new_tokens: options.max_new_tokens,
         teacher_max_new_tokens: TEACHER_MAX_NEW_TOKENS,
+        device: options.device.clone(),
     };
     spec.write_config(&options.out.join("run.toml"))
 }
@@ -302,7 +315,14 @@ fn evaluate(
 ) -> Result<Vec<(f64, f64)>> {
     let eval = |model: &Path, out: &Path| {
         let (rows, budget) = (options.eval_rows, options.max_new_tokens);
-        eval_accuracy(ril, model, data, "test", rows, budget, out)
+        eval_accuracy(
+            ril,
+            model,
+            data,
+            ("test", rows, budget),
+            options.device(),
+            out,
+        )
     };
     let version = outcome.status.policy_version;
     let final_ckpt = ril_learner::trainer::checkpoint_dir(&outcome.learner_dir, version);

@@ -199,6 +199,8 @@ pub fn spec(
         save_every: 0,
         max_new_tokens: options.max_new_tokens,
         teacher_max_new_tokens: TEACHER_MAX_NEW_TOKENS,
+        // The ablation runs on the CPU, as its recorded results did.
+        device: None,
     })
 }
 
@@ -429,9 +431,8 @@ impl Plan<'_> {
             self.ril,
             &model,
             &self.data,
-            &options.split,
-            options.eval_rows,
-            options.max_new_tokens,
+            (&options.split, options.eval_rows, options.max_new_tokens),
+            "cpu",
             &dir.join("eval.json"),
         )?;
         let result = serde_json::json!({

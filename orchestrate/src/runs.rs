@@ -99,6 +99,8 @@ pub struct RunSpec {
     /// The teachers' generation budget: a reasoning teacher writes its chain of thought
     /// before the answer (60-100 tokens on the benchmark); a terse one stops at its end token.
     pub teacher_max_new_tokens: u32,
+    /// `[run] device`: every role's device (None: the CPU).
+    pub device: Option<String>,
 }
 
 impl RunSpec {
@@ -106,8 +108,11 @@ impl RunSpec {
     /// the teachers' budget, its cache under the run.
     fn teacher(&self, cfg: &RunConfig, name: &str, dir: &str) -> TeacherOptions {
         let checkpoint = self.models.join(dir);
-        let mut t =
-            TeacherOptions::new(name, BackendOptions::Candle(CandleOptions::new(checkpoint)));
+        let mut candle = CandleOptions::new(checkpoint);
+        if let Some(device) = &self.device {
+            candle.device = device.clone();
+        }
+        let mut t = TeacherOptions::new(name, BackendOptions::Candle(candle));
         t.cache = Some(cfg.default_teacher_cache(name));
         t.sampling.temperature = 1.0;
         t.sampling.max_new_tokens = self.teacher_max_new_tokens as _;
@@ -123,6 +128,7 @@ impl RunSpec {
             iterations: self.iterations,
             questions_per_iteration: self.questions_per_iteration,
             staleness_bound: 0,
+            device: self.device.clone(),
         };
         let data = DataSection {
             path: self.data.clone(),
@@ -203,6 +209,7 @@ pub fn pretrain_discriminator(
         // The student's answers get the run's budget.
         let budget = cfg.rollout.max_new_tokens.to_string();
         a.extend(["--max-new-tokens".into(), budget]);
+        a.extend(["--device".into(), cfg.discriminator.device.clone()]);
         for addr in addrs {
             a.extend(["--teacher".into(), addr]);
         }
@@ -224,18 +231,19 @@ pub fn run_local(ril: &RilBinary, cfg: &RunConfig) -> Result<TrainOutcome> {
 }
 
 /// Greedy accuracy of `model` on the first `rows` questions of `split`, `max_new_tokens` at
-/// most per answer (`ril eval`, whose full report goes to `out`).
+/// most per answer (`ril eval` on `device`, whose full report goes to `out`).
 pub fn eval_accuracy(
     ril: &RilBinary,
     model: &Path,
     data: &Path,
-    split: &str,
-    rows: usize,
-    max_new_tokens: u32,
+    (split, rows, max_new_tokens): (&str, usize, u32),
+    device: &str,
     out: &Path,
 ) -> Result<f64> {
     ril.run(&[
         "eval",
+        "--device",
+        device,
         "--max-new-tokens",
         &max_new_tokens.to_string(),
         "--model",
@@ -355,6 +363,7 @@ mod tests {
             save_every: 75,
             max_new_tokens: 128,
             teacher_max_new_tokens: TEACHER_MAX_NEW_TOKENS,
+            device: None,
         }
     }
 
@@ -409,6 +418,35 @@ mod tests {
         assert!(text.contains("seed = 7"), "{text}");
         assert!(text.contains("use_sim_reward = false"), "{text}");
         assert!(text.contains("d-pretrained\""), "{text}");
+    }
+
+    /// A spec's device puts every role on it: the run config's `[run] device`, read back into
+    /// the actors, the learner, D and the candle teachers.
+    #[test]
+    fn a_spec_s_device_reaches_every_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = RunSpec {
+            device: Some("cuda:0".into()),
+            ..spec(dir.path())
+        };
+        for d in ["data", "models/student-reasoned", "d-pretrained"] {
+            std::fs::create_dir_all(dir.path().join(d)).unwrap();
+        }
+        let path = dir.path().join("run.toml");
+        let cfg = s.write_config(&path).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        // Once, in `[run]`: every role takes it from there.
+        assert_eq!(text.matches("device = ").count(), 1, "{text}");
+        assert_eq!(cfg.run.device.as_deref(), Some("cuda:0"));
+        assert_eq!(cfg.actors.device, "cuda:0");
+        assert_eq!(cfg.learner.device, "cuda:0");
+        assert_eq!(cfg.discriminator.device, "cuda:0");
+        for t in &cfg.teachers {
+            match &t.backend {
+                BackendOptions::Candle(c) => assert_eq!(c.device, "cuda:0"),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -32,6 +32,11 @@ pub enum TeacherError {
     #[error("invalid teacher config: `{field}` {reason}")]
     Config { field: String, reason: String },
 
+    /// The candle backend's `device` is not a device string, or names a device this build or
+    /// machine cannot open. (The error's text is the message, so it is not also the source.)
+    #[error("invalid teacher config: `device`: {error}")]
+    Device { error: ril_model::DeviceError },
+
     /// The backend could not be loaded (checkpoint, replay file, HTTP client).
     #[error("cannot load the {backend} backend from {what}: {reason}")]
     Load {
@@ -131,6 +136,7 @@ impl ServiceError for TeacherError {
                 | OpenAiError::Unparseable { .. } => ServiceErrorCode::Internal,
             },
             Self::Config { .. }
+            | Self::Device { .. }
             | Self::Load { .. }
             | Self::Model { .. }
             | Self::Cache { .. }

@@ -246,6 +246,10 @@ pub struct CandleOptions {
     /// The most sequences (answers) in one `generate` call; a batch closes early when full.
     #[serde(default = "default_max_batch")]
     pub max_batch: usize,
+    /// Where the teacher's weights, KV cache and sampling live: `cpu`, `cuda` or `cuda:N`.
+    /// Default: `[run] device`, else `cpu`.
+    #[serde(default = "default_device")]
+    pub device: String,
 }
 
 fn default_batch_window_ms() -> u64 {
@@ -254,6 +258,9 @@ fn default_batch_window_ms() -> u64 {
 fn default_max_batch() -> usize {
     16
 }
+fn default_device() -> String {
+    "cpu".into()
+}
 
 impl CandleOptions {
     pub fn new(checkpoint: impl Into<PathBuf>) -> Self {
@@ -261,7 +268,18 @@ impl CandleOptions {
             checkpoint: checkpoint.into(),
             batch_window_ms: default_batch_window_ms(),
             max_batch: default_max_batch(),
+            device: default_device(),
         }
+    }
+
+    /// `device` parsed, not opened (a config is checked where the teacher may not run).
+    pub fn device_spec(&self) -> Result<ril_model::DeviceSpec, TeacherError> {
+        (self.device.parse()).map_err(|error| TeacherError::Device { error })
+    }
+
+    /// Opens `device`.
+    pub fn open_device(&self) -> Result<candle_core::Device, TeacherError> {
+        (self.device_spec()?.open(&self.device)).map_err(|error| TeacherError::Device { error })
     }
 
     pub fn batch_window(&self) -> Duration {
@@ -275,6 +293,7 @@ impl CandleOptions {
         if self.max_batch == 0 {
             return Err(TeacherError::config("max_batch", "must be at least 1"));
         }
+        self.device_spec()?;
         Ok(())
     }
 }

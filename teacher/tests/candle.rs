@@ -40,6 +40,7 @@ fn options(checkpoint: &Path, window_ms: u64, max_batch: usize) -> TeacherOption
             checkpoint: checkpoint.to_path_buf(),
             batch_window_ms: window_ms,
             max_batch,
+            device: "cpu".into(),
         }),
     )
 }

@@ -20,6 +20,7 @@ fn tiny_config(sb: &Sandbox) -> RunConfig {
         iterations: 2,
         questions_per_iteration: 2,
         staleness_bound: 0,
+        device: None,
     };
     let data = DataSection {
         path: "data".into(),

@@ -1,4 +1,4 @@
-//! The local-checkpoint backend: a model directory loaded with `ril_model` (on the CPU), run by
+//! The local-checkpoint backend: a model directory loaded with `ril_model` on its `device`, run by
 //! one generation thread that batches requests. The first request of a batch waits up to the
 //! batching window for others; the batch closes early when it holds `max_batch` answers. While a
 //! batch runs, new requests queue and form the next one.
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Device};
+use candle_core::DType;
 use ril_common::SamplingParams;
 use ril_data::Row;
 use ril_model::Head;
@@ -84,8 +84,10 @@ impl CandleBackend {
     pub async fn load(options: &CandleOptions) -> Result<Self, TeacherError> {
         let dir = options.checkpoint.clone();
         let started = Instant::now();
+        let device = options.open_device()?;
+        let device_name = ril_model::device::describe(&device);
         let bundle = tokio::task::spawn_blocking(move || {
-            Bundle::load(&dir, Head::LanguageModel, &Device::Cpu, DType::F32)
+            Bundle::load(&dir, Head::LanguageModel, &device, DType::F32)
         })
         .await
         .map_err(|e| TeacherError::Internal(format!("checkpoint loading panicked: {e}")))?
@@ -94,7 +96,7 @@ impl CandleBackend {
             what: options.checkpoint.display().to_string(),
             reason: crate::error::chain(&e),
         })?;
-        info!(checkpoint = %options.checkpoint.display(), elapsed = ?started.elapsed(), "teacher checkpoint loaded");
+        info!(checkpoint = %options.checkpoint.display(), device = %device_name, elapsed = ?started.elapsed(), "teacher checkpoint loaded");
         let (jobs, rx) = std_mpsc::channel();
         let stats = Arc::new(BatchStats::default());
         let worker = Worker {
