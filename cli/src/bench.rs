@@ -295,3 +295,44 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        bench: BenchArgs,
+    }
+
+    fn args(extra: &[&str]) -> BenchArgs {
+        let argv = ["bench"].iter().chain(extra).copied();
+        Cli::try_parse_from(argv).expect("arguments").bench
+    }
+
+    /// The ~0.5B config the GPU run benchmarks loads, validates and fits the built-in tokenizer;
+    /// a config for another vocabulary is refused naming the file and both sizes.
+    #[test]
+    fn bench_configs_load_and_must_fit_the_builtin_tokenizer() -> anyhow::Result<()> {
+        let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let committed = repo.join("tools/bench-configs/llava-0.5b.json");
+        let a = args(&["--sizes", "test", "--configs", committed.to_str().unwrap()]);
+        let models = bench_models(&a, 260, 259)?;
+        let names: Vec<&str> = models.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["test", "llava-0.5b"]);
+        let cfg = &models[1].1;
+        assert_eq!(cfg.text_config.hidden_size, 1024);
+        assert_eq!(cfg.text_config.num_hidden_layers, 24);
+        assert_eq!(cfg.vision_config.image_size, 224);
+
+        let err = bench_models(&a, 300, 299).unwrap_err().to_string();
+        assert!(err.contains("llava-0.5b.json"), "{err}");
+        assert!(
+            err.contains("vocab_size 260") && err.contains("300 tokens"),
+            "{err}"
+        );
+        Ok(())
+    }
+}
