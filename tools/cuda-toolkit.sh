@@ -169,8 +169,8 @@ link_layout() {
   fi
 
   local lib
-  for lib in cudart cublas cublasLt curand nvrtc nccl stubs/cuda; do
-    [ -e "$cuda_home/lib/lib$lib.so" ] || die "$cuda_home/lib/lib$lib.so is missing"
+  for lib in libcudart libcublas libcublasLt libcurand libnvrtc libnccl stubs/libcuda; do
+    [ -e "$cuda_home/lib/$lib.so" ] || die "$cuda_home/lib/$lib.so is missing"
   done
 }
 ln -sfn lib "$cuda_home/lib64"

@@ -47,9 +47,15 @@ case "${1:-}" in
         ;;
     esac
     cargo build --release -p ril-cli --features "$features"
+    rm -rf target/gpu-check
     mkdir -p target/gpu-check
     # Stripped: the release profile keeps debug info (~230 MB), over what travels to the GPU machine.
     strip -o target/gpu-check/ril target/release/ril
+    # A `--cuda` binary is still ~87 MB stripped (candle's kernels: PTX and sm_90a code), over the
+    # 64 MiB carry limit; xz brings it to ~14 MB, and `run` unpacks it (xz, or Python's lzma).
+    if [ "$(stat -c %s target/gpu-check/ril)" -gt $((60 * 1024 * 1024)) ]; then
+      xz -T0 -6 target/gpu-check/ril
+    fi
     cp tools/gpu-check.sh tools/torch-bench.py target/gpu-check/
     cp -r tools/bench-configs target/gpu-check/
     echo "carry target/gpu-check/ to the GPU machine and run: ./gpu-check.sh run"
@@ -57,8 +63,29 @@ case "${1:-}" in
   run)
     out="${2:-${OUT:-.}}"
     mkdir -p "$out"
-    ril="${RIL:-$here/ril}"
-    [ -x "$ril" ] || ril=target/gpu-check/ril
+    # The binary: $RIL, or beside this script, or in target/gpu-check/; a compressed one (see
+    # `build`) is unpacked into a temporary folder (not OUT: what OUT holds travels back).
+    ril="${RIL:-}"
+    if [ -z "$ril" ]; then
+      for candidate in "$here/ril" target/gpu-check/ril; do
+        if [ -x "$candidate" ]; then ril="$candidate"; break; fi
+      done
+    fi
+    if [ -z "$ril" ]; then
+      for packed in "$here/ril.xz" target/gpu-check/ril.xz; do
+        [ -f "$packed" ] || continue
+        unpacked="$(mktemp -d)"
+        if command -v xz > /dev/null; then
+          xz -dc "$packed" > "$unpacked/ril"
+        else
+          python3 -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' "$packed" "$unpacked/ril"
+        fi
+        chmod +x "$unpacked/ril"
+        ril="$unpacked/ril"
+        break
+      done
+    fi
+    [ -n "$ril" ] && [ -x "$ril" ] || { echo "gpu-check: no ril binary (\$RIL, $here/ril[.xz]; run \`$0 build\` first)" >&2; exit 2; }
     # NCCL (and, for a `--cuda` build, the CUDA libraries) from the machine's Python wheels, when
     # that is how they were installed: every folder of the `nvidia` packages holding one of them
     # (nvidia/nccl/lib, nvidia/cu13/lib, ...).
