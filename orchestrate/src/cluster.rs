@@ -205,7 +205,7 @@ impl<'a> LocalCluster<'a> {
                 0 => "learner".to_string(),
                 _ => format!("learner-{rank}"),
             };
-            let extra = [
+            let mut extra = [
                 "--coordinator",
                 coordinator,
                 "--discriminator-addr",
@@ -217,6 +217,9 @@ impl<'a> LocalCluster<'a> {
             ]
             .map(String::from)
             .to_vec();
+            if let Some(device) = rank_device(&self.cfg.learner, rank) {
+                extra.extend(["--device".to_string(), device]);
+            }
             ranks.push(self.start_server(&role, &["learner"], extra)?);
         }
         let mut rank0 = String::new();
@@ -424,5 +427,40 @@ fn report_progress(bar: &Option<indicatif::ProgressBar>, s: &RunStatus, advanced
             );
         }
         None => {}
+    }
+}
+
+/// The device of learner rank `rank` in a local cluster: with `collective = "nccl"` and
+/// `learner.device = "cuda:N"`, rank r runs on `cuda:(N + r)`, since NCCL needs each rank on its
+/// own GPU; otherwise (CPU, or the ring collective) every rank keeps `learner.device`.
+fn rank_device(learner: &ril_learner::LearnerOptions, rank: u32) -> Option<String> {
+    if learner.collective != "nccl" {
+        return None;
+    }
+    match learner.cuda_ordinal() {
+        Ok(Some(first)) => Some(format!("cuda:{}", first + rank as usize)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod rank_device_tests {
+    use super::*;
+
+    #[test]
+    fn nccl_ranks_take_consecutive_gpus_and_others_keep_the_learner_device() {
+        let p = std::path::Path::new("unused");
+        let mut learner = ril_learner::LearnerOptions::for_test(p, p, "127.0.0.1:1");
+        learner.collective = "nccl".into();
+        learner.device = "cuda:2".into();
+        assert_eq!(rank_device(&learner, 0).as_deref(), Some("cuda:2"));
+        assert_eq!(rank_device(&learner, 3).as_deref(), Some("cuda:5"));
+        learner.device = "cuda".into();
+        assert_eq!(rank_device(&learner, 1).as_deref(), Some("cuda:1"));
+        learner.collective = "ring".into();
+        assert_eq!(rank_device(&learner, 1), None);
+        learner.collective = "nccl".into();
+        learner.device = "cpu".into();
+        assert_eq!(rank_device(&learner, 1), None);
     }
 }
