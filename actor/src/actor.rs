@@ -103,6 +103,7 @@ pub async fn register<C: Coordinator>(
 ) -> Result<Option<Registration>, ActorError> {
     let deadline = Instant::now() + opts.register_timeout;
     let device = device_name(&opts.device);
+    let mut refusals = 0u64;
     loop {
         if stop.load(Ordering::SeqCst) {
             tracing::info!("stopped before registering");
@@ -114,7 +115,13 @@ pub async fn register<C: Coordinator>(
                 return Ok(Some(r));
             }
             Err(e) if e.is_unavailable() && Instant::now() < deadline => {
-                tracing::debug!(reason = %e, "coordinator not ready; registering again");
+                // Said once at info (what the actor waits for), then at debug.
+                if refusals == 0 {
+                    tracing::info!(reason = %e, "waiting for the coordinator to be ready; registering again every 100 ms");
+                } else {
+                    tracing::debug!(reason = %e, "coordinator not ready; registering again");
+                }
+                refusals += 1;
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => return Err(e),

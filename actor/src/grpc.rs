@@ -1,10 +1,13 @@
 //! The actor's peers over gRPC: one client type per peer implementing its trait of
-//! [`crate::peers`]. Every call is built in `PeerClient::request` and its failure named in
-//! `PeerClient::failed`, so a per-call deadline (issue 19) has one place to go; a weight transfer
-//! runs under the transfer timeout of [`crate::sync::fetch`].
+//! [`crate::peers`]. Every call is built in `PeerClient::request`, which sends the peer's
+//! deadline as `grpc-timeout`, and awaited in `PeerClient::within`, which enforces it here too
+//! (a peer that keeps its connection open and stops answering, a stopped process whose kernel
+//! still accepts connections, fails the call as DEADLINE_EXCEEDED naming the peer and the call);
+//! a weight transfer runs under the transfer timeout of [`crate::sync::fetch`].
 
+use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ril_common::SamplingParams;
 use ril_data::Row;
@@ -27,16 +30,59 @@ use crate::peers::{
 use crate::run::ActorOptions;
 use crate::sync::{self, WeightPayload};
 
-/// A peer's role and address, and how calls to it are made and their failures named.
+/// A peer's role, address and per-call deadline, and how calls to it are made and their
+/// failures named.
 #[derive(Debug, Clone)]
 struct PeerClient {
     role: &'static str,
     addr: String,
+    deadline: Duration,
 }
 
 impl PeerClient {
+    /// A request carrying the deadline as `grpc-timeout` (the server gives up too).
     fn request<T>(&self, message: T) -> tonic::Request<T> {
-        tonic::Request::new(message)
+        let mut request = tonic::Request::new(message);
+        request.set_timeout(self.deadline);
+        request
+    }
+
+    /// Awaits `reply` (the call and, for a stream, every message of it) for at most the deadline.
+    /// Whichever side notices first (this one, or the server giving up on the `grpc-timeout` it
+    /// was sent), a call past its deadline fails as DEADLINE_EXCEEDED.
+    async fn within<T>(
+        &self,
+        call: &'static str,
+        reply: impl Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, ActorError> {
+        let started = Instant::now();
+        match tokio::time::timeout(self.deadline, reply).await {
+            Ok(Ok(reply)) => Ok(reply),
+            Ok(Err(status))
+                if started.elapsed() >= self.deadline
+                    && matches!(
+                        status.code(),
+                        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                    ) =>
+            {
+                Err(self.missed(call))
+            }
+            Ok(Err(status)) => Err(self.failed(call, status)),
+            Err(_) => Err(self.missed(call)),
+        }
+    }
+
+    fn missed(&self, call: &'static str) -> ActorError {
+        ActorError::Rpc(RpcError::local(
+            self.role,
+            &self.addr,
+            call,
+            tonic::Code::DeadlineExceeded,
+            format!(
+                "no reply within the deadline of {} ms",
+                self.deadline.as_millis()
+            ),
+        ))
     }
 
     fn failed(&self, call: &'static str, status: tonic::Status) -> ActorError {
@@ -62,6 +108,7 @@ pub struct GrpcCoordinator {
 
 impl GrpcCoordinator {
     /// Connects now (the coordinator is the one address an actor is given; failing fast names it).
+    /// `timeout` bounds the connection and is the deadline of every call.
     pub async fn connect(
         addr: &str,
         timeout: Duration,
@@ -71,6 +118,7 @@ impl GrpcCoordinator {
             peer: PeerClient {
                 role: "coordinator",
                 addr: addr.to_string(),
+                deadline: timeout,
             },
             client: client::coordinator(client::connect(addr, timeout, security).await?),
         })
@@ -84,8 +132,9 @@ impl Coordinator for GrpcCoordinator {
             actor_id: actor_id.to_string(),
             device: device.to_string(),
         });
-        let reply = self.client.clone().register_actor(request).await;
-        let reply = reply.map_err(|s| self.peer.failed(CALL, s))?.into_inner();
+        let mut client = self.client.clone();
+        let reply = client.register_actor(request);
+        let reply = self.peer.within(CALL, reply).await?.into_inner();
         Registration::try_from(reply).map_err(|e| self.peer.bad_reply(CALL, e))
     }
 
@@ -98,9 +147,12 @@ impl Coordinator for GrpcCoordinator {
             actor_id: actor_id.to_string(),
             policy_version: policy_version.unwrap_or(0),
         });
-        let reply = self.client.clone().heartbeat(request).await;
-        Ok(reply
-            .map_err(|s| self.peer.failed("Heartbeat", s))?
+        let mut client = self.client.clone();
+        let reply = client.heartbeat(request);
+        Ok(self
+            .peer
+            .within("Heartbeat", reply)
+            .await?
             .into_inner()
             .into())
     }
@@ -108,8 +160,9 @@ impl Coordinator for GrpcCoordinator {
     async fn lease(&self, request: &LeaseRequest) -> Result<LeaseReply, ActorError> {
         const CALL: &str = "LeasePrompts";
         let request = self.peer.request(v1::LeasePromptsRequest::from(request));
-        let reply = self.client.clone().lease_prompts(request).await;
-        let reply = reply.map_err(|s| self.peer.failed(CALL, s))?.into_inner();
+        let mut client = self.client.clone();
+        let reply = client.lease_prompts(request);
+        let reply = self.peer.within(CALL, reply).await?.into_inner();
         LeaseReply::try_from(reply).map_err(|e| self.peer.bad_reply(CALL, e))
     }
 
@@ -117,8 +170,9 @@ impl Coordinator for GrpcCoordinator {
         let request = self
             .peer
             .request(v1::CompleteLeaseRequest::from(completion));
-        let reply = self.client.clone().complete_lease(request).await;
-        reply.map_err(|s| self.peer.failed("CompleteLease", s))?;
+        let mut client = self.client.clone();
+        let reply = client.complete_lease(request);
+        self.peer.within("CompleteLease", reply).await?;
         Ok(())
     }
 }
@@ -159,8 +213,9 @@ impl Learner for GrpcLearner {
         let request = self.peer.request(v1::PushGroupsRequest {
             groups: groups.into_iter().map(Into::into).collect(),
         });
-        let reply = self.client.clone().push_groups(request).await;
-        let reply = reply.map_err(|s| self.peer.failed("PushGroups", s))?;
+        let mut client = self.client.clone();
+        let reply = client.push_groups(request);
+        let reply = self.peer.within("PushGroups", reply).await?;
         Ok(reply
             .into_inner()
             .verdicts
@@ -192,17 +247,16 @@ impl Teacher for GrpcTeacher {
         let request = self
             .peer
             .request(convert::answer_request(question, n, sampling));
-        let reply = self.client.clone().answer(request).await;
-        let mut stream = reply.map_err(|s| self.peer.failed(CALL, s))?.into_inner();
-        let mut answers = Vec::with_capacity(n);
-        while let Some(a) = stream
-            .message()
-            .await
-            .map_err(|s| self.peer.failed(CALL, s))?
-        {
-            answers.push(a.into());
-        }
-        Ok(answers)
+        let mut client = self.client.clone();
+        let answers = async move {
+            let mut stream = client.answer(request).await?.into_inner();
+            let mut answers = Vec::with_capacity(n);
+            while let Some(a) = stream.message().await? {
+                answers.push(a.into());
+            }
+            Ok(answers)
+        };
+        self.peer.within(CALL, answers).await
     }
 }
 
@@ -227,8 +281,9 @@ impl Discriminator for GrpcDiscriminator {
         let request = self
             .peer
             .request(convert::score_request(question, responses));
-        let reply = self.client.clone().score(request).await;
-        let reply = reply.map_err(|s| self.peer.failed(CALL, s))?.into_inner();
+        let mut client = self.client.clone();
+        let reply = client.score(request);
+        let reply = self.peer.within(CALL, reply).await?.into_inner();
         convert::scores(reply).map_err(|e| self.peer.bad_reply(CALL, e))
     }
 }
@@ -240,17 +295,18 @@ pub fn connect_peers(
     registration: &Registration,
     opts: &ActorOptions,
 ) -> Result<Peers<GrpcCoordinator, GrpcLearner, GrpcDiscriminator, GrpcTeacher>, ActorError> {
-    let connect = |role: &'static str, addr: &str| {
+    let connect = |role: &'static str, addr: &str, deadline: Duration| {
         let channel = client::connect_lazy(addr, opts.rpc_timeout, &opts.security)?;
         Ok::<_, ActorError>((
             PeerClient {
                 role,
                 addr: addr.to_string(),
+                deadline,
             },
             channel,
         ))
     };
-    let (peer, channel) = connect("learner", &registration.learner_addr)?;
+    let (peer, channel) = connect("learner", &registration.learner_addr, opts.rpc_timeout)?;
     let learner = GrpcLearner {
         peer,
         client: client::learner(channel),
@@ -258,7 +314,11 @@ pub fn connect_peers(
         transfer_timeout: opts.weight_timeout,
         attempts: opts.weight_attempts,
     };
-    let (peer, channel) = connect("discriminator", &registration.discriminator_addr)?;
+    let (peer, channel) = connect(
+        "discriminator",
+        &registration.discriminator_addr,
+        opts.rpc_timeout,
+    )?;
     let discriminator = GrpcDiscriminator {
         peer,
         client: client::discriminator(channel),
@@ -267,7 +327,7 @@ pub fn connect_peers(
         .teacher_addrs
         .iter()
         .map(|addr| {
-            let (peer, channel) = connect("teacher", addr)?;
+            let (peer, channel) = connect("teacher", addr, opts.teacher_timeout)?;
             Ok(GrpcTeacher {
                 peer,
                 client: client::teacher(channel),
@@ -281,3 +341,7 @@ pub fn connect_peers(
         teachers,
     })
 }
+
+#[cfg(test)]
+#[path = "grpc_tests.rs"]
+mod tests;

@@ -440,6 +440,8 @@ pub fn actor(args: &ActorArgs) -> anyhow::Result<()> {
     let mut opts = ril_actor::ActorOptions::new(id, coordinator, cfg.student.checkpoint.clone());
     opts.device = crate::device::parse(args.device.as_deref().unwrap_or(&cfg.actors.device))?;
     opts.questions_per_lease = cfg.actors.questions_per_lease;
+    opts.rpc_timeout = Duration::from_millis(cfg.actors.rpc_timeout_ms);
+    opts.teacher_timeout = Duration::from_millis(cfg.actors.teacher_timeout_ms);
     opts.seed = cfg.run.seed;
     opts.max_leases = args.max_leases;
     opts.security = resolve_security(

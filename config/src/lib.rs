@@ -32,7 +32,8 @@
 //! [learner.grpo]              # Dr.GRPO: clip_eps, kl_beta, rewards and teachers on/off, lr ...
 //! [discriminator]             # D: lr, frozen, include_question ..., [discriminator.judge]
 //! [[teachers]]                # name + backend = "candle" | "openai" | "replay"
-//! [actors]                    # count (local mode), questions_per_lease, device
+//! [actors]                    # count (local mode), questions_per_lease, device, rpc_timeout_ms,
+//!                             # teacher_timeout_ms
 //! ```
 //!
 //! Devices: `[run] device = "cuda:0"` puts every role on that GPU; `[actors]`, `[learner]`,
@@ -183,6 +184,12 @@ impl RunConfig {
         }
         if self.rollout.max_new_tokens == 0 {
             return Err(self.invalid("[rollout] max_new_tokens must be positive".into()));
+        }
+        if self.actors.rpc_timeout_ms == 0 || self.actors.teacher_timeout_ms == 0 {
+            return Err(self.invalid(
+                "[actors] rpc_timeout_ms and teacher_timeout_ms must be positive (they are deadlines)"
+                    .into(),
+            ));
         }
         // The forms only: each role opens its device where it runs, which need not be here.
         let devices = [("run.device", self.run.device.as_deref())]

@@ -155,6 +155,12 @@ fn d_qpl() -> u32 {
 fn d_device() -> String {
     "cpu".into()
 }
+fn d_actor_rpc_timeout() -> u64 {
+    30_000
+}
+fn d_actor_teacher_timeout() -> u64 {
+    300_000
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -168,6 +174,16 @@ pub struct ActorsSection {
     /// `[run] device`, else `cpu`.
     #[serde(default = "d_device")]
     pub device: String,
+    /// The deadline of each call an actor makes to the coordinator, the learner (PushGroups)
+    /// and the discriminator, and of connecting to any peer; sent as `grpc-timeout` and
+    /// enforced by the actor. A peer that misses it has failed that call.
+    #[serde(default = "d_actor_rpc_timeout")]
+    pub rpc_timeout_ms: u64,
+    /// The deadline of one teacher `Answer` call, the whole stream (a teacher generates the
+    /// answers it has not cached before the stream ends). A teacher that misses it has failed
+    /// the question, which goes back to the coordinator naming the teacher.
+    #[serde(default = "d_actor_teacher_timeout")]
+    pub teacher_timeout_ms: u64,
 }
 
 impl Default for ActorsSection {
@@ -176,6 +192,8 @@ impl Default for ActorsSection {
             count: d_actors(),
             questions_per_lease: d_qpl(),
             device: d_device(),
+            rpc_timeout_ms: d_actor_rpc_timeout(),
+            teacher_timeout_ms: d_actor_teacher_timeout(),
         }
     }
 }

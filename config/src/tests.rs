@@ -393,3 +393,31 @@ fn a_bad_device_string_is_refused_naming_the_key() {
         "{e}"
     );
 }
+
+#[test]
+fn actor_deadlines_are_read_written_back_and_must_be_positive() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("run.toml");
+    let text = base(dir.path());
+    let cfg = RunConfig::parse(&text, &path).unwrap();
+    assert_eq!(
+        (cfg.actors.rpc_timeout_ms, cfg.actors.teacher_timeout_ms),
+        (30_000, 300_000)
+    );
+
+    let set = format!("{text}[actors]\nrpc_timeout_ms = 2500\nteacher_timeout_ms = 90000\n");
+    let cfg = RunConfig::parse(&set, &path).unwrap();
+    assert_eq!(
+        (cfg.actors.rpc_timeout_ms, cfg.actors.teacher_timeout_ms),
+        (2_500, 90_000)
+    );
+    let written = cfg.to_toml().unwrap();
+    assert_eq!(RunConfig::parse(&written, &path).unwrap(), cfg, "{written}");
+
+    let zero = format!("{text}[actors]\nteacher_timeout_ms = 0\n");
+    let error = RunConfig::parse(&zero, &path).unwrap_err().to_string();
+    assert!(
+        error.contains("run.toml") && error.contains("teacher_timeout_ms"),
+        "{error}"
+    );
+}

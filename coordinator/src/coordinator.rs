@@ -232,15 +232,22 @@ fn lock_state_dir(dir: &std::path::Path) -> Result<Option<std::fs::File>> {
         .map_err(|e| CoordinatorError::io(&path, e))?;
     match file.try_lock() {
         Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) => Err(CoordinatorError::State {
-            path,
-            problem: "another coordinator is using this state_dir".into(),
-        }),
-        Err(std::fs::TryLockError::Error(e)) => {
-            tracing::warn!(path = %path.display(), error = %e, "cannot lock the state directory");
-            Ok(None)
-        }
+        Err(error) => Err(lock_refused(path, error)),
     }
+}
+
+/// Why the state directory cannot be used when its lock cannot be taken. Fails closed: a file
+/// system that cannot lock (an error other than "held") is refused too, since two coordinators
+/// writing one run's state would hand out and accept the same positions twice.
+fn lock_refused(path: PathBuf, error: std::fs::TryLockError) -> CoordinatorError {
+    let problem = match error {
+        std::fs::TryLockError::WouldBlock => "another coordinator is using this state_dir".into(),
+        std::fs::TryLockError::Error(e) => format!(
+            "cannot lock the state_dir ({e}); the coordinator refuses to run without the lock \
+             (put state_dir on a file system with file locks)"
+        ),
+    };
+    CoordinatorError::State { path, problem }
 }
 
 fn ms(d: Duration) -> u64 {

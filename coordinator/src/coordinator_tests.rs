@@ -601,3 +601,18 @@ fn actors_get_the_configured_learner_or_rank_zeros_once_it_joined() {
     let c = Coordinator::open(options).unwrap();
     assert_eq!(c.learner_addr_for_actors().unwrap(), "learner:50051");
 }
+
+#[test]
+fn a_state_dir_that_cannot_be_locked_is_refused_not_used_unlocked() {
+    let path = PathBuf::from("/runs/r/state").join(LOCK_FILE);
+    let unsupported = std::io::Error::from(std::io::ErrorKind::Unsupported);
+    let error = lock_refused(path.clone(), std::fs::TryLockError::Error(unsupported)).to_string();
+    assert!(
+        error.contains(&path.display().to_string())
+            && error.contains("cannot lock the state_dir")
+            && error.contains("refuses to run without the lock"),
+        "{error}"
+    );
+    let held = lock_refused(path, std::fs::TryLockError::WouldBlock).to_string();
+    assert!(held.contains("another coordinator"), "{held}");
+}

@@ -184,6 +184,28 @@ pub fn weights_bytes(model: &Vlm) -> Result<Vec<u8>> {
     safetensors_bytes(&tensors, None)
 }
 
+/// Refuses a tensor holding NaN or ±inf: such weights poison every step that uses them, and a
+/// run that saved them had already diverged.
+fn check_finite(file: &Path, name: &str, tensor: &Tensor) -> Result<()> {
+    // x - x is 0 for every finite x and NaN otherwise, so one sum tells whether any is not.
+    let probe = tensor.sub(tensor)?.sum_all()?.to_dtype(DType::F32)?;
+    if probe.to_scalar::<f32>()?.is_finite() {
+        return Ok(());
+    }
+    let values = tensor
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let bad = values.iter().filter(|v| !v.is_finite()).count();
+    Err(ModelError::Checkpoint {
+        path: file.to_path_buf(),
+        reason: format!(
+            "tensor `{name}` holds {bad} non-finite values (NaN or ±inf) of {}; refusing to load it",
+            values.len()
+        ),
+    })
+}
+
 pub(crate) fn load_tensor_map(
     model: &Vlm,
     path: &Path,
@@ -214,6 +236,7 @@ pub(crate) fn load_tensor_map(
                         ),
                     });
                 }
+                check_finite(file, name, tensor)?;
             }
             None => {
                 let is_lm_head = name.starts_with("language_model.lm_head.");

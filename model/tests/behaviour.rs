@@ -415,6 +415,49 @@ fn a_weight_payload_applies_exactly_and_a_damaged_one_changes_nothing() {
 }
 
 #[test]
+fn weights_holding_nan_or_inf_are_refused_at_load_naming_the_tensor() {
+    let (_, _, source) = setup(13);
+    let (_, _, target) = setup(14);
+    let before = weights(&target);
+    for (poison, what) in [(f32::NAN, "NaN"), (f32::NEG_INFINITY, "-inf")] {
+        let mut tensors = weights(&source);
+        let (name, tensor) = tensors.iter_mut().nth(3).unwrap();
+        let name = name.clone();
+        let mut values = tensor.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let last = values.len() - 1;
+        values[last] = poison;
+        *tensor = Tensor::from_vec(values, tensor.dims(), &Device::Cpu).unwrap();
+        let payload = ril_model::checkpoint::safetensors_bytes(&tensors, None).unwrap();
+
+        let e = ril_model::checkpoint::load_weights_from_bytes(
+            &target,
+            &payload,
+            "<weights v2>",
+            ril_model::checkpoint::LoadOptions::strict(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("<weights v2>") && e.contains(&name) && e.contains("1 non-finite"),
+            "{what}: {e}"
+        );
+        assert_same_weights(&before, &weights(&target));
+
+        // The same from a checkpoint directory.
+        let dir = tempfile::tempdir().unwrap();
+        source.save_pretrained(dir.path()).unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), &payload).unwrap();
+        let e = Vlm::from_pretrained(dir.path(), Head::LanguageModel, &Device::Cpu, DType::F32)
+            .expect_err("a checkpoint with non-finite weights is refused")
+            .to_string();
+        assert!(
+            e.contains("model.safetensors") && e.contains(&name) && e.contains("non-finite"),
+            "{what}: {e}"
+        );
+    }
+}
+
+#[test]
 fn weights_stored_as_f16_load_as_their_rounded_values_at_half_the_size() {
     let (_, _, model) = setup(9);
     let full = tempfile::tempdir().unwrap();

@@ -368,6 +368,7 @@ async fn wait_serving(
         role: p.role.clone(),
         addr: addr.to_string(),
         timeout,
+        tail: p.tail(),
     };
     let every = Duration::from_millis(100);
     wait_for(proc, timeout, every, "before serving", timed_out, serving).await

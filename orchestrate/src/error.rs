@@ -43,13 +43,22 @@ pub enum OrchestrateError {
         when: &'static str,
         tail: String,
     },
-    #[error("{role} was not ready within {timeout:?}")]
-    NotReady { role: String, timeout: Duration },
-    #[error("{role} at {addr} was not SERVING within {timeout:?}")]
+    /// A role that did not report its address in time, with the last lines it printed (why it
+    /// is not ready is usually there).
+    #[error("{role} was not ready within {timeout:?}; its last output:\n{tail}")]
+    NotReady {
+        role: String,
+        timeout: Duration,
+        tail: String,
+    },
+    /// A role whose health never said SERVING in time, with the last lines it printed (an LLM
+    /// judge whose replies cannot be read, a peer it cannot reach).
+    #[error("{role} at {addr} was not SERVING within {timeout:?}; its last output:\n{tail}")]
     NotServing {
         role: String,
         addr: String,
         timeout: Duration,
+        tail: String,
     },
     #[error("interrupted")]
     Interrupted,

@@ -172,6 +172,7 @@ pub async fn wait_addr(proc: &mut Proc, file: &Path, timeout: Duration) -> Resul
     let timed_out = |p: &Proc| OrchestrateError::NotReady {
         role: p.role.clone(),
         timeout,
+        tail: p.tail(),
     };
     let every = Duration::from_millis(50);
     wait_for(proc, timeout, every, "before it was ready", timed_out, read).await
@@ -277,12 +278,24 @@ mod tests {
     async fn a_role_that_never_answers_times_out_naming_itself() {
         let dir = tempfile::tempdir().unwrap();
         let file = addr_file(dir.path(), "mute");
-        let mut procs = vec![spawn(&shell(), "mute", &script("exec sleep 60"), None).unwrap()];
+        // It says why it is stuck, as a role whose judge cannot be read does, then hangs: the
+        // run's error carries that line, not only the role's log.
+        let s = "echo the judge replied without an answer tag >&2; exec sleep 60";
+        let mut procs = vec![spawn(&shell(), "mute", &script(s), None).unwrap()];
+        ril_common::wait::wait_until("the stuck role's output", Duration::from_secs(30), || {
+            let tail = procs[0].tail();
+            async move { tail.contains("answer tag") }
+        })
+        .await;
         let e = wait_addr(&mut procs[0], &file, Duration::from_millis(200))
             .await
             .unwrap_err()
             .to_string();
         assert!(e.contains("mute was not ready within"), "{e}");
+        assert!(
+            e.contains("its last output:\nthe judge replied without an answer tag"),
+            "{e}"
+        );
         stop_all(&mut procs, Duration::from_secs(30)).await;
     }
 }

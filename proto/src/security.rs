@@ -89,7 +89,8 @@ use Role::{Actor, Admin, Discriminator, Learner};
 const EVERY_ROLE: &[Role] = &Role::ALL;
 
 /// Which roles may call `method` (`/package.Service/Method`). `None`: a method outside the
-/// table (the router answers UNIMPLEMENTED for it after authentication).
+/// table, which with mutual TLS no role may call (fail-closed; a test checks that every RPC of
+/// the proto files is listed).
 ///
 /// Learner ranks share one certificate role. That only rank 0 accepts groups and publishes
 /// versions is checked by the coordinator with rank 0's publisher key (JoinLearnerRequest
@@ -210,10 +211,12 @@ impl Token {
     }
 }
 
-/// Equality of two secrets (or their digests) whose time depends only on the length: every
-/// byte is compared. Different lengths are unequal.
+/// Equality of two secrets (or their digests) whose time depends only on the length, by the
+/// `subtle` crate (whose comparison the optimiser cannot turn into an early exit). Different
+/// lengths are unequal.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use subtle::ConstantTimeEq;
+    a.ct_eq(b).into()
 }
 
 /// `[security]` in a run config: where the run token and the certificates are. Paths may hold
@@ -508,18 +511,29 @@ impl Policy {
                      {ROLE_URI_PREFIX}<role>)"
                 )));
             };
-            if let Some(allowed) = allowed_roles(method)
-                && !allowed.contains(&role)
-            {
-                let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
-                return Err(Status::permission_denied(format!(
-                    "{method} may be called by {}, not by the {role} role",
-                    names.join(" or ")
-                )));
-            }
+            authorise(method, role)?;
         }
         Ok(())
     }
+}
+
+/// Whether `role` may call `method` by [`allowed_roles`]. Fail-closed: a method the table does
+/// not list is called by no role.
+fn authorise(method: &str, role: Role) -> Result<(), Status> {
+    let Some(allowed) = allowed_roles(method) else {
+        return Err(Status::permission_denied(format!(
+            "{method}: no role may call it (it is not in the role table, \
+             ril_proto::security::allowed_roles)"
+        )));
+    };
+    if !allowed.contains(&role) {
+        let names: Vec<&str> = allowed.iter().map(|r| r.as_str()).collect();
+        return Err(Status::permission_denied(format!(
+            "{method} may be called by {}, not by the {role} role",
+            names.join(" or ")
+        )));
+    }
+    Ok(())
 }
 
 /// The tower layer every ril server runs in front of its services: health passes, reflection
@@ -624,6 +638,46 @@ mod tests {
         assert!(may("/ril.v1.Coordinator/GetStatus", Admin));
         assert!(!may("/ril.v1.Discriminator/Train", Actor));
         assert!(allowed_roles("/ril.v1.Coordinator/NoSuchMethod").is_none());
+    }
+
+    #[test]
+    fn every_rpc_in_the_proto_files_has_an_entry_in_the_role_table() {
+        use prost::Message;
+        let fds = prost_types::FileDescriptorSet::decode(crate::FILE_DESCRIPTOR_SET).unwrap();
+        let mut methods = Vec::new();
+        for file in &fds.file {
+            for service in &file.service {
+                for method in &service.method {
+                    methods.push(format!(
+                        "/{}.{}/{}",
+                        file.package(),
+                        service.name(),
+                        method.name()
+                    ));
+                }
+            }
+        }
+        // The five services' RPCs (coordinator.proto alone has ten).
+        assert!(methods.len() >= 19, "{methods:?}");
+        let unlisted: Vec<&String> = methods
+            .iter()
+            .filter(|m| allowed_roles(m).is_none_or(|roles| roles.is_empty()))
+            .collect();
+        assert!(unlisted.is_empty(), "RPCs no role may call: {unlisted:?}");
+    }
+
+    #[test]
+    fn a_method_outside_the_table_is_refused_to_every_role() {
+        for role in Role::ALL {
+            let status = authorise("/ril.v1.Coordinator/NoSuchMethod", role).unwrap_err();
+            assert_eq!(status.code(), tonic::Code::PermissionDenied, "{role}");
+            assert!(
+                status.message().contains("not in the role table"),
+                "{status:?}"
+            );
+            let status = authorise("/ril.v1.Discriminator/Train", role);
+            assert_eq!(status.is_ok(), role == Learner, "{role}: {status:?}");
+        }
     }
 
     #[test]

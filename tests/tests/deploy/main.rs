@@ -7,7 +7,7 @@
 //! kubelet probes them. Strict schema validation (`kubernetes-validate --strict`) runs in
 //! `deploy/check.sh`, which CI runs.
 //!
-//! The tests need `kubectl` (CI's machine image has it); without it they say so and pass.
+//! The tests need `kubectl` (the machine image has it); without it they fail saying so.
 //!
 //! The Kubernetes object model and the rendering live in `ril_tests::k8s`; the tests are grouped
 //! by concern below.
