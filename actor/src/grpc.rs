@@ -306,7 +306,7 @@ pub fn connect_peers(
             channel,
         ))
     };
-    let (peer, channel) = connect("learner", &registration.learner_addr, opts.rpc_timeout)?;
+    let (peer, channel) = connect("learner", &registration.learner_addr, opts.push_timeout)?;
     let learner = GrpcLearner {
         peer,
         client: client::learner(channel),

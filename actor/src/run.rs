@@ -25,12 +25,13 @@ pub struct ActorOptions {
     pub student: PathBuf,
     pub device: Device,
     pub questions_per_lease: u32,
-    /// Connecting to a peer, and the deadline of every coordinator, learner (PushGroups) and
-    /// discriminator call: sent as `grpc-timeout` and enforced here, so a peer that keeps its
+    /// Connecting to a peer, and the deadline of every coordinator and discriminator call: sent as `grpc-timeout` and enforced here, so a peer that keeps its
     /// connection open and stops answering fails the call instead of blocking the actor.
     pub rpc_timeout: Duration,
     /// The deadline of one teacher `Answer` call (the whole stream).
     pub teacher_timeout: Duration,
+    /// The deadline of one learner `PushGroups` call (checked, scored and committed first).
+    pub push_timeout: Duration,
     /// How long to keep registering while the coordinator is not ready.
     pub register_timeout: Duration,
     pub weight_timeout: Duration,
@@ -55,6 +56,7 @@ impl ActorOptions {
             questions_per_lease: 1,
             rpc_timeout: Duration::from_secs(30),
             teacher_timeout: Duration::from_secs(300),
+            push_timeout: Duration::from_secs(300),
             register_timeout: Duration::from_secs(300),
             weight_timeout: Duration::from_secs(120),
             weight_chunk_bytes: 1 << 20,

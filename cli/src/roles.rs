@@ -442,6 +442,7 @@ pub fn actor(args: &ActorArgs) -> anyhow::Result<()> {
     opts.questions_per_lease = cfg.actors.questions_per_lease;
     opts.rpc_timeout = Duration::from_millis(cfg.actors.rpc_timeout_ms);
     opts.teacher_timeout = Duration::from_millis(cfg.actors.teacher_timeout_ms);
+    opts.push_timeout = Duration::from_millis(cfg.actors.push_timeout_ms);
     opts.seed = cfg.run.seed;
     opts.max_leases = args.max_leases;
     opts.security = resolve_security(

@@ -33,7 +33,7 @@
 //! [discriminator]             # D: lr, frozen, include_question ..., [discriminator.judge]
 //! [[teachers]]                # name + backend = "candle" | "openai" | "replay"
 //! [actors]                    # count (local mode), questions_per_lease, device, rpc_timeout_ms,
-//!                             # teacher_timeout_ms
+//!                             # teacher_timeout_ms, push_timeout_ms
 //! ```
 //!
 //! Devices: `[run] device = "cuda:0"` puts every role on that GPU; `[actors]`, `[learner]`,
@@ -185,9 +185,17 @@ impl RunConfig {
         if self.rollout.max_new_tokens == 0 {
             return Err(self.invalid("[rollout] max_new_tokens must be positive".into()));
         }
-        if self.actors.rpc_timeout_ms == 0 || self.actors.teacher_timeout_ms == 0 {
+        let actors = &self.actors;
+        if [
+            actors.rpc_timeout_ms,
+            actors.teacher_timeout_ms,
+            actors.push_timeout_ms,
+        ]
+        .contains(&0)
+        {
             return Err(self.invalid(
-                "[actors] rpc_timeout_ms and teacher_timeout_ms must be positive (they are deadlines)"
+                "[actors] rpc_timeout_ms, teacher_timeout_ms and push_timeout_ms must be positive \
+                 (they are deadlines)"
                     .into(),
             ));
         }

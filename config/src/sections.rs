@@ -161,6 +161,9 @@ fn d_actor_rpc_timeout() -> u64 {
 fn d_actor_teacher_timeout() -> u64 {
     300_000
 }
+fn d_actor_push_timeout() -> u64 {
+    300_000
+}
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,9 +177,9 @@ pub struct ActorsSection {
     /// `[run] device`, else `cpu`.
     #[serde(default = "d_device")]
     pub device: String,
-    /// The deadline of each call an actor makes to the coordinator, the learner (PushGroups)
-    /// and the discriminator, and of connecting to any peer; sent as `grpc-timeout` and
-    /// enforced by the actor. A peer that misses it has failed that call.
+    /// The deadline of each call an actor makes to the coordinator and the discriminator, and
+    /// of connecting to any peer; sent as `grpc-timeout` and enforced by the actor. A peer that
+    /// misses it has failed that call.
     #[serde(default = "d_actor_rpc_timeout")]
     pub rpc_timeout_ms: u64,
     /// The deadline of one teacher `Answer` call, the whole stream (a teacher generates the
@@ -184,6 +187,12 @@ pub struct ActorsSection {
     /// the question, which goes back to the coordinator naming the teacher.
     #[serde(default = "d_actor_teacher_timeout")]
     pub teacher_timeout_ms: u64,
+    /// The deadline of one PushGroups call: the learner checks and scores each group and
+    /// commits it with the coordinator (retrying while the coordinator is unreachable) before
+    /// it answers. A push that misses it hands its questions back; the learner still commits
+    /// and buffers what it had started, so nothing is trained twice or lost.
+    #[serde(default = "d_actor_push_timeout")]
+    pub push_timeout_ms: u64,
 }
 
 impl Default for ActorsSection {
@@ -194,6 +203,7 @@ impl Default for ActorsSection {
             device: d_device(),
             rpc_timeout_ms: d_actor_rpc_timeout(),
             teacher_timeout_ms: d_actor_teacher_timeout(),
+            push_timeout_ms: d_actor_push_timeout(),
         }
     }
 }

@@ -414,10 +414,10 @@ fn actor_deadlines_are_read_written_back_and_must_be_positive() {
     let written = cfg.to_toml().unwrap();
     assert_eq!(RunConfig::parse(&written, &path).unwrap(), cfg, "{written}");
 
-    let zero = format!("{text}[actors]\nteacher_timeout_ms = 0\n");
+    let zero = format!("{text}[actors]\npush_timeout_ms = 0\n");
     let error = RunConfig::parse(&zero, &path).unwrap_err().to_string();
     assert!(
-        error.contains("run.toml") && error.contains("teacher_timeout_ms"),
+        error.contains("run.toml") && error.contains("push_timeout_ms"),
         "{error}"
     );
 }

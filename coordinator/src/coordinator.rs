@@ -657,6 +657,10 @@ impl Coordinator {
                 ));
             }
             if book.state.accepted.contains(position) {
+                // The same lease again: a retry of a commit whose answer was lost. Same answer.
+                if book.state.accepted_by.get(&position).map(String::as_str) == Some(lease_id) {
+                    return Ok(Acceptance::Accepted);
+                }
                 book.state.duplicates_refused += 1;
                 book.dirty = true;
                 return refuse(format!(
@@ -664,6 +668,9 @@ impl Coordinator {
                 ));
             }
             book.state.accepted.insert(position);
+            book.state
+                .accepted_by
+                .insert(position, lease_id.to_string());
             book.dirty = true;
             book.reissue.remove(&position);
             if let Some(holder) = book.leased.remove(&position)
@@ -705,6 +712,7 @@ impl Coordinator {
                 ));
             }
             let was_accepted = book.state.accepted.remove(position);
+            book.state.accepted_by.remove(&position);
             if was_accepted {
                 book.dirty = true;
             }
@@ -766,6 +774,11 @@ impl Coordinator {
                 )));
             }
             book.state.version = version;
+            // Iterations before `version` are trained: their commits are final.
+            let trained = version.saturating_mul(options.questions_per_iteration);
+            book.state
+                .accepted_by
+                .retain(|&position, _| position >= trained);
             book.state.history.push(VersionRecord {
                 version,
                 iteration,
@@ -810,6 +823,7 @@ impl Coordinator {
             let mut taken_back = Vec::new();
             for position in first..book.state.cursor {
                 if book.state.accepted.remove(position) {
+                    book.state.accepted_by.remove(&position);
                     book.reissue.insert(position);
                     taken_back.push(position);
                 }

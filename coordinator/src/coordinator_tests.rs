@@ -62,14 +62,15 @@ fn a_group_is_accepted_once_and_bad_groups_are_refused_with_a_reason() {
     );
     assert!(!g.lease_id.is_empty() && g.deadline_unix_ms >= t.unix_ms + 10_000);
     assert_eq!(accept(&mut c, &g, 0, t), Acceptance::Accepted);
+    // A retry under the same lease (the learner lost the answer) gets the same answer.
+    assert_eq!(accept(&mut c, &g, 0, t), Acceptance::Accepted);
     let id0 = g.items[0].row.id.clone();
-    let dup = refused(accept(&mut c, &g, 0, t));
+    let dup = refused(c.accept_group("another-lease", 0, &id0, 0, t).unwrap());
     assert_eq!(
         dup,
         format!(
-            "duplicate: position 0 ({id0}) already accepted (group from lease {:?}, question \
-             {id0:?})",
-            g.lease_id
+            "duplicate: position 0 ({id0}) already accepted (group from lease \"another-lease\", \
+             question {id0:?})"
         )
     );
     // The wrong question, the wrong iteration, a position never issued, one past the run.
@@ -246,7 +247,9 @@ fn a_reopened_run_continues_and_reissues_what_was_outstanding() {
         assert_eq!(positions(&g), [0, 1, 2]);
         assert_eq!(accept(&mut c, &g, 0, t), Acceptance::Accepted);
         assert_eq!(accept(&mut c, &g, 2, t), Acceptance::Accepted);
-        assert!(refused(accept(&mut c, &g, 2, t)).starts_with("duplicate"));
+        let id2 = g.items[2].row.id.clone();
+        let r = refused(c.accept_group("another-lease", 2, &id2, 0, t).unwrap());
+        assert!(r.starts_with("duplicate"), "{r}");
         c.publish_version(1, 0, "ckpt/v1", t).unwrap();
         let ids: Vec<String> = g.items.iter().map(|i| i.row.id.clone()).collect();
         (ids, g.lease_id)
@@ -257,7 +260,8 @@ fn a_reopened_run_continues_and_reissues_what_was_outstanding() {
     let s = c.status(t);
     assert_eq!((s.groups_accepted, s.duplicates_refused), (2, 1));
     assert_eq!(s.history.len(), 1);
-    // The same stream: position 0 is the same question, still accepted.
+    // The same stream: position 0 is the same question, still accepted; its iteration is trained
+    // (version 1 is published), so even its own lease's retry is now a duplicate.
     let r = refused(c.accept_group(&lease_id, 0, &ids[0], 0, t).unwrap());
     assert!(r.starts_with("duplicate"), "{r}");
     // Position 1 was outstanding: re-issued first, then fresh positions up to iteration 1.
@@ -615,4 +619,46 @@ fn a_state_dir_that_cannot_be_locked_is_refused_not_used_unlocked() {
     );
     let held = lock_refused(path, std::fs::TryLockError::WouldBlock).to_string();
     assert!(held.contains("another coordinator"), "{held}");
+}
+
+#[test]
+fn a_retried_accept_gets_its_answer_again_until_its_iteration_is_trained() {
+    let f = fixture();
+    let t = Now::current();
+    let (g, id1) = {
+        let mut c = Coordinator::open(f.options.clone()).unwrap();
+        let g = c.lease("a", 4, 0, t).unwrap();
+        assert_eq!(positions(&g), [0, 1, 2, 3]);
+        assert_eq!(accept(&mut c, &g, 1, t), Acceptance::Accepted);
+        let id1 = g_id(&g, 1);
+        (g, id1)
+    };
+    // A restarted coordinator still knows which lease committed what.
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    assert_eq!(accept(&mut c, &g, 1, t), Acceptance::Accepted);
+    let r = refused(c.accept_group("another-lease", 1, &id1, 0, t).unwrap());
+    assert!(r.starts_with("duplicate"), "{r}");
+    let s = c.status(t);
+    assert_eq!((s.groups_accepted, s.duplicates_refused), (1, 1));
+    // Once iteration 0 is trained (version 1), its commits are final; iteration 1's are not.
+    for position in [0, 2, 3] {
+        assert_eq!(accept(&mut c, &g, position, t), Acceptance::Accepted);
+    }
+    c.publish_version(1, 0, "ckpt/v1", t).unwrap();
+    assert!(refused(accept(&mut c, &g, 1, t)).starts_with("duplicate"));
+    let next = c.lease("a", 4, 1, t).unwrap();
+    assert_eq!(positions(&next), [4, 5, 6, 7]);
+    assert_eq!(accept(&mut c, &next, 5, t), Acceptance::Accepted);
+    assert_eq!(accept(&mut c, &next, 5, t), Acceptance::Accepted);
+    assert_eq!(c.status(t).groups_accepted, 5);
+    // A question handed back is accepted by no one any more: its lease's retry is new work.
+    c.return_question(5, "stale", t).unwrap();
+    assert_eq!(c.status(t).groups_accepted, 4);
+    assert_eq!(accept(&mut c, &next, 5, t), Acceptance::Accepted);
+    assert_eq!(c.status(t).groups_accepted, 5);
+}
+
+fn g_id(g: &LeaseGrant, position: u64) -> String {
+    let item = g.items.iter().find(|i| i.position == position).unwrap();
+    item.row.id.clone()
 }

@@ -7,7 +7,7 @@
 //! file is never applied to another run. Leases are not kept: every position below the cursor
 //! that is not accepted is re-issued after a restart.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -118,6 +118,12 @@ pub struct StateFile {
     /// coordinator. Older state files have none.
     #[serde(default)]
     pub publisher_key_sha256: String,
+    /// The lease each accepted position of a not-yet-trained iteration was accepted under, so
+    /// that AcceptGroup retried after an ambiguous failure (the learner saw a deadline or a
+    /// broken connection after the commit) gets its original answer instead of "duplicate".
+    /// Pruned as versions are published. Older state files have none.
+    #[serde(default)]
+    pub accepted_by: BTreeMap<u64, String>,
 }
 
 impl StateFile {
@@ -134,6 +140,7 @@ impl StateFile {
             leases_expired: 0,
             written_unix_ms: 0,
             publisher_key_sha256: String::new(),
+            accepted_by: BTreeMap::new(),
         }
     }
 

@@ -173,8 +173,19 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
         .unwrap()
         .into_inner();
     assert!(ok.accepted, "{ok:?}");
-    let dup = c
+    // The same commit again (its answer lost on the way): the same answer, not a duplicate.
+    let retry = c
         .accept_group(accept_request(&lease, 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(retry.accepted, "{retry:?}");
+    // The same position under another lease is a duplicate.
+    let dup = c
+        .accept_group(v1::AcceptGroupRequest {
+            lease_id: "another-lease".into(),
+            ..accept_request(&lease, 0)
+        })
         .await
         .unwrap()
         .into_inner();

@@ -20,6 +20,9 @@ fn default_keep_checkpoints() -> usize {
 fn default_coordinator_timeout_ms() -> u64 {
     10_000
 }
+fn default_commit_deadline_ms() -> u64 {
+    120_000
+}
 fn default_true() -> bool {
     true
 }
@@ -86,6 +89,11 @@ pub struct LearnerOptions {
     /// Deadline of each coordinator RPC.
     #[serde(default = "default_coordinator_timeout_ms")]
     pub coordinator_timeout_ms: u64,
+    /// How long a group's AcceptGroup is asked again after failures that leave its outcome
+    /// unknown (the coordinator restarting, a lost answer) before the learner stops with the
+    /// error. A retry is answered as the first call was, so nothing is committed twice.
+    #[serde(default = "default_commit_deadline_ms")]
+    pub commit_deadline_ms: u64,
     /// The address other roles reach this learner at, sent with JoinLearner. Default: the bound
     /// address.
     #[serde(default)]
@@ -157,6 +165,7 @@ impl LearnerOptions {
             keep_checkpoints: 0,
             coordinator_addr: coordinator_addr.to_string(),
             coordinator_timeout_ms: default_coordinator_timeout_ms(),
+            commit_deadline_ms: default_commit_deadline_ms(),
             advertise_addr: None,
             discriminator_addr: None,
             rank: 0,
@@ -236,8 +245,8 @@ impl LearnerOptions {
         if self.coordinator_addr.is_empty() {
             return bad("coordinator_addr is empty".into());
         }
-        if self.coordinator_timeout_ms == 0 {
-            return bad("coordinator_timeout_ms must be positive".into());
+        if self.coordinator_timeout_ms == 0 || self.commit_deadline_ms == 0 {
+            return bad("coordinator_timeout_ms and commit_deadline_ms must be positive".into());
         }
         self.device_spec()?;
         self.parse_dtype()?;

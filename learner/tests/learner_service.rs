@@ -10,6 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,10 +27,17 @@ use ril_learner::{LearnerError, Result};
 
 type Shared<T> = Arc<Mutex<Vec<T>>>;
 
-/// Accepts each position once; records what the learner tells it.
+/// Accepts each position once (a retry under the same lease gets the same answer, as the real
+/// coordinator's); records what the learner tells it; loses answers or is down on request.
 #[derive(Debug, Clone, Default)]
 struct FakeCoordinator {
     accepted: Arc<Mutex<BTreeSet<u64>>>,
+    accepted_by: Arc<Mutex<BTreeMap<u64, String>>>,
+    /// This many AcceptGroup calls commit and then fail, as if the answer was lost.
+    lose_answers: Arc<AtomicUsize>,
+    /// While set, AcceptGroup fails UNAVAILABLE without committing.
+    down: Arc<AtomicBool>,
+    accept_calls: Arc<AtomicUsize>,
     returned: Shared<(u64, String)>,
     published: Shared<(u64, u64, Option<PathBuf>)>,
     metrics: Shared<(u64, BTreeMap<String, f64>)>,
@@ -37,14 +45,40 @@ struct FakeCoordinator {
 
 impl CoordinatorLink for FakeCoordinator {
     async fn accept_group(&self, key: GroupKey) -> Result<Acceptance> {
-        Ok(if self.accepted.lock().unwrap().insert(key.position) {
+        self.accept_calls.fetch_add(1, Ordering::SeqCst);
+        let failure = |code, message: &str| {
+            Err(LearnerError::Coordinator(
+                ril_proto::error::RpcError::local(
+                    "coordinator",
+                    "fake",
+                    "AcceptGroup",
+                    code,
+                    message,
+                ),
+            ))
+        };
+        if self.down.load(Ordering::SeqCst) {
+            return failure(tonic::Code::Unavailable, "down (injected)");
+        }
+        let answer = if self.accepted.lock().unwrap().insert(key.position) {
+            let mut by = self.accepted_by.lock().unwrap();
+            by.insert(key.position, key.lease_id.clone());
+            Acceptance::Accepted
+        } else if self.accepted_by.lock().unwrap().get(&key.position) == Some(&key.lease_id) {
             Acceptance::Accepted
         } else {
             Acceptance::Refused(format!("position {} is a duplicate", key.position))
-        })
+        };
+        let lose = self.lose_answers.load(Ordering::SeqCst) > 0;
+        if lose {
+            self.lose_answers.fetch_sub(1, Ordering::SeqCst);
+            return failure(tonic::Code::DeadlineExceeded, "answer lost (injected)");
+        }
+        Ok(answer)
     }
     async fn return_question(&self, position: u64, reason: String) -> Result<()> {
         self.accepted.lock().unwrap().remove(&position);
+        self.accepted_by.lock().unwrap().remove(&position);
         self.returned.lock().unwrap().push((position, reason));
         Ok(())
     }
@@ -688,4 +722,83 @@ async fn pushes_and_shards_reach_the_ranks_that_take_them() {
     let e = rank1.train_shard(0, Vec::new()).await.unwrap_err();
     assert!(e.to_string().contains("stopped after a failed"), "{e}");
     assert_eq!(code(e), tonic::Code::Aborted);
+}
+
+/// The coordinator commits a group but its answer is lost (twice): the learner asks again, gets
+/// the first answer, and buffers the group; the same group pushed again (an actor that lost
+/// the PushGroups answer) is refused as already buffered, so the iteration trains on its two
+/// distinct groups.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_commit_is_asked_again_and_its_group_trained_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tiny_model(tmp.path(), "init", 3);
+    let groups = groups(&init);
+    let (service, link) = start(&options(&init, &tmp.path().join("out")));
+    link.lose_answers.store(2, Ordering::SeqCst);
+    let verdict = service.push_group(groups[0].clone()).await;
+    assert!(verdict.accepted, "{verdict:?}");
+    assert_eq!(link.accept_calls.load(Ordering::SeqCst), 3);
+    // The same group again (an actor that lost the PushGroups answer): refused as already
+    // buffered, before any commit; it stays buffered once.
+    let calls = link.accept_calls.load(Ordering::SeqCst);
+    let again = service.push_group(groups[0].clone()).await;
+    assert!(
+        !again.accepted && again.reason.contains("already buffered"),
+        "{again:?}"
+    );
+    assert_eq!(link.accept_calls.load(Ordering::SeqCst), calls);
+    {
+        let progress = service.progress();
+        let p = progress.borrow();
+        assert!(
+            !p.training && p.version == 0 && p.groups_buffered == 1,
+            "one group of two is buffered, the repeat did not fill the iteration: {p:?}"
+        );
+    }
+    let second = service.push_group(groups[1].clone()).await;
+    assert!(second.accepted, "{second:?}");
+    wait_for_version(&service, 1).await;
+    assert_eq!(link.accepted.lock().unwrap().len(), 2);
+    assert!(link.returned.lock().unwrap().is_empty());
+}
+
+/// A coordinator that stays unreachable past `commit_deadline_ms`: the learner asked again
+/// until then, and stops with the error naming the coordinator and the call (the group may
+/// be committed; going on would lose it silently).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_unreachable_past_the_commit_deadline_stops_the_learner_naming_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tiny_model(tmp.path(), "init", 3);
+    let groups = groups(&init);
+    let mut opts = options(&init, &tmp.path().join("out"));
+    opts.commit_deadline_ms = 400;
+    let (service, link) = start(&opts);
+    link.down.store(true, Ordering::SeqCst);
+    let verdict = service.push_group(groups[0].clone()).await;
+    assert!(
+        !verdict.accepted
+            && verdict.reason.contains("AcceptGroup")
+            && verdict.reason.contains("stops"),
+        "{verdict:?}"
+    );
+    assert!(
+        link.accept_calls.load(Ordering::SeqCst) >= 3,
+        "it asked again"
+    );
+    let failed = service
+        .progress()
+        .borrow()
+        .failed
+        .clone()
+        .expect("the learner stopped");
+    assert!(
+        failed.contains("coordinator at fake") && failed.contains("AcceptGroup"),
+        "{failed}"
+    );
+    link.down.store(false, Ordering::SeqCst);
+    let later = service.push_group(groups[1].clone()).await;
+    assert!(
+        !later.accepted,
+        "a stopped learner takes no more groups: {later:?}"
+    );
 }

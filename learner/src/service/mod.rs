@@ -39,7 +39,7 @@ mod step;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
@@ -315,14 +315,21 @@ impl<C: CoordinatorLink> LearnerService<C> {
         if groups.is_empty() {
             return Err(LearnerError::NoGroups);
         }
-        let mut verdicts = Vec::with_capacity(groups.len());
-        for g in groups {
-            verdicts.push(match g {
-                Ok(incoming) => self.push_group(incoming).await,
-                Err(rejection) => Verdict::from(&rejection),
-            });
-        }
-        Ok(verdicts)
+        // In a task of its own: if the caller gives up (its deadline, a broken connection) and
+        // the handler is dropped, a group whose commit is under way is still committed and
+        // buffered, never committed and forgotten.
+        let this = self.clone();
+        let pushes = tokio::spawn(async move {
+            let mut verdicts = Vec::with_capacity(groups.len());
+            for g in groups {
+                verdicts.push(match g {
+                    Ok(incoming) => this.push_group(incoming).await,
+                    Err(rejection) => Verdict::from(&rejection),
+                });
+            }
+            verdicts
+        });
+        pushes.await.map_err(LearnerError::task("pushing groups"))
     }
 
     /// Takes one group: validates it, commits it with the coordinator, buffers it, and starts a
@@ -351,7 +358,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
             .as_ref()
             .map(|_| LabelledGroup::from(&incoming));
         let (outcome, start) = self.buffer(self.buffered(incoming, group, key));
-        if let (Ok(iteration), Some(d), Some(labelled)) =
+        if let (Ok(Some(iteration)), Some(d), Some(labelled)) =
             (&outcome, &self.inner.discriminator, labelled)
         {
             d.buffer.add(*iteration, labelled);
@@ -393,17 +400,50 @@ impl<C: CoordinatorLink> LearnerService<C> {
         }
     }
 
-    /// AcceptGroup: the coordinator counts the group (exactly once per position).
+    /// AcceptGroup: the coordinator counts the group (exactly once per position). A failure
+    /// that leaves it unknown whether the commit happened (the coordinator down, slow or cut
+    /// off mid-call) is asked again with backoff for up to `commit_deadline_ms`: the coordinator
+    /// answers a retry under the same lease as it answered the first time, so a group it
+    /// committed is buffered, not lost. Past the deadline the learner stops with the error (the
+    /// group may be committed and can no longer be trained: the run must not go on silently).
     async fn commit(&self, key: GroupKey) -> std::result::Result<(), String> {
         let position = key.position;
-        match self.inner.link.accept_group(key).await {
-            Ok(Acceptance::Accepted) => Ok(()),
-            Ok(Acceptance::Refused(reason)) => Err(format!(
-                "group at position {position}: the coordinator refused it: {reason}"
-            )),
-            Err(e) => Err(format!(
-                "group at position {position}: not committed ({e}); push it again"
-            )),
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.inner.options.commit_deadline_ms);
+        let mut backoff = Duration::from_millis(50);
+        let mut attempt = 1u32;
+        loop {
+            match self.inner.link.accept_group(key.clone()).await {
+                Ok(Acceptance::Accepted) => return Ok(()),
+                Ok(Acceptance::Refused(reason)) => {
+                    return Err(format!(
+                        "group at position {position}: the coordinator refused it: {reason}"
+                    ));
+                }
+                Err(e) if !outcome_unknown(&e) => {
+                    return Err(format!(
+                        "group at position {position}: not committed ({e}); push it again"
+                    ));
+                }
+                Err(e) if Instant::now() + backoff < deadline => {
+                    tracing::warn!(position, attempt, error = %e, "AcceptGroup failed; asking again (a retry gets the first answer)");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    attempt += 1;
+                }
+                Err(e) => {
+                    let waited = started.elapsed().as_secs_f64();
+                    let reason = format!(
+                        "group at position {position}: AcceptGroup's outcome still unknown after \
+                         {attempt} attempts over {waited:.1} s ({e}); the learner stops"
+                    );
+                    tracing::error!(position, attempt, error = %e, "AcceptGroup never answered within commit_deadline_ms; the learner takes no more groups");
+                    let mut p = self.lock_pending();
+                    p.failed = Some(Arc::new(e));
+                    self.publish_progress(&p);
+                    return Err(reason);
+                }
+            }
         }
     }
 
@@ -429,15 +469,20 @@ impl<C: CoordinatorLink> LearnerService<C> {
     }
 
     /// Buffers a committed group, re-checked under the lock (a step may have finished while
-    /// the coordinator answered). Returns the group's iteration or why it was dropped, and the
-    /// batch to train when this group completed its iteration.
+    /// the coordinator answered). Returns the group's iteration (`None` when its position was
+    /// already buffered) or why it was dropped, and the batch to train when this group
+    /// completed its iteration.
     fn buffer(
         &self,
         buffered: Buffered,
-    ) -> (std::result::Result<u64, String>, Option<Vec<Buffered>>) {
+    ) -> (
+        std::result::Result<Option<u64>, String>,
+        Option<Vec<Buffered>>,
+    ) {
         let mut p = self.lock_pending();
         let b = self.inner.options.questions_per_iteration;
         let iteration = buffered.key.iteration;
+        let position = buffered.key.position;
         let outcome = if p.closing || p.failed.is_some() {
             Err("the learner is shutting down".to_string())
         } else if iteration < p.iteration || (p.training && iteration == p.iteration) {
@@ -447,11 +492,19 @@ impl<C: CoordinatorLink> LearnerService<C> {
         } else if let Some(reason) = self.stale_reason(buffered.oldest_student_version, p.version) {
             p.stale_groups_dropped += 1;
             Err(reason)
+        } else if p
+            .buffers
+            .get(&iteration)
+            .is_some_and(|v| v.iter().any(|g| g.key.position == position))
+        {
+            // The same position again (an actor pushing again after losing the answer, which
+            // the coordinator accepted as the same commit): it is here once, and stays once.
+            Ok(None)
         } else if p.buffers.get(&iteration).is_some_and(|v| v.len() >= b) {
             Err(format!("iteration {iteration} already has its {b} groups"))
         } else {
             p.buffers.entry(iteration).or_default().push(buffered);
-            Ok(iteration)
+            Ok(Some(iteration))
         };
         let start = self.take_ready(&mut p);
         self.publish_progress(&p);
@@ -682,5 +735,16 @@ fn progress_of(p: &Pending, total_iterations: u64) -> Progress {
         stale_groups_dropped: p.stale_groups_dropped,
         groups_refused: p.groups_refused,
         last_checkpoint: p.last_checkpoint.clone(),
+    }
+}
+
+/// Whether a failed coordinator call may still have been carried out, and may succeed if asked
+/// again: the peer was down, slow or cut off mid-call (not a refusal).
+fn outcome_unknown(e: &LearnerError) -> bool {
+    match e {
+        LearnerError::Coordinator(rpc) => {
+            rpc.is_transient() || matches!(rpc.code, tonic::Code::Unknown | tonic::Code::Cancelled)
+        }
+        _ => false,
     }
 }
