@@ -35,7 +35,7 @@ struct FakeCoordinator {
     accepted_by: Arc<Mutex<BTreeMap<u64, String>>>,
     /// This many AcceptGroup calls commit and then fail, as if the answer was lost.
     lose_answers: Arc<AtomicUsize>,
-    /// While set, AcceptGroup fails UNAVAILABLE without committing.
+    /// While set, AcceptGroup and ReturnQuestion fail UNAVAILABLE without effect.
     down: Arc<AtomicBool>,
     accept_calls: Arc<AtomicUsize>,
     returned: Shared<(u64, String)>,
@@ -77,6 +77,17 @@ impl CoordinatorLink for FakeCoordinator {
         Ok(answer)
     }
     async fn return_question(&self, position: u64, reason: String) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(LearnerError::Coordinator(
+                ril_proto::error::RpcError::local(
+                    "coordinator",
+                    "fake",
+                    "ReturnQuestion",
+                    tonic::Code::Unavailable,
+                    "down (injected)",
+                ),
+            ));
+        }
         self.accepted.lock().unwrap().remove(&position);
         self.accepted_by.lock().unwrap().remove(&position);
         self.returned.lock().unwrap().push((position, reason));
@@ -801,4 +812,27 @@ async fn a_coordinator_unreachable_past_the_commit_deadline_stops_the_learner_na
         !later.accepted,
         "a stopped learner takes no more groups: {later:?}"
     );
+}
+
+/// Handing a question back while the coordinator is briefly down: the learner asks again until
+/// it gets through (here at shutdown, which hands its buffered groups back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_handed_back_while_the_coordinator_is_down_gets_through_when_it_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tiny_model(tmp.path(), "init", 3);
+    let groups = groups(&init);
+    let (service, link) = start(&options(&init, &tmp.path().join("out")));
+    assert!(service.push_group(groups[0].clone()).await.accepted);
+    link.down.store(true, Ordering::SeqCst);
+    let back = link.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        back.down.store(false, Ordering::SeqCst);
+    });
+    service.shutdown().await.unwrap();
+    let returned = link.returned.lock().unwrap().clone();
+    assert_eq!(returned.len(), 1, "{returned:?}");
+    assert_eq!(returned[0].0, 0);
+    assert!(returned[0].1.contains("shutting down"), "{returned:?}");
+    assert_eq!(service.progress().borrow().failed, None);
 }

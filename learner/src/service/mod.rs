@@ -370,7 +370,8 @@ impl<C: CoordinatorLink> LearnerService<C> {
         match outcome {
             Ok(_) => Verdict::accepted(position),
             Err(reason) => {
-                self.return_question(position, &reason).await;
+                self.return_question(position, &reason, self.commit_deadline())
+                    .await;
                 self.refuse(
                     position,
                     format!("group at position {position}: {reason}; the question was handed back"),
@@ -409,42 +410,77 @@ impl<C: CoordinatorLink> LearnerService<C> {
     async fn commit(&self, key: GroupKey) -> std::result::Result<(), String> {
         let position = key.position;
         let started = Instant::now();
-        let deadline = started + Duration::from_millis(self.inner.options.commit_deadline_ms);
+        let deadline = self.commit_deadline();
+        let link = &self.inner.link;
+        let answer = self
+            .ask_until("AcceptGroup", position, deadline, || {
+                link.accept_group(key.clone())
+            })
+            .await;
+        match answer {
+            Ok(Acceptance::Accepted) => Ok(()),
+            Ok(Acceptance::Refused(reason)) => Err(format!(
+                "group at position {position}: the coordinator refused it: {reason}"
+            )),
+            Err((e, attempts)) if outcome_unknown(&e) => {
+                let waited = started.elapsed().as_secs_f64();
+                let reason = format!(
+                    "group at position {position}: AcceptGroup's outcome still unknown after \
+                     {attempts} attempts over {waited:.1} s ({e}); the learner stops"
+                );
+                self.stop_for(e);
+                Err(reason)
+            }
+            Err((e, _)) => Err(format!(
+                "group at position {position}: not committed ({e}); push it again"
+            )),
+        }
+    }
+
+    /// When calls to the coordinator whose outcome is unknown stop being asked again.
+    fn commit_deadline(&self) -> Instant {
+        Instant::now() + Duration::from_millis(self.inner.options.commit_deadline_ms)
+    }
+
+    /// Calls the coordinator until it answers, fails for a reason other than an unknown
+    /// outcome, or `deadline` passes (backoff from 50 ms doubling to 2 s). The error comes with
+    /// the number of attempts made.
+    async fn ask_until<T, F, Fut>(
+        &self,
+        call: &'static str,
+        position: u64,
+        deadline: Instant,
+        mut ask: F,
+    ) -> std::result::Result<T, (LearnerError, u32)>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T>>,
+    {
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 1u32;
         loop {
-            match self.inner.link.accept_group(key.clone()).await {
-                Ok(Acceptance::Accepted) => return Ok(()),
-                Ok(Acceptance::Refused(reason)) => {
-                    return Err(format!(
-                        "group at position {position}: the coordinator refused it: {reason}"
-                    ));
-                }
-                Err(e) if !outcome_unknown(&e) => {
-                    return Err(format!(
-                        "group at position {position}: not committed ({e}); push it again"
-                    ));
-                }
-                Err(e) if Instant::now() + backoff < deadline => {
-                    tracing::warn!(position, attempt, error = %e, "AcceptGroup failed; asking again (a retry gets the first answer)");
+            match ask().await {
+                Ok(answer) => return Ok(answer),
+                Err(e) if outcome_unknown(&e) && Instant::now() + backoff < deadline => {
+                    tracing::warn!(call, position, attempt, error = %e, "coordinator call failed; asking again");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     attempt += 1;
                 }
-                Err(e) => {
-                    let waited = started.elapsed().as_secs_f64();
-                    let reason = format!(
-                        "group at position {position}: AcceptGroup's outcome still unknown after \
-                         {attempt} attempts over {waited:.1} s ({e}); the learner stops"
-                    );
-                    tracing::error!(position, attempt, error = %e, "AcceptGroup never answered within commit_deadline_ms; the learner takes no more groups");
-                    let mut p = self.lock_pending();
-                    p.failed = Some(Arc::new(e));
-                    self.publish_progress(&p);
-                    return Err(reason);
-                }
+                Err(e) => return Err((e, attempt)),
             }
         }
+    }
+
+    /// Stops taking groups because the coordinator could not be told something it must know
+    /// (a commit, a question handed back): going on would lose groups silently.
+    fn stop_for(&self, e: LearnerError) {
+        tracing::error!(error = %e, "the coordinator did not answer within commit_deadline_ms; the learner takes no more groups");
+        let mut p = self.lock_pending();
+        if p.failed.is_none() {
+            p.failed = Some(Arc::new(e));
+        }
+        self.publish_progress(&p);
     }
 
     fn buffered(&self, incoming: IncomingGroup, group: Group, key: GroupKey) -> Buffered {
@@ -562,19 +598,22 @@ impl<C: CoordinatorLink> LearnerService<C> {
         Verdict::refused(position, reason)
     }
 
-    async fn return_question(&self, position: u64, reason: &str) {
-        for attempt in 0..3u32 {
-            match self
-                .inner
-                .link
-                .return_question(position, reason.to_string())
-                .await
-            {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(position, attempt, error = %e, "ReturnQuestion failed");
-                    tokio::time::sleep(Duration::from_millis(100 << attempt)).await;
-                }
+    /// Hands a question back to the coordinator (re-issued at once), asking again until
+    /// `deadline` while the outcome is unknown. If it never gets through the learner stops:
+    /// the question would otherwise never be rolled out again in this run (a restarted learner
+    /// takes back what it had accepted but not trained).
+    async fn return_question(&self, position: u64, reason: &str, deadline: Instant) {
+        let link = &self.inner.link;
+        let answer = self
+            .ask_until("ReturnQuestion", position, deadline, || {
+                link.return_question(position, reason.to_string())
+            })
+            .await;
+        match answer {
+            Ok(()) => {}
+            Err((e, _)) if outcome_unknown(&e) => self.stop_for(e),
+            Err((e, _)) => {
+                tracing::error!(position, error = %e, "ReturnQuestion refused");
             }
         }
     }
@@ -611,8 +650,13 @@ impl<C: CoordinatorLink> LearnerService<C> {
             self.publish_progress(&p);
             positions
         };
+        // One deadline for them all, and a short one: a restarted learner takes back what it
+        // had accepted but not trained anyway.
+        let deadline = Instant::now()
+            + Duration::from_millis(self.inner.options.commit_deadline_ms)
+                .min(SHUTDOWN_RETURN_DEADLINE);
         for position in returns {
-            self.return_question(position, "the learner is shutting down")
+            self.return_question(position, "the learner is shutting down", deadline)
                 .await;
         }
         let mut rx = self.progress();
@@ -737,6 +781,9 @@ fn progress_of(p: &Pending, total_iterations: u64) -> Progress {
         last_checkpoint: p.last_checkpoint.clone(),
     }
 }
+
+/// How long a shutting-down learner keeps trying to hand its buffered questions back.
+const SHUTDOWN_RETURN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Whether a failed coordinator call may still have been carried out, and may succeed if asked
 /// again: the peer was down, slow or cut off mid-call (not a refusal).

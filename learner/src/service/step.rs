@@ -134,7 +134,8 @@ impl<C: CoordinatorLink> LearnerService<C> {
             }
             let (next, returns) = self.settle_buffers_after_step();
             for (position, reason) in returns {
-                self.return_question(position, &reason).await;
+                self.return_question(position, &reason, self.commit_deadline())
+                    .await;
             }
             match next {
                 Some(b) => batch = b,
@@ -149,7 +150,8 @@ impl<C: CoordinatorLink> LearnerService<C> {
         // resumed from the last checkpoint gets them again.
         let reason = format!("the learner's training step failed: {e}");
         for position in positions {
-            self.return_question(position, &reason).await;
+            self.return_question(position, &reason, self.commit_deadline())
+                .await;
         }
         let mut p = self.lock_pending();
         p.failed = Some(Arc::new(e));
