@@ -2,12 +2,14 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{ArrowError, DataType, Schema};
 use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::file::reader::{ChunkReader, Length};
 use serde_json::{Map, Value};
 
 use crate::dataset::{
@@ -52,7 +54,7 @@ impl ParquetReader {
     /// Opens `path` and checks that it is Parquet with verl's `prompt` and
     /// `reward_model.ground_truth` columns. Reads only the footer.
     pub fn open(path: &Path, options: ReadOptions) -> Result<Self> {
-        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        let file = ParquetFile::open(path)?;
         let builder =
             ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| unreadable(path, &e))?;
         check_schema(path, builder.schema())?;
@@ -86,6 +88,78 @@ impl ParquetReader {
     /// Rows in the file (from its footer), bad ones included.
     pub fn num_rows(&self) -> usize {
         self.num_rows
+    }
+}
+
+/// The Parquet file as the decoder reads it: like `File`, except that reading past its end is an
+/// error instead of an empty read. Every offset and length in Parquet is declared, so a
+/// well-formed file is never read past its end; a corrupt one on which the decoder keeps
+/// asking for more (found by the fuzzer: a 13 KB file read 750,000 times at its end, 34 s) fails
+/// at once instead.
+struct ParquetFile {
+    file: File,
+    len: u64,
+}
+
+impl ParquetFile {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| DataError::io(path, e))?;
+        let len = file.metadata().map_err(|e| DataError::io(path, e))?.len();
+        Ok(Self { file, len })
+    }
+}
+
+impl Length for ParquetFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl ChunkReader for ParquetFile {
+    type T = BufReader<EndedRead>;
+
+    fn get_read(&self, start: u64) -> parquet::errors::Result<Self::T> {
+        let mut file = self.file.try_clone()?;
+        file.seek(SeekFrom::Start(start))?;
+        let left = self.len.saturating_sub(start);
+        Ok(BufReader::new(EndedRead { file, left }))
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> parquet::errors::Result<bytes::Bytes> {
+        self.file.get_bytes(start, length)
+    }
+}
+
+/// A reader of the rest of a file that fails, rather than reading nothing, at its end.
+struct EndedRead {
+    file: File,
+    left: u64,
+}
+
+impl Read for EndedRead {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let past_the_end = || {
+            std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the Parquet decoder read past the end of the file",
+            )
+        };
+        if self.left == 0 {
+            return Err(past_the_end());
+        }
+        let want = buf
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.file.read(&mut buf[..want])?;
+        if n == 0 {
+            // The file shrank since it was opened.
+            return Err(past_the_end());
+        }
+        self.left -= n as u64;
+        Ok(n)
     }
 }
 
