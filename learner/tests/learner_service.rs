@@ -35,9 +35,11 @@ struct FakeCoordinator {
     accepted_by: Arc<Mutex<BTreeMap<u64, String>>>,
     /// This many AcceptGroup calls commit and then fail, as if the answer was lost.
     lose_answers: Arc<AtomicUsize>,
-    /// While set, AcceptGroup and ReturnQuestion fail UNAVAILABLE without effect.
+    /// While set, AcceptGroup, ReturnQuestion and PublishVersion fail UNAVAILABLE without effect.
     down: Arc<AtomicBool>,
     accept_calls: Arc<AtomicUsize>,
+    /// While set, PublishVersion alone fails UNAVAILABLE.
+    publish_down: Arc<AtomicBool>,
     returned: Shared<(u64, String)>,
     published: Shared<(u64, u64, Option<PathBuf>)>,
     metrics: Shared<(u64, BTreeMap<String, f64>)>,
@@ -99,6 +101,17 @@ impl CoordinatorLink for FakeCoordinator {
         iteration: u64,
         checkpoint: Option<PathBuf>,
     ) -> Result<()> {
+        if self.down.load(Ordering::SeqCst) || self.publish_down.load(Ordering::SeqCst) {
+            return Err(LearnerError::Coordinator(
+                ril_proto::error::RpcError::local(
+                    "coordinator",
+                    "fake",
+                    "PublishVersion",
+                    tonic::Code::Unavailable,
+                    "down (injected)",
+                ),
+            ));
+        }
         self.published
             .lock()
             .unwrap()
@@ -834,5 +847,29 @@ async fn a_question_handed_back_while_the_coordinator_is_down_gets_through_when_
     assert_eq!(returned.len(), 1, "{returned:?}");
     assert_eq!(returned[0].0, 0);
     assert!(returned[0].1.contains("shutting down"), "{returned:?}");
+    assert_eq!(service.progress().borrow().failed, None);
+}
+
+/// The coordinator is down when a step finishes: the learner publishes the version once it is
+/// back (it used to give up after ~6 s, leaving the actors waiting for it for ever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_is_published_once_the_coordinator_is_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tiny_model(tmp.path(), "init", 3);
+    let groups = groups(&init);
+    let (service, link) = start(&options(&init, &tmp.path().join("out")));
+    // PublishVersion fails for 7 s, longer than the old ~6.2 s of retries.
+    link.publish_down.store(true, Ordering::SeqCst);
+    assert!(service.push_group(groups[0].clone()).await.accepted);
+    assert!(service.push_group(groups[1].clone()).await.accepted);
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert!(link.published.lock().unwrap().is_empty());
+    link.publish_down.store(false, Ordering::SeqCst);
+    ril_common::wait::wait_until("version 1 published", Duration::from_secs(60), || {
+        let published = link.published.lock().unwrap().len();
+        async move { published == 1 }
+    })
+    .await;
+    assert_eq!(link.published.lock().unwrap()[0].0, 1);
     assert_eq!(service.progress().borrow().failed, None);
 }

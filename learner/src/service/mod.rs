@@ -438,17 +438,17 @@ impl<C: CoordinatorLink> LearnerService<C> {
     }
 
     /// When calls to the coordinator whose outcome is unknown stop being asked again.
-    fn commit_deadline(&self) -> Instant {
+    pub(super) fn commit_deadline(&self) -> Instant {
         Instant::now() + Duration::from_millis(self.inner.options.commit_deadline_ms)
     }
 
     /// Calls the coordinator until it answers, fails for a reason other than an unknown
-    /// outcome, or `deadline` passes (backoff from 50 ms doubling to 2 s). The error comes with
-    /// the number of attempts made.
-    async fn ask_until<T, F, Fut>(
+    /// outcome, or `deadline` passes (backoff from 50 ms doubling to 2 s). `key` (a position, a
+    /// version) names the call in the log. The error comes with the number of attempts made.
+    pub(super) async fn ask_until<T, F, Fut>(
         &self,
         call: &'static str,
-        position: u64,
+        key: u64,
         deadline: Instant,
         mut ask: F,
     ) -> std::result::Result<T, (LearnerError, u32)>
@@ -458,11 +458,17 @@ impl<C: CoordinatorLink> LearnerService<C> {
     {
         let mut backoff = Duration::from_millis(50);
         let mut attempt = 1u32;
+        let mut deadline = deadline;
         loop {
+            if self.lock_pending().closing {
+                // Shutting down: the process has a grace period, and a restarted learner takes
+                // back what it had accepted but not trained.
+                deadline = deadline.min(Instant::now() + SHUTDOWN_ASK_DEADLINE);
+            }
             match ask().await {
                 Ok(answer) => return Ok(answer),
                 Err(e) if outcome_unknown(&e) && Instant::now() + backoff < deadline => {
-                    tracing::warn!(call, position, attempt, error = %e, "coordinator call failed; asking again");
+                    tracing::warn!(call, key, attempt, error = %e, "coordinator call failed; asking again");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(2));
                     attempt += 1;
@@ -473,8 +479,9 @@ impl<C: CoordinatorLink> LearnerService<C> {
     }
 
     /// Stops taking groups because the coordinator could not be told something it must know
-    /// (a commit, a question handed back): going on would lose groups silently.
-    fn stop_for(&self, e: LearnerError) {
+    /// (a commit, a question handed back, a version): going on would lose groups silently or
+    /// wait for ever.
+    pub(super) fn stop_for(&self, e: LearnerError) {
         tracing::error!(error = %e, "the coordinator did not answer within commit_deadline_ms; the learner takes no more groups");
         let mut p = self.lock_pending();
         if p.failed.is_none() {
@@ -654,7 +661,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
         // had accepted but not trained anyway.
         let deadline = Instant::now()
             + Duration::from_millis(self.inner.options.commit_deadline_ms)
-                .min(SHUTDOWN_RETURN_DEADLINE);
+                .min(SHUTDOWN_ASK_DEADLINE);
         for position in returns {
             self.return_question(position, "the learner is shutting down", deadline)
                 .await;
@@ -782,8 +789,9 @@ fn progress_of(p: &Pending, total_iterations: u64) -> Progress {
     }
 }
 
-/// How long a shutting-down learner keeps trying to hand its buffered questions back.
-const SHUTDOWN_RETURN_DEADLINE: Duration = Duration::from_secs(10);
+/// How long a shutting-down learner keeps asking the coordinator (handing its buffered questions
+/// back, publishing the version of a step that was running), within its grace period.
+const SHUTDOWN_ASK_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Whether a failed coordinator call may still have been carried out, and may succeed if asked
 /// again: the peer was down, slow or cut off mid-call (not a refusal).

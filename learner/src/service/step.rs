@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::discriminator::step_metrics;
 use super::{Buffered, CoordinatorLink, IncomingGroup, LearnerService, poisoned, shard_of};
@@ -330,27 +330,22 @@ impl<C: CoordinatorLink> LearnerService<C> {
         }
     }
 
-    /// PublishVersion, retried with backoff; actors may miss a version that never gets through.
+    /// PublishVersion, asked again while the outcome is unknown (the coordinator restarting, a
+    /// lost answer: publishing the same version and checkpoint again is harmless) until
+    /// `commit_deadline_ms`. A version that never gets through stops the learner: the actors
+    /// would otherwise wait for it for ever.
     async fn publish_version(&self, report: &StepReport) {
         let version = report.version;
-        for attempt in 0..5u32 {
-            match self
-                .inner
-                .link
-                .publish_version(version, report.iteration, report.checkpoint.clone())
-                .await
-            {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(version, attempt, error = %e, "PublishVersion failed");
-                    tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
-                }
-            }
+        let link = &self.inner.link;
+        let answer = self
+            .ask_until("PublishVersion", version, self.commit_deadline(), || {
+                link.publish_version(version, report.iteration, report.checkpoint.clone())
+            })
+            .await;
+        if let Err((e, attempts)) = answer {
+            tracing::error!(version, attempts, error = %e, "PublishVersion failed");
+            self.stop_for(e);
         }
-        tracing::error!(
-            version,
-            "PublishVersion failed 5 times; actors may not see it"
-        );
     }
 
     /// The step's metrics line, its diagnostics, its log line and ReportMetrics.
