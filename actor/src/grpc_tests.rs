@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ril_data::Row;
-use ril_data::dataset::Message;
 use ril_proto::server;
 use ril_proto::v1::discriminator_server::{
     Discriminator as DiscriminatorService, DiscriminatorServer,
@@ -20,20 +19,11 @@ const DEADLINE: Duration = Duration::from_millis(400);
 /// How late past the deadline a failure may come on a loaded 2-core machine.
 const SLACK: Duration = Duration::from_secs(5);
 
+/// A question as a dataset line reads (the project's one row parser).
 fn question() -> Row {
-    Row {
-        id: "q0".into(),
-        images: Vec::new(),
-        messages: vec![Message {
-            role: "user".into(),
-            content: serde_json::Value::String("What colour is the square?".into()),
-        }],
-        answer: "red".into(),
-        answer_type: None,
-        teacher_answers: Default::default(),
-        family: None,
-        extra: Default::default(),
-    }
+    let line = r#"{"id": "q0", "messages": [{"role": "user", "content": "What colour is the square?"}], "answer": "red"}"#;
+    let here = std::path::Path::new(".");
+    ril_data::dataset::parse_row(line, &here.join("test.jsonl"), 1, here).expect("a valid row")
 }
 
 fn peer(role: &'static str, addr: &str, deadline: Duration) -> (PeerClient, Channel) {

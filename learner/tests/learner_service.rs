@@ -40,6 +40,7 @@ struct FakeCoordinator {
     accept_calls: Arc<AtomicUsize>,
     /// While set, PublishVersion alone fails UNAVAILABLE.
     publish_down: Arc<AtomicBool>,
+    publish_refusals: Arc<AtomicUsize>,
     returned: Shared<(u64, String)>,
     published: Shared<(u64, u64, Option<PathBuf>)>,
     metrics: Shared<(u64, BTreeMap<String, f64>)>,
@@ -102,6 +103,7 @@ impl CoordinatorLink for FakeCoordinator {
         checkpoint: Option<PathBuf>,
     ) -> Result<()> {
         if self.down.load(Ordering::SeqCst) || self.publish_down.load(Ordering::SeqCst) {
+            self.publish_refusals.fetch_add(1, Ordering::SeqCst);
             return Err(LearnerError::Coordinator(
                 ril_proto::error::RpcError::local(
                     "coordinator",
@@ -858,11 +860,20 @@ async fn a_version_is_published_once_the_coordinator_is_back() {
     let init = tiny_model(tmp.path(), "init", 3);
     let groups = groups(&init);
     let (service, link) = start(&options(&init, &tmp.path().join("out")));
-    // PublishVersion fails for 7 s, longer than the old ~6.2 s of retries.
+    // PublishVersion fails until it has been refused 8 times, more than the 5 attempts the
+    // learner used to make before giving up.
     link.publish_down.store(true, Ordering::SeqCst);
     assert!(service.push_group(groups[0].clone()).await.accepted);
     assert!(service.push_group(groups[1].clone()).await.accepted);
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    ril_common::wait::wait_until(
+        "8 refused PublishVersion calls",
+        Duration::from_secs(60),
+        || {
+            let refusals = link.publish_refusals.load(Ordering::SeqCst);
+            async move { refusals >= 8 }
+        },
+    )
+    .await;
     assert!(link.published.lock().unwrap().is_empty());
     link.publish_down.store(false, Ordering::SeqCst);
     ril_common::wait::wait_until("version 1 published", Duration::from_secs(60), || {
