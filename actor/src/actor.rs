@@ -129,6 +129,41 @@ pub async fn register<C: Coordinator>(
     }
 }
 
+/// How long a coordinator call is asked again once the actor is stopping (its process has a
+/// grace period; an unanswered lease expires on the coordinator's side).
+const STOPPING_ASK_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Why a lease's questions go back: the distinct failures, the first few kept.
+#[derive(Debug, Default)]
+struct HandBack {
+    reasons: Vec<String>,
+    more: usize,
+}
+
+impl HandBack {
+    const KEPT: usize = 3;
+
+    fn add(&mut self, e: &dyn std::fmt::Display) {
+        let text = e.to_string();
+        if self.reasons.contains(&text) {
+            return;
+        }
+        if self.reasons.len() < Self::KEPT {
+            self.reasons.push(text);
+        } else {
+            self.more += 1;
+        }
+    }
+
+    fn text(&self) -> String {
+        let mut text = self.reasons.join("; ");
+        if self.more > 0 {
+            text.push_str(&format!("; and {} other failure(s)", self.more));
+        }
+        text
+    }
+}
+
 /// A registered actor: its student, its peers and what it has done.
 pub struct Actor<C, L, D, T> {
     options: ActorOptions,
@@ -143,6 +178,8 @@ pub struct Actor<C, L, D, T> {
     /// The coordinator said the run is over.
     finished: Arc<AtomicBool>,
     summary: ActorSummary,
+    /// Lease requests made: the key of the next one.
+    lease_requests: u64,
 }
 
 impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T> {
@@ -164,6 +201,7 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
             stop,
             finished: Arc::new(AtomicBool::new(false)),
             summary: ActorSummary::default(),
+            lease_requests: 0,
         }
     }
 
@@ -249,12 +287,19 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
     /// hint, kept within 10 ms to 1 s) or the run is over.
     pub async fn lease(&mut self) -> Result<Option<Lease>, ActorError> {
         let started = Instant::now();
+        self.lease_requests += 1;
         let request = LeaseRequest {
             actor_id: self.options.actor_id.clone(),
             max_questions: self.options.questions_per_lease,
             policy_version: self.version.get(),
+            // Unique per actor process and request; the same when asked again below.
+            request_id: format!("{}/{}", self.options.actor_id, self.lease_requests),
         };
-        match self.peers.coordinator.lease(&request).await? {
+        let coordinator = self.peers.coordinator.clone();
+        let reply = self
+            .ask_coordinator("LeasePrompts", || coordinator.lease(&request))
+            .await?;
+        match reply {
             LeaseReply::Finished => {
                 self.finished.store(true, Ordering::SeqCst);
                 Ok(None)
@@ -282,9 +327,11 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
         let version = self.sync_weights(lease.policy_version).await?;
         self.add_phase_ms("weight_sync", elapsed_ms(started));
         let mut returned = Vec::new();
+        let mut reasons = HandBack::default();
         for unreadable in &lease.unreadable {
             tracing::warn!(position = unreadable.position, error = %unreadable.error, "question handed back");
             returned.push(unreadable.position);
+            reasons.add(&unreadable.error);
         }
         let mut groups = Vec::new();
         for item in &lease.items {
@@ -298,15 +345,66 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
                 Err(e) => {
                     tracing::warn!(position = item.position, error = %e, "question handed back");
                     returned.push(item.position);
+                    reasons.add(&e);
                 }
             }
         }
         let started = Instant::now();
-        if !groups.is_empty() && !self.push(groups).await {
+        if !groups.is_empty()
+            && let Err(e) = self.push(groups).await
+        {
             returned = lease.positions();
+            reasons.add(&e);
         }
         self.add_phase_ms("push", elapsed_ms(started));
-        self.complete(&lease, returned).await
+        self.complete(&lease, returned, reasons.text()).await
+    }
+
+    /// Asks the coordinator with `ask`, again with backoff (50 ms doubling to 2 s) while the
+    /// outcome is unknown, for up to `coordinator_deadline` (5 s once the actor is stopping);
+    /// the requests are keyed, so a repeat is answered like the first. Past the deadline the
+    /// error names the call, how long and the last failure.
+    async fn ask_coordinator<A, F, Fut>(
+        &self,
+        call: &'static str,
+        mut ask: F,
+    ) -> Result<A, ActorError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<A, ActorError>>,
+    {
+        let started = Instant::now();
+        let mut deadline = started + self.options.coordinator_deadline;
+        let mut backoff = Duration::from_millis(50);
+        let mut attempts = 1u32;
+        loop {
+            if self.stop.load(Ordering::SeqCst) {
+                deadline = deadline.min(Instant::now() + STOPPING_ASK_DEADLINE);
+            }
+            match ask().await {
+                Ok(answer) => {
+                    if attempts > 1 {
+                        tracing::info!(call, attempts, "the coordinator answered again");
+                    }
+                    return Ok(answer);
+                }
+                Err(e) if e.outcome_unknown() && Instant::now() + backoff < deadline => {
+                    tracing::warn!(call, attempts, error = %e, "coordinator call failed; asking again");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    attempts += 1;
+                }
+                Err(e) if e.outcome_unknown() => {
+                    return Err(ActorError::CoordinatorGaveUp {
+                        call,
+                        waited_s: started.elapsed().as_secs(),
+                        attempts,
+                        last: Box::new(e),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Makes the student hold at least version `needed`: the learner's weights are fetched
@@ -485,9 +583,9 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
         Ok((scores, elapsed_ms(started)))
     }
 
-    /// Pushes a lease's groups and counts the learner's verdicts. False when the push failed:
-    /// the learner may not have them, so their questions go back.
-    pub async fn push(&mut self, groups: Vec<ScoredGroup>) -> bool {
+    /// Pushes a lease's groups and counts the learner's verdicts. An error when the push
+    /// failed: the learner may not have them, so their questions go back.
+    pub async fn push(&mut self, groups: Vec<ScoredGroup>) -> Result<(), ActorError> {
         let n = groups.len();
         match self.peers.learner.push_groups(groups).await {
             Ok(verdicts) => {
@@ -500,27 +598,33 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
                         }
                     }
                 }
-                true
+                Ok(())
             }
             Err(e) => {
                 tracing::warn!(groups = n, error = %e, "push failed; handing the questions back");
-                false
+                Err(e)
             }
         }
     }
 
-    /// Tells the coordinator the lease is done; `returned_positions` are re-issued at once.
+    /// Tells the coordinator the lease is done; `returned_positions` are re-issued at once,
+    /// `reason` says why. Asked again while the outcome is unknown (a lease is completed once,
+    /// so a repeat changes nothing).
     pub async fn complete(
         &mut self,
         lease: &Lease,
         returned_positions: Vec<u64>,
+        reason: String,
     ) -> Result<(), ActorError> {
         self.summary.positions_returned += returned_positions.len() as u64;
         let completion = LeaseCompletion {
             actor_id: self.options.actor_id.clone(),
             lease_id: lease.lease_id.clone(),
             returned_positions,
+            reason,
         };
-        self.peers.coordinator.complete_lease(&completion).await
+        let coordinator = self.peers.coordinator.clone();
+        self.ask_coordinator("CompleteLease", || coordinator.complete_lease(&completion))
+            .await
     }
 }

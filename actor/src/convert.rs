@@ -125,6 +125,7 @@ impl From<&LeaseRequest> for v1::LeasePromptsRequest {
             max_questions: r.max_questions,
             // proto3 has no "none": 0 is what an actor without weights reports.
             policy_version: r.policy_version.unwrap_or(0),
+            request_id: r.request_id.clone(),
         }
     }
 }
@@ -187,6 +188,7 @@ impl From<&LeaseCompletion> for v1::CompleteLeaseRequest {
             actor_id: c.actor_id.clone(),
             lease_id: c.lease_id.clone(),
             returned_positions: c.returned_positions.clone(),
+            reason: c.reason.clone(),
         }
     }
 }
@@ -508,8 +510,10 @@ mod tests {
             actor_id: "a".into(),
             max_questions: 2,
             policy_version: None,
+            request_id: "a/7".into(),
         });
         assert_eq!((request.max_questions, request.policy_version), (2, 0));
+        assert_eq!(request.request_id, "a/7");
         let row = question_to_row(&question("q1")).unwrap();
         let group = v1::ScoredGroup::from(ScoredGroup {
             lease_id: "L".into(),

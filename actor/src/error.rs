@@ -44,6 +44,19 @@ pub enum ActorError {
     },
     #[error(transparent)]
     Connect(#[from] ril_proto::server::ServeError),
+    /// A coordinator call whose outcome stayed unknown (unreachable, deadlines, broken
+    /// connections) for `[actors] coordinator_deadline_ms`, asked again all along.
+    #[error(
+        "coordinator: {call} got no answer for {waited_s} s ({attempts} attempts; [actors] \
+         coordinator_deadline_ms); the last failure: {last}"
+    )]
+    CoordinatorGaveUp {
+        call: &'static str,
+        waited_s: u64,
+        attempts: u32,
+        #[source]
+        last: Box<ActorError>,
+    },
     /// A blocking task (loading, generating, applying weights) panicked or was cancelled.
     #[error("{what}: {source}")]
     Task {
@@ -65,6 +78,11 @@ impl ActorError {
     pub fn is_unavailable(&self) -> bool {
         matches!(self, Self::Rpc(e) if e.code == tonic::Code::Unavailable)
     }
+
+    /// Whether a call may or may not have taken effect (see [`RpcError::outcome_unknown`]).
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, Self::Rpc(e) if e.outcome_unknown())
+    }
 }
 
 /// The actor serves no RPCs, but its errors are classified like every role's, so a supervisor
@@ -74,7 +92,9 @@ impl ServiceError for ActorError {
         match self {
             Self::Model(_) | Self::Task { .. } => ServiceErrorCode::Internal,
             Self::Prompt(_) => ServiceErrorCode::InvalidArgument,
-            Self::Sync(_) | Self::Connect(_) => ServiceErrorCode::Unavailable,
+            Self::Sync(_) | Self::Connect(_) | Self::CoordinatorGaveUp { .. } => {
+                ServiceErrorCode::Unavailable
+            }
             Self::Rpc(e) => e.kind(),
             Self::Reply { .. } | Self::TooFewAnswers { .. } | Self::ScoreCount { .. } => {
                 ServiceErrorCode::Internal

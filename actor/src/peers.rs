@@ -60,6 +60,9 @@ pub struct LeaseRequest {
     pub max_questions: u32,
     /// The version this actor samples with; `None` before its first weights.
     pub policy_version: Option<u64>,
+    /// New for each lease asked for, the same when the request is repeated after a failure
+    /// whose outcome is unknown: the coordinator answers a repeat with the same lease.
+    pub request_id: String,
 }
 
 /// The coordinator's answer to a lease request.
@@ -117,6 +120,8 @@ pub struct LeaseCompletion {
     pub actor_id: String,
     pub lease_id: String,
     pub returned_positions: Vec<u64>,
+    /// Why they came back (the failures, naming the peers).
+    pub reason: String,
 }
 
 /// One answer of a teacher.

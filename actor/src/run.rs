@@ -32,6 +32,10 @@ pub struct ActorOptions {
     pub teacher_timeout: Duration,
     /// The deadline of one learner `PushGroups` call (checked, scored and committed first).
     pub push_timeout: Duration,
+    /// How long a LeasePrompts or CompleteLease call is asked again, with backoff, while its
+    /// outcome is unknown (the coordinator unreachable or restarting); then the actor stops
+    /// with the error naming the coordinator and the call.
+    pub coordinator_deadline: Duration,
     /// How long to keep registering while the coordinator is not ready.
     pub register_timeout: Duration,
     pub weight_timeout: Duration,
@@ -57,6 +61,7 @@ impl ActorOptions {
             rpc_timeout: Duration::from_secs(30),
             teacher_timeout: Duration::from_secs(300),
             push_timeout: Duration::from_secs(300),
+            coordinator_deadline: Duration::from_secs(120),
             register_timeout: Duration::from_secs(300),
             weight_timeout: Duration::from_secs(120),
             weight_chunk_bytes: 1 << 20,

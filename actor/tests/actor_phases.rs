@@ -55,6 +55,27 @@ struct FakeCoordinator {
     completions: Log<LeaseCompletion>,
     /// Set when a lease is handed out (a shutdown arriving mid-lease).
     stop_on_lease: Option<Arc<AtomicBool>>,
+    /// How many LeasePrompts / CompleteLease calls take effect but lose their reply (the
+    /// actor sees UNAVAILABLE); usize::MAX: every call fails.
+    lost_replies: Arc<AtomicUsize>,
+    /// The same for CompleteLease alone.
+    lost_completions: Arc<AtomicUsize>,
+    /// The latest lease request's key and the lease granted for it (a repeat gets it again,
+    /// as from the coordinator).
+    last_grant: Arc<Mutex<Option<(String, Lease)>>>,
+}
+
+impl FakeCoordinator {
+    /// Whether this call's reply is lost.
+    fn lose_reply(counter: &AtomicUsize) -> bool {
+        counter
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| match n {
+                0 => None,
+                usize::MAX => Some(usize::MAX),
+                n => Some(n - 1),
+            })
+            .is_ok()
+    }
 }
 
 impl Coordinator for FakeCoordinator {
@@ -90,7 +111,20 @@ impl Coordinator for FakeCoordinator {
 
     async fn lease(&self, request: &LeaseRequest) -> Result<LeaseReply, ActorError> {
         self.lease_requests.lock().unwrap().push(request.clone());
-        let next = self.leases.lock().unwrap().pop_front();
+        let repeat = self
+            .last_grant
+            .lock()
+            .unwrap()
+            .clone()
+            .filter(|(key, _)| *key == request.request_id)
+            .map(|(_, lease)| lease);
+        let next = repeat.or_else(|| self.leases.lock().unwrap().pop_front());
+        if let Some(lease) = &next {
+            *self.last_grant.lock().unwrap() = Some((request.request_id.clone(), lease.clone()));
+        }
+        if Self::lose_reply(&self.lost_replies) {
+            return Err(unavailable("coordinator", "LeasePrompts"));
+        }
         Ok(match next {
             Some(lease) => {
                 if let Some(stop) = &self.stop_on_lease {
@@ -107,6 +141,9 @@ impl Coordinator for FakeCoordinator {
 
     async fn complete_lease(&self, completion: &LeaseCompletion) -> Result<(), ActorError> {
         self.completions.lock().unwrap().push(completion.clone());
+        if Self::lose_reply(&self.lost_replies) || Self::lose_reply(&self.lost_completions) {
+            return Err(unavailable("coordinator", "CompleteLease"));
+        }
         Ok(())
     }
 }
@@ -381,12 +418,32 @@ impl Fakes {
         settings: RolloutSettings,
         stop: Arc<AtomicBool>,
     ) -> Actor<FakeCoordinator, FakeLearner, FakeDiscriminator, FakeTeacher> {
-        let options = ActorOptions {
+        self.build(student, settings, stop, |_| {})
+    }
+
+    /// An actor whose options `configure` changes.
+    fn actor_configured(
+        &self,
+        student: &Student,
+        configure: impl FnOnce(&mut ActorOptions),
+    ) -> Actor<FakeCoordinator, FakeLearner, FakeDiscriminator, FakeTeacher> {
+        self.build(student, settings(), no_stop(), configure)
+    }
+
+    fn build(
+        &self,
+        student: &Student,
+        settings: RolloutSettings,
+        stop: Arc<AtomicBool>,
+        configure: impl FnOnce(&mut ActorOptions),
+    ) -> Actor<FakeCoordinator, FakeLearner, FakeDiscriminator, FakeTeacher> {
+        let mut options = ActorOptions {
             // Long enough for a stale version to be fetched again, short for the test of one
             // that stays stale.
             weight_timeout: Duration::from_millis(500),
             ..ActorOptions::new("actor-1".into(), "fake".into(), student.path())
         };
+        configure(&mut options);
         let peers = Peers {
             coordinator: self.coordinator.clone(),
             learner: self.learner.clone(),
@@ -694,6 +751,64 @@ async fn verdicts_are_counted_and_returned_positions_complete_the_lease() {
         actor.lease().await.unwrap().is_none(),
         "the run is finished"
     );
+}
+
+#[tokio::test]
+async fn a_lost_coordinator_reply_is_asked_again_with_the_same_key_and_answered_the_same() {
+    let student = Student::new();
+    let mut fakes = Fakes::new(&student, vec![lease("L1", 1, &[6])]);
+    fakes.teachers[1].short_by = 1;
+    // The first lease reply and the first completion reply are lost after taking effect.
+    fakes.coordinator.lost_replies.store(1, Ordering::SeqCst);
+    fakes
+        .coordinator
+        .lost_completions
+        .store(1, Ordering::SeqCst);
+    let summary = fakes.actor(&student, no_stop()).run().await.unwrap();
+
+    let keys: Vec<String> = (fakes.coordinator.lease_requests.lock().unwrap().iter())
+        .map(|r| r.request_id.clone())
+        .collect();
+    assert_eq!(keys.len(), 3, "{keys:?}");
+    assert_eq!(keys[0], keys[1], "the repeat carries the same key");
+    assert_ne!(keys[1], keys[2], "the next lease request has a new key");
+    assert_eq!(summary.leases, 1, "one lease, not two");
+    let completions = fakes.coordinator.completions.lock().unwrap().clone();
+    assert_eq!(completions.len(), 2, "completed, then asked again");
+    assert_eq!(completions[0], completions[1]);
+    assert_eq!(completions[0].returned_positions, [6]);
+    assert_eq!(
+        completions[0].reason, "teacher at teacher-b:4: sent 0 answers, 1 were asked for",
+        "the hand-back says why, naming the teacher"
+    );
+}
+
+#[tokio::test]
+async fn a_coordinator_that_never_answers_stops_the_actor_at_its_deadline_naming_the_call() {
+    let student = Student::new();
+    let fakes = Fakes::new(&student, vec![lease("L1", 1, &[6])]);
+    fakes
+        .coordinator
+        .lost_replies
+        .store(usize::MAX, Ordering::SeqCst);
+    let actor = fakes.actor_configured(&student, |o| {
+        o.coordinator_deadline = Duration::from_millis(600);
+    });
+    let started = std::time::Instant::now();
+    let error = actor.run().await.unwrap_err().to_string();
+    let waited = started.elapsed();
+    assert!(
+        error.starts_with("coordinator: LeasePrompts got no answer for 0 s (")
+            && error.contains("coordinator_deadline_ms")
+            && error.contains("not ready"),
+        "{error}"
+    );
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
+    let asked = fakes.coordinator.lease_requests.lock().unwrap().len();
+    assert!(asked >= 3, "asked again with backoff ({asked} calls)");
 }
 
 #[tokio::test]

@@ -443,6 +443,7 @@ pub fn actor(args: &ActorArgs) -> anyhow::Result<()> {
     opts.rpc_timeout = Duration::from_millis(cfg.actors.rpc_timeout_ms);
     opts.teacher_timeout = Duration::from_millis(cfg.actors.teacher_timeout_ms);
     opts.push_timeout = Duration::from_millis(cfg.actors.push_timeout_ms);
+    opts.coordinator_deadline = Duration::from_millis(cfg.actors.coordinator_deadline_ms);
     opts.seed = cfg.run.seed;
     opts.max_leases = args.max_leases;
     opts.security = resolve_security(

@@ -33,7 +33,7 @@
 //! [discriminator]             # D: lr, frozen, include_question ..., [discriminator.judge]
 //! [[teachers]]                # name + backend = "candle" | "openai" | "replay"
 //! [actors]                    # count (local mode), questions_per_lease, device, rpc_timeout_ms,
-//!                             # teacher_timeout_ms, push_timeout_ms
+//!                             # teacher_timeout_ms, push_timeout_ms, coordinator_deadline_ms
 //! ```
 //!
 //! Devices: `[run] device = "cuda:0"` puts every role on that GPU; `[actors]`, `[learner]`,
@@ -190,12 +190,13 @@ impl RunConfig {
             actors.rpc_timeout_ms,
             actors.teacher_timeout_ms,
             actors.push_timeout_ms,
+            actors.coordinator_deadline_ms,
         ]
         .contains(&0)
         {
             return Err(self.invalid(
-                "[actors] rpc_timeout_ms, teacher_timeout_ms and push_timeout_ms must be positive \
-                 (they are deadlines)"
+                "[actors] rpc_timeout_ms, teacher_timeout_ms, push_timeout_ms and \
+                 coordinator_deadline_ms must be positive (they are deadlines)"
                     .into(),
             ));
         }
@@ -314,6 +315,8 @@ impl RunConfig {
             skip_bad_rows: self.data.skip_bad_rows,
             learner_world_size: self.learner.world_size,
             lease_retry_after: Duration::from_millis(self.coordinator.lease_retry_ms),
+            stall_limit: (self.coordinator.stall_limit_s > 0)
+                .then(|| Duration::from_secs(self.coordinator.stall_limit_s)),
             ..Default::default()
         };
         o.actor.group_size = self.rollout.group_size;

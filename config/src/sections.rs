@@ -120,6 +120,10 @@ fn d_lease_retry() -> u64 {
     50
 }
 
+fn d_stall_limit() -> u64 {
+    1800
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CoordinatorSection {
@@ -133,6 +137,10 @@ pub struct CoordinatorSection {
     /// the next version this way).
     #[serde(default = "d_lease_retry")]
     pub lease_retry_ms: u64,
+    /// The progress watchdog: a run that has not advanced (no group accepted, no version
+    /// published) for this long stops with an error naming what it waited for. 0: no limit.
+    #[serde(default = "d_stall_limit")]
+    pub stall_limit_s: u64,
 }
 
 impl Default for CoordinatorSection {
@@ -142,6 +150,7 @@ impl Default for CoordinatorSection {
             heartbeat_interval_ms: d_heartbeat(),
             actor_timeout_s: d_actor_timeout(),
             lease_retry_ms: d_lease_retry(),
+            stall_limit_s: d_stall_limit(),
         }
     }
 }
@@ -163,6 +172,9 @@ fn d_actor_teacher_timeout() -> u64 {
 }
 fn d_actor_push_timeout() -> u64 {
     300_000
+}
+fn d_actor_coordinator_deadline() -> u64 {
+    120_000
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -193,6 +205,13 @@ pub struct ActorsSection {
     /// and buffers what it had started, so nothing is trained twice or lost.
     #[serde(default = "d_actor_push_timeout")]
     pub push_timeout_ms: u64,
+    /// How long an actor keeps asking the coordinator again (with backoff) when a LeasePrompts
+    /// or CompleteLease call fails with an unknown outcome (unreachable, a deadline, a broken
+    /// connection: e.g. the coordinator restarting). Past it the actor stops, naming the
+    /// coordinator and the call. A repeated request is answered as the first one was (the
+    /// lease request carries a key; a lease is completed once).
+    #[serde(default = "d_actor_coordinator_deadline")]
+    pub coordinator_deadline_ms: u64,
 }
 
 impl Default for ActorsSection {
@@ -204,6 +223,7 @@ impl Default for ActorsSection {
             rpc_timeout_ms: d_actor_rpc_timeout(),
             teacher_timeout_ms: d_actor_teacher_timeout(),
             push_timeout_ms: d_actor_push_timeout(),
+            coordinator_deadline_ms: d_actor_coordinator_deadline(),
         }
     }
 }

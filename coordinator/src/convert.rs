@@ -22,6 +22,30 @@ pub const MAX_ID_LEN: usize = 512;
 /// The shortest publisher key learner rank 0 may bring.
 pub const MIN_PUBLISHER_KEY_BYTES: usize = 16;
 
+/// An optional id (a client's request key, a lease named in a hand-back): empty, or a valid id.
+fn check_optional_id(field: &'static str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    check_id(field, value)
+}
+
+/// The longest reason kept from a client (longer ones are cut, on a character boundary).
+const MAX_REASON_BYTES: usize = 2048;
+
+/// A client's free-text reason, cut to [`MAX_REASON_BYTES`] and with control characters
+/// replaced, so that it can go into logs and status as one line.
+fn reason_text(reason: String) -> String {
+    let mut cut = reason.len().min(MAX_REASON_BYTES);
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    reason[..cut]
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 fn check_id(field: &'static str, value: &str) -> Result<()> {
     if value.trim().is_empty() {
         return Err(CoordinatorError::invalid(field, "empty"));
@@ -88,6 +112,8 @@ pub struct LeaseRequest {
     pub actor_id: String,
     pub max_questions: u32,
     pub policy_version: u64,
+    /// The actor's key for this request (empty: none).
+    pub request_id: String,
 }
 
 impl TryFrom<v1::LeasePromptsRequest> for LeaseRequest {
@@ -101,10 +127,12 @@ impl TryFrom<v1::LeasePromptsRequest> for LeaseRequest {
                 "must be at least 1",
             ));
         }
+        check_optional_id("request_id", &r.request_id)?;
         Ok(Self {
             actor_id: r.actor_id,
             max_questions: r.max_questions,
             policy_version: r.policy_version,
+            request_id: r.request_id,
         })
     }
 }
@@ -114,6 +142,7 @@ pub struct CompleteLease {
     pub actor_id: String,
     pub lease_id: String,
     pub returned_positions: Vec<u64>,
+    pub reason: String,
 }
 
 impl TryFrom<v1::CompleteLeaseRequest> for CompleteLease {
@@ -126,6 +155,7 @@ impl TryFrom<v1::CompleteLeaseRequest> for CompleteLease {
             actor_id: r.actor_id,
             lease_id: r.lease_id,
             returned_positions: r.returned_positions,
+            reason: reason_text(r.reason),
         })
     }
 }
@@ -159,14 +189,20 @@ impl TryFrom<v1::AcceptGroupRequest> for AcceptGroup {
 pub struct ReturnQuestion {
     pub position: u64,
     pub reason: String,
+    /// The lease whose group is handed back (empty: whatever holds the position).
+    pub lease_id: String,
 }
 
-impl From<v1::ReturnQuestionRequest> for ReturnQuestion {
-    fn from(r: v1::ReturnQuestionRequest) -> Self {
-        Self {
+impl TryFrom<v1::ReturnQuestionRequest> for ReturnQuestion {
+    type Error = CoordinatorError;
+
+    fn try_from(r: v1::ReturnQuestionRequest) -> Result<Self> {
+        check_optional_id("lease_id", &r.lease_id)?;
+        Ok(Self {
             position: r.position,
-            reason: r.reason,
-        }
+            reason: reason_text(r.reason),
+            lease_id: r.lease_id,
+        })
     }
 }
 
@@ -416,6 +452,19 @@ impl From<Status> for v1::RunStatus {
             finished: s.finished,
             learner_world_size: s.learner_world_size,
             learner_ranks_joined: s.learner_ranks_joined,
+            ms_since_progress: ms(s.progress.since_progress),
+            waiting_for: s.progress.waiting_for,
+            stalled: s.progress.stalled.unwrap_or_default(),
+            last_handback_ms_ago: s
+                .progress
+                .last_handback
+                .as_ref()
+                .map_or(0, |(ago, _)| ms(*ago)),
+            last_handback: s
+                .progress
+                .last_handback
+                .map(|(_, why)| why)
+                .unwrap_or_default(),
         }
     }
 }
@@ -440,6 +489,7 @@ mod tests {
                 actor_id: actor_id.into(),
                 max_questions,
                 policy_version: 0,
+                request_id: String::new(),
             })
         };
         assert_eq!(field_of(lease("", 1).unwrap_err()), "actor_id");

@@ -150,12 +150,31 @@ pub struct Status {
     pub learner_ranks_joined: u32,
     /// Published versions, oldest first.
     pub history: Vec<VersionRecord>,
+    /// The progress watchdog's view.
+    pub progress: Progress,
+}
+
+/// How long the run has gone without advancing, and what it waits for.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Progress {
+    /// Since the run last advanced (a group accepted, a version published, or the start).
+    pub since_progress: Duration,
+    /// The role and call the run waits for; empty once the run is finished.
+    pub waiting_for: String,
+    /// Set once the run made no progress for the stall limit: the error it stopped with.
+    pub stalled: Option<String>,
+    /// The latest reason a question was handed back, and how long ago.
+    pub last_handback: Option<(Duration, String)>,
 }
 
 #[derive(Debug, Clone)]
 struct Lease {
     actor_id: String,
     deadline: Instant,
+    /// The deadline handed to the actor (for answering a repeated request).
+    deadline_unix_ms: u64,
+    /// The version it was granted at.
+    version: u64,
     /// Every position it was granted.
     positions: Vec<u64>,
     /// Those neither accepted nor returned yet.
@@ -191,6 +210,19 @@ struct Book {
     metrics_iteration: Option<u64>,
     accept_times: VecDeque<Instant>,
     next_lease: u64,
+    /// Position -> the leases (of this coordinator's start) that held it, until its iteration
+    /// is trained: what AcceptGroup checks a group's lease against.
+    granted: HashMap<u64, Vec<String>>,
+    /// Actor -> (its latest lease request's key, the lease granted for it).
+    lease_requests: HashMap<String, (String, String)>,
+    /// When the run last advanced (a group accepted, a version published, or the start).
+    last_progress: Instant,
+    /// The latest reason a question was handed back, and when.
+    last_handback: Option<(Instant, String)>,
+    /// Set by the watchdog once the run made no progress for the stall limit.
+    stalled: Option<String>,
+    /// The run was resumed from a state file without lease prefixes (see `lease_problem`).
+    legacy_leases: bool,
     /// A persisted field changed.
     dirty: bool,
 }
@@ -313,12 +345,18 @@ impl Coordinator {
                 StateFile::new(run_id, identity)
             }
         };
+        let mut state = state;
+        // A run resumed from a state file that kept no lease prefixes: its earlier leases
+        // cannot be told from forged ones, so groups from them are not checked.
+        let legacy_leases = resumed && state.lease_prefixes.is_empty() && state.cursor > 0;
         // Positions issued before a restart and never accepted are re-issued.
         let reissue: BTreeSet<u64> = (state.accepted.watermark()..state.cursor)
             .filter(|&p| !state.accepted.contains(p))
             .collect();
+        let lease_prefix = format!("L{:x}-{:08x}", now.unix_ms, rand::random::<u32>());
+        state.lease_prefixes.push(lease_prefix.clone());
         let mut coordinator = Self {
-            lease_prefix: format!("L{:x}-{:08x}", now.unix_ms, rand::random::<u32>()),
+            lease_prefix,
             options,
             stream,
             book: Book {
@@ -334,6 +372,12 @@ impl Coordinator {
                 metrics_iteration: None,
                 accept_times: VecDeque::new(),
                 next_lease: 0,
+                granted: HashMap::new(),
+                lease_requests: HashMap::new(),
+                last_progress: now.instant,
+                last_handback: None,
+                stalled: None,
+                legacy_leases,
                 dirty: false,
             },
             state_path,
@@ -480,7 +524,29 @@ impl Coordinator {
         policy_version: u64,
         now: Now,
     ) -> Result<LeaseGrant> {
+        self.lease_keyed(actor_id, max_questions, policy_version, "", now)
+    }
+
+    /// [`Coordinator::lease`] with the actor's key for this request: a request repeated with
+    /// the key of the actor's latest one (its reply was lost) gets the lease granted the first
+    /// time while that lease is open, instead of a second lease. An empty key is no key.
+    pub fn lease_keyed(
+        &mut self,
+        actor_id: &str,
+        max_questions: u32,
+        policy_version: u64,
+        request_id: &str,
+        now: Now,
+    ) -> Result<LeaseGrant> {
         self.expire(now);
+        if let Some(grant) = self.repeated_lease(actor_id, request_id)? {
+            tracing::info!(
+                actor_id,
+                lease_id = grant.lease_id,
+                "lease request repeated: the same lease again"
+            );
+            return Ok(grant);
+        }
         let lease_prefix = self.lease_prefix.clone();
         self.transact(now, |book, stream, options| {
             let actor = book.touch_actor(actor_id, now);
@@ -536,13 +602,23 @@ impl Coordinator {
             book.next_lease += 1;
             for &p in &picked {
                 book.leased.insert(p, lease_id.clone());
+                book.granted.entry(p).or_default().push(lease_id.clone());
+            }
+            if !request_id.is_empty() {
+                book.lease_requests.insert(
+                    actor_id.to_string(),
+                    (request_id.to_string(), lease_id.clone()),
+                );
             }
             book.touch_actor(actor_id, now).groups_leased += picked.len() as u64;
+            let deadline_unix_ms = now.unix_ms.saturating_add(ms(options.lease_timeout));
             book.leases.insert(
                 lease_id.clone(),
                 Lease {
                     actor_id: actor_id.to_string(),
                     deadline: now.instant + options.lease_timeout,
+                    deadline_unix_ms,
+                    version,
                     outstanding: picked.iter().copied().collect(),
                     positions: picked,
                     completed: false,
@@ -551,7 +627,7 @@ impl Coordinator {
             tracing::debug!(actor_id, lease_id, n = items.len(), version, "leased");
             Ok(LeaseGrant {
                 lease_id,
-                deadline_unix_ms: now.unix_ms.saturating_add(ms(options.lease_timeout)),
+                deadline_unix_ms,
                 policy_version: version,
                 items,
                 retry_after_ms: 0,
@@ -560,14 +636,70 @@ impl Coordinator {
         })
     }
 
+    /// The lease granted for `actor_id`'s latest request when `request_id` repeats it and the
+    /// lease is still open (not completed, not expired).
+    fn repeated_lease(&mut self, actor_id: &str, request_id: &str) -> Result<Option<LeaseGrant>> {
+        if request_id.is_empty() {
+            return Ok(None);
+        }
+        let Some((key, lease_id)) = self.book.lease_requests.get(actor_id) else {
+            return Ok(None);
+        };
+        let lease = match self.book.leases.get(lease_id) {
+            Some(l) if key == request_id && !l.completed && l.actor_id == actor_id => l,
+            _ => return Ok(None),
+        };
+        let (lease_id, deadline_unix_ms, version) =
+            (lease_id.clone(), lease.deadline_unix_ms, lease.version);
+        let positions: Vec<u64> = lease
+            .positions
+            .iter()
+            .copied()
+            .filter(|p| lease.outstanding.contains(p))
+            .collect();
+        let b = self.options.questions_per_iteration;
+        let items = positions
+            .into_iter()
+            .map(|p| {
+                Ok(LeasedQuestion {
+                    position: p,
+                    iteration: p / b,
+                    row: self.stream.row_at(p)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(LeaseGrant {
+            lease_id,
+            deadline_unix_ms,
+            policy_version: version,
+            items,
+            retry_after_ms: 0,
+            run_finished: false,
+        }))
+    }
+
     /// The actor is done with a lease: `returned` positions are re-issued at once; the groups of
     /// the rest are expected at the learner, which has `lease_timeout` to accept them before they
-    /// are re-issued too. Completing an unknown (e.g. already expired) lease does nothing.
+    /// are re-issued too. Completing an unknown (e.g. already expired) lease does nothing, and so
+    /// does completing it again (a retry): the key is the lease id.
     pub fn complete_lease(
         &mut self,
         actor_id: &str,
         lease_id: &str,
         returned: &[u64],
+        now: Now,
+    ) -> Result<()> {
+        self.complete_lease_because(actor_id, lease_id, returned, "", now)
+    }
+
+    /// [`Coordinator::complete_lease`] with why the `returned` positions came back (shown by the
+    /// progress watchdog).
+    pub fn complete_lease_because(
+        &mut self,
+        actor_id: &str,
+        lease_id: &str,
+        returned: &[u64],
+        reason: &str,
         now: Now,
     ) -> Result<()> {
         self.expire(now);
@@ -606,10 +738,23 @@ impl Coordinator {
                 book.leases.remove(lease_id);
             }
             if !returned.is_empty() {
+                let why = if reason.is_empty() {
+                    "no reason given"
+                } else {
+                    reason
+                };
+                book.last_handback = Some((
+                    now.instant,
+                    format!(
+                        "{} question(s) of lease {lease_id} handed back by actor {actor_id}: {why}",
+                        returned.len()
+                    ),
+                ));
                 tracing::info!(
                     actor_id,
                     lease_id,
                     returned = returned.len(),
+                    reason,
                     "positions returned"
                 );
             }
@@ -629,6 +774,7 @@ impl Coordinator {
         now: Now,
     ) -> Result<Acceptance> {
         self.expire(now);
+        let lease_prefix = self.lease_prefix.clone();
         let acceptance = self.transact(now, |book, stream, options| {
             let refuse = |reason: String| Ok(Acceptance::Refused(reason));
             let total = options.total_positions();
@@ -667,6 +813,9 @@ impl Coordinator {
                     "duplicate: position {position} ({question_id}) already accepted"
                 ));
             }
+            if let Some(problem) = book.lease_problem(lease_id, position, &lease_prefix) {
+                return refuse(problem);
+            }
             book.state.accepted.insert(position);
             book.state
                 .accepted_by
@@ -683,6 +832,7 @@ impl Coordinator {
             }
             book.accept_times.push_back(now.instant);
             book.prune_rate_window(now);
+            book.last_progress = now.instant;
             Ok(Acceptance::Accepted)
         })?;
         Ok(match acceptance {
@@ -698,8 +848,18 @@ impl Coordinator {
     }
 
     /// The learner gives a question back (e.g. its group was too stale): it is no longer
-    /// accepted and is re-issued at once.
-    pub fn return_question(&mut self, position: u64, reason: &str, now: Now) -> Result<()> {
+    /// accepted and is re-issued at once. With `lease_id` (the lease of the group handed back)
+    /// the call is idempotent: it takes effect only while the position is accepted under that
+    /// lease (or held by it), so a retry arriving after the question was re-issued, or accepted
+    /// again from another lease, changes nothing. An empty `lease_id` hands the position back
+    /// whatever holds it.
+    pub fn return_question(
+        &mut self,
+        position: u64,
+        lease_id: &str,
+        reason: &str,
+        now: Now,
+    ) -> Result<()> {
         self.expire(now);
         self.transact(now, |book, _, _| {
             if position >= book.state.cursor {
@@ -711,6 +871,18 @@ impl Coordinator {
                     ),
                 ));
             }
+            if !lease_id.is_empty() && !book.holds(position, lease_id) {
+                tracing::debug!(
+                    position,
+                    lease_id,
+                    "question already handed back (a repeated ReturnQuestion): nothing to do"
+                );
+                return Ok(());
+            }
+            book.last_handback = Some((
+                now.instant,
+                format!("position {position} handed back by the learner: {reason}"),
+            ));
             let was_accepted = book.state.accepted.remove(position);
             book.state.accepted_by.remove(&position);
             if was_accepted {
@@ -779,6 +951,8 @@ impl Coordinator {
             book.state
                 .accepted_by
                 .retain(|&position, _| position >= trained);
+            book.granted.retain(|&position, _| position >= trained);
+            book.last_progress = now.instant;
             book.state.history.push(VersionRecord {
                 version,
                 iteration,
@@ -810,14 +984,20 @@ impl Coordinator {
                 )));
             }
             if version < latest {
-                book.state.version = version;
-                book.state.history.retain(|r| r.version <= version);
-                book.dirty = true;
-                tracing::warn!(
-                    from = latest,
-                    to = version,
-                    "the learner restarted from an older checkpoint: versions after it are forgotten"
-                );
+                let checkpoint = book
+                    .state
+                    .history
+                    .iter()
+                    .rfind(|r| r.version == latest)
+                    .map(|r| r.checkpoint.as_str())
+                    .filter(|c| !c.is_empty())
+                    .unwrap_or("its checkpoint");
+                return Err(CoordinatorError::FailedPrecondition(format!(
+                    "learner rank 0 starts from version {version}, but this run has already \
+                     published version {latest}: a run never goes back past a published \
+                     version (actors may have sampled with it). Start rank 0 from \
+                     {checkpoint} (the learner's out_dir of this run), or start a new run"
+                )));
             }
             let first = version.saturating_mul(options.questions_per_iteration);
             let mut taken_back = Vec::new();
@@ -858,15 +1038,16 @@ impl Coordinator {
     }
 
     /// Learner rank 0's publisher key, from its JoinLearner (its SHA-256 is kept, persisted).
+    /// The first rank 0 of the run sets it; after that only a rank 0 holding the same key (the
+    /// same learner, restarted: the key lives in its out_dir) may join as rank 0, so a holder of
+    /// a learner certificate cannot take the run over (replace the publisher, roll it back).
     pub fn set_publisher(&mut self, key: &[u8], now: Now) -> Result<()> {
+        self.check_rank0_key(key)?;
         let digest = publisher_digest(key);
         if self.book.state.publisher_key_sha256 == digest {
             return Ok(());
         }
         self.transact(now, |book, _, _| {
-            if !book.state.publisher_key_sha256.is_empty() {
-                tracing::info!("learner rank 0 joined with a new publisher key (a restart)");
-            }
             book.state.publisher_key_sha256 = digest;
             book.dirty = true;
             Ok(())
@@ -1002,13 +1183,213 @@ impl Coordinator {
             learner_world_size: options.learner_world_size,
             learner_ranks_joined: book.ranks.len() as u32,
             history: book.state.history.clone(),
+            progress: book.progress(options, now),
         }
+    }
+
+    /// The progress watchdog, called by the server's ticker: once the run (not finished) has
+    /// not advanced for the stall limit, the error it stops with, naming how long and what it
+    /// waits for (and the latest reason a question came back). Repeats the error once set.
+    pub fn check_stall(&mut self, now: Now) -> Option<CoordinatorError> {
+        self.expire(now);
+        if let Some(stalled) = &self.book.stalled {
+            return Some(CoordinatorError::Stalled(stalled.clone()));
+        }
+        let limit = self.options.stall_limit?;
+        let progress = self.book.progress(&self.options, now);
+        if progress.waiting_for.is_empty() || progress.since_progress < limit {
+            return None;
+        }
+        let mut message = format!(
+            "no progress for {} s (the stall limit, [coordinator] stall_limit_s): {}",
+            progress.since_progress.as_secs(),
+            progress.waiting_for
+        );
+        if let Some((ago, why)) = &progress.last_handback {
+            message.push_str(&format!(
+                "; the latest question handed back ({} s ago): {why}",
+                ago.as_secs()
+            ));
+        }
+        tracing::error!(%message, "the run stalled");
+        self.book.stalled = Some(message.clone());
+        Some(CoordinatorError::Stalled(message))
+    }
+
+    /// Refuses a rank 0 whose publisher key is not the run's (see [`Coordinator::set_publisher`])
+    /// without changing anything: checked before the join rewinds the run.
+    pub fn check_rank0_key(&self, key: &[u8]) -> Result<()> {
+        let known = &self.book.state.publisher_key_sha256;
+        let digest = publisher_digest(key);
+        if known.is_empty()
+            || ril_proto::security::constant_time_eq(digest.as_bytes(), known.as_bytes())
+        {
+            return Ok(());
+        }
+        Err(CoordinatorError::PermissionDenied(
+            "JoinLearner as rank 0: this run's rank 0 joined with another publisher key. Only \
+             that learner may join as rank 0 again (a restarted learner reads its key from \
+             publisher.key in its out_dir); a learner without it cannot take the run over. \
+             Restart rank 0 with the run's out_dir, or start a new run"
+                .into(),
+        ))
     }
 }
 
 impl Book {
     fn finished(&self, options: &CoordinatorOptions) -> bool {
         self.state.version >= options.total_iterations
+    }
+
+    /// Why `lease_id` cannot carry a group for `position`, if it cannot: a lease of this
+    /// coordinator's start must have held the position; a lease of an earlier start (the
+    /// coordinator restarted since) must at least be one this run issued, since the grants
+    /// before a restart are not kept.
+    fn lease_problem(&self, lease_id: &str, position: u64, current: &str) -> Option<String> {
+        let of_start = |prefix: &str| {
+            lease_id
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.strip_prefix('-'))
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        };
+        if of_start(current) {
+            let held = self
+                .granted
+                .get(&position)
+                .is_some_and(|leases| leases.iter().any(|l| l == lease_id));
+            return (!held).then(|| format!("lease {lease_id:?} never held position {position}"));
+        }
+        if self.legacy_leases || self.state.lease_prefixes.iter().any(|p| of_start(p)) {
+            return None;
+        }
+        Some(format!("lease {lease_id:?} was not issued by this run"))
+    }
+
+    /// Whether `position` is accepted under `lease_id`, or held by it: what a keyed
+    /// ReturnQuestion may hand back. An accepted position with no record of its lease (a state
+    /// file from before they were kept) counts as held.
+    fn holds(&self, position: u64, lease_id: &str) -> bool {
+        if self.state.accepted.contains(position) {
+            return self
+                .state
+                .accepted_by
+                .get(&position)
+                .is_none_or(|l| l == lease_id);
+        }
+        self.leased.get(&position).is_some_and(|l| l == lease_id)
+    }
+
+    /// What the run waits for now, naming the role and the call.
+    fn waiting_for(&self, options: &CoordinatorOptions, now: Now) -> String {
+        if self.finished(options) {
+            return String::new();
+        }
+        let world = options.learner_world_size;
+        if self.ranks.len() < world as usize {
+            let missing: Vec<String> = (0..world)
+                .filter(|r| !self.ranks.contains_key(r))
+                .map(|r| r.to_string())
+                .collect();
+            return format!(
+                "learner rank(s) {} to join (JoinLearner; {} of {world} joined)",
+                missing.join(", "),
+                self.ranks.len()
+            );
+        }
+        let b = options.questions_per_iteration;
+        let iteration = self.state.version;
+        let positions = iteration.saturating_mul(b)..(iteration + 1).saturating_mul(b);
+        let open: Vec<u64> = positions
+            .clone()
+            .filter(|&p| !self.state.accepted.contains(p))
+            .collect();
+        if open.is_empty() {
+            return format!(
+                "the learner to train iteration {iteration} and publish version {} \
+                 (PublishVersion; all {b} groups accepted)",
+                iteration + 1
+            );
+        }
+        let mut rolling: BTreeMap<&str, (usize, Vec<&str>)> = BTreeMap::new();
+        let mut pushed: BTreeMap<&str, (usize, Vec<&str>)> = BTreeMap::new();
+        for p in &open {
+            let Some(id) = self.leased.get(p) else {
+                continue;
+            };
+            let Some(lease) = self.leases.get(id) else {
+                continue;
+            };
+            let into = if lease.completed {
+                &mut pushed
+            } else {
+                &mut rolling
+            };
+            let entry = into.entry(&lease.actor_id).or_default();
+            entry.0 += 1;
+            if !entry.1.contains(&id.as_str()) {
+                entry.1.push(id);
+            }
+        }
+        let describe = |m: &BTreeMap<&str, (usize, Vec<&str>)>| {
+            m.iter()
+                .map(|(actor, (n, leases))| format!("{actor} ({n}, lease {})", leases.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let mut parts = Vec::new();
+        if !pushed.is_empty() {
+            parts.push(format!(
+                "the learner to accept the groups of actor {} (AcceptGroup after the actor's \
+                 PushGroups)",
+                describe(&pushed)
+            ));
+        }
+        if !rolling.is_empty() {
+            parts.push(format!(
+                "actor {} to roll out and push its lease (teacher Answer, discriminator Score, \
+                 learner PushGroups)",
+                describe(&rolling)
+            ));
+        }
+        let unleased = open.len()
+            - pushed
+                .values()
+                .chain(rolling.values())
+                .map(|e| e.0)
+                .sum::<usize>();
+        if unleased > 0 {
+            let alive = self
+                .actors
+                .values()
+                .filter(|a| {
+                    now.instant.saturating_duration_since(a.last_seen) <= options.actor_timeout
+                })
+                .count();
+            parts.push(if alive == 0 {
+                format!(
+                    "an actor to lease {unleased} question(s) (LeasePrompts; no actor is alive)"
+                )
+            } else {
+                format!("actors to lease {unleased} question(s) (LeasePrompts; {alive} alive)")
+            });
+        }
+        format!(
+            "iteration {iteration}: {} of {b} groups accepted; waiting for {}",
+            b as usize - open.len(),
+            parts.join("; and ")
+        )
+    }
+
+    fn progress(&self, options: &CoordinatorOptions, now: Now) -> Progress {
+        Progress {
+            since_progress: now.instant.saturating_duration_since(self.last_progress),
+            waiting_for: self.waiting_for(options, now),
+            stalled: self.stalled.clone(),
+            last_handback: self
+                .last_handback
+                .as_ref()
+                .map(|(t, why)| (now.instant.saturating_duration_since(*t), why.clone())),
+        }
     }
 
     /// The actor's record, created when new; marks it seen.
@@ -1073,6 +1454,8 @@ impl Book {
         let forget = options.actor_timeout * FORGET_AFTER_TIMEOUTS;
         self.actors
             .retain(|_, a| now.instant.saturating_duration_since(a.last_seen) <= forget);
+        let actors = &self.actors;
+        self.lease_requests.retain(|id, _| actors.contains_key(id));
         count
     }
 }

@@ -358,24 +358,25 @@ fn completed_leases_return_positions_and_wait_a_lease_timeout_for_acceptance() {
 
 /// A learner that stops loses the groups it accepted but had not trained (they live in its
 /// memory). When rank 0 joins again from its checkpoint, the coordinator takes back what was
-/// accepted for iterations from that version on, re-issues it, and forgets later versions.
+/// accepted for iterations from that version on and re-issues it. A rank 0 from a checkpoint
+/// older than the latest published version is refused: the run never goes backwards.
 #[test]
 fn a_restarted_learner_gets_back_what_it_accepted_but_never_trained() {
     let f = fixture();
     let mut c = Coordinator::open(f.options.clone()).unwrap();
     let t = Now::current();
-    // Iteration 0 (positions 0-3) trained and published as version 1, checkpointed.
+    // Iterations 0 and 1 trained and published as versions 1 and 2 (each checkpointed).
     let g = c.lease("a", 4, 0, t).unwrap();
     for p in 0..4 {
         assert_eq!(accept(&mut c, &g, p, t), Acceptance::Accepted);
     }
     c.publish_version(1, 0, "ckpt-1", t).unwrap();
-    // Iteration 1: version 2 published (not checkpointed), iteration 2 half accepted.
     let g = c.lease("a", 4, 1, t).unwrap();
     for p in 4..8 {
         assert_eq!(accept(&mut c, &g, p, t), Acceptance::Accepted);
     }
     c.publish_version(2, 1, "ckpt-2", t).unwrap();
+    // Iteration 2 half accepted, never trained.
     let g = c.lease("a", 4, 2, t).unwrap();
     for p in 8..10 {
         assert_eq!(accept(&mut c, &g, p, t), Acceptance::Accepted);
@@ -385,30 +386,38 @@ fn a_restarted_learner_gets_back_what_it_accepted_but_never_trained() {
     // A checkpoint from the future is not this run's.
     let e = c.join_learner(0, "h:0", &[], "", 4, t).unwrap_err();
     assert!(e.to_string().contains("version 4"), "{e}");
+    // One from before the latest published version would roll the run back: refused, naming
+    // the checkpoint to start from, and nothing changes.
+    let e = c.join_learner(0, "h:0", &[], "", 1, t).unwrap_err();
+    assert!(
+        matches!(e, CoordinatorError::FailedPrecondition(_))
+            && e.to_string().contains("already published version 2")
+            && e.to_string().contains("ckpt-2"),
+        "{e}"
+    );
+    let s = c.status(t);
+    assert_eq!((s.policy_version, s.groups_accepted), (2, 10));
 
     // A learner one version ahead (checkpointed version 3, stopped before publishing it) is
     // this run's: nothing it trained is taken back.
     c.join_learner(0, "h:0", &[], "", 3, t).unwrap();
     assert_eq!(c.status(t).groups_accepted, 10);
-    // Rank 0 restarts from version 1: versions after it are gone, positions 4..10 come back.
-    c.join_learner(0, "h:0", &[], "", 1, t).unwrap();
+    // Rank 0 restarts from version 2: positions 8 and 9 (accepted, never trained) come back.
+    c.join_learner(0, "h:0", &[], "", 2, t).unwrap();
     let s = c.status(t);
-    assert_eq!((s.policy_version, s.groups_accepted), (1, 4));
-    assert_eq!(s.history.last().unwrap().version, 1);
+    assert_eq!((s.policy_version, s.groups_accepted), (2, 8));
+    assert_eq!(s.history.last().unwrap().version, 2);
     // Polling again changes nothing.
-    c.join_learner(0, "h:0", &[], "", 1, t).unwrap();
-    assert_eq!(c.status(t).groups_accepted, 4);
-    // Leases for version 1 hand out iteration 1 again (the gate admits one iteration ahead of
-    // nothing at staleness 0).
-    let again = c.lease("b", 8, 1, t).unwrap();
-    let mut got = positions(&again);
-    got.sort();
-    assert_eq!(got, [4, 5, 6, 7]);
+    c.join_learner(0, "h:0", &[], "", 2, t).unwrap();
+    assert_eq!(c.status(t).groups_accepted, 8);
+    // They are leased again first.
+    let again = c.lease("b", 2, 2, t).unwrap();
+    assert_eq!(positions(&again), [8, 9]);
     // It survives a restart of the coordinator (the rewind was persisted).
     drop(c);
     let mut c = Coordinator::open(f.options.clone()).unwrap();
     let s = c.status(t);
-    assert_eq!((s.policy_version, s.groups_accepted), (1, 4));
+    assert_eq!((s.policy_version, s.groups_accepted), (2, 8));
 }
 
 #[test]
@@ -424,13 +433,13 @@ fn a_returned_question_is_unaccepted_and_reissued() {
     for p in 0..4 {
         assert_eq!(accept(&mut c, &g, p, t), Acceptance::Accepted);
     }
-    c.return_question(1, "too stale", t).unwrap();
+    c.return_question(1, "", "too stale", t).unwrap();
     assert_eq!(c.status(t).groups_accepted, 3);
     let again = c.lease("b", 4, 0, t).unwrap();
     assert_eq!(positions(&again), [1]);
     assert_eq!(accept(&mut c, &again, 1, t), Acceptance::Accepted);
     assert_eq!(c.status(t).groups_accepted, 4);
-    let e = c.return_question(9, "", t).unwrap_err();
+    let e = c.return_question(9, "", "", t).unwrap_err();
     assert!(
         matches!(
             e,
@@ -652,7 +661,7 @@ fn a_retried_accept_gets_its_answer_again_until_its_iteration_is_trained() {
     assert_eq!(accept(&mut c, &next, 5, t), Acceptance::Accepted);
     assert_eq!(c.status(t).groups_accepted, 5);
     // A question handed back is accepted by no one any more: its lease's retry is new work.
-    c.return_question(5, "stale", t).unwrap();
+    c.return_question(5, "", "stale", t).unwrap();
     assert_eq!(c.status(t).groups_accepted, 4);
     assert_eq!(accept(&mut c, &next, 5, t), Acceptance::Accepted);
     assert_eq!(c.status(t).groups_accepted, 5);
@@ -661,4 +670,232 @@ fn a_retried_accept_gets_its_answer_again_until_its_iteration_is_trained() {
 fn g_id(g: &LeaseGrant, position: u64) -> String {
     let item = g.items.iter().find(|i| i.position == position).unwrap();
     item.row.id.clone()
+}
+
+#[test]
+fn a_repeated_lease_request_gets_the_same_lease_and_a_new_key_a_new_one() {
+    let f = fixture();
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    let t = Now::current();
+    let first = c.lease_keyed("a", 2, 0, "a/1", t).unwrap();
+    assert_eq!(positions(&first), [0, 1]);
+    // The reply was lost; the actor asks again with the same key.
+    let repeat = c.lease_keyed("a", 2, 0, "a/1", t).unwrap();
+    assert_eq!(repeat, first, "the same lease, deadline and questions");
+    assert_eq!(c.status(t).leases_outstanding, 1);
+    assert_eq!(c.cursor(), 2, "nothing more was issued");
+    // Another actor's key, or the next key, is a new lease.
+    let other = c.lease_keyed("b", 1, 0, "a/1", t).unwrap();
+    assert_eq!(positions(&other), [2]);
+    let next = c.lease_keyed("a", 1, 0, "a/2", t).unwrap();
+    assert_eq!(positions(&next), [3]);
+    // Once completed, a lease is never handed out again, whatever the key.
+    c.complete_lease("a", &next.lease_id, &[], t).unwrap();
+    let after = c.lease_keyed("a", 1, 1, "a/2", t).unwrap();
+    assert_ne!(after.lease_id, next.lease_id);
+    // Completing twice (a retried CompleteLease) returns nothing twice.
+    c.complete_lease("a", &first.lease_id, &[1], t).unwrap();
+    c.complete_lease("a", &first.lease_id, &[1], t).unwrap();
+    let again = c.lease_keyed("c", 4, 0, "c/1", t).unwrap();
+    assert_eq!(positions(&again), [1], "position 1 re-issued once");
+}
+
+#[test]
+fn accept_group_takes_only_a_lease_that_held_the_position() {
+    let f = fixture();
+    let t = Now::current();
+    let (g, earlier) = {
+        let mut c = Coordinator::open(f.options.clone()).unwrap();
+        let g = c.lease("a", 2, 0, t).unwrap();
+        let other = c.lease("b", 2, 0, t).unwrap();
+        assert_eq!(positions(&other), [2, 3]);
+        // Position 2 was never in lease `g`; a made-up lease id was never issued.
+        let r = refused(
+            c.accept_group(&g.lease_id, 2, &g_id(&other, 2), 0, t)
+                .unwrap(),
+        );
+        assert!(r.contains("never held position 2"), "{r}");
+        let r = refused(
+            c.accept_group("L-forged-1", 2, &g_id(&other, 2), 0, t)
+                .unwrap(),
+        );
+        assert!(r.contains("was not issued by this run"), "{r}");
+        assert_eq!(c.status(t).groups_accepted, 0);
+        (g, other)
+    };
+    // After a restart, a group from a lease granted before it is still taken (the positions
+    // were outstanding and are re-issued; the first group wins), a forged one still is not.
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    assert_eq!(accept(&mut c, &earlier, 2, t), Acceptance::Accepted);
+    let r = refused(
+        c.accept_group("L-forged-1", 3, &g_id(&earlier, 3), 0, t)
+            .unwrap(),
+    );
+    assert!(r.contains("was not issued by this run"), "{r}");
+    // A lease of this start that held the position after the re-issue is taken.
+    let reissued = c.lease("a", 4, 0, t).unwrap();
+    assert_eq!(positions(&reissued), [0, 1, 3]);
+    assert_eq!(accept(&mut c, &reissued, 3, t), Acceptance::Accepted);
+    assert_eq!(accept(&mut c, &g, 0, t), Acceptance::Accepted);
+}
+
+#[test]
+fn a_keyed_hand_back_repeated_after_the_question_moved_on_changes_nothing() {
+    let f = fixture();
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    let t = Now::current();
+    let g = c.lease("a", 1, 0, t).unwrap();
+    assert_eq!(accept(&mut c, &g, 0, t), Acceptance::Accepted);
+    c.return_question(0, &g.lease_id, "too stale", t).unwrap();
+    assert_eq!(c.status(t).groups_accepted, 0);
+    // Re-issued to another lease, which has it accepted, before the repeat arrives.
+    let again = c.lease("b", 1, 0, t).unwrap();
+    assert_eq!(positions(&again), [0]);
+    assert_eq!(accept(&mut c, &again, 0, t), Acceptance::Accepted);
+    c.return_question(0, &g.lease_id, "too stale", t).unwrap();
+    let s = c.status(t);
+    assert_eq!(s.groups_accepted, 1, "the new lease's group stays accepted");
+    assert!(
+        c.lease("c", 4, 0, t)
+            .unwrap()
+            .items
+            .iter()
+            .all(|i| i.position != 0)
+    );
+    // The hand-back is what the watchdog reports as the latest.
+    let (_, why) = s.progress.last_handback.unwrap();
+    assert!(
+        why.contains("position 0") && why.contains("too stale"),
+        "{why}"
+    );
+}
+
+#[test]
+fn only_the_first_rank_zeros_publisher_key_may_join_as_rank_zero_again() {
+    let f = fixture();
+    let t = Now::current();
+    {
+        let mut c = Coordinator::open(f.options.clone()).unwrap();
+        c.check_rank0_key(&[1; 32]).unwrap();
+        c.set_publisher(&[1; 32], t).unwrap();
+        c.set_publisher(&[1; 32], t).unwrap();
+        let e = c.check_rank0_key(&[2; 32]).unwrap_err();
+        assert!(
+            matches!(e, CoordinatorError::PermissionDenied(_))
+                && e.to_string().contains("another publisher key")
+                && e.to_string().contains("publisher.key"),
+            "{e}"
+        );
+        assert!(c.set_publisher(&[2; 32], t).is_err());
+        c.check_publisher(&[1; 32], "AcceptGroup").unwrap();
+        assert!(c.check_publisher(&[2; 32], "AcceptGroup").is_err());
+    }
+    // Kept across a coordinator restart.
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    assert!(c.set_publisher(&[2; 32], t).is_err());
+    c.set_publisher(&[1; 32], t).unwrap();
+}
+
+#[test]
+fn the_watchdog_names_what_the_run_waits_for_and_stops_it_past_the_limit() {
+    let f = fixture();
+    let mut c = Coordinator::open(CoordinatorOptions {
+        stall_limit: Some(Duration::from_secs(60)),
+        ..f.options.clone()
+    })
+    .unwrap();
+    let t = Now::current();
+    let waiting = |c: &mut Coordinator, now: Now| c.status(now).progress.waiting_for;
+    assert!(waiting(&mut c, t).contains("learner rank(s) 0 to join (JoinLearner; 0 of 1 joined)"));
+    c.join_learner(0, "h:0", &[], "", 0, t).unwrap();
+    let w = waiting(&mut c, t);
+    assert!(
+        w.contains("iteration 0: 0 of 4 groups accepted")
+            && w.contains("an actor to lease 4 question(s) (LeasePrompts; no actor is alive)"),
+        "{w}"
+    );
+    let g = c.lease("a", 2, 0, t).unwrap();
+    let w = waiting(&mut c, t);
+    assert!(
+        w.contains("actor a (2, lease ") && w.contains("to roll out and push its lease"),
+        "{w}"
+    );
+    assert!(
+        w.contains("actors to lease 2 question(s) (LeasePrompts; 1 alive)"),
+        "{w}"
+    );
+    c.complete_lease_because(
+        "a",
+        &g.lease_id,
+        &[1],
+        "teacher at t:1: Answer: HTTP 500",
+        t,
+    )
+    .unwrap();
+    let w = waiting(&mut c, t);
+    assert!(
+        w.contains("the learner to accept the groups of actor a (1, lease ")
+            && w.contains("AcceptGroup"),
+        "{w}"
+    );
+    // Before the limit nothing stops; past it the run stops naming the wait and the latest
+    // hand-back, and says so from then on.
+    assert!(c.check_stall(t.after(Duration::from_secs(59))).is_none());
+    let late = t.after(Duration::from_secs(61));
+    let e = c.check_stall(late).expect("stalled").to_string();
+    assert!(
+        e.starts_with("the run stalled: no progress for 61 s (the stall limit, [coordinator] stall_limit_s): iteration 0")
+            && e.contains("waiting for")
+            && e.contains("teacher at t:1: Answer: HTTP 500"),
+        "{e}"
+    );
+    assert_eq!(
+        c.status(late).progress.stalled.as_deref(),
+        e.strip_prefix("the run stalled: ")
+    );
+    assert!(c.check_stall(late).is_some());
+
+    // Progress resets the clock: a fresh coordinator, every group accepted, waits for the
+    // learner's step, and a published version moves the wait to the next iteration.
+    let f = fixture();
+    let mut c = Coordinator::open(CoordinatorOptions {
+        stall_limit: Some(Duration::from_secs(60)),
+        ..f.options.clone()
+    })
+    .unwrap();
+    c.join_learner(0, "h:0", &[], "", 0, t).unwrap();
+    let g = c.lease("a", 4, 0, t).unwrap();
+    let later = t.after(Duration::from_secs(50));
+    for p in 0..4 {
+        assert_eq!(accept(&mut c, &g, p, later), Acceptance::Accepted);
+    }
+    let w = waiting(&mut c, later);
+    assert!(
+        w.contains(
+            "the learner to train iteration 0 and publish version 1 (PublishVersion; all 4 groups accepted)"
+        ),
+        "{w}"
+    );
+    assert!(c.check_stall(t.after(Duration::from_secs(100))).is_none());
+    c.publish_version(1, 0, "v1", later).unwrap();
+    assert!(waiting(&mut c, later).starts_with("iteration 1: 0 of 4 groups accepted"));
+    // A finished run waits for nothing and never stalls.
+    let mut done = Coordinator::open(CoordinatorOptions {
+        total_iterations: 1,
+        state_dir: None,
+        stall_limit: Some(Duration::from_secs(60)),
+        ..f.options.clone()
+    })
+    .unwrap();
+    done.join_learner(0, "h:0", &[], "", 0, t).unwrap();
+    let g = done.lease("a", 4, 0, t).unwrap();
+    for p in 0..4 {
+        assert_eq!(accept(&mut done, &g, p, t), Acceptance::Accepted);
+    }
+    done.publish_version(1, 0, "v1", t).unwrap();
+    assert_eq!(waiting(&mut done, t), "");
+    assert!(
+        done.check_stall(t.after(Duration::from_secs(3600)))
+            .is_none()
+    );
 }

@@ -64,6 +64,11 @@ pub enum CoordinatorError {
     #[error(transparent)]
     Serve(#[from] ril_proto::server::ServeError),
 
+    /// The progress watchdog: the run made no progress for the stall limit. The message says
+    /// for how long and what it was waiting for (the role and the call).
+    #[error("the run stalled: {0}")]
+    Stalled(String),
+
     /// A background task failed (a panic in a blocking task, a closed channel).
     #[error("internal: {0}")]
     Internal(String),
@@ -96,7 +101,7 @@ impl ServiceError for CoordinatorError {
     fn error_code(&self) -> ServiceErrorCode {
         match self {
             Self::InvalidArgument { .. } => ServiceErrorCode::InvalidArgument,
-            Self::FailedPrecondition(_) => ServiceErrorCode::FailedPrecondition,
+            Self::FailedPrecondition(_) | Self::Stalled(_) => ServiceErrorCode::FailedPrecondition,
             Self::PermissionDenied(_) => ServiceErrorCode::PermissionDenied,
             Self::Unavailable(_) => ServiceErrorCode::Unavailable,
             Self::Options(_)

@@ -138,7 +138,15 @@ impl CoordinatorService for CoordinatorGrpc {
     ) -> std::result::Result<Response<v1::LeasePromptsResponse>, Status> {
         let r: LeaseRequest = convert(request)?;
         let g = self
-            .with(move |c, now| c.lease(&r.actor_id, r.max_questions, r.policy_version, now))
+            .with(move |c, now| {
+                c.lease_keyed(
+                    &r.actor_id,
+                    r.max_questions,
+                    r.policy_version,
+                    &r.request_id,
+                    now,
+                )
+            })
             .await?;
         Ok(Response::new(g.into()))
     }
@@ -150,7 +158,13 @@ impl CoordinatorService for CoordinatorGrpc {
     ) -> std::result::Result<Response<v1::CompleteLeaseResponse>, Status> {
         let r: CompleteLease = convert(request)?;
         self.with(move |c, now| {
-            c.complete_lease(&r.actor_id, &r.lease_id, &r.returned_positions, now)
+            c.complete_lease_because(
+                &r.actor_id,
+                &r.lease_id,
+                &r.returned_positions,
+                &r.reason,
+                now,
+            )
         })
         .await?;
         Ok(Response::new(v1::CompleteLeaseResponse {}))
@@ -176,8 +190,8 @@ impl CoordinatorService for CoordinatorGrpc {
         &self,
         request: Request<v1::ReturnQuestionRequest>,
     ) -> std::result::Result<Response<v1::ReturnQuestionResponse>, Status> {
-        let r = ReturnQuestion::from(request.into_inner());
-        self.with(move |c, now| c.return_question(r.position, &r.reason, now))
+        let r: ReturnQuestion = convert(request)?;
+        self.with(move |c, now| c.return_question(r.position, &r.lease_id, &r.reason, now))
             .await?;
         Ok(Response::new(v1::ReturnQuestionResponse {}))
     }
@@ -204,17 +218,23 @@ impl CoordinatorService for CoordinatorGrpc {
         let r: JoinLearner = convert(request)?;
         let j = self
             .with(move |c, now| {
+                // The key is checked before the join may rewind the run, and kept only once
+                // the join is taken (a refused rank 0 leaves no key behind).
                 if let Some(key) = &r.publisher_key {
-                    c.set_publisher(key, now)?;
+                    c.check_rank0_key(key)?;
                 }
-                c.join_learner(
+                let joined = c.join_learner(
                     r.rank,
                     &r.addr,
                     &r.collective_id,
                     &r.collective_addr,
                     r.version,
                     now,
-                )
+                )?;
+                if let Some(key) = &r.publisher_key {
+                    c.set_publisher(key, now)?;
+                }
+                Ok(joined)
             })
             .await?;
         Ok(Response::new(j.into()))
@@ -314,27 +334,33 @@ pub async fn serve(
     server::set_status(&reporter, &[names::COORDINATOR], ServingStatus::Serving).await;
     tracing::info!(%addr, "coordinator serving");
 
+    // The ticker expires leases and runs the progress watchdog: a stalled run stops the server
+    // and `serve` returns the watchdog's error (what the run waited for, and for how long).
     let ticker = {
         let shared = shared.clone();
+        let abort = abort.clone();
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(tick);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 interval.tick().await;
                 let shared = shared.clone();
-                let _ =
-                    tokio::task::spawn_blocking(move || lock(&shared).expire(Now::current())).await;
+                let check = move || lock(&shared).check_stall(Now::current());
+                if let Ok(Some(stalled)) = tokio::task::spawn_blocking(check).await {
+                    abort.notify_one();
+                    return Some(stalled);
+                }
             }
         })
     };
     let served = serving.await;
     ticker.abort();
-    let _ = ticker.await;
+    let stalled = ticker.await.ok().flatten();
     let persisted = tokio::task::spawn_blocking(move || lock(&shared).close())
         .await
         .map_err(|e| CoordinatorError::Internal(format!("persisting task: {e}")))?;
     served.map_err(|source| ril_proto::server::ServeError::Serve { addr, source })?;
     persisted?;
     tracing::info!(%addr, "coordinator stopped; state written");
-    Ok(())
+    stalled.map_or(Ok(()), Err)
 }

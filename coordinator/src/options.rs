@@ -45,6 +45,10 @@ pub struct CoordinatorOptions {
     pub learner_world_size: u32,
     /// The retry hint returned with an empty lease.
     pub lease_retry_after: Duration,
+    /// The progress watchdog's limit: a run that has not advanced (no group accepted, no
+    /// version published) for this long stops with an error naming what it was waiting for.
+    /// `None`: no limit (the wait is still shown by `GetStatus`).
+    pub stall_limit: Option<Duration>,
     /// Handed to every actor at registration.
     pub actor: ActorSettings,
 }
@@ -98,6 +102,7 @@ impl Default for CoordinatorOptions {
             skip_bad_rows: false,
             learner_world_size: 1,
             lease_retry_after: Duration::from_millis(250),
+            stall_limit: Some(Duration::from_secs(1800)),
             actor: ActorSettings::default(),
         }
     }
@@ -142,6 +147,15 @@ impl CoordinatorOptions {
             return bad(format!(
                 "actor_timeout ({:?}) must be at least heartbeat_interval ({:?})",
                 self.actor_timeout, self.heartbeat_interval
+            ));
+        }
+        if let Some(limit) = self.stall_limit
+            && limit <= self.actor_timeout
+        {
+            return bad(format!(
+                "stall_limit ({limit:?}) must be longer than actor_timeout ({:?}): a run is \
+                 only stalled once a dead actor's questions could have been handed out again",
+                self.actor_timeout
             ));
         }
         if self.learner_world_size == 0 {

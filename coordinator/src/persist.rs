@@ -124,6 +124,12 @@ pub struct StateFile {
     /// Pruned as versions are published. Older state files have none.
     #[serde(default)]
     pub accepted_by: BTreeMap<u64, String>,
+    /// The lease-id prefix of every coordinator that has served this run (one per start), so
+    /// that AcceptGroup can tell a lease granted before a restart (whose grants are no longer
+    /// known in detail: its group is taken if no other was) from one this run never issued.
+    /// Older state files have none (their leases are then not checked).
+    #[serde(default)]
+    pub lease_prefixes: Vec<String>,
 }
 
 impl StateFile {
@@ -141,6 +147,7 @@ impl StateFile {
             written_unix_ms: 0,
             publisher_key_sha256: String::new(),
             accepted_by: BTreeMap::new(),
+            lease_prefixes: Vec::new(),
         }
     }
 

@@ -100,6 +100,7 @@ fn lease_request(actor: &str, n: u32) -> v1::LeasePromptsRequest {
         actor_id: actor.into(),
         max_questions: n,
         policy_version: 0,
+        request_id: String::new(),
     }
 }
 

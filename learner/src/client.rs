@@ -5,7 +5,8 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -31,12 +32,59 @@ fn with_timeout<T>(message: T, timeout: Duration) -> Request<T> {
     r
 }
 
-/// 32 random bytes, fresh for every learner process.
+/// The file in rank 0's out_dir that holds its publisher key (64 hex digits, owner-only).
+pub const PUBLISHER_KEY_FILE: &str = "publisher.key";
+
+const PUBLISHER_KEY_BYTES: usize = 32;
+
+/// 32 random bytes.
 fn new_publisher_key() -> Bytes {
     use rand::RngCore;
-    let mut key = [0u8; 32];
+    let mut key = [0u8; PUBLISHER_KEY_BYTES];
     rand::rng().fill_bytes(&mut key);
     Bytes::copy_from_slice(&key)
+}
+
+/// Rank 0's publisher key: read from `out_dir/publisher.key`, or made and written there
+/// (readable by the owner only) on the learner's first start. The coordinator takes a rank 0
+/// only with the key the run's first rank 0 joined with, so the key lives beside the
+/// checkpoints: a restarted learner resumes both, and a learner without them cannot take the
+/// run over.
+pub fn publisher_key(out_dir: &Path) -> Result<Bytes> {
+    let path = out_dir.join(PUBLISHER_KEY_FILE);
+    let bad = |problem: String| {
+        LearnerError::Invalid(format!(
+            "{}: {problem} (the learner's publisher key: 64 hex digits; remove the file only \
+             to start a new run in this out_dir)",
+            path.display()
+        ))
+    };
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            let key = hex::decode(text.trim()).map_err(|e| bad(format!("not hex: {e}")))?;
+            if key.len() != PUBLISHER_KEY_BYTES {
+                return Err(bad(format!(
+                    "{} bytes, not {PUBLISHER_KEY_BYTES}",
+                    key.len()
+                )));
+            }
+            Ok(Bytes::from(key))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let key = new_publisher_key();
+            ril_common::fs::write_atomic_with(&path, |w| {
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    w.get_ref()
+                        .set_permissions(std::fs::Permissions::from_mode(0o600))?;
+                }
+                w.write_all(hex::encode(&key).as_bytes())
+            })?;
+            Ok(key)
+        }
+        Err(source) => Err(LearnerError::Io { path, source }),
+    }
 }
 
 /// The coordinator's gRPC client as the learner's [`CoordinatorLink`].
@@ -52,13 +100,20 @@ pub struct GrpcCoordinator {
 
 impl GrpcCoordinator {
     /// A client that connects on first use (and reconnects after a coordinator restart).
-    pub fn connect_lazy(addr: &str, timeout: Duration, security: &Security) -> Result<Self> {
+    /// `publisher_key`: rank 0's ([`publisher_key`]); `None` for the other ranks, which never
+    /// send one.
+    pub fn connect_lazy(
+        addr: &str,
+        timeout: Duration,
+        security: &Security,
+        publisher_key: Option<Bytes>,
+    ) -> Result<Self> {
         let channel = ril_proto::client::connect_lazy(addr, timeout, security)?;
         Ok(Self {
             client: ril_proto::client::coordinator(channel),
             addr: addr.to_string(),
             timeout,
-            publisher_key: new_publisher_key(),
+            publisher_key: publisher_key.unwrap_or_default(),
         })
     }
 
@@ -96,8 +151,12 @@ impl CoordinatorLink for GrpcCoordinator {
         })
     }
 
-    async fn return_question(&self, position: u64, reason: String) -> Result<()> {
-        let req = self.request(pb::ReturnQuestionRequest { position, reason });
+    async fn return_question(&self, position: u64, lease_id: String, reason: String) -> Result<()> {
+        let req = self.request(pb::ReturnQuestionRequest {
+            position,
+            reason,
+            lease_id,
+        });
         self.client
             .clone()
             .return_question(req)
@@ -265,5 +324,39 @@ impl ShardPeers for GrpcPeers {
                     source: RpcError::new("learner", addr, "TrainShard", status),
                 })
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_publisher_key_is_made_once_kept_owner_only_and_a_damaged_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("learner");
+        let key = publisher_key(&out).unwrap();
+        assert_eq!(key.len(), PUBLISHER_KEY_BYTES);
+        let path = out.join(PUBLISHER_KEY_FILE);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600, "readable by the owner only");
+        }
+        // A restart reads the same key; another out_dir gets another.
+        assert_eq!(publisher_key(&out).unwrap(), key);
+        assert_ne!(publisher_key(&dir.path().join("other")).unwrap(), key);
+        // A damaged file is an error naming it, never replaced by a new key.
+        std::fs::write(&path, "zz").unwrap();
+        let e = publisher_key(&out).unwrap_err().to_string();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains("not hex"),
+            "{e}"
+        );
+        std::fs::write(&path, "abcd").unwrap();
+        let e = publisher_key(&out).unwrap_err().to_string();
+        assert!(e.contains("2 bytes, not 32"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "abcd");
     }
 }

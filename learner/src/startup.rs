@@ -171,8 +171,16 @@ async fn start_learner(
         return Ok(None);
     };
     let timeout = Duration::from_millis(options.coordinator_timeout_ms);
-    let coordinator =
-        GrpcCoordinator::connect_lazy(&options.coordinator_addr, timeout, &server.security)?;
+    let publisher_key = match options.rank {
+        0 => Some(crate::client::publisher_key(&options.out_dir)?),
+        _ => None,
+    };
+    let coordinator = GrpcCoordinator::connect_lazy(
+        &options.coordinator_addr,
+        timeout,
+        &server.security,
+        publisher_key,
+    )?;
     let join = JoinRequest {
         rank: options.rank,
         addr: advertise,
@@ -569,7 +577,7 @@ mod tests {
         async fn accept_group(&self, _: GroupKey) -> Result<Acceptance> {
             Err(unimplemented("AcceptGroup"))
         }
-        async fn return_question(&self, _: u64, _: String) -> Result<()> {
+        async fn return_question(&self, _: u64, _: String, _: String) -> Result<()> {
             Err(unimplemented("ReturnQuestion"))
         }
         async fn publish_version(&self, _: u64, _: u64, _: Option<PathBuf>) -> Result<()> {

@@ -79,7 +79,8 @@ impl CoordinatorLink for FakeCoordinator {
         }
         Ok(answer)
     }
-    async fn return_question(&self, position: u64, reason: String) -> Result<()> {
+    async fn return_question(&self, position: u64, lease_id: String, reason: String) -> Result<()> {
+        assert!(!lease_id.is_empty(), "a hand-back names its group's lease");
         if self.down.load(Ordering::SeqCst) {
             return Err(LearnerError::Coordinator(
                 ril_proto::error::RpcError::local(

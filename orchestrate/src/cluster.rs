@@ -304,6 +304,7 @@ impl<'a> LocalCluster<'a> {
                 return Err(OrchestrateError::Stalled {
                     seconds: stall_timeout.as_secs(),
                     version: last_version,
+                    waiting_for: status.waiting_for.clone(),
                 });
             }
         }

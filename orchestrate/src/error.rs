@@ -66,8 +66,15 @@ pub enum OrchestrateError {
     NoActors,
     #[error("every actor has exited but the run is not finished")]
     ActorsGone,
-    #[error("the run made no progress for {seconds} s (version {version})")]
-    Stalled { seconds: u64, version: u64 },
+    #[error(
+        "the run made no progress for {seconds} s (version {version}): waiting for {waiting_for}"
+    )]
+    Stalled {
+        seconds: u64,
+        version: u64,
+        /// The coordinator's watchdog: the role and call the run waits for.
+        waiting_for: String,
+    },
     /// A call to a role (the coordinator's status) failed.
     #[error(transparent)]
     Rpc(#[from] ril_proto::error::RpcError),

@@ -32,6 +32,32 @@ pub async fn fetch_status(
     Ok(reply.into_inner())
 }
 
+/// Shown once the run has gone this long without progress.
+const QUIET_MS: u64 = 10_000;
+
+/// The watchdog's lines: what the run waits for once it has not advanced for a while, the
+/// error it stopped with, and the latest question handed back.
+fn format_progress(s: &v1::RunStatus) -> String {
+    let mut out = String::new();
+    if !s.stalled.is_empty() {
+        out.push_str(&format!("STALLED: {}\n", s.stalled));
+    } else if !s.finished && s.ms_since_progress >= QUIET_MS && !s.waiting_for.is_empty() {
+        out.push_str(&format!(
+            "no progress for {} s: {}\n",
+            s.ms_since_progress / 1000,
+            s.waiting_for
+        ));
+    }
+    if !s.last_handback.is_empty() {
+        out.push_str(&format!(
+            "last question handed back {} s ago: {}\n",
+            s.last_handback_ms_ago / 1000,
+            s.last_handback
+        ));
+    }
+    out
+}
+
 pub fn format_status(s: &v1::RunStatus) -> String {
     let mut out = format!(
         "run {}: iteration {}/{} (policy version {}){}\n\
@@ -50,6 +76,7 @@ pub fn format_status(s: &v1::RunStatus) -> String {
         s.learner_ranks_joined,
         s.learner_world_size,
     );
+    out.push_str(&format_progress(s));
     let alive = s.actors.iter().filter(|a| a.alive).count();
     out.push_str(&format!("actors: {alive} alive of {}\n", s.actors.len()));
     for a in &s.actors {
@@ -72,4 +99,48 @@ pub fn format_status(s: &v1::RunStatus) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status() -> v1::RunStatus {
+        v1::RunStatus {
+            run_id: "r".into(),
+            total_iterations: 10,
+            waiting_for: "iteration 3: 1 of 4 groups accepted; waiting for actors".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn status_says_what_a_quiet_run_waits_for_and_why_it_stalled() {
+        let mut s = status();
+        s.ms_since_progress = 9_000;
+        let text = format_status(&s);
+        assert!(
+            !text.contains("no progress"),
+            "quiet for less than 10 s: {text}"
+        );
+        s.ms_since_progress = 42_000;
+        s.last_handback = "position 7 handed back by the learner: too stale".into();
+        s.last_handback_ms_ago = 3_000;
+        let text = format_status(&s);
+        assert!(
+            text.contains(
+                "no progress for 42 s: iteration 3: 1 of 4 groups accepted; waiting for actors\n"
+            ) && text.contains(
+                "last question handed back 3 s ago: position 7 handed back by the learner: too stale\n"
+            ),
+            "{text}"
+        );
+        s.stalled = "no progress for 1800 s ...".into();
+        let text = format_status(&s);
+        assert!(
+            text.contains("STALLED: no progress for 1800 s ...\n")
+                && !text.contains("no progress for 42 s"),
+            "{text}"
+        );
+    }
 }

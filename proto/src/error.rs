@@ -166,6 +166,13 @@ impl RpcError {
     pub fn is_transient(&self) -> bool {
         self.kind().is_transient()
     }
+
+    /// Whether the caller cannot tell if the call took effect: the peer was unreachable, the
+    /// deadline passed, or the connection broke (UNKNOWN, CANCELLED) after the request may have
+    /// been delivered. Such a call is asked again with the same key, never given up silently.
+    pub fn outcome_unknown(&self) -> bool {
+        self.is_transient() || matches!(self.code, Code::Unknown | Code::Cancelled)
+    }
 }
 
 #[cfg(test)]

@@ -535,6 +535,14 @@ async fn channel(
         .unwrap()
 }
 
+/// The learner's publisher key, from its out_dir (`run/learner/publisher.key` beside the
+/// certificates): with it a call gets past the rank-0 check, so its payload is what is judged.
+fn rank0_publisher_key(s: &Servers) -> Vec<u8> {
+    let path = s.certs.parent().unwrap().join("run/learner/publisher.key");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    hex::decode(text.trim()).unwrap()
+}
+
 /// What the run looks like from outside: coordinator counters and versions, the learner's
 /// version and weights, the discriminator's step.
 async fn run_state(s: &Servers) -> String {
@@ -706,15 +714,19 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
                 .await;
             status(r)
         }
-        "rpc-accept-group-unknown-lease" => {
+        "rpc-accept-group-never-issued" | "rpc-accept-group-without-publisher-key" => {
             let mut c = CoordinatorClient::new(channel(s, &s.coordinator, Learner).await);
+            let publisher_key = match name {
+                "rpc-accept-group-never-issued" => rank0_publisher_key(s),
+                _ => vec![1u8; 32],
+            };
             let r = c
                 .accept_group(v1::AcceptGroupRequest {
                     lease_id: "no-such-lease".into(),
                     position: 0,
                     question_id: "bad-q".into(),
                     iteration: 0,
-                    publisher_key: vec![1u8; 32].into(),
+                    publisher_key: publisher_key.into(),
                 })
                 .await
                 .map_err(|e| format!("{:?}: {}", e.code(), e.message()))?
@@ -732,7 +744,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
                     version: 5,
                     iteration: 4,
                     checkpoint: String::new(),
-                    publisher_key: vec![1u8; 32].into(),
+                    publisher_key: rank0_publisher_key(s).into(),
                 })
                 .await,
             )
@@ -744,6 +756,7 @@ async fn send(s: &Servers, name: &str) -> Result<String, String> {
                     actor_id: String::new(),
                     max_questions: 1,
                     policy_version: 0,
+                    request_id: String::new(),
                 })
                 .await,
             )

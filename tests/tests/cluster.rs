@@ -364,6 +364,7 @@ async fn a_dead_actor_s_lease_is_reissued_and_every_question_trains_once() {
             actor_id: "doomed".into(),
             max_questions: 1,
             policy_version: 0,
+            request_id: String::new(),
         })
         .await
         .unwrap()

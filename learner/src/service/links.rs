@@ -57,9 +57,12 @@ pub struct JoinReply {
 /// The coordinator RPCs the learner makes.
 pub trait CoordinatorLink: Send + Sync + 'static {
     fn accept_group(&self, key: GroupKey) -> impl Future<Output = Result<Acceptance>> + Send;
+    /// Hands back `position`, whose group came under `lease_id` (the call's idempotency key: a
+    /// repeat after the question was re-issued changes nothing).
     fn return_question(
         &self,
         position: u64,
+        lease_id: String,
         reason: String,
     ) -> impl Future<Output = Result<()>> + Send;
     fn publish_version(

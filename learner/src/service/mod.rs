@@ -352,6 +352,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
         if let Err(reason) = self.commit(key.clone()).await {
             return self.refuse(position, reason);
         }
+        let lease_id = key.lease_id.clone();
         let labelled = self
             .inner
             .discriminator
@@ -370,7 +371,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
         match outcome {
             Ok(_) => Verdict::accepted(position),
             Err(reason) => {
-                self.return_question(position, &reason, self.commit_deadline())
+                self.return_question(position, &lease_id, &reason, self.commit_deadline())
                     .await;
                 self.refuse(
                     position,
@@ -609,11 +610,17 @@ impl<C: CoordinatorLink> LearnerService<C> {
     /// `deadline` while the outcome is unknown. If it never gets through the learner stops:
     /// the question would otherwise never be rolled out again in this run (a restarted learner
     /// takes back what it had accepted but not trained).
-    async fn return_question(&self, position: u64, reason: &str, deadline: Instant) {
+    pub(super) async fn return_question(
+        &self,
+        position: u64,
+        lease_id: &str,
+        reason: &str,
+        deadline: Instant,
+    ) {
         let link = &self.inner.link;
         let answer = self
             .ask_until("ReturnQuestion", position, deadline, || {
-                link.return_question(position, reason.to_string())
+                link.return_question(position, lease_id.to_string(), reason.to_string())
             })
             .await;
         match answer {
@@ -644,14 +651,14 @@ impl<C: CoordinatorLink> LearnerService<C> {
     /// Stops taking groups, hands buffered ones back, waits for a running step, and writes a
     /// checkpoint of the current version unless one is already on disk. Returns its directory.
     pub async fn shutdown(&self) -> Result<Option<PathBuf>> {
-        let returns: Vec<u64> = {
+        let returns: Vec<(u64, String)> = {
             let mut p = self.lock_pending();
             p.closing = true;
             let positions = p
                 .buffers
                 .values()
                 .flatten()
-                .map(|b| b.key.position)
+                .map(|b| (b.key.position, b.key.lease_id.clone()))
                 .collect();
             p.buffers.clear();
             self.publish_progress(&p);
@@ -662,8 +669,9 @@ impl<C: CoordinatorLink> LearnerService<C> {
         let deadline = Instant::now()
             + Duration::from_millis(self.inner.options.commit_deadline_ms)
                 .min(SHUTDOWN_ASK_DEADLINE);
-        for position in returns {
-            self.return_question(position, "the learner is shutting down", deadline)
+        for (position, lease_id) in returns {
+            let reason = "the learner is shutting down";
+            self.return_question(position, &lease_id, reason, deadline)
                 .await;
         }
         let mut rx = self.progress();
@@ -797,9 +805,7 @@ const SHUTDOWN_ASK_DEADLINE: Duration = Duration::from_secs(5);
 /// again: the peer was down, slow or cut off mid-call (not a refusal).
 fn outcome_unknown(e: &LearnerError) -> bool {
     match e {
-        LearnerError::Coordinator(rpc) => {
-            rpc.is_transient() || matches!(rpc.code, tonic::Code::Unknown | tonic::Code::Cancelled)
-        }
+        LearnerError::Coordinator(rpc) => rpc.outcome_unknown(),
         _ => false,
     }
 }

@@ -122,19 +122,29 @@ fn split_into_shards(
     Ok((own, shards))
 }
 
+/// A group's question to hand back: its position, the lease it came under, and why.
+struct HandBack {
+    position: u64,
+    lease_id: String,
+    reason: String,
+}
+
 impl<C: CoordinatorLink> LearnerService<C> {
     /// Trains complete iterations one after the other until none is ready; a failed step stops
     /// the learner.
     pub(super) async fn run_training(self, mut batch: Vec<Buffered>) {
         loop {
-            let positions: Vec<u64> = batch.iter().map(|b| b.key.position).collect();
+            let positions: Vec<(u64, String)> = batch
+                .iter()
+                .map(|b| (b.key.position, b.key.lease_id.clone()))
+                .collect();
             if let Err(e) = self.train_one(batch).await {
                 self.stop_after_failed_step(positions, e).await;
                 return;
             }
             let (next, returns) = self.settle_buffers_after_step();
-            for (position, reason) in returns {
-                self.return_question(position, &reason, self.commit_deadline())
+            for r in returns {
+                self.return_question(r.position, &r.lease_id, &r.reason, self.commit_deadline())
                     .await;
             }
             match next {
@@ -144,13 +154,13 @@ impl<C: CoordinatorLink> LearnerService<C> {
         }
     }
 
-    async fn stop_after_failed_step(&self, positions: Vec<u64>, e: LearnerError) {
+    async fn stop_after_failed_step(&self, positions: Vec<(u64, String)>, e: LearnerError) {
         tracing::error!(error = %e, "training step failed; the learner takes no more groups");
         // The iteration was not trained: its questions go back to the coordinator, so a learner
         // resumed from the last checkpoint gets them again.
         let reason = format!("the learner's training step failed: {e}");
-        for position in positions {
-            self.return_question(position, &reason, self.commit_deadline())
+        for (position, lease_id) in positions {
+            self.return_question(position, &lease_id, &reason, self.commit_deadline())
                 .await;
         }
         let mut p = self.lock_pending();
@@ -161,7 +171,8 @@ impl<C: CoordinatorLink> LearnerService<C> {
 
     /// After a step: the next iteration's early groups may have gone stale (they are dropped,
     /// to be handed back), or may already be complete (the next batch).
-    fn settle_buffers_after_step(&self) -> (Option<Vec<Buffered>>, Vec<(u64, String)>) {
+    /// The returns are (position, lease, reason).
+    fn settle_buffers_after_step(&self) -> (Option<Vec<Buffered>>, Vec<HandBack>) {
         let mut p = self.lock_pending();
         p.training = false;
         let mut returns = Vec::new();
@@ -172,10 +183,11 @@ impl<C: CoordinatorLink> LearnerService<C> {
         let past: Vec<u64> = p.buffers.range(..iteration).map(|(k, _)| *k).collect();
         for k in past {
             for g in p.buffers.remove(&k).unwrap_or_default() {
-                returns.push((
-                    g.key.position,
-                    format!("iteration {k} was trained without this group"),
-                ));
+                returns.push(HandBack {
+                    position: g.key.position,
+                    lease_id: g.key.lease_id.clone(),
+                    reason: format!("iteration {k} was trained without this group"),
+                });
             }
         }
         if let Some(buf) = p.buffers.remove(&iteration) {
@@ -183,7 +195,11 @@ impl<C: CoordinatorLink> LearnerService<C> {
             let mut stale = Vec::new();
             for g in buf {
                 match self.stale_reason(g.oldest_student_version, version) {
-                    Some(reason) => stale.push((g.key.position, reason)),
+                    Some(reason) => stale.push(HandBack {
+                        position: g.key.position,
+                        lease_id: g.key.lease_id.clone(),
+                        reason,
+                    }),
                     None => keep.push(g),
                 }
             }
