@@ -20,7 +20,7 @@ use ril_data::Row;
 
 use crate::error::{CoordinatorError, Result};
 use crate::options::CoordinatorOptions;
-use crate::persist::{STATE_FILE, StateFile, StreamIdentity, VersionRecord};
+use crate::persist::{RankRecord, STATE_FILE, StateFile, StreamIdentity, VersionRecord};
 use crate::stream::QuestionStream;
 
 /// The window `groups_per_second` is measured over.
@@ -345,41 +345,13 @@ impl Coordinator {
                 StateFile::new(run_id, identity)
             }
         };
-        let mut state = state;
-        // A run resumed from a state file that kept no lease prefixes: its earlier leases
-        // cannot be told from forged ones, so groups from them are not checked.
-        let legacy_leases = resumed && state.lease_prefixes.is_empty() && state.cursor > 0;
-        // Positions issued before a restart and never accepted are re-issued.
-        let reissue: BTreeSet<u64> = (state.accepted.watermark()..state.cursor)
-            .filter(|&p| !state.accepted.contains(p))
-            .collect();
         let lease_prefix = format!("L{:x}-{:08x}", now.unix_ms, rand::random::<u32>());
-        state.lease_prefixes.push(lease_prefix.clone());
+        let book = Book::restored(state, resumed, &lease_prefix, &options, now);
         let mut coordinator = Self {
             lease_prefix,
             options,
             stream,
-            book: Book {
-                state,
-                reissue,
-                leases: BTreeMap::new(),
-                leased: HashMap::new(),
-                actors: BTreeMap::new(),
-                ranks: BTreeMap::new(),
-                collective_addrs: BTreeMap::new(),
-                collective_id: Vec::new(),
-                metrics: BTreeMap::new(),
-                metrics_iteration: None,
-                accept_times: VecDeque::new(),
-                next_lease: 0,
-                granted: HashMap::new(),
-                lease_requests: HashMap::new(),
-                last_progress: now.instant,
-                last_handback: None,
-                stalled: None,
-                legacy_leases,
-                dirty: false,
-            },
+            book,
             state_path,
             _lock: lock,
             started: now.instant,
@@ -1092,18 +1064,32 @@ impl Coordinator {
         if rank == 0 {
             self.rewind_to(version, now)?;
         }
-        let book = &mut self.book;
-        if rank == 0 && book.collective_id != collective_id {
-            if !book.collective_id.is_empty() {
-                tracing::warn!("learner rank 0 joined again with a new collective id");
+        // Kept in the state file too, so that a restarted coordinator still knows the ranks.
+        self.transact(now, |book, _, _| {
+            if rank == 0 && book.collective_id != collective_id {
+                if !book.collective_id.is_empty() {
+                    tracing::warn!("learner rank 0 joined again with a new collective id");
+                }
+                book.collective_id = collective_id.to_vec();
+                book.state.collective_id_hex = hex::encode(collective_id);
+                book.dirty = true;
             }
-            book.collective_id = collective_id.to_vec();
-        }
-        if book.ranks.insert(rank, addr.to_string()).as_deref() != Some(addr) {
-            tracing::info!(rank, addr, world_size, "learner rank joined");
-        }
-        book.collective_addrs
-            .insert(rank, collective_addr.to_string());
+            if book.ranks.insert(rank, addr.to_string()).as_deref() != Some(addr) {
+                tracing::info!(rank, addr, world_size, "learner rank joined");
+            }
+            book.collective_addrs
+                .insert(rank, collective_addr.to_string());
+            let record = RankRecord {
+                addr: addr.to_string(),
+                collective_addr: collective_addr.to_string(),
+            };
+            if book.state.learner_ranks.get(&rank) != Some(&record) {
+                book.state.learner_ranks.insert(rank, record);
+                book.dirty = true;
+            }
+            Ok(())
+        })?;
+        let book = &self.book;
         let ready = book.ranks.len() == world_size as usize;
         let collective_addrs = (0..world_size)
             .map(|r| book.collective_addrs.get(&r).cloned().unwrap_or_default())
@@ -1237,6 +1223,60 @@ impl Coordinator {
 }
 
 impl Book {
+    /// The book of a coordinator starting on `state` (fresh, or `resumed` from its file):
+    /// positions issued and never accepted go to the re-issue queue, the learner ranks are as
+    /// they last joined (a restart of the coordinator alone leaves them running), and this
+    /// start's lease prefix is recorded.
+    fn restored(
+        mut state: StateFile,
+        resumed: bool,
+        lease_prefix: &str,
+        options: &CoordinatorOptions,
+        now: Now,
+    ) -> Self {
+        // A run resumed from a state file that kept no lease prefixes: its earlier leases
+        // cannot be told from forged ones, so groups from them are not checked.
+        let legacy_leases = resumed && state.lease_prefixes.is_empty() && state.cursor > 0;
+        let reissue: BTreeSet<u64> = (state.accepted.watermark()..state.cursor)
+            .filter(|&p| !state.accepted.contains(p))
+            .collect();
+        let world = options.learner_world_size;
+        state.learner_ranks.retain(|&rank, _| rank < world);
+        let ranks = state
+            .learner_ranks
+            .iter()
+            .map(|(&r, rec)| (r, rec.addr.clone()))
+            .collect();
+        let collective_addrs = state
+            .learner_ranks
+            .iter()
+            .map(|(&r, rec)| (r, rec.collective_addr.clone()))
+            .collect();
+        let collective_id = hex::decode(&state.collective_id_hex).unwrap_or_default();
+        state.lease_prefixes.push(lease_prefix.to_string());
+        Self {
+            state,
+            reissue,
+            leases: BTreeMap::new(),
+            leased: HashMap::new(),
+            actors: BTreeMap::new(),
+            ranks,
+            collective_addrs,
+            collective_id,
+            metrics: BTreeMap::new(),
+            metrics_iteration: None,
+            accept_times: VecDeque::new(),
+            next_lease: 0,
+            granted: HashMap::new(),
+            lease_requests: HashMap::new(),
+            last_progress: now.instant,
+            last_handback: None,
+            stalled: None,
+            legacy_leases,
+            dirty: false,
+        }
+    }
+
     fn finished(&self, options: &CoordinatorOptions) -> bool {
         self.state.version >= options.total_iterations
     }

@@ -899,3 +899,28 @@ fn the_watchdog_names_what_the_run_waits_for_and_stops_it_past_the_limit() {
             .is_none()
     );
 }
+
+#[test]
+fn a_restarted_coordinator_still_knows_the_learner_ranks() {
+    let f = fixture();
+    let options = CoordinatorOptions {
+        learner_world_size: 2,
+        ..f.options.clone()
+    };
+    let t = Now::current();
+    {
+        let mut c = Coordinator::open(options.clone()).unwrap();
+        c.join_learner(1, "h:1", &[], "c:1", 0, t).unwrap();
+        c.join_learner(0, "h:0", &[9; 128], "c:0", 0, t).unwrap();
+    }
+    let mut c = Coordinator::open(options).unwrap();
+    assert_eq!(c.learner_addr_for_actors().unwrap(), "h:0");
+    assert_eq!(c.status(t).learner_ranks_joined, 2);
+    assert!(!c.status(t).progress.waiting_for.contains("to join"));
+    // A rank that restarts meets the others at once.
+    let r = c.join_learner(1, "h:1b", &[], "c:1b", 0, t).unwrap();
+    assert!(r.ready);
+    assert_eq!(r.rank_addrs, ["h:0", "h:1b"]);
+    assert_eq!(r.collective_addrs, ["c:0", "c:1b"]);
+    assert_eq!(r.collective_id, vec![9; 128]);
+}

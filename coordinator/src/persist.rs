@@ -130,6 +130,22 @@ pub struct StateFile {
     /// Older state files have none (their leases are then not checked).
     #[serde(default)]
     pub lease_prefixes: Vec<String>,
+    /// The learner ranks as they joined (gRPC and collective addresses) and rank 0's collective
+    /// id (hex), so that a restarted coordinator still tells actors where rank 0 is and completes
+    /// a rendezvous for a rank that restarts while the others run on. Older state files have
+    /// none (the ranks join again).
+    #[serde(default)]
+    pub learner_ranks: BTreeMap<u32, RankRecord>,
+    #[serde(default)]
+    pub collective_id_hex: String,
+}
+
+/// One learner rank's addresses, as it joined.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RankRecord {
+    pub addr: String,
+    /// Empty: no CPU ring (world size 1, or NCCL).
+    pub collective_addr: String,
 }
 
 impl StateFile {
@@ -148,6 +164,8 @@ impl StateFile {
             publisher_key_sha256: String::new(),
             accepted_by: BTreeMap::new(),
             lease_prefixes: Vec::new(),
+            learner_ranks: BTreeMap::new(),
+            collective_id_hex: String::new(),
         }
     }
 

@@ -788,6 +788,201 @@ fn a_killed_learner_rank_stops_the_run_and_a_restart_resumes_it() {
     assert_eq!(versions, [1, 2, 3, 4, 5, 6]);
 }
 
+/// A role of a role-death test: it listens on a fixed address, so that its restart is found
+/// where its peers look.
+struct Fixed {
+    name: &'static str,
+    args: Vec<String>,
+    listen: String,
+}
+
+impl Fixed {
+    fn new(name: &'static str, args: &[&str]) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self {
+            name,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            listen: format!("127.0.0.1:{port}"),
+        }
+    }
+
+    /// Starts it (the `n`th time) and waits for its address.
+    fn start(&self, sb: &Sandbox, n: u32) -> (Role, String) {
+        let name = format!("{}-{n}", self.name);
+        let file = format!("{name}.addr");
+        let mut args: Vec<&str> = self.args.iter().map(String::as_str).collect();
+        args.extend(["--config", "run.toml", "--listen", &self.listen]);
+        args.extend(["--addr-file", &file]);
+        let mut role = start(sb, &name, &args);
+        let addr = wait_addr(sb, &mut role, &file);
+        (role, addr)
+    }
+}
+
+/// Which role a role-death test kills.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Victim {
+    Coordinator,
+    Teacher,
+    Discriminator,
+}
+
+/// Runs 6 iterations with two actors, kills `victim` with SIGKILL once version 2 is published
+/// and restarts it on the same address (and state) `down_for` later. The run must finish with
+/// every question accepted once and trained once (2 groups in each of the 6 versions of
+/// `metrics.jsonl`, each version once), and the actors ending cleanly. A group pushed twice
+/// (the old lease's and the re-issue's, after a coordinator restart) is refused as a
+/// duplicate: wasted work, never trained twice. Returns the roles' logs, concatenated.
+async fn killed_mid_run_and_restarted(victim: Victim, down_for: Duration) -> String {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    edit_config(&sb, &[("iterations = 2", "iterations = 6")]);
+    let d = Fixed::new("discriminator", &["discriminator", "serve"]);
+    let (mut d_role, discriminator) = d.start(&sb, 1);
+    let teacher = Fixed::new("teacher", &["teacher", "--name", "t1"]);
+    let (mut teacher_role, teacher_addr) = teacher.start(&sb, 1);
+    let teacher_arg = format!("t1={teacher_addr}");
+    let coordinator = Fixed::new(
+        "coordinator",
+        &[
+            "coordinator",
+            "--teacher-addr",
+            &teacher_arg,
+            "--discriminator-addr",
+            &discriminator,
+        ],
+    );
+    let (mut coordinator_role, addr) = coordinator.start(&sb, 1);
+    let (_l, _learner) = serve(
+        &sb,
+        "learner",
+        &[
+            "learner",
+            "--coordinator",
+            &addr,
+            "--discriminator-addr",
+            &discriminator,
+        ],
+    );
+    let actor = |id: &str| {
+        let args = [
+            "actor",
+            "--config",
+            "run.toml",
+            "--coordinator",
+            &addr,
+            "--id",
+            id,
+        ];
+        start(&sb, id, &args)
+    };
+    let mut actors = [actor("a1"), actor("a2")];
+    wait_until("version 2", Duration::from_secs(120), || async {
+        status(&sb, &addr)
+            .await
+            .is_some_and(|s| s.policy_version >= 2)
+    })
+    .await;
+    let (victim_role, fixed) = match victim {
+        Victim::Coordinator => (&mut coordinator_role, &coordinator),
+        Victim::Teacher => (&mut teacher_role, &teacher),
+        Victim::Discriminator => (&mut d_role, &d),
+    };
+    victim_role.child.kill().unwrap();
+    victim_role.child.wait().unwrap();
+    tokio::time::sleep(down_for).await;
+    let (_restarted, again) = fixed.start(&sb, 2);
+    assert_eq!(again, fixed.listen);
+
+    wait_until("the run to finish", Duration::from_secs(180), || async {
+        status(&sb, &addr).await.is_some_and(|s| s.finished)
+    })
+    .await;
+    let s = status(&sb, &addr).await.unwrap();
+    assert_eq!(s.groups_accepted, 12, "{s:?}");
+    for a in &mut actors {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let exit = loop {
+            if let Some(exit) = a.child.try_wait().unwrap() {
+                break exit;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not stop at the run's end",
+                a.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let log = std::fs::read_to_string(sb.path(&format!("{}.log", a.name))).unwrap();
+        assert!(exit.success(), "{log}");
+    }
+    let trained: Vec<(u64, u64)> = std::fs::read_to_string(sb.path("run/learner/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let m = serde_json::from_str::<serde_json::Value>(l).unwrap();
+            (
+                m["version"].as_u64().unwrap(),
+                m["groups"].as_f64().unwrap() as u64,
+            )
+        })
+        .collect();
+    assert_eq!(trained, (1..=6).map(|v| (v, 2)).collect::<Vec<_>>());
+    [
+        "a1",
+        "a2",
+        "learner",
+        "coordinator-1",
+        "coordinator-2",
+        "discriminator-2",
+    ]
+    .map(|name| std::fs::read_to_string(sb.path(&format!("{name}.log"))).unwrap_or_default())
+    .concat()
+}
+
+/// A coordinator killed mid-run and restarted: the actors and the learner ask again with the
+/// same keys while it is gone (`coordinator_deadline_ms`, `commit_deadline_ms`), it reloads its
+/// state (leases outstanding at the kill are re-issued; the ranks and the publisher key are
+/// kept), and the run finishes losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_run_is_restarted_and_the_run_finishes_losing_nothing() {
+    let logs = killed_mid_run_and_restarted(Victim::Coordinator, Duration::from_secs(1)).await;
+    assert!(
+        logs.contains("asking again") || logs.contains("heartbeat failed"),
+        "no role saw the coordinator gone"
+    );
+}
+
+/// The run's only teacher killed mid-run and restarted: while it is gone every question an
+/// actor takes fails its Answer call and goes back to the coordinator naming the teacher;
+/// once it is back (its answer cache on disk) the run finishes losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teacher_killed_mid_run_is_restarted_and_the_run_finishes_losing_nothing() {
+    let logs = killed_mid_run_and_restarted(Victim::Teacher, Duration::from_secs(2)).await;
+    assert!(
+        logs.contains("question handed back") && logs.contains("teacher at 127.0.0.1:"),
+        "no question went back naming the teacher"
+    );
+}
+
+/// The discriminator killed mid-run and restarted (from its last checkpoint): while it is gone
+/// every question fails its Score call and goes back naming D, so the iterations in between
+/// wait (a group is never trained without its similarity rewards); once it is back the run
+/// finishes losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discriminator_killed_mid_run_is_restarted_and_the_run_finishes_losing_nothing() {
+    let logs = killed_mid_run_and_restarted(Victim::Discriminator, Duration::from_secs(2)).await;
+    assert!(
+        logs.contains("question handed back") && logs.contains("discriminator at 127.0.0.1:"),
+        "no question went back naming the discriminator"
+    );
+}
+
 /// A coordinator whose teacher and discriminator addresses lead nowhere (port 9): enough for
 /// what happens before a learner joins.
 fn coordinator_without_peers(sb: &Sandbox) -> (Role, String) {
@@ -802,6 +997,48 @@ fn coordinator_without_peers(sb: &Sandbox) -> (Role, String) {
             "127.0.0.1:9",
         ],
     )
+}
+
+/// The progress watchdog on a real coordinator process: no learner ever joins, GetStatus says
+/// what the run waits for, and past `[coordinator] stall_limit_s` the process stops with an
+/// error naming the wait instead of serving a run that cannot advance.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_that_stops_advancing_is_stopped_by_the_watchdog_naming_the_wait() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    edit_config(
+        &sb,
+        &[(
+            "actor_timeout_s = 2",
+            "actor_timeout_s = 2\nstall_limit_s = 4",
+        )],
+    );
+    let (mut coord, addr) = coordinator_without_peers(&sb);
+    let s = status(&sb, &addr).await.expect("GetStatus answers");
+    assert!(
+        s.waiting_for == "learner rank(s) 0 to join (JoinLearner; 0 of 1 joined)"
+            && s.stalled.is_empty()
+            && s.ms_since_progress < 4_000,
+        "{s:?}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let exit = loop {
+        if let Some(exit) = coord.child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the coordinator kept serving a stalled run"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let log = std::fs::read_to_string(sb.path("coordinator.log")).unwrap();
+    assert!(!exit.success(), "{log}");
+    assert!(
+        log.contains("the run stalled: no progress for 4 s (the stall limit, [coordinator] stall_limit_s): learner rank(s) 0 to join (JoinLearner; 0 of 1 joined)"),
+        "{log}"
+    );
 }
 
 /// An actor waiting for the run to let it in (the coordinator answers Unavailable until the
