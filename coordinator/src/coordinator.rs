@@ -994,7 +994,14 @@ impl Coordinator {
 
     /// The address of learner rank 0 once it has joined (actors pull weights from it).
     pub fn learner_rank0_addr(&self) -> Option<String> {
-        self.book.ranks.get(&0).cloned()
+        let joined = self.book.ranks.get(&0).cloned();
+        joined.or_else(|| {
+            self.book
+                .state
+                .learner_ranks
+                .get(&0)
+                .map(|r| r.addr.clone())
+        })
     }
 
     /// Where actors pull weights and push groups: the configured learner address, or else
@@ -1071,8 +1078,6 @@ impl Coordinator {
                     tracing::warn!("learner rank 0 joined again with a new collective id");
                 }
                 book.collective_id = collective_id.to_vec();
-                book.state.collective_id_hex = hex::encode(collective_id);
-                book.dirty = true;
             }
             if book.ranks.insert(rank, addr.to_string()).as_deref() != Some(addr) {
                 tracing::info!(rank, addr, world_size, "learner rank joined");
@@ -1167,7 +1172,7 @@ impl Coordinator {
             groups_per_second,
             finished: book.finished(options),
             learner_world_size: options.learner_world_size,
-            learner_ranks_joined: book.ranks.len() as u32,
+            learner_ranks_joined: book.ranks_known() as u32,
             history: book.state.history.clone(),
             progress: book.progress(options, now),
         }
@@ -1225,7 +1230,7 @@ impl Coordinator {
 impl Book {
     /// The book of a coordinator starting on `state` (fresh, or `resumed` from its file):
     /// positions issued and never accepted go to the re-issue queue, the learner ranks are as
-    /// they last joined (a restart of the coordinator alone leaves them running), and this
+    /// they last joined are kept for actors and status (`Book::ranks_known`), and this
     /// start's lease prefix is recorded.
     fn restored(
         mut state: StateFile,
@@ -1242,17 +1247,6 @@ impl Book {
             .collect();
         let world = options.learner_world_size;
         state.learner_ranks.retain(|&rank, _| rank < world);
-        let ranks = state
-            .learner_ranks
-            .iter()
-            .map(|(&r, rec)| (r, rec.addr.clone()))
-            .collect();
-        let collective_addrs = state
-            .learner_ranks
-            .iter()
-            .map(|(&r, rec)| (r, rec.collective_addr.clone()))
-            .collect();
-        let collective_id = hex::decode(&state.collective_id_hex).unwrap_or_default();
         state.lease_prefixes.push(lease_prefix.to_string());
         Self {
             state,
@@ -1260,9 +1254,9 @@ impl Book {
             leases: BTreeMap::new(),
             leased: HashMap::new(),
             actors: BTreeMap::new(),
-            ranks,
-            collective_addrs,
-            collective_id,
+            ranks: BTreeMap::new(),
+            collective_addrs: BTreeMap::new(),
+            collective_id: Vec::new(),
             metrics: BTreeMap::new(),
             metrics_iteration: None,
             accept_times: VecDeque::new(),
@@ -1279,6 +1273,13 @@ impl Book {
 
     fn finished(&self, options: &CoordinatorOptions) -> bool {
         self.state.version >= options.total_iterations
+    }
+
+    /// Ranks that joined this coordinator, or (before they join again) the last time: a
+    /// restart of the coordinator alone leaves them running.
+    fn ranks_known(&self) -> usize {
+        let earlier = self.state.learner_ranks.keys();
+        earlier.filter(|r| !self.ranks.contains_key(r)).count() + self.ranks.len()
     }
 
     /// Why `lease_id` cannot carry a group for `position`, if it cannot: a lease of this
@@ -1325,15 +1326,17 @@ impl Book {
             return String::new();
         }
         let world = options.learner_world_size;
-        if self.ranks.len() < world as usize {
+        if self.ranks_known() < world as usize {
+            let known =
+                |r: &u32| self.ranks.contains_key(r) || self.state.learner_ranks.contains_key(r);
             let missing: Vec<String> = (0..world)
-                .filter(|r| !self.ranks.contains_key(r))
+                .filter(|r| !known(r))
                 .map(|r| r.to_string())
                 .collect();
             return format!(
                 "learner rank(s) {} to join (JoinLearner; {} of {world} joined)",
                 missing.join(", "),
-                self.ranks.len()
+                self.ranks_known()
             );
         }
         let b = options.questions_per_iteration;

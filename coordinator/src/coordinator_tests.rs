@@ -913,14 +913,19 @@ fn a_restarted_coordinator_still_knows_the_learner_ranks() {
         c.join_learner(1, "h:1", &[], "c:1", 0, t).unwrap();
         c.join_learner(0, "h:0", &[9; 128], "c:0", 0, t).unwrap();
     }
+    // Actors still find rank 0, and the status still counts the ranks.
     let mut c = Coordinator::open(options).unwrap();
     assert_eq!(c.learner_addr_for_actors().unwrap(), "h:0");
     assert_eq!(c.status(t).learner_ranks_joined, 2);
     assert!(!c.status(t).progress.waiting_for.contains("to join"));
-    // A rank that restarts meets the others at once.
+    // The rendezvous is among ranks that join again (a restarted learner world binds new
+    // addresses): not ready on the old ones.
     let r = c.join_learner(1, "h:1b", &[], "c:1b", 0, t).unwrap();
+    assert!(!r.ready);
+    let r = c.join_learner(0, "h:0b", &[7; 128], "c:0b", 0, t).unwrap();
     assert!(r.ready);
-    assert_eq!(r.rank_addrs, ["h:0", "h:1b"]);
-    assert_eq!(r.collective_addrs, ["c:0", "c:1b"]);
-    assert_eq!(r.collective_id, vec![9; 128]);
+    assert_eq!(r.rank_addrs, ["h:0b", "h:1b"]);
+    assert_eq!(r.collective_addrs, ["c:0b", "c:1b"]);
+    assert_eq!(r.collective_id, vec![7; 128]);
+    assert_eq!(c.learner_addr_for_actors().unwrap(), "h:0b");
 }

@@ -130,14 +130,12 @@ pub struct StateFile {
     /// Older state files have none (their leases are then not checked).
     #[serde(default)]
     pub lease_prefixes: Vec<String>,
-    /// The learner ranks as they joined (gRPC and collective addresses) and rank 0's collective
-    /// id (hex), so that a restarted coordinator still tells actors where rank 0 is and completes
-    /// a rendezvous for a rank that restarts while the others run on. Older state files have
-    /// none (the ranks join again).
+    /// The learner ranks as they last joined, so that a restarted coordinator still tells
+    /// actors where rank 0 is and `GetStatus` still counts them. Not used for the rendezvous,
+    /// which is among ranks that join after the coordinator's start (a restarted learner world
+    /// binds new addresses). Older state files have none.
     #[serde(default)]
     pub learner_ranks: BTreeMap<u32, RankRecord>,
-    #[serde(default)]
-    pub collective_id_hex: String,
 }
 
 /// One learner rank's addresses, as it joined.
@@ -165,7 +163,6 @@ impl StateFile {
             accepted_by: BTreeMap::new(),
             lease_prefixes: Vec::new(),
             learner_ranks: BTreeMap::new(),
-            collective_id_hex: String::new(),
         }
     }
 
