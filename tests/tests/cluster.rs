@@ -829,10 +829,13 @@ enum Victim {
     Coordinator,
     Teacher,
     Discriminator,
+    /// The teacher stopped (SIGSTOP) rather than killed, and continued (SIGCONT): a hang.
+    TeacherStopped,
 }
 
 /// Runs 6 iterations with two actors, kills `victim` with SIGKILL once version 2 is published
-/// and restarts it on the same address (and state) `down_for` later. The run must finish with
+/// and restarts it on the same address (and state) `down_for` later (`TeacherStopped`: stops it
+/// with SIGSTOP and continues it `down_for` later). The run must finish with
 /// every question accepted once and trained once (2 groups in each of the 6 versions of
 /// `metrics.jsonl`, each version once), and the actors ending cleanly. A group pushed twice
 /// (the old lease's and the re-issue's, after a coordinator restart) is refused as a
@@ -842,6 +845,12 @@ async fn killed_mid_run_and_restarted(victim: Victim, down_for: Duration) -> Str
     make_models(&sb);
     write_config(&sb, "");
     edit_config(&sb, &[("iterations = 2", "iterations = 6")]);
+    if victim == Victim::TeacherStopped {
+        edit_config(
+            &sb,
+            &[("count = 2", "count = 2\nteacher_timeout_ms = 1000")],
+        );
+    }
     let d = Fixed::new("discriminator", &["discriminator", "serve"]);
     let (mut d_role, discriminator) = d.start(&sb, 1);
     let teacher = Fixed::new("teacher", &["teacher", "--name", "t1"]);
@@ -890,14 +899,24 @@ async fn killed_mid_run_and_restarted(victim: Victim, down_for: Duration) -> Str
     .await;
     let (victim_role, fixed) = match victim {
         Victim::Coordinator => (&mut coordinator_role, &coordinator),
-        Victim::Teacher => (&mut teacher_role, &teacher),
+        Victim::Teacher | Victim::TeacherStopped => (&mut teacher_role, &teacher),
         Victim::Discriminator => (&mut d_role, &d),
     };
-    victim_role.child.kill().unwrap();
-    victim_role.child.wait().unwrap();
-    tokio::time::sleep(down_for).await;
-    let (_restarted, again) = fixed.start(&sb, 2);
-    assert_eq!(again, fixed.listen);
+    let _restarted = if victim == Victim::TeacherStopped {
+        let pid = victim_role.child.id().to_string();
+        let signal = |s: &str| Command::new("kill").args([s, &pid]).status().unwrap();
+        assert!(signal("-STOP").success());
+        tokio::time::sleep(down_for).await;
+        assert!(signal("-CONT").success());
+        None
+    } else {
+        victim_role.child.kill().unwrap();
+        victim_role.child.wait().unwrap();
+        tokio::time::sleep(down_for).await;
+        let (restarted, again) = fixed.start(&sb, 2);
+        assert_eq!(again, fixed.listen);
+        Some(restarted)
+    };
 
     wait_until("the run to finish", Duration::from_secs(180), || async {
         status(&sb, &addr).await.is_some_and(|s| s.finished)
@@ -980,6 +999,21 @@ async fn a_discriminator_killed_mid_run_is_restarted_and_the_run_finishes_losing
     assert!(
         logs.contains("question handed back") && logs.contains("discriminator at 127.0.0.1:"),
         "no question went back naming the discriminator"
+    );
+}
+
+/// The only teacher hung (SIGSTOP) for 3 s, three times its 1 s deadline
+/// (`[actors] teacher_timeout_ms`), then continued: every Answer call in between fails at the
+/// deadline naming the teacher (a hang is not waited out), its questions go back, and the run
+/// finishes losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_teacher_hung_past_its_deadline_fails_its_calls_and_the_run_finishes_losing_nothing() {
+    let logs = killed_mid_run_and_restarted(Victim::TeacherStopped, Duration::from_secs(3)).await;
+    assert!(
+        logs.contains("question handed back")
+            && logs.contains("teacher at 127.0.0.1:")
+            && logs.contains("no reply within the deadline of 1000 ms"),
+        "no Answer call failed at its deadline naming the teacher"
     );
 }
 
