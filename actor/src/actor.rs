@@ -180,6 +180,8 @@ pub struct Actor<C, L, D, T> {
     summary: ActorSummary,
     /// Lease requests made: the key of the next one.
     lease_requests: u64,
+    /// Since when the learner's weights could not be had (while the learner restarts).
+    weights_failing_since: Option<Instant>,
 }
 
 impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T> {
@@ -202,6 +204,7 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
             finished: Arc::new(AtomicBool::new(false)),
             summary: ActorSummary::default(),
             lease_requests: 0,
+            weights_failing_since: None,
         }
     }
 
@@ -324,7 +327,16 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
     #[tracing::instrument(skip_all, fields(lease = %lease.lease_id, lease_version = lease.policy_version))]
     pub async fn run_lease(&mut self, lease: Lease) -> Result<(), ActorError> {
         let started = Instant::now();
-        let version = self.sync_weights(lease.policy_version).await?;
+        let version = match self.sync_weights(lease.policy_version).await {
+            Ok(version) => {
+                self.weights_failing_since = None;
+                version
+            }
+            Err(e) if e.weights_unavailable() => {
+                return self.hand_back_without_weights(lease, e).await;
+            }
+            Err(e) => return Err(e),
+        };
         self.add_phase_ms("weight_sync", elapsed_ms(started));
         let mut returned = Vec::new();
         let mut reasons = HandBack::default();
@@ -358,6 +370,25 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
         }
         self.add_phase_ms("push", elapsed_ms(started));
         self.complete(&lease, returned, reasons.text()).await
+    }
+
+    /// The learner's weights could not be had (e.g. it is restarting): the whole lease goes back
+    /// naming the failure, and the actor leases again after a pause. Past
+    /// `coordinator_deadline` of such failures in a row the actor stops with the error.
+    async fn hand_back_without_weights(
+        &mut self,
+        lease: Lease,
+        error: ActorError,
+    ) -> Result<(), ActorError> {
+        let since = *self.weights_failing_since.get_or_insert_with(Instant::now);
+        if since.elapsed() > self.options.coordinator_deadline {
+            return Err(error);
+        }
+        tracing::warn!(error = %error, "no weights from the learner; handing the lease back");
+        self.complete(&lease, lease.positions(), error.to_string())
+            .await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        Ok(())
     }
 
     /// Asks the coordinator with `ask`, again with backoff (50 ms doubling to 2 s) while the

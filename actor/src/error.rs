@@ -79,6 +79,20 @@ impl ActorError {
         matches!(self, Self::Rpc(e) if e.code == tonic::Code::Unavailable)
     }
 
+    /// Whether the learner's weights could not be had for now (unreachable, a transfer that
+    /// broke or timed out, a version not served yet): the lease goes back and the actor tries
+    /// again, e.g. while the learner restarts.
+    pub fn weights_unavailable(&self) -> bool {
+        match self {
+            Self::Sync(
+                crate::sync::SyncError::Transport(_) | crate::sync::SyncError::Timeout { .. },
+            )
+            | Self::StaleWeights { .. } => true,
+            Self::Rpc(e) => e.outcome_unknown(),
+            _ => false,
+        }
+    }
+
     /// Whether a call may or may not have taken effect (see [`RpcError::outcome_unknown`]).
     pub fn outcome_unknown(&self) -> bool {
         matches!(self, Self::Rpc(e) if e.outcome_unknown())

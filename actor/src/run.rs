@@ -33,8 +33,9 @@ pub struct ActorOptions {
     /// The deadline of one learner `PushGroups` call (checked, scored and committed first).
     pub push_timeout: Duration,
     /// How long a LeasePrompts or CompleteLease call is asked again, with backoff, while its
-    /// outcome is unknown (the coordinator unreachable or restarting); then the actor stops
-    /// with the error naming the coordinator and the call.
+    /// outcome is unknown (the coordinator unreachable or restarting), and how long the
+    /// learner's weights may stay unavailable (leases handed back meanwhile); then the actor
+    /// stops with the error naming the peer and the call.
     pub coordinator_deadline: Duration,
     /// How long to keep registering while the coordinator is not ready.
     pub register_timeout: Duration,

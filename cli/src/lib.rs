@@ -9,6 +9,7 @@ pub mod bench_allreduce;
 pub mod bench_nccl;
 pub mod bench_rpc;
 pub mod certs;
+pub mod chaos;
 pub mod cluster;
 pub mod demo;
 pub mod device;
@@ -106,6 +107,11 @@ pub enum ExperimentCommand {
     /// both, frozen D, no D, GRPO's std-normalised advantage), the same budget each, several
     /// seeds: a markdown table of held-out accuracy (mean ± std) and a plot.
     Ablation(experiment::AblationArgs),
+    /// The local cluster run to its end while a fault is injected every few seconds (a role
+    /// killed and restarted on its address, or a teacher hung past its deadline), one at a
+    /// time: faults injected and recovered, the time to recover per kind, the longest stall,
+    /// groups lost and trained twice.
+    Chaos(chaos::ChaosArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -198,6 +204,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train(args) => cluster::train(&args),
         Command::Demo(args) => demo::run(&args),
         Command::Experiment(ExperimentCommand::Ablation(args)) => experiment::ablation(&args),
+        Command::Experiment(ExperimentCommand::Chaos(args)) => chaos::run(&args),
         Command::Status(args) => roles::status(&args),
         Command::Config(ConfigCommand::Check { path }) => roles::config_check(&path),
         Command::Certs(CertsCommand::Init(args)) => certs::init(&args),

@@ -52,6 +52,13 @@ pub struct LocalCluster<'a> {
     logs: PathBuf,
     security: LocalSecurity,
     procs: Vec<Proc>,
+    /// Each process's `ril` arguments, to start it again ([`LocalCluster::restart`]).
+    args: Vec<Vec<String>>,
+    /// Role -> the loopback address it listens on, when servers keep one address across
+    /// restarts (the chaos experiment); `None`: any free port.
+    fixed: Option<std::collections::BTreeMap<String, String>>,
+    /// Restarts so far (numbering their log files).
+    restarts: u32,
 }
 
 impl std::fmt::Debug for LocalCluster<'_> {
@@ -86,7 +93,59 @@ impl<'a> LocalCluster<'a> {
             logs: cfg.run.dir.join("logs"),
             security: local_security(cfg)?,
             procs: Vec::new(),
+            args: Vec::new(),
+            fixed: None,
+            restarts: 0,
         })
+    }
+
+    /// Servers listen on one loopback address each for the life of the cluster, so that a
+    /// restarted role is found where its peers look.
+    pub fn with_fixed_addresses(mut self) -> Self {
+        self.fixed = Some(Default::default());
+        self
+    }
+
+    /// The address a server role listens on: a free loopback port chosen once per role when
+    /// addresses are fixed, else any free port.
+    fn listen_addr(&mut self, role: &str) -> Result<String> {
+        let Some(fixed) = &mut self.fixed else {
+            return Ok("127.0.0.1:0".into());
+        };
+        if let Some(addr) = fixed.get(role) {
+            return Ok(addr.clone());
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(OrchestrateError::io(format!("choosing a port for {role}")))?
+            .port();
+        let addr = format!("127.0.0.1:{port}");
+        fixed.insert(role.to_string(), addr.clone());
+        Ok(addr)
+    }
+
+    /// The index of the process running as `role`.
+    pub(crate) fn index_of(&self, role: &str) -> Option<usize> {
+        self.procs.iter().position(|p| p.role == role)
+    }
+
+    /// The roles, in start order.
+    pub(crate) fn roles(&self) -> Vec<String> {
+        self.procs.iter().map(|p| p.role.clone()).collect()
+    }
+
+    pub(crate) fn proc_mut(&mut self, i: usize) -> &mut Proc {
+        &mut self.procs[i]
+    }
+
+    /// Starts the process at `i` again with the same arguments (its log goes to
+    /// `logs/<role>.<n>.log`); the old one must have exited.
+    pub(crate) fn restart(&mut self, i: usize) -> Result<()> {
+        self.restarts += 1;
+        let role = self.procs[i].role.clone();
+        let log = self.logs.join(format!("{role}.{}.log", self.restarts));
+        self.procs[i] = spawn(self.ril, &role, &self.args[i], Some(&log))?;
+        Ok(())
     }
 
     /// The flags a client of this launch needs (`--security-dir ...` or `--insecure`).
@@ -100,6 +159,7 @@ impl<'a> LocalCluster<'a> {
         a.extend(args);
         let log = self.logs.join(format!("{role}.log"));
         self.procs.push(spawn(self.ril, role, &a, Some(&log))?);
+        self.args.push(a);
         Ok(self.procs.len() - 1)
     }
 
@@ -116,7 +176,7 @@ impl<'a> LocalCluster<'a> {
             "--config".into(),
             arg(&self.cfg.path),
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            self.listen_addr(role)?,
             "--addr-file".into(),
             arg(&file),
         ];
@@ -331,8 +391,9 @@ impl<'a> LocalCluster<'a> {
         Ok(())
     }
 
-    /// Every role, started in order, then the run followed to its end.
-    async fn run(&mut self, options: &ClusterOptions) -> Result<RunStatus> {
+    /// Every role, started in order: the coordinator's address and the index of the first
+    /// actor.
+    pub(crate) async fn start_all(&mut self, options: &ClusterOptions) -> Result<(String, usize)> {
         let startup = options.startup_timeout;
         let peers = self.start_peers(startup).await?;
         let coordinator = self.start_coordinator(&peers, startup).await?;
@@ -342,8 +403,19 @@ impl<'a> LocalCluster<'a> {
         let n_actors = options.actors.unwrap_or(self.cfg.actors.count);
         let first_actor = self.start_actors(&coordinator, n_actors)?;
         tracing::info!(coordinator = %coordinator, learner = %learner, discriminator = %peers.discriminator, actors = n_actors, "local cluster up");
+        Ok((coordinator, first_actor))
+    }
+
+    /// Every role, started in order, then the run followed to its end.
+    async fn run(&mut self, options: &ClusterOptions) -> Result<RunStatus> {
+        let (coordinator, first_actor) = self.start_all(options).await?;
         self.follow(&coordinator, first_actor, options.stall_timeout)
             .await
+    }
+
+    /// The admin credentials of this launch (for status calls).
+    pub(crate) fn admin(&self) -> &Security {
+        &self.security.admin
     }
 
     /// SIGTERM to every child, SIGKILL to those still running after `grace`.

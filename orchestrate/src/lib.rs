@@ -10,6 +10,8 @@
 //!   local run's own CA, certificates and token, generated for every launch.
 //! - [`demo`]: `ril demo`, six timed stages from data to report.
 //! - [`experiment`]: `ril experiment ablation`, the paper's comparison in miniature.
+//! - [`chaos`]: `ril experiment chaos`, the local cluster run to its end while roles are
+//!   killed and restarted (or hung) one after the other, with the recovery figures.
 //! - [`runs`]: what the demo and the experiments share: the built-in models, a [`runs::RunSpec`]
 //!   turned into a typed run config, D's pre-training, evaluation.
 //! - [`status`]: a run's status from its coordinator, and its printed form.
@@ -18,6 +20,7 @@
 //! built through [`ril_config::RunConfig`], never as text.
 
 pub mod certs;
+pub mod chaos;
 pub mod cluster;
 pub mod demo;
 mod error;

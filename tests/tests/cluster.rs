@@ -1017,6 +1017,59 @@ async fn a_teacher_hung_past_its_deadline_fails_its_calls_and_the_run_finishes_l
     );
 }
 
+/// `ril experiment chaos`, short: 20 iterations with a fault every ~1 s drawn from every
+/// kind (roles killed and restarted on their addresses, a teacher hung past its 1 s deadline).
+/// The report must show every fault recovered from, no group lost and none trained twice.
+/// The figures of a long run are in docs/RESULTS.md.
+#[test]
+fn a_short_chaos_run_recovers_from_every_fault_losing_nothing() {
+    let sb = Sandbox::new();
+    make_models(&sb);
+    write_config(&sb, "");
+    edit_config(
+        &sb,
+        &[
+            ("iterations = 2", "iterations = 20"),
+            ("count = 2", "count = 2\nteacher_timeout_ms = 1000"),
+        ],
+    );
+    let out = sb.ril(&[
+        "experiment",
+        "chaos",
+        "--config",
+        "run.toml",
+        "--fault-every-s",
+        "1",
+        "--seed",
+        "3",
+        "--report",
+        "chaos.json",
+    ]);
+    ok(&out);
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(sb.path("chaos.json")).unwrap()).unwrap();
+    let n = |k: &str| report[k].as_u64().unwrap();
+    assert!(n("faults_injected") >= 3, "{report:#}");
+    assert_eq!(
+        n("faults_recovered") + n("faults_open_at_end"),
+        n("faults_injected"),
+        "{report:#}"
+    );
+    assert!(n("faults_open_at_end") <= 1, "{report:#}");
+    assert_eq!(
+        (n("groups_lost"), n("groups_trained_twice")),
+        (0, 0),
+        "{report:#}"
+    );
+    assert_eq!(
+        (n("iterations"), n("questions_per_iteration")),
+        (20, 2),
+        "{report:#}"
+    );
+    let table = stdout(&out);
+    assert!(table.contains("| groups lost | 0 |"), "{table}");
+}
+
 /// A coordinator whose teacher and discriminator addresses lead nowhere (port 9): enough for
 /// what happens before a learner joins.
 fn coordinator_without_peers(sb: &Sandbox) -> (Role, String) {

@@ -19,10 +19,22 @@ fn verify_due(verify_every: u64, version: u64) -> bool {
 
 /// What rank 0's own step produced.
 struct LocalStep {
-    stats: GrpoStats,
+    report: StepReport,
+    /// The step's metrics line, as written to `metrics.jsonl`.
+    metrics: BTreeMap<String, f64>,
     payload: WeightsPayload,
-    checkpoint: Option<PathBuf>,
     state: TrainerState,
+}
+
+/// What rank 0's step needs besides its groups, to write the step's metrics line.
+struct StepContext {
+    n_groups: usize,
+    stale: u64,
+    actor_timings_ms: BTreeMap<String, f64>,
+    started: Instant,
+    /// D's step on this iteration's responses (trained before the policy step).
+    discriminator: BTreeMap<String, f64>,
+    metrics_path: PathBuf,
 }
 
 /// A finished step, as it is published, logged and reported.
@@ -223,47 +235,49 @@ impl<C: CoordinatorLink> LearnerService<C> {
         let stale = self.lock_pending().stale_groups_dropped;
         let started = Instant::now();
         let iteration_now = self.lock_pending().iteration;
+        // D learns from this iteration's responses first (its update only matters to the next
+        // version's groups, scored after it is published), so that the step's metrics line is
+        // whole when it is written, before the checkpoint.
+        let discriminator = self.train_discriminator(iteration_now).await;
+        let context = StepContext {
+            n_groups,
+            stale,
+            actor_timings_ms,
+            started,
+            discriminator,
+            metrics_path: (self.inner.options.out_dir).join(crate::metrics_log::METRICS_FILE),
+        };
         let (local, remote) = tokio::join!(
-            self.train_own_shard(own, n_groups, stale),
+            self.train_own_shard(own, context),
             self.send_shards(iteration_now, shards)
         );
         let local = local.map_err(LearnerError::task("the training thread"))?;
         remote?;
         let step = local?;
-        let report = StepReport {
-            version: step.state.version,
-            iteration: step.state.version - 1,
-            seconds: started.elapsed().as_secs_f64(),
-            n_groups,
-            groups_trained: step.state.groups_trained,
-            stale_groups_dropped: stale,
-            actor_timings_ms,
-            checkpoint: step.checkpoint.clone(),
-            stats: step.stats,
-        };
         self.install_weights(step.payload)?;
         {
             let mut p = self.lock_pending();
             p.version = step.state.version;
             p.iteration = step.state.iteration;
-            if step.checkpoint.is_some() {
-                p.last_checkpoint = step.checkpoint;
+            if step.report.checkpoint.is_some() {
+                p.last_checkpoint = step.report.checkpoint.clone();
             }
             self.publish_progress(&p);
         }
-        let discriminator = self.train_discriminator(report.iteration).await;
-        self.publish_version(&report).await;
-        self.record_step(&report, discriminator).await;
+        self.publish_version(&step.report).await;
+        self.record_step(&step.report, step.metrics).await;
         Ok(())
     }
 
     /// Rank 0's part of the step, on a blocking thread: train, serialise the weights, verify
-    /// the replicas when due, checkpoint when due.
+    /// the replicas when due, write the step's metrics line, checkpoint when due. The line comes
+    /// before the checkpoint: a learner killed between them resumes from the previous
+    /// checkpoint, which drops the line (`metrics_log::truncate_after`) and writes it again;
+    /// killed after, the line is there. So every version is in `metrics.jsonl` once.
     async fn train_own_shard(
         &self,
         groups: Vec<Group>,
-        n_groups: usize,
-        stale: u64,
+        context: StepContext,
     ) -> std::result::Result<Result<LocalStep>, tokio::task::JoinError> {
         let trainer = self.inner.trainer.clone();
         let opts = &self.inner.options;
@@ -271,23 +285,41 @@ impl<C: CoordinatorLink> LearnerService<C> {
             (opts.save_every, opts.total_iterations, opts.verify_every);
         tokio::task::spawn_blocking(move || {
             let mut t = trainer.lock().map_err(poisoned)?;
-            t.set_stale_groups_dropped(stale);
-            let stats = t.train_shard(groups, n_groups)?;
+            t.set_stale_groups_dropped(context.stale);
+            let stats = t.train_shard(groups, context.n_groups)?;
             let payload = t.weights_payload()?;
             let version = t.state().version;
             if verify_due(verify_every, version) {
                 t.verify_replicas(&payload)?;
             }
-            let checkpoint =
-                if (save_every > 0 && version.is_multiple_of(save_every)) || version >= total {
-                    Some(t.save_checkpoint()?)
-                } else {
-                    None
-                };
-            Ok(LocalStep {
+            let mut report = StepReport {
+                version,
+                iteration: version - 1,
+                seconds: context.started.elapsed().as_secs_f64(),
+                n_groups: context.n_groups,
+                groups_trained: t.state().groups_trained,
+                stale_groups_dropped: context.stale,
+                actor_timings_ms: context.actor_timings_ms,
+                checkpoint: None,
                 stats,
+            };
+            let metrics = report.metrics(context.discriminator);
+            let line = crate::metrics_log::append(
+                &context.metrics_path,
+                report.iteration,
+                version,
+                &metrics,
+            );
+            if let Err(e) = line {
+                tracing::warn!(error = %e, "writing the step's metrics line failed");
+            }
+            if (save_every > 0 && version.is_multiple_of(save_every)) || version >= total {
+                report.checkpoint = Some(t.save_checkpoint()?);
+            }
+            Ok(LocalStep {
+                report,
+                metrics,
                 payload,
-                checkpoint,
                 state: t.state().clone(),
             })
         })
@@ -364,16 +396,10 @@ impl<C: CoordinatorLink> LearnerService<C> {
         }
     }
 
-    /// The step's metrics line, its diagnostics, its log line and ReportMetrics.
-    async fn record_step(&self, report: &StepReport, discriminator: BTreeMap<String, f64>) {
-        let metrics = report.metrics(discriminator);
+    /// The step's diagnostics, its log line and ReportMetrics (its metrics line is written
+    /// with the step, before the checkpoint).
+    async fn record_step(&self, report: &StepReport, metrics: BTreeMap<String, f64>) {
         let options = &self.inner.options;
-        let metrics_path = options.out_dir.join(crate::metrics_log::METRICS_FILE);
-        if let Err(e) =
-            crate::metrics_log::append(&metrics_path, report.iteration, report.version, &metrics)
-        {
-            tracing::warn!(error = %e, "writing the step's metrics line failed");
-        }
         let stats = &report.stats;
         let signals = crate::diagnostics::StepSignals {
             d_accuracy: stats.d_accuracy,
