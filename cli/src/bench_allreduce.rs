@@ -39,7 +39,9 @@ pub fn run(args: &AllReduceBenchArgs) -> anyhow::Result<()> {
             .map(|(r, l)| {
                 let addrs = addrs.clone();
                 s.spawn(move || {
-                    TcpRing::connect(r, l, &addrs, Duration::from_secs(60), bucket)
+                    // Authenticated, as in a run, so the handshake is in the figures.
+                    let auth = ril_learner::ring::RingAuth::new(Some([1; 32]));
+                    TcpRing::connect(r, l, &addrs, Duration::from_secs(60), bucket, &auth)
                         .map_err(anyhow::Error::from)
                 })
             })

@@ -8,16 +8,173 @@
 //!
 //! Frames carry the operation number, the step and the payload length, so ranks that disagree
 //! on what they are reducing (a different call order, a different gradient layout) fail loudly.
+//!
+//! Every connection is authenticated both ways before it carries data ([`RingAuth`]): the
+//! connecting rank sends its hello (rank, world) and a fresh nonce, the accepting rank answers
+//! with its own nonce and an HMAC-SHA256 over both nonces and the hello, and the connecting rank
+//! answers with its HMAC. The key is derived from the run token (`Security::collective_key`),
+//! so only a process of the run joins the ring; a connection that fails the handshake is
+//! dropped and the rank keeps accepting until the right one arrives or the timeout passes (the
+//! first connection no longer wins). Without a token (security off) the key is a fixed public
+//! one: the handshake still checks rank and world, but authenticates nothing.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+
 use crate::collective::Collective;
 use crate::error::{LearnerError, Result};
 
 const MAGIC: u32 = 0x5249_4c52; // "RILR"
+const NONCE: usize = 32;
+const MAC: usize = 32;
+
+/// The key the ring's handshake is authenticated with.
+#[derive(Clone)]
+pub struct RingAuth {
+    key: [u8; 32],
+    /// Whether the key is the run's (false: security off, the fixed public key).
+    authenticated: bool,
+}
+
+impl std::fmt::Debug for RingAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RingAuth")
+            .field("authenticated", &self.authenticated)
+            .finish()
+    }
+}
+
+impl RingAuth {
+    /// From the run's collective key (`Security::collective_key`); `None`: security off.
+    pub fn new(key: Option<[u8; 32]>) -> Self {
+        match key {
+            Some(key) => Self {
+                key,
+                authenticated: true,
+            },
+            None => Self {
+                key: Sha256::digest(b"ril ring: no run token").into(),
+                authenticated: false,
+            },
+        }
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        self.authenticated
+    }
+
+    fn mac(&self, parts: &[&[u8]]) -> [u8; MAC] {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC takes any key");
+        for p in parts {
+            m.update(p);
+        }
+        m.finalize().into_bytes().into()
+    }
+
+    fn verify(&self, parts: &[&[u8]], presented: &[u8]) -> bool {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.key).expect("HMAC takes any key");
+        for p in parts {
+            m.update(p);
+        }
+        m.verify_slice(presented).is_ok()
+    }
+}
+
+fn nonce() -> [u8; NONCE] {
+    use rand::RngCore;
+    let mut n = [0u8; NONCE];
+    rand::rng().fill_bytes(&mut n);
+    n
+}
+
+/// The hello a rank sends to the next one: who it is and the world it thinks it is in.
+fn hello(rank: usize, world: usize) -> [u8; 12] {
+    let mut h = [0u8; 12];
+    h[..4].copy_from_slice(&MAGIC.to_le_bytes());
+    h[4..8].copy_from_slice(&(rank as u32).to_le_bytes());
+    h[8..].copy_from_slice(&(world as u32).to_le_bytes());
+    h
+}
+
+/// The connecting side of the handshake, on a fresh connection to the next rank.
+fn handshake_as_connector(
+    s: &mut TcpStream,
+    auth: &RingAuth,
+    rank: usize,
+    world: usize,
+) -> std::io::Result<std::result::Result<(), String>> {
+    let hello = hello(rank, world);
+    let mine = nonce();
+    s.write_all(&hello)?;
+    s.write_all(&mine)?;
+    let mut reply = [0u8; NONCE + MAC];
+    s.read_exact(&mut reply)?;
+    let (theirs, mac) = reply.split_at(NONCE);
+    if !auth.verify(&[b"acceptor", &hello, &mine, theirs], mac) {
+        return Ok(Err(
+            "the listener at its address failed the ring's authentication (not a rank of this \
+             run, or another run token)"
+                .into(),
+        ));
+    }
+    s.write_all(&auth.mac(&[b"connector", &hello, theirs, &mine]))?;
+    Ok(Ok(()))
+}
+
+/// The accepting side of the handshake on a connection that should be from rank `prev` of
+/// `world`: `Ok(Err(why))` when it is not (the connection is then dropped).
+fn handshake_as_acceptor(
+    s: &mut TcpStream,
+    auth: &RingAuth,
+    prev: usize,
+    world: usize,
+) -> std::io::Result<std::result::Result<(), String>> {
+    let mut got = [0u8; 12 + NONCE];
+    s.read_exact(&mut got)?;
+    let (their_hello, theirs) = got.split_at(12);
+    if their_hello != hello(prev, world) {
+        let field = |i: usize| {
+            u32::from_le_bytes([
+                their_hello[i],
+                their_hello[i + 1],
+                their_hello[i + 2],
+                their_hello[i + 3],
+            ])
+        };
+        return Ok(Err(format!(
+            "expected rank {prev} of {world} to connect; got rank {} of {} (magic {:#x})",
+            field(4),
+            field(8),
+            field(0)
+        )));
+    }
+    let mine = nonce();
+    let mac = auth.mac(&[b"acceptor", their_hello, theirs, &mine]);
+    s.write_all(&mine)?;
+    s.write_all(&mac)?;
+    let mut answer = [0u8; MAC];
+    s.read_exact(&mut answer)?;
+    if !auth.verify(&[b"connector", their_hello, &mine, theirs], &answer) {
+        return Ok(Err(
+            "the connection failed the ring's authentication (not a rank of this run, or \
+             another run token)"
+                .into(),
+        ));
+    }
+    Ok(Ok(()))
+}
+
+fn set_timeouts(s: &TcpStream, timeout: Duration) -> std::io::Result<()> {
+    s.set_nonblocking(false)?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(timeout))?;
+    s.set_write_timeout(Some(timeout))
+}
 /// Default bucket: 4 Mi f32 elements (16 MiB).
 pub const DEFAULT_BUCKET_ELEMS: usize = 4 << 20;
 
@@ -39,13 +196,15 @@ fn err(rank: usize, what: impl Into<String>) -> LearnerError {
 
 impl TcpRing {
     /// Joins the ring: `listener` is this rank's bound socket, `addrs[r]` rank r's address.
-    /// Connects to rank + 1 and accepts rank - 1, both within `timeout`.
+    /// Connects to rank + 1 and accepts rank - 1, both authenticated with `auth`, within
+    /// `timeout`.
     pub fn connect(
         rank: usize,
         listener: TcpListener,
         addrs: &[String],
         timeout: Duration,
         bucket_elems: usize,
+        auth: &RingAuth,
     ) -> Result<Self> {
         let world = addrs.len();
         if world < 2 || rank >= world {
@@ -59,13 +218,14 @@ impl TcpRing {
         let deadline = Instant::now() + timeout;
         // Connect to the next rank (it may not be listening yet) while accepting the previous.
         let next_addr = addrs[next_rank].clone();
+        let connector_auth = auth.clone();
         let connector = std::thread::spawn(move || -> std::result::Result<TcpStream, String> {
             let addr: SocketAddr = next_addr
                 .parse()
                 .map_err(|e| format!("rank {next_rank}'s address {next_addr:?}: {e}"))?;
-            loop {
+            let mut s = loop {
                 match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
-                    Ok(s) => return Ok(s),
+                    Ok(s) => break s,
                     Err(e) if Instant::now() < deadline => {
                         let _ = e;
                         std::thread::sleep(Duration::from_millis(20));
@@ -74,59 +234,27 @@ impl TcpRing {
                         return Err(format!("cannot reach rank {next_rank} at {addr}: {e}"));
                     }
                 }
+            };
+            set_timeouts(&s, timeout).map_err(|e| format!("socket options: {e}"))?;
+            match handshake_as_connector(&mut s, &connector_auth, rank, world) {
+                Ok(Ok(())) => Ok(s),
+                Ok(Err(why)) => Err(format!("rank {next_rank} at {addr}: {why}")),
+                Err(e) => Err(format!("handshake with rank {next_rank} at {addr}: {e}")),
             }
         });
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| err(rank, format!("listener: {e}")))?;
-        let mut prev = loop {
-            match listener.accept() {
-                Ok((s, _)) => break s,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if Instant::now() > deadline {
-                        return Err(err(
-                            rank,
-                            format!("rank {prev_rank} did not connect within {timeout:?}"),
-                        ));
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-                Err(e) => return Err(err(rank, format!("accepting rank {prev_rank}: {e}"))),
-            }
-        };
-        let mut next = connector
+        let prev = accept_authenticated(&listener, auth, rank, prev_rank, world, timeout);
+        // Both sides are reported when both failed (the connecting side ends by the deadline).
+        let next = connector
             .join()
-            .map_err(|_| err(rank, "the connecting thread panicked"))?
-            .map_err(|e| err(rank, e))?;
-        for s in [&prev, &next] {
-            s.set_nonblocking(false)
-                .and_then(|_| s.set_nodelay(true))
-                .and_then(|_| s.set_read_timeout(Some(timeout)))
-                .and_then(|_| s.set_write_timeout(Some(timeout)))
-                .map_err(|e| err(rank, format!("socket options: {e}")))?;
-        }
-        // Hello: who we are and the world we think we are in.
-        let mut hello = Vec::with_capacity(12);
-        hello.extend_from_slice(&MAGIC.to_le_bytes());
-        hello.extend_from_slice(&(rank as u32).to_le_bytes());
-        hello.extend_from_slice(&(world as u32).to_le_bytes());
-        next.write_all(&hello)
-            .map_err(|e| err(rank, format!("hello to rank {next_rank}: {e}")))?;
-        let mut got = [0u8; 12];
-        prev.read_exact(&mut got)
-            .map_err(|e| err(rank, format!("hello from rank {prev_rank}: {e}")))?;
-        let field = |i: usize| u32::from_le_bytes([got[i], got[i + 1], got[i + 2], got[i + 3]]);
-        if field(0) != MAGIC || field(4) as usize != prev_rank || field(8) as usize != world {
-            return Err(err(
-                rank,
-                format!(
-                    "expected rank {prev_rank} of {world} to connect; got rank {} of {} (magic {:#x})",
-                    field(4),
-                    field(8),
-                    field(0)
-                ),
-            ));
-        }
+            .map_err(|_| err(rank, "the connecting thread panicked"))?;
+        let (prev, next) = match (prev, next) {
+            (Ok(prev), Ok(next)) => (prev, next),
+            (Err(accepting), Err(connecting)) => {
+                return Err(err(rank, format!("{connecting}; and {accepting}")));
+            }
+            (Err(accepting), Ok(_)) => return Err(accepting),
+            (Ok(_), Err(connecting)) => return Err(err(rank, connecting)),
+        };
         Ok(Self {
             rank,
             world,
@@ -219,6 +347,61 @@ impl TcpRing {
             }
         }
         Ok(())
+    }
+}
+
+/// Accepts connections until one is rank `prev` of `world` and passes the handshake, within
+/// `timeout`; the others are dropped with a warning naming their peer address and why.
+fn accept_authenticated(
+    listener: &TcpListener,
+    auth: &RingAuth,
+    rank: usize,
+    prev: usize,
+    world: usize,
+    timeout: Duration,
+) -> Result<TcpStream> {
+    let deadline = Instant::now() + timeout;
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| err(rank, format!("listener: {e}")))?;
+    let mut refused = Vec::new();
+    loop {
+        match listener.accept() {
+            Ok((mut s, peer)) => {
+                // A stranger gets at most a few seconds of the handshake.
+                let left = deadline.saturating_duration_since(Instant::now());
+                let budget = left
+                    .min(Duration::from_secs(5))
+                    .max(Duration::from_millis(100));
+                set_timeouts(&s, budget).map_err(|e| err(rank, format!("socket options: {e}")))?;
+                let why = match handshake_as_acceptor(&mut s, auth, prev, world) {
+                    Ok(Ok(())) => {
+                        set_timeouts(&s, timeout)
+                            .map_err(|e| err(rank, format!("socket options: {e}")))?;
+                        return Ok(s);
+                    }
+                    Ok(Err(why)) => why,
+                    Err(e) => format!("handshake: {e}"),
+                };
+                tracing::warn!(rank, %peer, reason = %why, "ring connection refused");
+                refused.push(format!("{peer}: {why}"));
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() > deadline {
+                    let also = if refused.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (refused: {})", refused.join("; "))
+                    };
+                    return Err(err(
+                        rank,
+                        format!("rank {prev} did not connect within {timeout:?}{also}"),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => return Err(err(rank, format!("accepting rank {prev}: {e}"))),
+        }
     }
 }
 
@@ -350,7 +533,10 @@ mod tests {
             .enumerate()
             .map(|(r, l)| {
                 let addrs = addrs.clone();
-                std::thread::spawn(move || TcpRing::connect(r, l, &addrs, timeout, bucket).unwrap())
+                let auth = RingAuth::new(Some([7; 32]));
+                std::thread::spawn(move || {
+                    TcpRing::connect(r, l, &addrs, timeout, bucket, &auth).unwrap()
+                })
             })
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
@@ -420,6 +606,90 @@ mod tests {
             "{}",
             errors[1]
         );
+    }
+
+    /// Rank `r` of `addrs`, joining with `key` on its own thread.
+    fn join(
+        r: usize,
+        l: TcpListener,
+        addrs: &[String],
+        key: [u8; 32],
+        timeout: Duration,
+    ) -> std::thread::JoinHandle<Result<TcpRing>> {
+        let addrs = addrs.to_vec();
+        std::thread::spawn(move || {
+            TcpRing::connect(r, l, &addrs, timeout, 64, &RingAuth::new(Some(key)))
+        })
+    }
+
+    #[test]
+    fn a_connection_without_the_run_key_is_refused_and_the_ring_still_forms() {
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<String> = (listeners.iter())
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        // Before rank 0 connects to rank 1, two strangers do: one claiming to be rank 0 with
+        // another key, one that says nothing and goes away.
+        let mut forger = TcpStream::connect(&addrs[1]).unwrap();
+        forger
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let silent = TcpStream::connect(&addrs[1]).unwrap();
+        drop(silent);
+        let mut listeners = listeners.into_iter();
+        let (l0, l1) = (listeners.next().unwrap(), listeners.next().unwrap());
+        let timeout = Duration::from_secs(20);
+        let rank1 = join(1, l1, &addrs, [7; 32], timeout);
+        let forged = handshake_as_connector(&mut forger, &RingAuth::new(Some([9; 32])), 0, 2);
+        assert!(
+            forged
+                .unwrap()
+                .unwrap_err()
+                .contains("failed the ring's authentication"),
+            "the forger cannot authenticate rank 1 either"
+        );
+        drop(forger);
+        let rank0 = join(0, l0, &addrs, [7; 32], timeout);
+        let rings = [
+            rank0.join().unwrap().unwrap(),
+            rank1.join().unwrap().unwrap(),
+        ];
+        let sums: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let hs: Vec<_> = (rings.iter().enumerate())
+                .map(|(r, ring)| {
+                    s.spawn(move || {
+                        let mut v = vec![r as f32 + 1.0; 5];
+                        ring.all_reduce_f32(&mut v).unwrap();
+                        v
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(sums, [vec![3.0; 5], vec![3.0; 5]]);
+    }
+
+    #[test]
+    fn ranks_with_different_keys_never_form_a_ring() {
+        let listeners: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<String> = (listeners.iter())
+            .map(|l| l.local_addr().unwrap().to_string())
+            .collect();
+        let timeout = Duration::from_secs(2);
+        let mut listeners = listeners.into_iter();
+        let rank0 = join(0, listeners.next().unwrap(), &addrs, [1; 32], timeout);
+        let rank1 = join(1, listeners.next().unwrap(), &addrs, [2; 32], timeout);
+        for (r, h) in [(0, rank0), (1, rank1)] {
+            let e = h.join().unwrap().unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("rank {r}")) && e.contains("authentication"),
+                "rank {r}: {e}"
+            );
+        }
     }
 
     #[test]

@@ -195,7 +195,8 @@ async fn start_learner(
         return Ok(None);
     };
     republish_resumed_version(&coordinator, options, trainer.state().version).await?;
-    let joined = join_collective(options, trainer, ring, rendezvous.as_ref());
+    let key = server.security.collective_key();
+    let joined = join_collective(options, trainer, ring, rendezvous.as_ref(), key);
     let Some(trainer) = server.unless_shutdown(joined).await? else {
         return Ok(None);
     };
@@ -387,6 +388,7 @@ async fn join_collective(
     trainer: Trainer,
     ring: Option<RingListener>,
     rendezvous: Option<&JoinReply>,
+    key: Option<[u8; 32]>,
 ) -> Result<Trainer> {
     let opts = options.clone();
     let collective: Box<dyn Collective> = if options.world_size > 1 && options.collective == "nccl"
@@ -401,7 +403,7 @@ async fn join_collective(
         let collective_addrs = rendezvous
             .map(|r| r.collective_addrs.clone())
             .unwrap_or_default();
-        tokio::task::spawn_blocking(move || connect_ring(&opts, ring, &collective_addrs))
+        tokio::task::spawn_blocking(move || connect_ring(&opts, ring, &collective_addrs, key))
             .await
             .map_err(LearnerError::task("joining the ring"))??
     } else {
@@ -414,13 +416,22 @@ fn connect_ring(
     opts: &LearnerOptions,
     ring: RingListener,
     collective_addrs: &[String],
+    key: Option<[u8; 32]>,
 ) -> Result<Box<dyn Collective>> {
+    let auth = crate::ring::RingAuth::new(key);
+    if !auth.is_authenticated() {
+        tracing::warn!(
+            "the CPU ring is not authenticated: security is off (no run token), so any process \
+             that reaches a rank's ring address first can join the ring"
+        );
+    }
     Ok(Box::new(crate::ring::TcpRing::connect(
         opts.rank as usize,
         ring.listener,
         collective_addrs,
         Duration::from_millis(opts.collective_timeout_ms),
         (opts.bucket_mb << 20) / std::mem::size_of::<f32>(),
+        &auth,
     )?))
 }
 

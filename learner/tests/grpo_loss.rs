@@ -463,9 +463,9 @@ fn on_ring_ranks<T: Send>(
             .map(|(rank, l)| {
                 let (addrs, f) = (addrs.clone(), &f);
                 sc.spawn(move || {
-                    let ring =
-                        TcpRing::connect(rank, l, &addrs, std::time::Duration::from_secs(30), 1000)
-                            .unwrap();
+                    let auth = ril_learner::ring::RingAuth::new(Some([3; 32]));
+                    let timeout = std::time::Duration::from_secs(30);
+                    let ring = TcpRing::connect(rank, l, &addrs, timeout, 1000, &auth).unwrap();
                     f(rank, &ring)
                 })
             })

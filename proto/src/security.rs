@@ -387,6 +387,17 @@ impl Security {
         self.token.is_some()
     }
 
+    /// The key the learner ranks authenticate their CPU ring connections with: SHA-256 of a
+    /// fixed label and the run token (the token itself never goes on the ring's wire). `None`
+    /// without a token (security off).
+    pub fn collective_key(&self) -> Option<[u8; 32]> {
+        let token = self.token.as_ref()?;
+        let mut h = Sha256::new();
+        h.update(b"ril collective key v1\0");
+        h.update(token.0.as_bytes());
+        Some(h.finalize().into())
+    }
+
     /// The server side of TLS (client certificates checked against the CA when presented).
     pub fn server_tls(&self) -> Option<ServerTlsConfig> {
         let tls = self.tls.as_ref()?;
