@@ -829,6 +829,8 @@ enum Victim {
     Coordinator,
     Teacher,
     Discriminator,
+    /// Learner rank 0 (the run's only rank).
+    Learner,
     /// The teacher stopped (SIGSTOP) rather than killed, and continued (SIGCONT): a hang.
     TeacherStopped,
 }
@@ -867,8 +869,7 @@ async fn killed_mid_run_and_restarted(victim: Victim, down_for: Duration) -> Str
         ],
     );
     let (mut coordinator_role, addr) = coordinator.start(&sb, 1);
-    let (_l, _learner) = serve(
-        &sb,
+    let learner = Fixed::new(
         "learner",
         &[
             "learner",
@@ -878,6 +879,7 @@ async fn killed_mid_run_and_restarted(victim: Victim, down_for: Duration) -> Str
             &discriminator,
         ],
     );
+    let (mut learner_role, _learner_addr) = learner.start(&sb, 1);
     let actor = |id: &str| {
         let args = [
             "actor",
@@ -901,6 +903,7 @@ async fn killed_mid_run_and_restarted(victim: Victim, down_for: Duration) -> Str
         Victim::Coordinator => (&mut coordinator_role, &coordinator),
         Victim::Teacher | Victim::TeacherStopped => (&mut teacher_role, &teacher),
         Victim::Discriminator => (&mut d_role, &d),
+        Victim::Learner => (&mut learner_role, &learner),
     };
     let _restarted = if victim == Victim::TeacherStopped {
         let pid = victim_role.child.id().to_string();
@@ -955,7 +958,8 @@ async fn killed_mid_run_and_restarted(victim: Victim, down_for: Duration) -> Str
     [
         "a1",
         "a2",
-        "learner",
+        "learner-1",
+        "learner-2",
         "coordinator-1",
         "coordinator-2",
         "discriminator-2",
@@ -999,6 +1003,19 @@ async fn a_discriminator_killed_mid_run_is_restarted_and_the_run_finishes_losing
     assert!(
         logs.contains("question handed back") && logs.contains("discriminator at 127.0.0.1:"),
         "no question went back naming the discriminator"
+    );
+}
+
+/// Learner rank 0 killed mid-run and restarted on its address: it resumes from its last
+/// checkpoint with its publisher key (out_dir), the coordinator takes back what it had accepted
+/// but not trained and re-issues it, the actors hand their leases back while it is gone (no
+/// weights, pushes refused) and carry on once it serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn learner_rank_0_killed_mid_run_is_restarted_and_the_run_finishes_losing_nothing() {
+    let logs = killed_mid_run_and_restarted(Victim::Learner, Duration::from_secs(1)).await;
+    assert!(
+        logs.contains("learner resumed"),
+        "the restarted learner did not resume"
     );
 }
 
