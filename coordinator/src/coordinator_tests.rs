@@ -929,3 +929,41 @@ fn a_restarted_coordinator_still_knows_the_learner_ranks() {
     assert_eq!(r.collective_id, vec![7; 128]);
     assert_eq!(c.learner_addr_for_actors().unwrap(), "h:0b");
 }
+
+/// A full disk while the state file is written: the temporary file the write goes through is
+/// made a link to `/dev/full`, so the kernel answers ENOSPC. The change is refused with an
+/// error naming the file (UNAVAILABLE on the wire: nothing was applied, asking again is safe),
+/// nothing of it is kept, the state file on disk is the previous one, and once there is space
+/// again the same request goes through.
+#[cfg(unix)]
+#[test]
+fn a_full_disk_refuses_the_change_naming_the_file_and_keeps_the_previous_state() {
+    use ril_proto::{ServiceError, ServiceErrorCode};
+    let f = fixture();
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    let t = Now::current();
+    let first = c.lease("a", 2, 0, t).unwrap();
+    assert_eq!(positions(&first), [0, 1]);
+    let state = c.state_path().unwrap().to_path_buf();
+    let before = std::fs::read_to_string(&state).unwrap();
+    let temp = ril_common::fs::temp_sibling(&state);
+    std::os::unix::fs::symlink("/dev/full", &temp).unwrap();
+
+    let e = c.lease("a", 2, 0, t).unwrap_err();
+    assert_eq!(e.error_code(), ServiceErrorCode::Unavailable, "{e}");
+    let text = e.to_string();
+    assert!(
+        text.contains(&temp.display().to_string()) && text.contains("No space left on device"),
+        "{text}"
+    );
+    assert_eq!(c.cursor(), 2, "the refused lease took nothing");
+    assert_eq!(c.status(t).leases_outstanding, 1);
+    assert_eq!(std::fs::read_to_string(&state).unwrap(), before);
+    // The failed write cleaned up after itself (here: the link), so space is back.
+    assert!(!temp.exists() && std::fs::symlink_metadata(&temp).is_err());
+    let again = c.lease("a", 2, 0, t).unwrap();
+    assert_eq!(positions(&again), [2, 3]);
+    drop(c);
+    let reopened = Coordinator::open(f.options.clone()).unwrap();
+    assert_eq!(reopened.cursor(), 4);
+}

@@ -103,13 +103,15 @@ impl ServiceError for CoordinatorError {
             Self::InvalidArgument { .. } => ServiceErrorCode::InvalidArgument,
             Self::FailedPrecondition(_) | Self::Stalled(_) => ServiceErrorCode::FailedPrecondition,
             Self::PermissionDenied(_) => ServiceErrorCode::PermissionDenied,
-            Self::Unavailable(_) => ServiceErrorCode::Unavailable,
+            // The state file could not be written (a full disk, a read-only volume): the change
+            // was rolled back, so asking again later is safe, and callers do until their
+            // deadlines, then stop naming the coordinator and the call.
+            Self::Unavailable(_) | Self::Write(_) => ServiceErrorCode::Unavailable,
             Self::Options(_)
             | Self::Dataset { .. }
             | Self::DatasetInvalid { .. }
             | Self::State { .. }
             | Self::Io { .. }
-            | Self::Write(_)
             | Self::Serve(_)
             | Self::Internal(_) => ServiceErrorCode::Internal,
         }

@@ -885,3 +885,56 @@ async fn a_version_is_published_once_the_coordinator_is_back() {
     assert_eq!(link.published.lock().unwrap()[0].0, 1);
     assert_eq!(service.progress().borrow().failed, None);
 }
+
+/// A checkpoint that cannot be written (its staging path taken by a file, as a disk that fails
+/// the write would): the step fails with an error naming the path, nothing is published, the
+/// iteration's question goes back, and the previous checkpoint is intact and loads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_that_cannot_be_written_stops_the_learner_and_keeps_the_previous_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let init = tiny_model(tmp.path(), "init", 5);
+    let out = tmp.path().join("out");
+    let mut opts = options(&init, &out);
+    opts.questions_per_iteration = 1;
+    opts.save_every = 1;
+    let (service, link) = start(&opts);
+    let groups = groups(&init);
+    let mut first = groups[0].clone();
+    first.iteration = 0;
+    assert!(service.push_group(first).await.accepted);
+    wait_for_version(&service, 1).await;
+    let previous = checkpoint_dir(&out, 1);
+    let state_before = std::fs::read(previous.join("trainer_state.json")).unwrap();
+
+    let blocked = out.join(".checkpoint-000002.tmp");
+    std::fs::write(&blocked, "in the way").unwrap();
+    let mut second = groups[1].clone();
+    second.iteration = 1;
+    for r in &mut second.responses {
+        if r.source == ResponseSource::Student {
+            r.policy_version = 1;
+        }
+    }
+    assert!(service.push_group(second).await.accepted);
+    let mut rx = service.progress();
+    let failed = tokio::time::timeout(
+        Duration::from_secs(120),
+        rx.wait_for(|p| p.failed.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .failed
+    .clone()
+    .unwrap();
+    assert!(failed.contains(&blocked.display().to_string()), "{failed}");
+    assert_eq!(service.current_version(), 1, "nothing was published");
+    assert!(link.returned.lock().unwrap().iter().any(|(p, _)| *p == 1));
+    assert!(!checkpoint_dir(&out, 2).exists());
+    assert_eq!(
+        std::fs::read(previous.join("trainer_state.json")).unwrap(),
+        state_before
+    );
+    let listed = ril_learner::trainer::list_checkpoints(&out).unwrap();
+    assert_eq!(listed.iter().map(|(v, _)| *v).collect::<Vec<_>>(), [1]);
+}
