@@ -129,6 +129,24 @@ pub async fn register<C: Coordinator>(
     }
 }
 
+/// A teacher's recent failures. After `failures` in a row it sits out `bench_time(failures)`
+/// (1 s doubling to 60 s): the other teachers fill its slots, and when the time is up it is
+/// asked again (one success clears the record).
+#[derive(Debug, Clone, Default)]
+struct TeacherHealth {
+    failures: u32,
+    benched_until: Option<Instant>,
+}
+
+impl TeacherHealth {
+    const MAX_BENCH: Duration = Duration::from_secs(60);
+
+    fn bench_time(failures: u32) -> Duration {
+        let doublings = failures.saturating_sub(1).min(6);
+        Duration::from_secs(1 << doublings).min(Self::MAX_BENCH)
+    }
+}
+
 /// How long a coordinator call is asked again once the actor is stopping (its process has a
 /// grace period; an unanswered lease expires on the coordinator's side).
 const STOPPING_ASK_DEADLINE: Duration = Duration::from_secs(5);
@@ -170,8 +188,8 @@ pub struct Actor<C, L, D, T> {
     settings: RolloutSettings,
     student: Arc<RwLock<Bundle>>,
     peers: Peers<C, L, D, T>,
-    /// How many of the group's teacher slots each teacher fills.
-    teacher_split: Vec<usize>,
+    /// Each teacher's recent failures (a teacher that keeps failing sits out for a while).
+    teacher_health: std::sync::Mutex<Vec<TeacherHealth>>,
     version: SharedVersion,
     /// Set from outside (shutdown) or at the end of `run`; the lease in progress is finished.
     stop: Arc<AtomicBool>,
@@ -192,13 +210,13 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
         peers: Peers<C, L, D, T>,
         stop: Arc<AtomicBool>,
     ) -> Self {
-        let teacher_split = teacher_split(peers.teachers.len(), settings.teacher_slots);
+        let teacher_health = vec![TeacherHealth::default(); peers.teachers.len()];
         Self {
             options,
             settings,
             student: Arc::new(RwLock::new(student)),
             peers,
-            teacher_split,
+            teacher_health: std::sync::Mutex::new(teacher_health),
             version: SharedVersion::none(),
             stop,
             finished: Arc::new(AtomicBool::new(false)),
@@ -565,31 +583,106 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
         Ok((rollouts, elapsed_ms(started)))
     }
 
-    /// The group's teacher slots: each teacher asked in turn for its share (round-robin
-    /// split), which must all come.
+    /// The group's teacher slots: each teacher that is not benched asked in turn for its share
+    /// (round-robin split), which must all come. A teacher that fails is benched (see
+    /// [`TeacherHealth`]) and the question goes back naming it; the other teachers fill the
+    /// slots meanwhile. With every teacher benched, the actor waits for the first to come off
+    /// the bench (the failures still go back to the coordinator, which names them if the run
+    /// stops advancing).
     async fn teacher_answers(
         &self,
         question: &Row,
     ) -> Result<(Vec<TeacherAnswer>, f64), ActorError> {
         let started = Instant::now();
         let sampling = self.settings.teacher_sampling.as_ref();
+        let serving = self.serving_teachers().await;
+        let split = teacher_split(serving.len(), self.settings.teacher_slots);
         let mut all = Vec::new();
-        for (teacher, &asked) in self.peers.teachers.iter().zip(&self.teacher_split) {
+        for (&t, &asked) in serving.iter().zip(&split) {
             if asked == 0 {
                 continue;
             }
-            let mut answers = teacher.answers(question, asked, sampling).await?;
-            answers.sort_by_key(|a| a.index);
-            if answers.len() < asked {
-                return Err(ActorError::TooFewAnswers {
-                    addr: teacher.addr().to_string(),
-                    sent: answers.len(),
-                    asked,
-                });
-            }
+            let teacher = &self.peers.teachers[t];
+            let answers = match teacher.answers(question, asked, sampling).await {
+                Ok(mut answers) if answers.len() >= asked => {
+                    answers.sort_by_key(|a| a.index);
+                    answers
+                }
+                Ok(short) => {
+                    let e = ActorError::TooFewAnswers {
+                        addr: teacher.addr().to_string(),
+                        sent: short.len(),
+                        asked,
+                    };
+                    self.teacher_failed(t, &e);
+                    return Err(e);
+                }
+                Err(e) => {
+                    self.teacher_failed(t, &e);
+                    return Err(e);
+                }
+            };
+            self.teacher_served(t);
             all.extend(answers.into_iter().take(asked));
         }
         Ok((all, elapsed_ms(started)))
+    }
+
+    /// The teachers not benched now, in order; with all of them benched, waits until the first
+    /// comes off the bench.
+    async fn serving_teachers(&self) -> Vec<usize> {
+        let (serving, next) = {
+            let health = self.teacher_health.lock().expect("teacher health");
+            let now = Instant::now();
+            let serving: Vec<usize> = (0..health.len())
+                .filter(|&t| health[t].benched_until.is_none_or(|u| u <= now))
+                .collect();
+            let next = health.iter().filter_map(|h| h.benched_until).min();
+            (serving, next)
+        };
+        match next {
+            Some(until) if serving.is_empty() => {
+                let wait = until.saturating_duration_since(Instant::now());
+                tracing::warn!(
+                    wait_ms = wait.as_millis() as u64,
+                    "every teacher is benched; waiting for the first to come back"
+                );
+                tokio::time::sleep(wait).await;
+                let health = self.teacher_health.lock().expect("teacher health");
+                (0..health.len())
+                    .filter(|&t| health[t].benched_until.is_none_or(|u| u <= until))
+                    .collect()
+            }
+            _ => serving,
+        }
+    }
+
+    fn teacher_failed(&self, t: usize, error: &ActorError) {
+        let mut health = self.teacher_health.lock().expect("teacher health");
+        let h = &mut health[t];
+        h.failures += 1;
+        let bench = TeacherHealth::bench_time(h.failures);
+        h.benched_until = Some(Instant::now() + bench);
+        tracing::warn!(
+            teacher = self.peers.teachers[t].addr(),
+            failures = h.failures,
+            bench_ms = bench.as_millis() as u64,
+            %error,
+            "teacher failed; benched (the other teachers fill its slots meanwhile)"
+        );
+    }
+
+    fn teacher_served(&self, t: usize) {
+        let mut health = self.teacher_health.lock().expect("teacher health");
+        let h = &mut health[t];
+        if h.failures > 0 {
+            tracing::info!(
+                teacher = self.peers.teachers[t].addr(),
+                failures = h.failures,
+                "teacher serving again"
+            );
+        }
+        *h = TeacherHealth::default();
     }
 
     /// D's and the judge's scores of a group's responses (the student's, then the teachers'),

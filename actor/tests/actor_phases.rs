@@ -200,6 +200,8 @@ struct FakeTeacher {
     addr: &'static str,
     short_by: usize,
     asked: Log<usize>,
+    /// Answer fails (UNAVAILABLE) while set.
+    down: Arc<AtomicBool>,
 }
 
 impl FakeTeacher {
@@ -209,6 +211,7 @@ impl FakeTeacher {
             addr,
             short_by: 0,
             asked: Log::default(),
+            down: Arc::default(),
         }
     }
 }
@@ -225,6 +228,15 @@ impl Teacher for FakeTeacher {
         _sampling: Option<&SamplingParams>,
     ) -> Result<Vec<TeacherAnswer>, ActorError> {
         self.asked.lock().unwrap().push(n);
+        if self.down.load(Ordering::SeqCst) {
+            return Err(ActorError::Rpc(RpcError::local(
+                "teacher",
+                self.addr,
+                "Answer",
+                tonic::Code::Unavailable,
+                "down (injected)",
+            )));
+        }
         Ok((0..n.saturating_sub(self.short_by))
             .rev()
             .map(|i| TeacherAnswer {
@@ -809,6 +821,76 @@ async fn a_coordinator_that_never_answers_stops_the_actor_at_its_deadline_naming
     );
     let asked = fakes.coordinator.lease_requests.lock().unwrap().len();
     assert!(asked >= 3, "asked again with backoff ({asked} calls)");
+}
+
+/// A teacher that fails is benched: its question goes back naming it, the next questions get
+/// all the teacher slots from the other teacher, and once the bench time (1 s after one
+/// failure) is up the teacher is asked again and, serving, takes its share back.
+#[tokio::test]
+async fn a_failing_teacher_is_benched_while_the_other_fills_its_slots() {
+    let student = Student::new();
+    let leases = (0..4)
+        .map(|i| lease(&format!("L{i}"), 1, &[10 + i]))
+        .collect();
+    let fakes = Fakes::new(&student, leases);
+    fakes.teachers[1].down.store(true, Ordering::SeqCst);
+    let mut actor = fakes.actor(&student, no_stop());
+    for _ in 0..3 {
+        let l = actor.lease().await.unwrap().expect("a lease");
+        actor.run_lease(l).await.unwrap();
+    }
+    let completions = fakes.coordinator.completions.lock().unwrap().clone();
+    assert_eq!(completions[0].returned_positions, [10]);
+    assert!(
+        completions[0].reason.contains("teacher-b:4") && completions[0].reason.contains("down"),
+        "{}",
+        completions[0].reason
+    );
+    assert!(
+        completions[1..]
+            .iter()
+            .all(|c| c.returned_positions.is_empty())
+    );
+    // Slots 3: split 2 + 1 while both serve; 3 from teacher a alone while b is benched.
+    assert_eq!(*fakes.teachers[0].asked.lock().unwrap(), [2, 3, 3]);
+    assert_eq!(
+        *fakes.teachers[1].asked.lock().unwrap(),
+        [1],
+        "benched: not asked"
+    );
+    assert_eq!(fakes.learner.pushed.lock().unwrap().len(), 2);
+    // Back after the bench time.
+    fakes.teachers[1].down.store(false, Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let l = actor.lease().await.unwrap().expect("a lease");
+    actor.run_lease(l).await.unwrap();
+    assert_eq!(*fakes.teachers[1].asked.lock().unwrap(), [1, 1]);
+    assert_eq!(fakes.teachers[0].asked.lock().unwrap().last(), Some(&2));
+    assert_eq!(fakes.learner.pushed.lock().unwrap().len(), 3);
+}
+
+/// With every teacher benched the actor waits for the first to come back rather than handing
+/// questions back as fast as it can lease them.
+#[tokio::test]
+async fn with_every_teacher_benched_the_actor_waits_for_the_first_back() {
+    let student = Student::new();
+    let leases = (0..2)
+        .map(|i| lease(&format!("L{i}"), 1, &[20 + i]))
+        .collect();
+    let mut fakes = Fakes::new(&student, leases);
+    fakes.teachers.truncate(1);
+    fakes.teachers[0].down.store(true, Ordering::SeqCst);
+    let mut actor = fakes.actor(&student, no_stop());
+    let l = actor.lease().await.unwrap().expect("a lease");
+    actor.run_lease(l).await.unwrap();
+    let started = std::time::Instant::now();
+    let l = actor.lease().await.unwrap().expect("a lease");
+    actor.run_lease(l).await.unwrap();
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(900), "{waited:?}");
+    assert_eq!(fakes.teachers[0].asked.lock().unwrap().len(), 2);
+    let completions = fakes.coordinator.completions.lock().unwrap().clone();
+    assert!(completions.iter().all(|c| c.returned_positions.len() == 1));
 }
 
 #[tokio::test]
