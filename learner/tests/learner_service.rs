@@ -465,6 +465,8 @@ async fn a_failed_step_stops_the_learner_and_hands_its_questions_back() {
 struct FakeDiscriminator {
     coordinator: FakeCoordinator,
     calls: Shared<(u64, Vec<LabelledGroup>, usize)>,
+    /// Train fails (UNAVAILABLE) while set.
+    down: Arc<AtomicBool>,
 }
 
 impl DiscriminatorLink for FakeDiscriminator {
@@ -479,6 +481,17 @@ impl DiscriminatorLink for FakeDiscriminator {
                 .lock()
                 .unwrap()
                 .push((iteration, groups, published));
+            if self.down.load(Ordering::SeqCst) {
+                return Err(LearnerError::Discriminator(
+                    ril_proto::error::RpcError::local(
+                        "discriminator",
+                        "fake",
+                        "Train",
+                        tonic::Code::Unavailable,
+                        "down (injected)",
+                    ),
+                ));
+            }
             Ok(DiscriminatorStep {
                 loss: 0.5,
                 accuracy: 0.75,
@@ -560,6 +573,8 @@ fn start_with(
 
 /// After an iteration trains, D gets that iteration's accepted responses (labelled, with their
 /// texts) before the version is published, and its step's numbers join the step's metrics.
+/// With D down, the policy trains on and the step's metrics say D's update was lost
+/// (`d_train_failed`, which `ril status` shows).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_discriminator_trains_on_the_iteration_before_its_version_is_published() {
     let tmp = tempfile::tempdir().unwrap();
@@ -569,6 +584,7 @@ async fn the_discriminator_trains_on_the_iteration_before_its_version_is_publish
     let discriminator = FakeDiscriminator {
         coordinator: coordinator.clone(),
         calls: Shared::default(),
+        down: Arc::default(),
     };
     let trainer = Trainer::open(&opts, Box::new(SingleRank)).unwrap();
     let peers = Peers {
@@ -603,9 +619,39 @@ async fn the_discriminator_trains_on_the_iteration_before_its_version_is_publish
         assert_eq!(labels, [true, true, false]);
         assert_eq!(g.responses[2].text, "red", "the teacher's answer as text");
     }
-    let metrics = &coordinator.metrics.lock().unwrap()[0].1;
+    let metrics = coordinator.metrics.lock().unwrap()[0].1.clone();
     assert_eq!(metrics["d_train_items"], 6.0);
     assert_eq!((metrics["d_step"], metrics["d_train_loss"]), (1.0, 0.5));
+    assert_eq!(metrics["d_train_failed"], 0.0);
+
+    // D down: the policy trains on and publishes, and the step says D's update was lost.
+    discriminator.down.store(true, Ordering::SeqCst);
+    let next: Vec<IncomingGroup> = groups[2..4]
+        .iter()
+        .map(|g| {
+            let mut g = g.clone();
+            g.iteration = 1;
+            for r in &mut g.responses {
+                if r.source == ResponseSource::Student {
+                    r.policy_version = 1;
+                }
+            }
+            g
+        })
+        .collect();
+    for g in next {
+        assert!(service.push_group(g).await.accepted);
+    }
+    wait_for_version(&service, 2).await;
+    ril_common::wait::wait_until(
+        "the second step's metrics",
+        Duration::from_secs(30),
+        || async { coordinator.metrics.lock().unwrap().len() >= 2 },
+    )
+    .await;
+    let metrics = coordinator.metrics.lock().unwrap()[1].1.clone();
+    assert_eq!(metrics["d_train_failed"], 1.0);
+    assert!(!metrics.contains_key("d_train_loss"));
 }
 
 /// Rank 0 of two keeps every other group (in position order) and sends the rest, in wire form

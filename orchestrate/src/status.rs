@@ -48,6 +48,12 @@ fn format_progress(s: &v1::RunStatus) -> String {
             s.waiting_for
         ));
     }
+    if s.metrics.get("d_train_failed").is_some_and(|&v| v > 0.0) {
+        out.push_str(
+            "discriminator: its Train failed at the last step (D's update for that iteration was \
+             lost; the policy trained on)\n",
+        );
+    }
     if !s.last_handback.is_empty() {
         out.push_str(&format!(
             "last question handed back {} s ago: {}\n",
@@ -135,6 +141,8 @@ mod tests {
             ),
             "{text}"
         );
+        s.metrics.insert("d_train_failed".into(), 1.0);
+        assert!(format_status(&s).contains("discriminator: its Train failed at the last step"));
         s.stalled = "no progress for 1800 s ...".into();
         let text = format_status(&s);
         assert!(

@@ -79,8 +79,13 @@ pub fn step_metrics(step: &DiscriminatorStep, items: usize) -> BTreeMap<String, 
     }
     m.insert("d_step".to_string(), step.step as f64);
     m.insert("d_train_items".to_string(), items as f64);
+    m.insert(D_TRAIN_FAILED.to_string(), 0.0);
     m
 }
+
+/// The step metric that says D's Train failed for the iteration (1) or not (0): D's update was
+/// lost, the policy trained on. Shown by `ril status` with the step's other metrics.
+pub const D_TRAIN_FAILED: &str = "d_train_failed";
 
 #[cfg(test)]
 mod tests {

@@ -372,8 +372,8 @@ impl<C: CoordinatorLink> LearnerService<C> {
         match d.link.train(iteration, groups).await {
             Ok(step) => step_metrics(&step, items),
             Err(e) => {
-                tracing::warn!(iteration, error = %e, "the discriminator step failed");
-                BTreeMap::new()
+                tracing::warn!(iteration, error = %e, "the discriminator step failed; the policy trains on");
+                BTreeMap::from([(super::discriminator::D_TRAIN_FAILED.to_string(), 1.0)])
             }
         }
     }
