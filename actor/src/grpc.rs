@@ -7,7 +7,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ril_common::SamplingParams;
 use ril_data::Row;
@@ -47,42 +47,16 @@ impl PeerClient {
         request
     }
 
-    /// Awaits `reply` (the call and, for a stream, every message of it) for at most the deadline.
-    /// Whichever side notices first (this one, or the server giving up on the `grpc-timeout` it
-    /// was sent), a call past its deadline fails as DEADLINE_EXCEEDED.
+    /// Awaits `reply` for at most the deadline ([`client::within`]): a call past it fails as
+    /// DEADLINE_EXCEEDED naming the peer and the call.
     async fn within<T>(
         &self,
         call: &'static str,
         reply: impl Future<Output = Result<T, tonic::Status>>,
     ) -> Result<T, ActorError> {
-        let started = Instant::now();
-        match tokio::time::timeout(self.deadline, reply).await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(status))
-                if started.elapsed() >= self.deadline
-                    && matches!(
-                        status.code(),
-                        tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
-                    ) =>
-            {
-                Err(self.missed(call))
-            }
-            Ok(Err(status)) => Err(self.failed(call, status)),
-            Err(_) => Err(self.missed(call)),
-        }
-    }
-
-    fn missed(&self, call: &'static str) -> ActorError {
-        ActorError::Rpc(RpcError::local(
-            self.role,
-            &self.addr,
-            call,
-            tonic::Code::DeadlineExceeded,
-            format!(
-                "no reply within the deadline of {} ms",
-                self.deadline.as_millis()
-            ),
-        ))
+        client::within(self.deadline, reply)
+            .await
+            .map_err(|status| self.failed(call, status))
     }
 
     fn failed(&self, call: &'static str, status: tonic::Status) -> ActorError {

@@ -1,7 +1,8 @@
 //! The learner's gRPC clients, behind the service's link traits: the coordinator
 //! ([`GrpcCoordinator`]), the discriminator ([`GrpcDiscriminator`]) and the other learner ranks
-//! ([`GrpcPeers`]). Every call has a deadline; a failed call is an [`RpcError`] naming the peer,
-//! its address and the call.
+//! ([`GrpcPeers`]). Every call has a deadline, sent as `grpc-timeout` and enforced here too
+//! ([`within`]: a peer that stops answering with its connection open fails the call as
+//! DEADLINE_EXCEEDED); a failed call is an [`RpcError`] naming the peer, its address and the call.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -11,7 +12,7 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use bytes::Bytes;
-use ril_proto::client::Channel;
+use ril_proto::client::{Channel, within};
 use ril_proto::error::RpcError;
 use ril_proto::security::Security;
 use ril_proto::v1 as pb;
@@ -137,10 +138,7 @@ impl CoordinatorLink for GrpcCoordinator {
             iteration: key.iteration,
             publisher_key: self.publisher_key.clone(),
         });
-        let reply = self
-            .client
-            .clone()
-            .accept_group(req)
+        let reply = within(self.timeout, self.client.clone().accept_group(req))
             .await
             .map_err(self.failed("AcceptGroup"))?
             .into_inner();
@@ -157,9 +155,7 @@ impl CoordinatorLink for GrpcCoordinator {
             reason,
             lease_id,
         });
-        self.client
-            .clone()
-            .return_question(req)
+        within(self.timeout, self.client.clone().return_question(req))
             .await
             .map(|_| ())
             .map_err(self.failed("ReturnQuestion"))
@@ -179,9 +175,7 @@ impl CoordinatorLink for GrpcCoordinator {
                 .unwrap_or_default(),
             publisher_key: self.publisher_key.clone(),
         });
-        self.client
-            .clone()
-            .publish_version(req)
+        within(self.timeout, self.client.clone().publish_version(req))
             .await
             .map(|_| ())
             .map_err(self.failed("PublishVersion"))
@@ -192,9 +186,7 @@ impl CoordinatorLink for GrpcCoordinator {
             iteration,
             metrics: metrics.into_iter().collect(),
         });
-        self.client
-            .clone()
-            .report_metrics(req)
+        within(self.timeout, self.client.clone().report_metrics(req))
             .await
             .map(|_| ())
             .map_err(self.failed("ReportMetrics"))
@@ -213,9 +205,7 @@ impl CoordinatorLink for GrpcCoordinator {
                 Bytes::new()
             },
         });
-        self.client
-            .clone()
-            .join_learner(req)
+        within(self.timeout, self.client.clone().join_learner(req))
             .await
             .map(|r| JoinReply::from(r.into_inner()))
             .map_err(self.failed("JoinLearner"))
@@ -251,9 +241,7 @@ impl DiscriminatorLink for GrpcDiscriminator {
         Box::pin(async move {
             let items = crate::convert::labelled_responses(&groups);
             let req = with_timeout(pb::TrainRequest { items, iteration }, self.timeout);
-            self.client
-                .clone()
-                .train(req)
+            within(self.timeout, self.client.clone().train(req))
                 .await
                 .map(|r| DiscriminatorStep::from(r.into_inner()))
                 .map_err(|status| {
@@ -313,9 +301,7 @@ impl ShardPeers for GrpcPeers {
                 },
                 self.timeout,
             );
-            client
-                .clone()
-                .train_shard(req)
+            within(self.timeout, client.clone().train_shard(req))
                 .await
                 .map(|r| r.into_inner().policy_version)
                 .map_err(|status| LearnerError::PeerRank {
@@ -330,6 +316,62 @@ impl ShardPeers for GrpcPeers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A coordinator whose kernel still accepts connections but that never answers (a stopped
+    /// process, a wedged server): every learner call fails at its deadline as DEADLINE_EXCEEDED
+    /// naming the peer, its address, the call and the deadline (a retryable, outcome-unknown
+    /// failure), the same reading as the actor's calls, instead of tonic's CANCELLED "Timeout
+    /// expired" (what these calls read as before they went through `within`).
+    #[tokio::test]
+    async fn a_peer_that_accepts_and_never_answers_fails_the_call_at_its_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        // Accept and hold every connection open without reading or writing a byte.
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming() {
+                held.push(conn);
+            }
+        });
+        let deadline = Duration::from_millis(400);
+        let security = Security::plaintext(ril_proto::security::Role::Learner);
+        let coordinator = GrpcCoordinator::connect_lazy(&addr, deadline, &security, None).unwrap();
+        let started = std::time::Instant::now();
+        let e = coordinator
+            .report_metrics(3, BTreeMap::new())
+            .await
+            .unwrap_err()
+            .to_string();
+        let took = started.elapsed();
+        assert!(
+            e.contains("coordinator")
+                && e.contains(&addr)
+                && e.contains("ReportMetrics")
+                && e.contains("DeadlineExceeded")
+                && e.contains("no reply within the deadline of 400 ms"),
+            "{e}"
+        );
+        assert!(took >= deadline, "failed before its deadline: {took:?}");
+        assert!(
+            took < Duration::from_secs(5),
+            "took {took:?} for a 400 ms deadline"
+        );
+        // The same for a call whose retry loop the caller owns (AcceptGroup).
+        let e = coordinator
+            .accept_group(GroupKey {
+                lease_id: "l-1".into(),
+                position: 0,
+                question_id: "q-0".into(),
+                iteration: 0,
+            })
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("AcceptGroup") && e.contains("DeadlineExceeded"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn the_publisher_key_is_made_once_kept_owner_only_and_a_damaged_one_is_refused() {

@@ -28,7 +28,7 @@ use crate::collective::{Collective, SingleRank};
 use crate::error::{LearnerError, Result};
 use crate::grpc::LearnerGrpc;
 use crate::options::LearnerOptions;
-use crate::service::{CoordinatorLink, JoinReply, JoinRequest, LearnerService, Peers};
+use crate::service::{CoordinatorLink, JoinReply, JoinRequest, LearnerService, Peers, Progress};
 use crate::trainer::Trainer;
 
 /// Runs the learner role on `bound` until `shutdown` resolves (or, with `exit_when_finished`,
@@ -484,6 +484,35 @@ fn connect_peers(
     Ok(peers)
 }
 
+/// Keeps `ril.v1.Learner/discriminator` in the learner's health at what D's last Train did:
+/// SERVING while it succeeded (or none has run), NOT_SERVING after a failure (warned once per
+/// change, with the error).
+async fn show_discriminator_health(
+    mut progress: watch::Receiver<Progress>,
+    reporter: HealthReporter,
+) {
+    let mut shown: Option<Option<String>> = None;
+    loop {
+        let failed = progress.borrow_and_update().discriminator_failed.clone();
+        if shown.as_ref() != Some(&failed) {
+            let status = match &failed {
+                None => ServingStatus::Serving,
+                Some(e) => {
+                    tracing::warn!(error = %e, "health: {} NOT_SERVING", names::LEARNER_DISCRIMINATOR);
+                    ServingStatus::NotServing
+                }
+            };
+            reporter
+                .set_service_status(names::LEARNER_DISCRIMINATOR, status)
+                .await;
+            shown = Some(failed);
+        }
+        if progress.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Phase 6: SERVING until the shutdown signal, a failed step, or (with `exit_when_finished`)
 /// the run's end; then NOT_SERVING, the service's shutdown (groups handed back, a final
 /// checkpoint) and the server's.
@@ -493,6 +522,12 @@ async fn serve_until_done(
 ) -> Result<()> {
     let _ = server.service.set(service.clone());
     server.set_status(ServingStatus::Serving).await;
+    let d_health = service.has_discriminator().then(|| {
+        tokio::spawn(show_discriminator_health(
+            service.progress(),
+            server.reporter.clone(),
+        ))
+    });
     tracing::info!(addr = %server.addr, version = service.current_version(), "learner serving");
     let exit_when_finished = service.options().exit_when_finished;
     let mut progress = service.progress();
@@ -505,6 +540,9 @@ async fn serve_until_done(
                 .is_ok_and(|p| p.failed.is_some())
         } => failed,
     };
+    if let Some(task) = d_health {
+        task.abort();
+    }
     server.set_status(ServingStatus::NotServing).await;
     let saved = service.shutdown().await;
     let stopped = server.stop().await;
@@ -558,6 +596,56 @@ mod tests {
 
     use super::*;
     use crate::service::{Acceptance, GroupKey};
+
+    /// `ril.v1.Learner/discriminator` in the learner's health, asked over a real socket, follows
+    /// D's last Train: SERVING before any and after a success, NOT_SERVING after a failure.
+    #[tokio::test]
+    async fn the_learner_s_health_shows_whether_d_s_last_train_failed() {
+        let (reporter, health_service) = server::health([names::LEARNER]).await;
+        let bound = server::bind("127.0.0.1:0").await.unwrap();
+        let addr = bound.addr.to_string();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .serve_with_incoming(server::incoming(bound)),
+        );
+        let (progress, watched) = watch::channel(Progress::default());
+        let shower = tokio::spawn(show_discriminator_health(watched, reporter));
+        let security = Security::default();
+        let shows = |expected: ServingStatus| {
+            let (addr, security) = (addr.clone(), security.clone());
+            async move {
+                let what = format!("{} {expected:?}", names::LEARNER_DISCRIMINATOR);
+                ril_common::wait::wait_until(&what, Duration::from_secs(10), || async {
+                    let service = names::LEARNER_DISCRIMINATOR;
+                    let timeout = Duration::from_secs(2);
+                    server_status(&addr, service, timeout, &security).await == Some(expected)
+                })
+                .await;
+            }
+        };
+        shows(ServingStatus::Serving).await;
+        progress.send_modify(|p| {
+            p.discriminator_failed = Some("discriminator at x: Train failed".into())
+        });
+        shows(ServingStatus::NotServing).await;
+        progress.send_modify(|p| p.iteration = 3);
+        shows(ServingStatus::NotServing).await;
+        progress.send_modify(|p| p.discriminator_failed = None);
+        shows(ServingStatus::Serving).await;
+        shower.abort();
+    }
+
+    async fn server_status(
+        addr: &str,
+        service: &str,
+        timeout: Duration,
+        security: &Security,
+    ) -> Option<ServingStatus> {
+        ril_proto::client::health_check(addr, service, timeout, security)
+            .await
+            .ok()
+    }
 
     /// Answers JoinLearner from a script (the last answer repeats; a last error repeats as
     /// UNIMPLEMENTED) and counts the joins.

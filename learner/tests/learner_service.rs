@@ -623,6 +623,7 @@ async fn the_discriminator_trains_on_the_iteration_before_its_version_is_publish
     assert_eq!(metrics["d_train_items"], 6.0);
     assert_eq!((metrics["d_step"], metrics["d_train_loss"]), (1.0, 0.5));
     assert_eq!(metrics["d_train_failed"], 0.0);
+    assert_eq!(service.progress().borrow().discriminator_failed, None);
 
     // D down: the policy trains on and publishes, and the step says D's update was lost.
     discriminator.down.store(true, Ordering::SeqCst);
@@ -652,6 +653,15 @@ async fn the_discriminator_trains_on_the_iteration_before_its_version_is_publish
     let metrics = coordinator.metrics.lock().unwrap()[1].1.clone();
     assert_eq!(metrics["d_train_failed"], 1.0);
     assert!(!metrics.contains_key("d_train_loss"));
+    // ... and so does the learner's progress, which its health shows
+    // (`ril.v1.Learner/discriminator` NOT_SERVING).
+    let failed = service.progress().borrow().discriminator_failed.clone();
+    assert!(
+        failed
+            .as_deref()
+            .is_some_and(|e| e.contains("down (injected)")),
+        "{failed:?}"
+    );
 }
 
 /// Rank 0 of two keeps every other group (in position order) and sends the rest, in wire form

@@ -70,6 +70,38 @@ pub async fn connect(
     }
 }
 
+/// Awaits a call's `reply` (for a stream, the call and every message of it) for at most
+/// `deadline`, enforced on this side: a peer that keeps its connection open and stops
+/// answering (a stopped process whose kernel still accepts connections, a server that never
+/// replies) fails the call as DEADLINE_EXCEEDED "no reply within the deadline of N ms".
+/// A server that gave up on the `grpc-timeout` it was sent (CANCELLED or DEADLINE_EXCEEDED
+/// once the deadline has passed) reads the same.
+pub async fn within<T>(
+    deadline: Duration,
+    reply: impl std::future::Future<Output = Result<T, tonic::Status>>,
+) -> Result<T, tonic::Status> {
+    let started = std::time::Instant::now();
+    let missed = || {
+        tonic::Status::deadline_exceeded(format!(
+            "no reply within the deadline of {} ms",
+            deadline.as_millis()
+        ))
+    };
+    match tokio::time::timeout(deadline, reply).await {
+        Ok(Err(status))
+            if started.elapsed() >= deadline
+                && matches!(
+                    status.code(),
+                    tonic::Code::Cancelled | tonic::Code::DeadlineExceeded
+                ) =>
+        {
+            Err(missed())
+        }
+        Ok(result) => result,
+        Err(_) => Err(missed()),
+    }
+}
+
 /// A lazily connecting channel (reconnects on its own after a peer restarts).
 pub fn connect_lazy(
     addr: &str,

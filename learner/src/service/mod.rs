@@ -61,7 +61,7 @@ pub fn shard_of(index: usize, world_size: u32) -> usize {
 }
 
 /// Where the learner stands, for waiting on (tests, `serve`) and for status.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Progress {
     pub version: u64,
     pub iteration: u64,
@@ -76,6 +76,9 @@ pub struct Progress {
     pub groups_refused: u64,
     /// The newest checkpoint written by this process.
     pub last_checkpoint: Option<PathBuf>,
+    /// D's last Train failed (its error; `None` once one succeeds, and before any): the
+    /// learner's health shows it as NOT_SERVING for `ril.v1.Learner/discriminator`.
+    pub discriminator_failed: Option<String>,
 }
 
 /// What `Info` reports.
@@ -133,6 +136,7 @@ struct Pending {
     stale_groups_dropped: u64,
     groups_refused: u64,
     last_checkpoint: Option<PathBuf>,
+    discriminator_failed: Option<String>,
 }
 
 /// The discriminator's link and what it trains on next.
@@ -214,6 +218,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
             stale_groups_dropped: state.stale_groups_dropped,
             groups_refused: 0,
             last_checkpoint: None,
+            discriminator_failed: None,
         };
         let progress = watch::Sender::new(progress_of(&pending, options.total_iterations));
         let discriminator = peers.discriminator.map(|link| OnlineDiscriminator {
@@ -235,6 +240,11 @@ impl<C: CoordinatorLink> LearnerService<C> {
                 diagnostics: Mutex::new(crate::diagnostics::Diagnostics::default()),
             }),
         })
+    }
+
+    /// Whether this learner trains an online discriminator (has a link to D).
+    pub fn has_discriminator(&self) -> bool {
+        self.inner.discriminator.is_some()
     }
 
     pub fn options(&self) -> &LearnerOptions {
@@ -794,6 +804,7 @@ fn progress_of(p: &Pending, total_iterations: u64) -> Progress {
         stale_groups_dropped: p.stale_groups_dropped,
         groups_refused: p.groups_refused,
         last_checkpoint: p.last_checkpoint.clone(),
+        discriminator_failed: p.discriminator_failed.clone(),
     }
 }
 

@@ -369,7 +369,13 @@ impl<C: CoordinatorLink> LearnerService<C> {
         if items == 0 {
             return BTreeMap::new();
         }
-        match d.link.train(iteration, groups).await {
+        let trained = d.link.train(iteration, groups).await;
+        {
+            let mut p = self.lock_pending();
+            p.discriminator_failed = trained.as_ref().err().map(ToString::to_string);
+            self.publish_progress(&p);
+        }
+        match trained {
             Ok(step) => step_metrics(&step, items),
             Err(e) => {
                 tracing::warn!(iteration, error = %e, "the discriminator step failed; the policy trains on");
