@@ -964,7 +964,15 @@ async fn killed_mid_run_and_restarted(victim: Victim, down_for: Duration) -> Str
         "coordinator-2",
         "discriminator-2",
     ]
-    .map(|name| std::fs::read_to_string(sb.path(&format!("{name}.log"))).unwrap_or_default())
+    .map(|name| {
+        let log = std::fs::read_to_string(sb.path(&format!("{name}.log"))).unwrap_or_default();
+        // A log written to a file carries no colour codes.
+        assert!(
+            !log.contains('\x1b'),
+            "ANSI escape codes in {name}.log:\n{log}"
+        );
+        log
+    })
     .concat()
 }
 
