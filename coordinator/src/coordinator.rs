@@ -20,7 +20,7 @@ use ril_data::Row;
 
 use crate::error::{CoordinatorError, Result};
 use crate::options::CoordinatorOptions;
-use crate::persist::{RankRecord, STATE_FILE, StateFile, StreamIdentity, VersionRecord};
+use crate::persist::{OpenLease, RankRecord, STATE_FILE, StateFile, StreamIdentity, VersionRecord};
 use crate::stream::QuestionStream;
 
 /// The window `groups_per_second` is measured over.
@@ -408,6 +408,7 @@ impl Coordinator {
     pub fn persist(&mut self) -> Result<()> {
         if let Some(path) = &self.state_path {
             self.book.state.written_unix_ms = Now::current().unix_ms;
+            self.book.state.open_leases = self.book.open_leases();
             self.book.state.save(path)?;
         }
         Ok(())
@@ -435,6 +436,7 @@ impl Coordinator {
         if book.dirty {
             if let Some(path) = &self.state_path {
                 book.state.written_unix_ms = now.unix_ms;
+                book.state.open_leases = book.open_leases();
                 book.state.save(path)?;
             }
             book.dirty = false;
@@ -560,6 +562,8 @@ impl Coordinator {
             if picked.is_empty() {
                 return Ok(empty(ms(options.lease_retry_after), false));
             }
+            // The lease is written with the state, so that a restart honours it.
+            book.dirty = true;
             let items = picked
                 .iter()
                 .map(|&p| {
@@ -1248,7 +1252,8 @@ impl Book {
         let world = options.learner_world_size;
         state.learner_ranks.retain(|&rank, _| rank < world);
         state.lease_prefixes.push(lease_prefix.to_string());
-        Self {
+        let open = std::mem::take(&mut state.open_leases);
+        let mut book = Self {
             state,
             reissue,
             leases: BTreeMap::new(),
@@ -1268,7 +1273,80 @@ impl Book {
             stalled: None,
             legacy_leases,
             dirty: false,
+        };
+        book.reopen_leases(open, options, now);
+        book
+    }
+
+    /// The leases open at the last write, honoured after a restart: each one still within its
+    /// deadline keeps its outstanding positions (not accepted since, not held by another) for
+    /// its actor until that deadline, as if the coordinator had not stopped; its actor counts
+    /// as just seen (it has `actor_timeout` to heartbeat or register again). Expired ones, and
+    /// the positions no lease holds, are re-issued.
+    fn reopen_leases(
+        &mut self,
+        open: BTreeMap<String, OpenLease>,
+        options: &CoordinatorOptions,
+        now: Now,
+    ) {
+        for (lease_id, l) in open {
+            let left = Duration::from_millis(l.deadline_unix_ms.saturating_sub(now.unix_ms));
+            let outstanding: BTreeSet<u64> = l
+                .outstanding
+                .iter()
+                .copied()
+                .filter(|p| self.reissue.contains(p) && !self.leased.contains_key(p))
+                .collect();
+            if left.is_zero() || outstanding.is_empty() {
+                continue;
+            }
+            for &p in &outstanding {
+                self.reissue.remove(&p);
+                self.leased.insert(p, lease_id.clone());
+                self.granted.entry(p).or_default().push(lease_id.clone());
+            }
+            let actor = self.touch_actor(&l.actor_id, now);
+            actor.policy_version = actor.policy_version.max(l.version);
+            tracing::info!(
+                lease_id,
+                actor_id = l.actor_id,
+                positions = outstanding.len(),
+                left_ms = ms(left),
+                "lease open before the restart kept until its deadline"
+            );
+            self.leases.insert(
+                lease_id,
+                Lease {
+                    actor_id: l.actor_id,
+                    // Never beyond a lease's full length, whatever the clocks say.
+                    deadline: now.instant + left.min(options.lease_timeout),
+                    deadline_unix_ms: l.deadline_unix_ms,
+                    version: l.version,
+                    positions: l.positions,
+                    outstanding,
+                    completed: l.completed,
+                },
+            );
         }
+    }
+
+    /// The open leases (with positions outstanding), as the state file keeps them.
+    fn open_leases(&self) -> BTreeMap<String, OpenLease> {
+        self.leases
+            .iter()
+            .filter(|(_, l)| !l.outstanding.is_empty())
+            .map(|(id, l)| {
+                let lease = OpenLease {
+                    actor_id: l.actor_id.clone(),
+                    deadline_unix_ms: l.deadline_unix_ms,
+                    version: l.version,
+                    positions: l.positions.clone(),
+                    outstanding: l.outstanding.clone(),
+                    completed: l.completed,
+                };
+                (id.clone(), lease)
+            })
+            .collect()
     }
 
     fn finished(&self, options: &CoordinatorOptions) -> bool {

@@ -264,8 +264,12 @@ fn a_reopened_run_continues_and_reissues_what_was_outstanding() {
     // (version 1 is published), so even its own lease's retry is now a duplicate.
     let r = refused(c.accept_group(&lease_id, 0, &ids[0], 0, t).unwrap());
     assert!(r.starts_with("duplicate"), "{r}");
-    // Position 1 was outstanding: re-issued first, then fresh positions up to iteration 1.
-    let g = c.lease("b", 10, 1, t).unwrap();
+    // Position 1 was outstanding under "a"'s lease, which the restart honours until its
+    // deadline (`a_lease_open_at_a_restart_stays_with_its_actor_until_its_deadline`); past it,
+    // position 1 is re-issued first, then fresh positions up to iteration 1.
+    let g = c
+        .lease("b", 10, 1, t.after(Duration::from_secs(11)))
+        .unwrap();
     assert_eq!(positions(&g), [1, 3, 4, 5, 6, 7]);
     assert_eq!(g.items[0].row.id, ids[1]);
     assert_ne!(g.lease_id, lease_id, "lease ids are unique across restarts");
@@ -360,6 +364,45 @@ fn completed_leases_return_positions_and_wait_a_lease_timeout_for_acceptance() {
 /// memory). When rank 0 joins again from its checkpoint, the coordinator takes back what was
 /// accepted for iterations from that version on and re-issues it. A rank 0 from a checkpoint
 /// older than the latest published version is refused: the run never goes backwards.
+/// A coordinator restart keeps the leases open at its last write: their positions stay with
+/// their actors until each lease's deadline (an actor still rolling them out is not raced by a
+/// re-issue, which would only be refused as a duplicate later), their groups are accepted and
+/// they can be completed; a lease past its deadline is re-issued as before.
+#[test]
+fn a_lease_open_at_a_restart_stays_with_its_actor_until_its_deadline() {
+    let f = fixture();
+    let t = Now::current();
+    let (ga, gb) = {
+        let mut c = Coordinator::open(f.options.clone()).unwrap();
+        let ga = c.lease("a", 2, 0, t).unwrap();
+        let gb = c.lease("b", 2, 0, t).unwrap();
+        (ga, gb)
+        // Dropped without a shutdown, as by SIGKILL.
+    };
+    assert_eq!((positions(&ga), positions(&gb)), (vec![0, 1], vec![2, 3]));
+    let mut c = Coordinator::open(f.options.clone()).unwrap();
+    let s = c.status(t);
+    assert_eq!((s.leases_outstanding, s.cursor), (2, 4));
+    // Nothing to re-issue while both leases are open (iteration 0 is all leased).
+    let gc = c.lease("c", 4, 0, t).unwrap();
+    assert!(positions(&gc).is_empty() && gc.retry_after_ms > 0, "{gc:?}");
+    // The actors are known (no re-registration needed), their groups are taken, and a lease
+    // completes with a question handed back, which is re-issued at once.
+    assert!(c.heartbeat("a", 0, t).unwrap().known);
+    assert_eq!(accept(&mut c, &ga, 0, t), Acceptance::Accepted);
+    c.complete_lease("a", &ga.lease_id, &[1], t).unwrap();
+    let gd = c.lease("d", 4, 0, t.after(Duration::from_secs(5))).unwrap();
+    assert_eq!(positions(&gd), [1], "b's lease is open until t + 10 s");
+    // Past b's deadline its questions are re-issued; its late group is still taken once.
+    let later = t.after(Duration::from_secs(11));
+    let ge = c.lease("e", 4, 0, later).unwrap();
+    assert_eq!(positions(&ge), [2, 3]);
+    assert_eq!(c.status(later).leases_expired, 1);
+    assert_eq!(accept(&mut c, &gb, 2, t), Acceptance::Accepted);
+    let r = refused(accept(&mut c, &ge, 2, t));
+    assert!(r.starts_with("duplicate"), "{r}");
+}
+
 #[test]
 fn a_restarted_learner_gets_back_what_it_accepted_but_never_trained() {
     let f = fixture();
@@ -723,8 +766,9 @@ fn accept_group_takes_only_a_lease_that_held_the_position() {
         assert_eq!(c.status(t).groups_accepted, 0);
         (g, other)
     };
-    // After a restart, a group from a lease granted before it is still taken (the positions
-    // were outstanding and are re-issued; the first group wins), a forged one still is not.
+    // After a restart, a group from a lease granted before it is still taken (the lease is
+    // honoured until its deadline, then its positions are re-issued; the first group wins), a
+    // forged one still is not.
     let mut c = Coordinator::open(f.options.clone()).unwrap();
     assert_eq!(accept(&mut c, &earlier, 2, t), Acceptance::Accepted);
     let r = refused(
@@ -733,7 +777,9 @@ fn accept_group_takes_only_a_lease_that_held_the_position() {
     );
     assert!(r.contains("was not issued by this run"), "{r}");
     // A lease of this start that held the position after the re-issue is taken.
-    let reissued = c.lease("a", 4, 0, t).unwrap();
+    let reissued = c
+        .lease("a", 4, 0, t.after(Duration::from_secs(11)))
+        .unwrap();
     assert_eq!(positions(&reissued), [0, 1, 3]);
     assert_eq!(accept(&mut c, &reissued, 3, t), Acceptance::Accepted);
     assert_eq!(accept(&mut c, &g, 0, t), Acceptance::Accepted);

@@ -3,9 +3,11 @@
 //!
 //! Only what a restart needs is kept: the cursor, the accepted positions (a watermark below
 //! which every position is accepted plus the set above it), the version history, the run id,
-//! the counters, and the identity of the stream (dataset fingerprint, seed, B) so that a state
-//! file is never applied to another run. Leases are not kept: every position below the cursor
-//! that is not accepted is re-issued after a restart.
+//! the counters, the identity of the stream (dataset fingerprint, seed, B) so that a state
+//! file is never applied to another run, and the leases open at the last write with their
+//! deadlines: after a restart an open lease's positions stay with its actor until the lease's
+//! deadline (so an actor still rolling them out is not raced by a re-issue), and every other
+//! position below the cursor that is not accepted is re-issued.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -136,6 +138,26 @@ pub struct StateFile {
     /// binds new addresses). Older state files have none.
     #[serde(default)]
     pub learner_ranks: BTreeMap<u32, RankRecord>,
+    /// The leases open at this write, by lease id (those with positions outstanding). Older
+    /// state files have none (their outstanding positions are then all re-issued).
+    #[serde(default)]
+    pub open_leases: BTreeMap<String, OpenLease>,
+}
+
+/// A lease open when the state was written: what a restarted coordinator needs to honour it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OpenLease {
+    pub actor_id: String,
+    /// The deadline handed to the actor (wall clock: it outlives the process).
+    pub deadline_unix_ms: u64,
+    /// The version it was granted at.
+    pub version: u64,
+    /// Every position it was granted, in grant order.
+    pub positions: Vec<u64>,
+    /// Those neither accepted nor returned yet.
+    pub outstanding: BTreeSet<u64>,
+    /// The actor completed it (the rest await the learner's acceptance).
+    pub completed: bool,
 }
 
 /// One learner rank's addresses, as it joined.
@@ -163,6 +185,7 @@ impl StateFile {
             accepted_by: BTreeMap::new(),
             lease_prefixes: Vec::new(),
             learner_ranks: BTreeMap::new(),
+            open_leases: BTreeMap::new(),
         }
     }
 
@@ -296,6 +319,17 @@ mod tests {
         s.cursor = 9;
         s.accepted.insert(0);
         s.accepted.insert(7);
+        s.open_leases.insert(
+            "L1-0".into(),
+            OpenLease {
+                actor_id: "a1".into(),
+                deadline_unix_ms: 123_456,
+                version: 1,
+                positions: vec![5, 6],
+                outstanding: BTreeSet::from([6]),
+                completed: false,
+            },
+        );
         s.save(&path).unwrap();
         assert!(!ril_common::fs::temp_sibling(&path).exists());
         let back = StateFile::load(&path).unwrap().unwrap();

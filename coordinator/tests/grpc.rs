@@ -306,7 +306,8 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
     .unwrap();
     assert_eq!(state["cursor"], 2);
 
-    // A restart continues the run: position 1 (leased, never accepted) is re-issued first.
+    // A restart continues the run. Position 1 (leased, never accepted) stays with actor-1's
+    // lease, still open (its deadline is in the state file): another actor gets a fresh one.
     let running = start(options).await;
     let mut c = client(&running.addr).await;
     let s = c
@@ -318,6 +319,23 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
         (s.cursor, s.groups_accepted, s.duplicates_refused),
         (2, 1, 1)
     );
+    assert_eq!(s.leases_outstanding, 1);
+    let held = c
+        .lease_prompts(lease_request("actor-2", 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let fresh: Vec<u64> = held.items.iter().map(|i| i.position).collect();
+    assert_eq!(fresh, [2], "position 1 is still actor-1's");
+    // Once actor-1 hands it back under that lease, it is re-issued at once.
+    c.complete_lease(v1::CompleteLeaseRequest {
+        actor_id: "actor-1".into(),
+        lease_id: lease.lease_id.clone(),
+        returned_positions: vec![1],
+        reason: "test".into(),
+    })
+    .await
+    .unwrap();
     let again = c
         .lease_prompts(lease_request("actor-2", 1))
         .await

@@ -840,8 +840,8 @@ enum Victim {
 /// with SIGSTOP and continues it `down_for` later). The run must finish with
 /// every question accepted once and trained once (2 groups in each of the 6 versions of
 /// `metrics.jsonl`, each version once), and the actors ending cleanly. A group pushed twice
-/// (the old lease's and the re-issue's, after a coordinator restart) is refused as a
-/// duplicate: wasted work, never trained twice. Returns the roles' logs, concatenated.
+/// (e.g. an expired lease's and its re-issue's) is refused as a duplicate: wasted work, never
+/// trained twice. Returns the roles' logs, concatenated.
 async fn killed_mid_run_and_restarted(victim: Victim, down_for: Duration) -> String {
     let sb = Sandbox::new();
     make_models(&sb);
@@ -978,8 +978,8 @@ async fn killed_mid_run_and_restarted(victim: Victim, down_for: Duration) -> Str
 
 /// A coordinator killed mid-run and restarted: the actors and the learner ask again with the
 /// same keys while it is gone (`coordinator_deadline_ms`, `commit_deadline_ms`), it reloads its
-/// state (leases outstanding at the kill are re-issued; the ranks and the publisher key are
-/// kept), and the run finishes losing nothing.
+/// state (the leases open at the kill stay with their actors until their deadlines; the ranks
+/// and the publisher key are kept), and the run finishes losing nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coordinator_killed_mid_run_is_restarted_and_the_run_finishes_losing_nothing() {
     let logs = killed_mid_run_and_restarted(Victim::Coordinator, Duration::from_secs(1)).await;
