@@ -283,7 +283,7 @@ pub async fn serve(
     options.validate()?;
     let addr = bound.addr;
     let (reporter, health) = server::health([names::COORDINATOR]).await;
-    let (reflection_v1, reflection_v1alpha) = server::reflection()?;
+    let (reflection_v1, reflection_v1alpha) = server::reflection(&[names::COORDINATOR])?;
     let grpc = CoordinatorGrpc::loading(options.clone());
     let slot = grpc.state.clone();
     let abort = Arc::new(tokio::sync::Notify::new());

@@ -136,6 +136,15 @@ async fn a_lease_round_trip_over_grpc_survives_a_restart() {
         .into_inner();
     assert_eq!(reg.run_id, "wire");
     assert_eq!(reg.learner_addr, "learner:1");
+    // Reflection lists what the coordinator serves, and no other role's service.
+    let listed = ril_proto::client::list_services(
+        &running.addr,
+        Duration::from_secs(5),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(listed, names::listed(&[names::COORDINATOR]));
     assert_eq!(reg.group_size, 4);
     assert_eq!(reg.lease_timeout_ms, 600_000);
     assert!(reg.sampling.is_some() && reg.teacher_sampling.is_some());

@@ -103,7 +103,7 @@ pub async fn serve(
     options.validate()?;
     let addr = bound.addr;
     let (reporter, health_service) = health([names::DISCRIMINATOR]).await;
-    let (reflection_v1, reflection_v1alpha) = reflection()?;
+    let (reflection_v1, reflection_v1alpha) = reflection(&[names::DISCRIMINATOR])?;
     let adapter = DiscriminatorGrpc::default();
     let slot = adapter.service.clone();
     let limit = options.max_message_bytes;

@@ -82,7 +82,8 @@ impl RunningServer {
         let addr = bound.addr;
         let security = bound.security.clone();
         let (reporter, health_service) = server::health([names::LEARNER]).await;
-        let (reflection_v1, reflection_v1alpha) = server::reflection()?;
+        let (reflection_v1, reflection_v1alpha) =
+            server::reflection(&[names::LEARNER, names::LEARNER_RANKS])?;
         let service = Arc::new(OnceLock::new());
         let grpc = LearnerGrpc::new(service.clone());
         let ranks = LearnerRanksServer::new(grpc.clone())

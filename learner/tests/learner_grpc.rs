@@ -270,6 +270,18 @@ async fn the_learner_trains_publishes_and_serves_its_weights() {
     );
     let not_ready = client.info(pb::LearnerInfoRequest {}).await.unwrap_err();
     assert_eq!(not_ready.code(), tonic::Code::Unavailable, "{not_ready:?}");
+    // Reflection lists what a learner rank serves, and no other role's service.
+    let listed = ril_proto::client::list_services(
+        &learner_addr,
+        Duration::from_secs(5),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        listed,
+        names::listed(&[names::LEARNER, names::LEARNER_RANKS])
+    );
 
     let coordinator = TestCoordinator::default();
     let record = coordinator.0.clone();

@@ -112,6 +112,48 @@ pub fn connect_lazy(
     Ok(InterceptedService::new(ch, security.client_auth()))
 }
 
+/// The services `addr` lists through server reflection (v1 ListServices), sorted.
+pub async fn list_services(
+    addr: &str,
+    timeout: Duration,
+    security: &Security,
+) -> Result<Vec<String>, ServeError> {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    let failed = |detail: String| ServeError::Connect {
+        addr: addr.to_string(),
+        timeout,
+        detail,
+    };
+    let channel = connect(addr, timeout, security).await?;
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let ask = async {
+        let mut client = ServerReflectionClient::new(channel);
+        let requests = tonic::codegen::tokio_stream::iter([request]);
+        let mut replies = client.server_reflection_info(requests).await?.into_inner();
+        replies.message().await
+    };
+    let reply = within(timeout, ask)
+        .await
+        .map_err(|s| failed(format!("reflection failed: {}", s.message())))?
+        .ok_or_else(|| failed("reflection answered nothing".into()))?;
+    match reply.message_response {
+        Some(MessageResponse::ListServicesResponse(list)) => {
+            let mut names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+            names.sort();
+            Ok(names)
+        }
+        other => Err(failed(format!(
+            "reflection answered {other:?}, not a service list"
+        ))),
+    }
+}
+
 /// Asks `addr`'s grpc.health.v1 for `service` ("" = the server as a whole).
 pub async fn health_check(
     addr: &str,

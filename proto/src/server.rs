@@ -167,8 +167,13 @@ pub async fn set_status(reporter: &HealthReporter, services: &[&str], status: Se
     }
 }
 
-/// Server reflection (v1 and v1alpha) over every `ril.v1` service and grpc.health.v1.
-pub fn reflection() -> Result<
+/// Server reflection (v1 and v1alpha) listing what this server serves: `services` (its
+/// `ril.v1` services, [`names`]), grpc.health.v1.Health and reflection itself, never another
+/// role's service. The descriptors of every `ril.v1` message stay available for the listed
+/// services' methods.
+pub fn reflection(
+    services: &[&str],
+) -> Result<
     (
         tonic_reflection::server::v1::ServerReflectionServer<
             impl tonic_reflection::server::v1::ServerReflection,
@@ -179,16 +184,21 @@ pub fn reflection() -> Result<
     ),
     ServeError,
 > {
-    let v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
-    let v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .map_err(|e| ServeError::Reflection(e.to_string()))?;
+    let configure = || {
+        let builder = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .include_reflection_service(false);
+        let listed = services.iter().copied().chain(names::ON_EVERY_SERVER);
+        listed.fold(builder, |b, service| b.with_service_name(service))
+    };
+    let failed = |e: tonic_reflection::server::Error| ServeError::Reflection(e.to_string());
+    let v1 = configure().build_v1().map_err(failed)?;
+    let v1alpha = configure().build_v1alpha().map_err(failed)?;
     Ok((v1, v1alpha))
 }
 
@@ -272,8 +282,53 @@ pub mod names {
     pub const TEACHER: &str = "ril.v1.Teacher";
     pub const DISCRIMINATOR: &str = "ril.v1.Discriminator";
     pub const LEARNER: &str = "ril.v1.Learner";
+    /// Learner rank to rank (TrainShard), served by every learner rank next to `LEARNER`.
+    pub const LEARNER_RANKS: &str = "ril.v1.LearnerRanks";
+    pub const HEALTH: &str = "grpc.health.v1.Health";
+    pub const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection";
+    pub const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection";
+    /// What every ril server serves besides its own services (reflection only where enabled).
+    pub const ON_EVERY_SERVER: [&str; 3] = [HEALTH, REFLECTION_V1, REFLECTION_V1ALPHA];
+
+    /// What reflection lists for a server of `services`: them and [`ON_EVERY_SERVER`], sorted
+    /// (as `client::list_services` returns them).
+    pub fn listed(services: &[&str]) -> Vec<String> {
+        let mut all: Vec<String> = services
+            .iter()
+            .chain(&ON_EVERY_SERVER)
+            .map(|s| s.to_string())
+            .collect();
+        all.sort();
+        all
+    }
     /// The learner's view of its discriminator (health only): SERVING while D's last Train
     /// succeeded (or none has run yet), NOT_SERVING after one failed. The learner itself stays
     /// SERVING (the policy trains on without D's step).
     pub const LEARNER_DISCRIMINATOR: &str = "ril.v1.Learner/discriminator";
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names the health and reflection services use are the services' own (as generated
+    /// from the descriptors): a typo would list a service nobody serves.
+    #[test]
+    fn the_service_names_are_the_generated_ones() {
+        use crate::v1;
+        assert_eq!(names::COORDINATOR, v1::coordinator_server::SERVICE_NAME);
+        assert_eq!(names::TEACHER, v1::teacher_server::SERVICE_NAME);
+        assert_eq!(names::DISCRIMINATOR, v1::discriminator_server::SERVICE_NAME);
+        assert_eq!(names::LEARNER, v1::learner_server::SERVICE_NAME);
+        assert_eq!(names::LEARNER_RANKS, v1::learner_ranks_server::SERVICE_NAME);
+        assert_eq!(names::HEALTH, tonic_health::pb::health_server::SERVICE_NAME);
+        assert_eq!(
+            names::REFLECTION_V1,
+            tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME
+        );
+        assert_eq!(
+            names::REFLECTION_V1ALPHA,
+            tonic_reflection::pb::v1alpha::server_reflection_server::SERVICE_NAME
+        );
+    }
 }

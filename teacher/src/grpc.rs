@@ -152,7 +152,7 @@ where
 {
     let addr = bound.addr;
     let (reporter, health_service) = server::health([names::TEACHER]).await;
-    let (reflection_v1, reflection_v1alpha) = server::reflection()?;
+    let (reflection_v1, reflection_v1alpha) = server::reflection(&[names::TEACHER])?;
     // Raised by the caller's shutdown or by a failed load.
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop_tx = Arc::new(stop_tx);

@@ -59,6 +59,13 @@ async fn health_is_not_serving_until_the_backend_is_loaded() {
     assert_eq!(server.health("").await, ServingStatus::Serving);
     let got = ask(&mut client, request(&q1, 2, None)).await.unwrap();
     assert_eq!(texts(&got), ["red", "It is red."]);
+    // Reflection lists what a teacher serves, and no other role's service.
+    let timeout = std::time::Duration::from_secs(5);
+    let listed = ril_proto::client::list_services(&server.addr, timeout, &Default::default())
+        .await
+        .unwrap();
+    let teacher = ril_proto::server::names::TEACHER;
+    assert_eq!(listed, ril_proto::server::names::listed(&[teacher]));
     server.stop().await.unwrap();
 }
 
