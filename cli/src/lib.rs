@@ -6,6 +6,7 @@
 
 pub mod bench;
 pub mod bench_allreduce;
+pub mod bench_cluster;
 pub mod bench_nccl;
 pub mod bench_rpc;
 pub mod certs;
@@ -173,6 +174,8 @@ pub enum BenchCommand {
     Model(bench::BenchArgs),
     /// The wire cost of one scored group (prost codec, a loopback gRPC round trip).
     Rpc(bench_rpc::RpcBenchArgs),
+    /// The control plane under load: a real coordinator, a no-op learner, N simulated actors.
+    Cluster(bench_cluster::ClusterBenchArgs),
     /// The CPU ring all-reduce's bandwidth between ranks, against memcpy.
     Allreduce(bench_allreduce::AllReduceBenchArgs),
     /// The GPU check: NCCL all-reduce on device buffers, its bandwidth, the error path.
@@ -193,6 +196,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Eval(args) => train_cmd::eval(&args),
         Command::Bench(BenchCommand::Model(args)) => bench::run(&args),
         Command::Bench(BenchCommand::Rpc(args)) => bench_rpc::run(&args),
+        Command::Bench(BenchCommand::Cluster(args)) => bench_cluster::run(&args),
         Command::Bench(BenchCommand::Allreduce(args)) => bench_allreduce::run(&args),
         Command::Bench(BenchCommand::Nccl(args)) => bench_nccl::run(&args),
         Command::Coordinator(args) => roles::coordinator(&args),

@@ -63,6 +63,41 @@ fn a_gpu_device_without_cuda_support_is_a_clear_error() {
     );
 }
 
+/// `ril bench cluster` at its smallest: a real coordinator, 2 simulated actors, 2 iterations of
+/// 4 questions; every group is accepted once and the figures are written.
+#[test]
+fn the_control_plane_bench_runs_a_small_cluster_to_the_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("cluster.json");
+    let out = ril(&[
+        "--log-level",
+        "warn",
+        "bench",
+        "cluster",
+        "--actors",
+        "1,2",
+        "--iterations",
+        "2",
+        "--questions-per-iteration",
+        "4",
+        "--rows",
+        "16",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let figures: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let runs = figures.as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for (run, actors) in runs.iter().zip([1, 2]) {
+        assert_eq!(run["actors"], actors);
+        assert_eq!(run["groups_accepted"], 8, "{run}");
+        assert_eq!(run["calls"]["AcceptGroup"][0], 8, "{run}");
+        assert!(run["state_file_bytes"].as_u64().unwrap() > 0, "{run}");
+    }
+}
+
 #[test]
 fn a_bad_log_filter_is_refused() {
     let out = ril(&["--log-level", "info,=[", "env"]);
