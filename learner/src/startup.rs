@@ -523,7 +523,9 @@ async fn serve_until_done(
 ) -> Result<()> {
     let _ = server.service.set(service.clone());
     server.set_status(ServingStatus::Serving).await;
-    let d_health = service.has_discriminator().then(|| {
+    // Only rank 0 trains D (its step runs Train): the other ranks have no D health to show.
+    let trains_d = service.has_discriminator() && service.options().rank == 0;
+    let d_health = trains_d.then(|| {
         tokio::spawn(show_discriminator_health(
             service.progress(),
             server.reporter.clone(),
