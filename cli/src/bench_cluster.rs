@@ -53,14 +53,14 @@ pub struct ClusterBenchArgs {
 struct Latencies(Vec<Duration>);
 
 impl Latencies {
-    fn quantile_ms(&self, q: f64) -> f64 {
-        if self.0.is_empty() {
-            return 0.0;
-        }
-        let mut v = self.0.clone();
-        v.sort();
-        let i = ((v.len() - 1) as f64 * q).round() as usize;
-        v[i].as_secs_f64() * 1e3
+    /// (count, p50 ms, p99 ms), sorting once.
+    fn summary(mut self) -> (usize, f64, f64) {
+        self.0.sort();
+        let at = |q: f64| {
+            let i = ((self.0.len().saturating_sub(1)) as f64 * q).round() as usize;
+            self.0.get(i).map_or(0.0, |d| d.as_secs_f64() * 1e3)
+        };
+        (self.0.len(), at(0.5), at(0.99))
     }
 }
 
@@ -79,7 +79,7 @@ struct Figures {
     state_file_bytes: u64,
     /// Process CPU seconds (user + system) over the run, per wall second.
     cpu_cores: f64,
-    /// The process's peak resident memory at the end of the run (VmHWM), MiB.
+    /// The process's peak resident memory at the end of the run (getrusage's maxrss), MiB.
     peak_rss_mib: f64,
 }
 
@@ -177,7 +177,7 @@ async fn one_run(
     let (done_tx, done_rx) = mpsc::unbounded_channel::<u64>();
     let publisher = tokio::spawn(publish_in_order(learner, done_rx, args.iterations));
     let accepted_per_iteration = Arc::new(Mutex::new(BTreeMap::<u64, u64>::new()));
-    let cpu_before = cpu_seconds();
+    let (cpu_before, _) = usage()?;
     let started = Instant::now();
     let mut actors = Vec::new();
     for i in 0..n_actors {
@@ -203,7 +203,8 @@ async fn one_run(
     }
     publisher.await??;
     let seconds = started.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu_before;
+    let (cpu_after, peak_rss_kib) = usage()?;
+    let cpu = cpu_after - cpu_before;
     let _ = stop.send(());
     server.await??;
     let leases = calls.get("LeasePrompts(q)").map_or(0, |l| l.0.len()) as u64;
@@ -221,16 +222,11 @@ async fn one_run(
         accepted_groups_per_s: groups_accepted as f64 / seconds,
         calls: calls
             .into_iter()
-            .map(|(k, l)| {
-                (
-                    k.to_string(),
-                    (l.0.len(), l.quantile_ms(0.5), l.quantile_ms(0.99)),
-                )
-            })
+            .map(|(k, l)| (k.to_string(), l.summary()))
             .collect(),
         state_file_bytes,
         cpu_cores: cpu / seconds,
-        peak_rss_mib: peak_rss_kib() as f64 / 1024.0,
+        peak_rss_mib: peak_rss_kib as f64 / 1024.0,
     })
 }
 
@@ -352,32 +348,12 @@ async fn publish_in_order(
     Ok(())
 }
 
-/// This process's user + system CPU seconds (/proc/self/stat; 0 where there is none).
-fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return 0.0;
-    };
-    // Fields after the command (which may hold spaces) start after the last ')'.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    // utime and stime are fields 14 and 15 of stat, 12 and 13 after the command.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// The process's peak resident memory (VmHWM), KiB.
-fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
+/// This process's user + system CPU seconds and its peak resident memory in KiB (getrusage;
+/// Linux reports `ru_maxrss` in KiB).
+fn usage() -> anyhow::Result<(f64, u64)> {
+    use nix::sys::resource::{UsageWho, getrusage};
+    let u = getrusage(UsageWho::RUSAGE_SELF).context("getrusage")?;
+    let seconds = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+    let cpu = seconds(u.user_time()) + seconds(u.system_time());
+    Ok((cpu, u64::try_from(u.max_rss()).unwrap_or(0)))
 }

@@ -167,20 +167,13 @@ pub struct Progress {
     pub last_handback: Option<(Duration, String)>,
 }
 
+/// An open lease: what the state file keeps of it ([`OpenLease`]: the actor, the wall-clock
+/// deadline handed to it, the positions, which are outstanding, whether it was completed) and
+/// its deadline on this process's monotonic clock, which decides its expiry.
 #[derive(Debug, Clone)]
 struct Lease {
-    actor_id: String,
     deadline: Instant,
-    /// The deadline handed to the actor (for answering a repeated request).
-    deadline_unix_ms: u64,
-    /// The version it was granted at.
-    version: u64,
-    /// Every position it was granted.
-    positions: Vec<u64>,
-    /// Those neither accepted nor returned yet.
-    outstanding: BTreeSet<u64>,
-    /// The actor completed it; the rest await the learner's acceptance until `deadline`.
-    completed: bool,
+    record: OpenLease,
 }
 
 #[derive(Debug, Clone)]
@@ -407,9 +400,7 @@ impl Coordinator {
     /// Writes the state file now (also done after every change that matters).
     pub fn persist(&mut self) -> Result<()> {
         if let Some(path) = &self.state_path {
-            self.book.state.written_unix_ms = Now::current().unix_ms;
-            self.book.state.open_leases = self.book.open_leases();
-            self.book.state.save(path)?;
+            self.book.write_state(path, Now::current().unix_ms)?;
         }
         Ok(())
     }
@@ -435,9 +426,7 @@ impl Coordinator {
         let out = f(&mut book, &mut self.stream, &self.options)?;
         if book.dirty {
             if let Some(path) = &self.state_path {
-                book.state.written_unix_ms = now.unix_ms;
-                book.state.open_leases = book.open_leases();
-                book.state.save(path)?;
+                book.write_state(path, now.unix_ms)?;
             }
             book.dirty = false;
         }
@@ -591,13 +580,15 @@ impl Coordinator {
             book.leases.insert(
                 lease_id.clone(),
                 Lease {
-                    actor_id: actor_id.to_string(),
                     deadline: now.instant + options.lease_timeout,
-                    deadline_unix_ms,
-                    version,
-                    outstanding: picked.iter().copied().collect(),
-                    positions: picked,
-                    completed: false,
+                    record: OpenLease {
+                        actor_id: actor_id.to_string(),
+                        deadline_unix_ms,
+                        version,
+                        outstanding: picked.iter().copied().collect(),
+                        positions: picked,
+                        completed: false,
+                    },
                 },
             );
             tracing::debug!(actor_id, lease_id, n = items.len(), version, "leased");
@@ -622,16 +613,24 @@ impl Coordinator {
             return Ok(None);
         };
         let lease = match self.book.leases.get(lease_id) {
-            Some(l) if key == request_id && !l.completed && l.actor_id == actor_id => l,
+            Some(l)
+                if key == request_id && !l.record.completed && l.record.actor_id == actor_id =>
+            {
+                l
+            }
             _ => return Ok(None),
         };
-        let (lease_id, deadline_unix_ms, version) =
-            (lease_id.clone(), lease.deadline_unix_ms, lease.version);
+        let (lease_id, deadline_unix_ms, version) = (
+            lease_id.clone(),
+            lease.record.deadline_unix_ms,
+            lease.record.version,
+        );
         let positions: Vec<u64> = lease
+            .record
             .positions
             .iter()
             .copied()
-            .filter(|p| lease.outstanding.contains(p))
+            .filter(|p| lease.record.outstanding.contains(p))
             .collect();
         let b = self.options.questions_per_iteration;
         let items = positions
@@ -687,30 +686,33 @@ impl Coordinator {
                 tracing::debug!(actor_id, lease_id, "completing an unknown or expired lease");
                 return Ok(());
             };
-            if lease.actor_id != actor_id {
+            if lease.record.actor_id != actor_id {
                 return Err(CoordinatorError::invalid(
                     "actor_id",
                     format!(
                         "lease {lease_id} belongs to actor {:?}, not {actor_id:?}",
-                        lease.actor_id
+                        lease.record.actor_id
                     ),
                 ));
             }
-            if let Some(p) = returned.iter().find(|p| !lease.positions.contains(p)) {
+            if let Some(p) = returned
+                .iter()
+                .find(|p| !lease.record.positions.contains(p))
+            {
                 return Err(CoordinatorError::invalid(
                     "returned_positions",
                     format!("position {p} is not in lease {lease_id}"),
                 ));
             }
             for p in returned {
-                if lease.outstanding.remove(p) {
+                if lease.record.outstanding.remove(p) {
                     book.leased.remove(p);
                     book.reissue.insert(*p);
                 }
             }
-            lease.completed = true;
+            lease.record.completed = true;
             lease.deadline = lease.deadline.max(now.instant + options.lease_timeout);
-            if lease.outstanding.is_empty() {
+            if lease.record.outstanding.is_empty() {
                 book.leases.remove(lease_id);
             }
             if !returned.is_empty() {
@@ -801,8 +803,8 @@ impl Coordinator {
             if let Some(holder) = book.leased.remove(&position)
                 && let Some(lease) = book.leases.get_mut(&holder)
             {
-                lease.outstanding.remove(&position);
-                if lease.completed && lease.outstanding.is_empty() {
+                lease.record.outstanding.remove(&position);
+                if lease.record.completed && lease.record.outstanding.is_empty() {
                     book.leases.remove(&holder);
                 }
             }
@@ -867,8 +869,8 @@ impl Coordinator {
             if let Some(holder) = book.leased.remove(&position)
                 && let Some(lease) = book.leases.get_mut(&holder)
             {
-                lease.outstanding.remove(&position);
-                if lease.completed && lease.outstanding.is_empty() {
+                lease.record.outstanding.remove(&position);
+                if lease.record.completed && lease.record.outstanding.is_empty() {
                     book.leases.remove(&holder);
                 }
             }
@@ -1314,39 +1316,28 @@ impl Book {
                 left_ms = ms(left),
                 "lease open before the restart kept until its deadline"
             );
-            self.leases.insert(
-                lease_id,
-                Lease {
-                    actor_id: l.actor_id,
-                    // Never beyond a lease's full length, whatever the clocks say.
-                    deadline: now.instant + left.min(options.lease_timeout),
-                    deadline_unix_ms: l.deadline_unix_ms,
-                    version: l.version,
-                    positions: l.positions,
-                    outstanding,
-                    completed: l.completed,
-                },
-            );
+            let lease = Lease {
+                // Never beyond a lease's full length, whatever the clocks say.
+                deadline: now.instant + left.min(options.lease_timeout),
+                record: OpenLease { outstanding, ..l },
+            };
+            self.leases.insert(lease_id, lease);
         }
     }
 
-    /// The open leases (with positions outstanding), as the state file keeps them.
-    fn open_leases(&self) -> BTreeMap<String, OpenLease> {
-        self.leases
+    /// Writes the state file, with the leases open now (those with positions outstanding).
+    /// They are derived from `leases`, so the in-memory state never keeps a copy of them.
+    fn write_state(&mut self, path: &std::path::Path, unix_ms: u64) -> Result<()> {
+        self.state.written_unix_ms = unix_ms;
+        self.state.open_leases = self
+            .leases
             .iter()
-            .filter(|(_, l)| !l.outstanding.is_empty())
-            .map(|(id, l)| {
-                let lease = OpenLease {
-                    actor_id: l.actor_id.clone(),
-                    deadline_unix_ms: l.deadline_unix_ms,
-                    version: l.version,
-                    positions: l.positions.clone(),
-                    outstanding: l.outstanding.clone(),
-                    completed: l.completed,
-                };
-                (id.clone(), lease)
-            })
-            .collect()
+            .filter(|(_, l)| !l.record.outstanding.is_empty())
+            .map(|(id, l)| (id.clone(), l.record.clone()))
+            .collect();
+        let written = self.state.save(path);
+        self.state.open_leases.clear();
+        written
     }
 
     fn finished(&self, options: &CoordinatorOptions) -> bool {
@@ -1440,12 +1431,12 @@ impl Book {
             let Some(lease) = self.leases.get(id) else {
                 continue;
             };
-            let into = if lease.completed {
+            let into = if lease.record.completed {
                 &mut pushed
             } else {
                 &mut rolling
             };
-            let entry = into.entry(&lease.actor_id).or_default();
+            let entry = into.entry(&lease.record.actor_id).or_default();
             entry.0 += 1;
             if !entry.1.contains(&id.as_str()) {
                 entry.1.push(id);
@@ -1546,7 +1537,7 @@ impl Book {
             .iter()
             .filter(|(_, l)| {
                 now.instant >= l.deadline
-                    || (!l.completed && self.actors.get(&l.actor_id).is_none_or(gone))
+                    || (!l.record.completed && self.actors.get(&l.record.actor_id).is_none_or(gone))
             })
             .map(|(id, _)| id.clone())
             .collect();
@@ -1555,20 +1546,20 @@ impl Book {
             let Some(lease) = self.leases.remove(&id) else {
                 continue;
             };
-            if lease.outstanding.is_empty() {
+            if lease.record.outstanding.is_empty() {
                 continue;
             }
             count += 1;
             self.state.leases_expired += 1;
-            for p in &lease.outstanding {
+            for p in &lease.record.outstanding {
                 self.leased.remove(p);
                 self.reissue.insert(*p);
             }
             tracing::info!(
                 lease_id = id,
-                actor_id = lease.actor_id,
-                positions = lease.outstanding.len(),
-                completed = lease.completed,
+                actor_id = lease.record.actor_id,
+                positions = lease.record.outstanding.len(),
+                completed = lease.record.completed,
                 "lease expired: its questions will be re-issued"
             );
         }

@@ -360,10 +360,6 @@ fn completed_leases_return_positions_and_wait_a_lease_timeout_for_acceptance() {
     assert_eq!(positions(&g2), [1, 2, 3], "position 1 was never accepted");
 }
 
-/// A learner that stops loses the groups it accepted but had not trained (they live in its
-/// memory). When rank 0 joins again from its checkpoint, the coordinator takes back what was
-/// accepted for iterations from that version on and re-issues it. A rank 0 from a checkpoint
-/// older than the latest published version is refused: the run never goes backwards.
 /// A coordinator restart keeps the leases open at its last write: their positions stay with
 /// their actors until each lease's deadline (an actor still rolling them out is not raced by a
 /// re-issue, which would only be refused as a duplicate later), their groups are accepted and
@@ -403,6 +399,10 @@ fn a_lease_open_at_a_restart_stays_with_its_actor_until_its_deadline() {
     assert!(r.starts_with("duplicate"), "{r}");
 }
 
+/// A learner that stops loses the groups it accepted but had not trained (they live in its
+/// memory). When rank 0 joins again from its checkpoint, the coordinator takes back what was
+/// accepted for iterations from that version on and re-issues it. A rank 0 from a checkpoint
+/// older than the latest published version is refused: the run never goes backwards.
 #[test]
 fn a_restarted_learner_gets_back_what_it_accepted_but_never_trained() {
     let f = fixture();

@@ -19,7 +19,7 @@ use ril_proto::v1 as pb;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
 use ril_proto::v1::discriminator_client::DiscriminatorClient;
 use ril_proto::v1::learner_ranks_client::LearnerRanksClient;
-use tonic::{Request, Status};
+use tonic::{Request, Response, Status};
 
 use crate::error::{LearnerError, Result};
 use crate::service::{
@@ -127,6 +127,18 @@ impl GrpcCoordinator {
             LearnerError::Coordinator(RpcError::new("coordinator", &self.addr, call, status))
         }
     }
+
+    /// Awaits `reply` for at most the deadline ([`within`]); a failure names the call.
+    async fn ask<T>(
+        &self,
+        call: &'static str,
+        reply: impl Future<Output = std::result::Result<Response<T>, Status>>,
+    ) -> Result<T> {
+        within(self.timeout, reply)
+            .await
+            .map(Response::into_inner)
+            .map_err(self.failed(call))
+    }
 }
 
 impl CoordinatorLink for GrpcCoordinator {
@@ -138,10 +150,9 @@ impl CoordinatorLink for GrpcCoordinator {
             iteration: key.iteration,
             publisher_key: self.publisher_key.clone(),
         });
-        let reply = within(self.timeout, self.client.clone().accept_group(req))
-            .await
-            .map_err(self.failed("AcceptGroup"))?
-            .into_inner();
+        let reply = self
+            .ask("AcceptGroup", self.client.clone().accept_group(req))
+            .await?;
         Ok(if reply.accepted {
             Acceptance::Accepted
         } else {
@@ -155,10 +166,9 @@ impl CoordinatorLink for GrpcCoordinator {
             reason,
             lease_id,
         });
-        within(self.timeout, self.client.clone().return_question(req))
+        self.ask("ReturnQuestion", self.client.clone().return_question(req))
             .await
             .map(|_| ())
-            .map_err(self.failed("ReturnQuestion"))
     }
 
     async fn publish_version(
@@ -175,10 +185,9 @@ impl CoordinatorLink for GrpcCoordinator {
                 .unwrap_or_default(),
             publisher_key: self.publisher_key.clone(),
         });
-        within(self.timeout, self.client.clone().publish_version(req))
+        self.ask("PublishVersion", self.client.clone().publish_version(req))
             .await
             .map(|_| ())
-            .map_err(self.failed("PublishVersion"))
     }
 
     async fn report_metrics(&self, iteration: u64, metrics: BTreeMap<String, f64>) -> Result<()> {
@@ -186,10 +195,9 @@ impl CoordinatorLink for GrpcCoordinator {
             iteration,
             metrics: metrics.into_iter().collect(),
         });
-        within(self.timeout, self.client.clone().report_metrics(req))
+        self.ask("ReportMetrics", self.client.clone().report_metrics(req))
             .await
             .map(|_| ())
-            .map_err(self.failed("ReportMetrics"))
     }
 
     async fn join_learner(&self, request: JoinRequest) -> Result<JoinReply> {
@@ -205,10 +213,9 @@ impl CoordinatorLink for GrpcCoordinator {
                 Bytes::new()
             },
         });
-        within(self.timeout, self.client.clone().join_learner(req))
+        self.ask("JoinLearner", self.client.clone().join_learner(req))
             .await
-            .map(|r| JoinReply::from(r.into_inner()))
-            .map_err(self.failed("JoinLearner"))
+            .map(JoinReply::from)
     }
 }
 

@@ -486,27 +486,23 @@ fn connect_peers(
 }
 
 /// Keeps `ril.v1.Learner/discriminator` in the learner's health at what D's last Train did:
-/// SERVING while it succeeded (or none has run), NOT_SERVING after a failure (warned once per
-/// change, with the error).
+/// SERVING while it succeeded (or none has run), NOT_SERVING after a failure (the step logs the
+/// failure itself, with its error).
 async fn show_discriminator_health(
     mut progress: watch::Receiver<Progress>,
     reporter: HealthReporter,
 ) {
-    let mut shown: Option<Option<String>> = None;
+    let mut shown = None;
     loop {
-        let failed = progress.borrow_and_update().discriminator_failed.clone();
-        if shown.as_ref() != Some(&failed) {
-            let status = match &failed {
-                None => ServingStatus::Serving,
-                Some(e) => {
-                    tracing::warn!(error = %e, "health: {} NOT_SERVING", names::LEARNER_DISCRIMINATOR);
-                    ServingStatus::NotServing
-                }
-            };
+        let status = match progress.borrow_and_update().discriminator_failed {
+            None => ServingStatus::Serving,
+            Some(_) => ServingStatus::NotServing,
+        };
+        if shown != Some(status) {
             reporter
                 .set_service_status(names::LEARNER_DISCRIMINATOR, status)
                 .await;
-            shown = Some(failed);
+            shown = Some(status);
         }
         if progress.changed().await.is_err() {
             return;

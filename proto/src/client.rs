@@ -140,7 +140,13 @@ pub async fn list_services(
     };
     let reply = within(timeout, ask)
         .await
-        .map_err(|s| failed(format!("reflection failed: {}", s.message())))?
+        .map_err(|s| {
+            failed(format!(
+                "reflection failed ({:?}): {}",
+                s.code(),
+                s.message()
+            ))
+        })?
         .ok_or_else(|| failed("reflection answered nothing".into()))?;
     match reply.message_response {
         Some(MessageResponse::ListServicesResponse(list)) => {

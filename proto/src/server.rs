@@ -282,6 +282,10 @@ pub mod names {
     pub const TEACHER: &str = "ril.v1.Teacher";
     pub const DISCRIMINATOR: &str = "ril.v1.Discriminator";
     pub const LEARNER: &str = "ril.v1.Learner";
+    /// The learner's view of its discriminator (health only): SERVING while D's last Train
+    /// succeeded (or none has run yet), NOT_SERVING after one failed. The learner itself stays
+    /// SERVING (the policy trains on without D's step).
+    pub const LEARNER_DISCRIMINATOR: &str = "ril.v1.Learner/discriminator";
     /// Learner rank to rank (TrainShard), served by every learner rank next to `LEARNER`.
     pub const LEARNER_RANKS: &str = "ril.v1.LearnerRanks";
     pub const HEALTH: &str = "grpc.health.v1.Health";
@@ -301,10 +305,6 @@ pub mod names {
         all.sort();
         all
     }
-    /// The learner's view of its discriminator (health only): SERVING while D's last Train
-    /// succeeded (or none has run yet), NOT_SERVING after one failed. The learner itself stays
-    /// SERVING (the policy trains on without D's step).
-    pub const LEARNER_DISCRIMINATOR: &str = "ril.v1.Learner/discriminator";
 }
 
 #[cfg(test)]
