@@ -15,11 +15,12 @@ use ril_model::bundle::Bundle;
 use ril_model::checkpoint::{LoadOptions, load_weights_from_bytes};
 use tracing::Instrument;
 
+use crate::ActorMetrics;
 use crate::error::ActorError;
 use crate::peers::{
     Coordinator, Discriminator, Learner, Lease, LeaseCompletion, LeaseItem, LeaseReply,
-    LeaseRequest, Registration, ResponseScore, RolloutSettings, ScoredGroup, Teacher,
-    TeacherAnswer,
+    LeaseRequest, Registration, ResponseScore, ResponseSource, RolloutSettings, ScoredGroup,
+    Teacher, TeacherAnswer,
 };
 use crate::rollout::{
     StudentRollouts, rollout_seed, sample_student, scored_responses, teacher_split,
@@ -302,6 +303,7 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
 
     fn add_phase_ms(&mut self, phase: &str, ms: f64) {
         *self.summary.phase_ms.entry(phase.to_string()).or_default() += ms;
+        self.options.metrics.add_phase_ms(phase, ms);
     }
 
     /// Asks for questions. `None` when there are none yet (after the coordinator's retry
@@ -334,6 +336,7 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
             LeaseReply::Granted(lease) => {
                 self.add_phase_ms("lease", elapsed_ms(started));
                 self.summary.leases += 1;
+                ActorMetrics::add(&self.options.metrics.leases, 1);
                 Ok(Some(lease))
             }
         }
@@ -370,6 +373,15 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
                     for (phase, ms) in &group.timings_ms {
                         self.add_phase_ms(phase, *ms);
                     }
+                    let student = group
+                        .responses
+                        .iter()
+                        .filter(|r| r.source == ResponseSource::Student);
+                    let (n, tokens) =
+                        student.fold((0, 0), |(n, t), r| (n + 1, t + r.token_ids.len() as u64));
+                    let metrics = &self.options.metrics;
+                    ActorMetrics::add(&metrics.generated_responses, n);
+                    ActorMetrics::add(&metrics.generated_tokens, tokens);
                     groups.push(group);
                 }
                 Err(e) => {
@@ -487,6 +499,7 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
     async fn apply_weights(&mut self, payload: WeightPayload) -> Result<u64, ActorError> {
         let student = self.student.clone();
         let version = payload.version;
+        let bytes = payload.bytes.len() as u64;
         tokio::task::spawn_blocking(move || {
             let guard = student.write().expect("model lock");
             load_weights_from_bytes(
@@ -503,6 +516,10 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
         })??;
         self.version.set(version);
         self.summary.weight_syncs += 1;
+        let metrics = &self.options.metrics;
+        metrics.set_version(version);
+        ActorMetrics::add(&metrics.weight_syncs, 1);
+        ActorMetrics::add(&metrics.weight_bytes, bytes);
         tracing::info!(version, "weights applied");
         Ok(version)
     }
@@ -715,9 +732,13 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
             Ok(verdicts) => {
                 for verdict in verdicts {
                     match verdict.refused {
-                        None => self.summary.groups_pushed += 1,
+                        None => {
+                            self.summary.groups_pushed += 1;
+                            ActorMetrics::add(&self.options.metrics.groups_pushed, 1);
+                        }
                         Some(reason) => {
                             self.summary.groups_refused += 1;
+                            ActorMetrics::add(&self.options.metrics.groups_refused, 1);
                             tracing::warn!(position = verdict.position, %reason, "group refused by the learner");
                         }
                     }
@@ -741,6 +762,10 @@ impl<C: Coordinator, L: Learner, D: Discriminator, T: Teacher> Actor<C, L, D, T>
         reason: String,
     ) -> Result<(), ActorError> {
         self.summary.positions_returned += returned_positions.len() as u64;
+        ActorMetrics::add(
+            &self.options.metrics.questions_returned,
+            returned_positions.len() as u64,
+        );
         let completion = LeaseCompletion {
             actor_id: self.options.actor_id.clone(),
             lease_id: lease.lease_id.clone(),

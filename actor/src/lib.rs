@@ -22,6 +22,7 @@ pub mod actor;
 pub mod convert;
 pub mod error;
 pub mod grpc;
+pub mod metrics;
 pub mod peers;
 pub mod rollout;
 pub mod run;
@@ -29,5 +30,6 @@ pub mod sync;
 
 pub use actor::{Actor, ActorSummary, Peers, register};
 pub use error::ActorError;
+pub use metrics::ActorMetrics;
 pub use peers::{Registration, RolloutSettings};
 pub use run::{ActorOptions, run_actor};

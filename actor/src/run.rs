@@ -49,6 +49,8 @@ pub struct ActorOptions {
     /// TLS, client certificate and run token for every call (plaintext by default: the `ril`
     /// binary always sets the process's resolved security).
     pub security: ril_proto::security::Security,
+    /// What the actor has done, for `/metrics` (shared: the caller keeps a clone to serve).
+    pub metrics: std::sync::Arc<crate::ActorMetrics>,
 }
 
 impl ActorOptions {
@@ -70,6 +72,7 @@ impl ActorOptions {
             seed: 0,
             max_leases: None,
             security: ril_proto::security::Security::default(),
+            metrics: std::sync::Arc::default(),
         }
     }
 }

@@ -1,5 +1,6 @@
 //! `ril bench cluster`: the control plane under load. A real coordinator (the gRPC service with
-//! its state file, fsynced on every change, in a temporary directory) on loopback, a learner
+//! its state file, every reply after an fsync covering it (group commit), in a temporary
+//! directory) on loopback, a learner
 //! stand-in that joins as rank 0 and publishes each version as soon as its iteration's groups are
 //! all accepted (a no-op training step), and N simulated actors, each a task with its own gRPC
 //! connection, looping lease -> (instant rollout) -> AcceptGroup per question -> CompleteLease
@@ -77,6 +78,11 @@ struct Figures {
     /// Call -> (count, p50 ms, p99 ms).
     calls: BTreeMap<String, (usize, f64, f64)>,
     state_file_bytes: u64,
+    /// State file writes (each an fsynced atomic replace) over the run, per second, and the
+    /// changes each covered on average.
+    state_writes: u64,
+    state_writes_per_s: f64,
+    changes_per_write: f64,
     /// Process CPU seconds (user + system) over the run, per wall second.
     cpu_cores: f64,
     /// The process's peak resident memory at the end of the run (getrusage's maxrss), MiB.
@@ -113,7 +119,7 @@ pub fn run(args: &ClusterBenchArgs) -> anyhow::Result<()> {
 fn print_figures(f: &Figures) {
     println!(
         "actors {:>4}: {:.1} s, {} leases ({:.0}/s), {} groups accepted ({:.0}/s), state file {} B, \
-         {:.2} cores, peak RSS {:.0} MiB",
+         {} writes ({:.0}/s, {:.1} changes each), {:.2} cores, peak RSS {:.0} MiB",
         f.actors,
         f.seconds,
         f.leases,
@@ -121,6 +127,9 @@ fn print_figures(f: &Figures) {
         f.groups_accepted,
         f.accepted_groups_per_s,
         f.state_file_bytes,
+        f.state_writes,
+        f.state_writes_per_s,
+        f.changes_per_write,
         f.cpu_cores,
         f.peak_rss_mib
     );
@@ -205,6 +214,10 @@ async fn one_run(
     let seconds = started.elapsed().as_secs_f64();
     let (cpu_after, peak_rss_kib) = usage()?;
     let cpu = cpu_after - cpu_before;
+    let status = ril_proto::client::coordinator(connect().await?)
+        .get_status(v1::GetStatusRequest {})
+        .await?
+        .into_inner();
     let _ = stop.send(());
     server.await??;
     let leases = calls.get("LeasePrompts(q)").map_or(0, |l| l.0.len()) as u64;
@@ -225,6 +238,9 @@ async fn one_run(
             .map(|(k, l)| (k.to_string(), l.summary()))
             .collect(),
         state_file_bytes,
+        state_writes: status.state_writes,
+        state_writes_per_s: status.state_writes as f64 / seconds,
+        changes_per_write: status.state_changes_written as f64 / status.state_writes.max(1) as f64,
         cpu_cores: cpu / seconds,
         peak_rss_mib: peak_rss_kib as f64 / 1024.0,
     })

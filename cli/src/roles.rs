@@ -70,7 +70,21 @@ pub struct ServeArgs {
     #[arg(long, requires = "health_listen")]
     pub health_addr_file: Option<PathBuf>,
     #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
     pub security: SecurityArgs,
+}
+
+/// Where a role serves its Prometheus metrics.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics (text format, plain HTTP `GET /metrics`) here, e.g.
+    /// 0.0.0.0:9464 (port 0: any free port).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<String>,
+    /// Writes the metrics endpoint's bound address here (for `--metrics-listen` with port 0).
+    #[arg(long, requires = "metrics_listen")]
+    pub metrics_addr_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -187,6 +201,8 @@ pub struct ActorArgs {
     #[arg(long, requires = "health_listen")]
     pub health_addr_file: Option<PathBuf>,
     #[command(flatten)]
+    pub metrics: MetricsArgs,
+    #[command(flatten)]
     pub security: SecurityArgs,
 }
 
@@ -245,7 +261,11 @@ async fn bind(
     let bound = ril_proto::server::bind(&args.listen)
         .await?
         .with_security(security)
-        .with_plain_health(args.health_listen.clone(), args.health_addr_file.clone());
+        .with_plain_health(args.health_listen.clone(), args.health_addr_file.clone())
+        .with_metrics(
+            args.metrics.metrics_listen.clone(),
+            args.metrics.metrics_addr_file.clone(),
+        );
     tracing::info!(addr = %bound.addr, "listening");
     if let Some(f) = &args.addr_file {
         ril_proto::server::write_addr_file(f, &bound.addr)?;
@@ -458,6 +478,15 @@ pub fn actor(args: &ActorArgs) -> anyhow::Result<()> {
             }
             None => None,
         };
+        if let Some(listen) = &args.metrics.metrics_listen {
+            let registry = ril_proto::metrics::Registry::new("actor");
+            let metrics = opts.metrics.clone();
+            registry.add(move |out: &mut ril_proto::metrics::Exposition| metrics.write(out));
+            let addr = ril_proto::metrics::http::spawn(listen, registry).await?;
+            if let Some(f) = &args.metrics.metrics_addr_file {
+                ril_proto::server::write_addr_file(f, &addr)?;
+            }
+        }
         let summary = ril_actor::run_actor(opts, ril_proto::server::shutdown_signal()).await;
         if let Some(h) = health {
             h.stop().await;

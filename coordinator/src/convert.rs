@@ -465,6 +465,10 @@ impl From<Status> for v1::RunStatus {
                 .last_handback
                 .map(|(_, why)| why)
                 .unwrap_or_default(),
+            state_writes: s.state_writes.writes,
+            state_write_failures: s.state_writes.failures,
+            state_changes_written: s.state_writes.changes,
+            state_file_bytes: s.state_writes.last_bytes,
         }
     }
 }

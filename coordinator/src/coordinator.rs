@@ -9,8 +9,11 @@
 //! before fresh positions.
 //!
 //! Every method takes the time as a [`Now`], so the state machine is deterministic under test.
-//! Changes that a restart must see are written to the state file before the method returns; a
-//! change whose write fails is rolled back.
+//! Changes are applied in place. Used directly, a change that a restart must see is written to
+//! the state file before the method returns; behind [`crate::commit::Committed`] (the gRPC
+//! adapter) it is written by a group commit that covers every change made meanwhile, before
+//! any caller that made or saw it is answered. A change whose write fails is rolled back with
+//! every change after it: the book returns to what the state file holds.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -152,6 +155,18 @@ pub struct Status {
     pub history: Vec<VersionRecord>,
     /// The progress watchdog's view.
     pub progress: Progress,
+    /// The state file: writes made and failed since the start, the changes they covered
+    /// (several per write under load: group commit) and the size of the last one.
+    pub state_writes: StateWrites,
+}
+
+/// What the coordinator wrote to its state file since it started.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StateWrites {
+    pub writes: u64,
+    pub failures: u64,
+    pub changes: u64,
+    pub last_bytes: u64,
 }
 
 /// How long the run has gone without advancing, and what it waits for.
@@ -184,10 +199,12 @@ struct Actor {
     groups_leased: u64,
 }
 
-/// The mutable part of the coordinator. Cloned for each change so that a change whose state
-/// write fails leaves nothing behind.
+/// The mutable part of the coordinator, changed in place. A change checks everything that can
+/// refuse it before it changes anything, so a refused change leaves nothing behind; a change
+/// whose state write fails is undone by going back to the book as last written
+/// ([`Journal::durable`]).
 #[derive(Debug, Clone)]
-struct Book {
+pub(crate) struct Book {
     /// What is persisted.
     state: StateFile,
     reissue: BTreeSet<u64>,
@@ -232,6 +249,33 @@ pub struct Coordinator {
     started: Instant,
     /// Makes lease ids unique across restarts.
     lease_prefix: String,
+    /// Which changes are written, and the book to go back to when a write fails.
+    pub(crate) journal: Journal,
+}
+
+/// The coordinator's changes against its state file (group commit).
+#[derive(Debug, Default)]
+pub(crate) struct Journal {
+    /// Leave writing to [`crate::commit::Committed`] instead of writing in each change.
+    pub(crate) deferred: bool,
+    /// Changes applied in memory so far (each one's sequence number).
+    pub(crate) applied: u64,
+    /// Every change up to this one is written, or was rolled back.
+    pub(crate) settled: u64,
+    /// The book as the state file holds it (`None` without a state file).
+    pub(crate) durable: Option<Box<Book>>,
+    /// The write in flight: the last change it covers and the book it writes.
+    pub(crate) writing: Option<(u64, Box<Book>)>,
+    /// Callers waiting for their changes (ticket -> the change they wait for) and the
+    /// outcomes settled for them (an error message when the write failed).
+    pub(crate) waiting: HashMap<u64, u64>,
+    pub(crate) outcomes: HashMap<u64, std::result::Result<(), String>>,
+    pub(crate) next_ticket: u64,
+    /// Counters: writes made, writes failed, changes the writes covered, the last file size.
+    pub(crate) writes: u64,
+    pub(crate) write_failures: u64,
+    pub(crate) changes_written: u64,
+    pub(crate) last_bytes: u64,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -348,6 +392,7 @@ impl Coordinator {
             state_path,
             _lock: lock,
             started: now.instant,
+            journal: Journal::default(),
         };
         coordinator.persist()?;
         let s = &coordinator.book.state;
@@ -397,12 +442,43 @@ impl Coordinator {
         self.state_path.as_deref()
     }
 
-    /// Writes the state file now (also done after every change that matters).
+    /// How many entries the coordinator's collections hold in all (the book, and the group
+    /// commit's bookkeeping): what must stay flat over a long run.
+    pub fn footprint(&self) -> usize {
+        let b = &self.book;
+        let j = &self.journal;
+        let state = b.state.history.len()
+            + b.state.accepted.above_len()
+            + b.state.accepted_by.len()
+            + b.state.lease_prefixes.len()
+            + b.state.learner_ranks.len();
+        state
+            + b.reissue.len()
+            + b.leases.len()
+            + b.leases
+                .values()
+                .map(|l| l.record.positions.len())
+                .sum::<usize>()
+            + b.leased.len()
+            + b.actors.len()
+            + b.metrics.len()
+            + b.accept_times.len()
+            + b.granted.values().map(Vec::len).sum::<usize>()
+            + b.lease_requests.len()
+            + j.waiting.len()
+            + j.outcomes.len()
+    }
+
+    /// Writes the state file now, covering every change applied so far (also done after every
+    /// change that matters). Must not race a group commit's write ([`Committed`] waits for it).
+    ///
+    /// [`Committed`]: crate::commit::Committed
     pub fn persist(&mut self) -> Result<()> {
-        if let Some(path) = &self.state_path {
-            self.book.write_state(path, Now::current().unix_ms)?;
-        }
-        Ok(())
+        let Some((seq, path, bytes)) = self.prepare_write(Now::current().unix_ms)? else {
+            return Ok(());
+        };
+        let written = crate::persist::write_bytes(&path, &bytes);
+        self.finish_write(seq, written)
     }
 
     /// Writes the state file one last time and gives up `state_dir`, so that another
@@ -414,24 +490,144 @@ impl Coordinator {
         written
     }
 
-    /// Applies `f` to a copy of the book; keeps it only if the state file (when `f` changed a
-    /// persisted field) was written.
+    /// Applies the change `f` to the book in place. `f` refuses (returns an error) before it
+    /// changes anything. When it changed a persisted field, the change is written now (or,
+    /// deferred, by the group commit the caller waits for); a failed write rolls the book back
+    /// to the state file's.
     fn transact<T>(
         &mut self,
         now: Now,
         f: impl FnOnce(&mut Book, &mut QuestionStream, &CoordinatorOptions) -> Result<T>,
     ) -> Result<T> {
-        let mut book = self.book.clone();
-        book.dirty = false;
-        let out = f(&mut book, &mut self.stream, &self.options)?;
-        if book.dirty {
-            if let Some(path) = &self.state_path {
-                book.write_state(path, now.unix_ms)?;
+        self.book.dirty = false;
+        let out = f(&mut self.book, &mut self.stream, &self.options)?;
+        if std::mem::take(&mut self.book.dirty) {
+            self.journal.applied += 1;
+            if !self.journal.deferred
+                && let Some((seq, path, bytes)) = self.prepare_write(now.unix_ms)?
+            {
+                let written = crate::persist::write_bytes(&path, &bytes);
+                self.finish_write(seq, written)?;
             }
-            book.dirty = false;
         }
-        self.book = book;
         Ok(out)
+    }
+
+    /// Starts a write of every change applied so far: the last change covered, the state
+    /// file's path and bytes; the book they hold is kept to roll back to should a later write
+    /// fail. `None` without a state file (the changes count as written).
+    pub(crate) fn prepare_write(
+        &mut self,
+        unix_ms: u64,
+    ) -> Result<Option<(u64, PathBuf, Vec<u8>)>> {
+        let seq = self.journal.applied;
+        let Some(path) = &self.state_path else {
+            self.settle(seq, Ok(()));
+            return Ok(None);
+        };
+        let bytes = match self.book.state_bytes(path, unix_ms) {
+            Ok(b) => b,
+            Err(e) => {
+                self.roll_back(&e);
+                return Err(e);
+            }
+        };
+        let path = path.clone();
+        self.journal.last_bytes = bytes.len() as u64;
+        self.journal.writing = Some((seq, Box::new(self.book.clone())));
+        Ok(Some((seq, path, bytes)))
+    }
+
+    /// Ends the write of the changes up to `seq`: written, its book becomes the one to roll
+    /// back to; failed, the book goes back to the last one written, with every change since
+    /// (all of them unwritten: their callers are told the write failed). Returns the write's
+    /// error.
+    pub(crate) fn finish_write(&mut self, seq: u64, written: Result<()>) -> Result<()> {
+        let snapshot = match self.journal.writing.take() {
+            Some((s, book)) if s == seq => Some(book),
+            other => {
+                self.journal.writing = other;
+                None
+            }
+        };
+        match written {
+            Ok(()) => {
+                self.journal.writes += 1;
+                self.journal.changes_written += seq.saturating_sub(self.journal.settled);
+                if let Some(book) = snapshot {
+                    self.journal.durable = Some(book);
+                }
+                self.settle(seq, Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                self.roll_back(&e);
+                Err(e)
+            }
+        }
+    }
+
+    /// A write failed: the book goes back to the last one written, and every change since is
+    /// settled as failed (its callers get `error`).
+    fn roll_back(&mut self, error: &CoordinatorError) {
+        self.journal.write_failures += 1;
+        if let Some(durable) = &self.journal.durable {
+            self.book = (**durable).clone();
+        }
+        let undone = self.journal.applied.saturating_sub(self.journal.settled);
+        tracing::warn!(
+            %error,
+            changes_undone = undone,
+            "the state file could not be written: the changes since the last write are rolled \
+             back and their callers told"
+        );
+        self.settle(
+            self.journal.applied,
+            Err(format!("the change was rolled back: {error}")),
+        );
+    }
+
+    /// Every change up to `seq` is settled with `outcome`; so are the callers waiting for them.
+    fn settle(&mut self, seq: u64, outcome: std::result::Result<(), String>) {
+        self.journal.settled = self.journal.settled.max(seq);
+        self.settle_callers(|s| s <= seq, &outcome);
+    }
+
+    fn settle_callers(
+        &mut self,
+        which: impl Fn(u64) -> bool,
+        outcome: &std::result::Result<(), String>,
+    ) {
+        let j = &mut self.journal;
+        let done: Vec<u64> = j
+            .waiting
+            .iter()
+            .filter(|&(_, &s)| which(s))
+            .map(|(&t, _)| t)
+            .collect();
+        for ticket in done {
+            j.waiting.remove(&ticket);
+            j.outcomes.insert(ticket, outcome.clone());
+        }
+    }
+
+    /// After a panic inside a change (a bug; the lock is poisoned): the book goes back to the
+    /// state being written, or else the one last written, and the callers of the changes after
+    /// it are told.
+    pub(crate) fn recover_from_panic(&mut self) {
+        let (seq, book) = match (&self.journal.writing, &self.journal.durable) {
+            (Some((seq, book)), _) => (*seq, Some(book)),
+            (None, durable) => (self.journal.settled, durable.as_ref()),
+        };
+        if let Some(book) = book {
+            self.book = (**book).clone();
+        }
+        tracing::error!(
+            back_to_change = seq,
+            "a coordinator change panicked: the book goes back to the state file's"
+        );
+        let outcome = Err("the change was rolled back: the coordinator hit a bug (a panic)".into());
+        self.settle_callers(|s| s > seq, &outcome);
     }
 
     /// Expires leases past their deadline and the open leases of actors that stopped
@@ -533,26 +729,14 @@ impl Coordinator {
                 .saturating_mul(b)
                 .min(options.total_positions());
             let max = max_questions as usize;
-            let mut picked = Vec::new();
-            while picked.len() < max {
-                match book.reissue.first() {
-                    Some(&p) if p < limit => {
-                        book.reissue.pop_first();
-                        picked.push(p);
-                    }
-                    _ => break,
-                }
-            }
-            while picked.len() < max && book.state.cursor < limit {
-                picked.push(book.state.cursor);
-                book.state.cursor += 1;
-                book.dirty = true;
-            }
+            // Picked (re-issued first, then fresh) and read before anything changes: a row that
+            // cannot be read refuses the lease and leaves the book as it was.
+            let mut picked: Vec<u64> = book.reissue.range(..limit).take(max).copied().collect();
+            let fresh = (max - picked.len()).min(limit.saturating_sub(book.state.cursor) as usize);
+            picked.extend(book.state.cursor..book.state.cursor + fresh as u64);
             if picked.is_empty() {
                 return Ok(empty(ms(options.lease_retry_after), false));
             }
-            // The lease is written with the state, so that a restart honours it.
-            book.dirty = true;
             let items = picked
                 .iter()
                 .map(|&p| {
@@ -563,6 +747,12 @@ impl Coordinator {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
+            for p in &picked[..picked.len() - fresh] {
+                book.reissue.remove(p);
+            }
+            book.state.cursor += fresh as u64;
+            // The lease is written with the state, so that a restart honours it.
+            book.dirty = true;
             let lease_id = format!("{lease_prefix}-{}", book.next_lease);
             book.next_lease += 1;
             for &p in &picked {
@@ -931,7 +1121,7 @@ impl Coordinator {
                 .retain(|&position, _| position >= trained);
             book.granted.retain(|&position, _| position >= trained);
             book.last_progress = now.instant;
-            book.state.history.push(VersionRecord {
+            book.state.record_version(VersionRecord {
                 version,
                 iteration,
                 checkpoint: checkpoint.to_string(),
@@ -1181,6 +1371,12 @@ impl Coordinator {
             learner_ranks_joined: book.ranks_known() as u32,
             history: book.state.history.clone(),
             progress: book.progress(options, now),
+            state_writes: StateWrites {
+                writes: self.journal.writes,
+                failures: self.journal.write_failures,
+                changes: self.journal.changes_written,
+                last_bytes: self.journal.last_bytes,
+            },
         }
     }
 
@@ -1325,9 +1521,9 @@ impl Book {
         }
     }
 
-    /// Writes the state file, with the leases open now (those with positions outstanding).
+    /// The state file's bytes, with the leases open now (those with positions outstanding).
     /// They are derived from `leases`, so the in-memory state never keeps a copy of them.
-    fn write_state(&mut self, path: &std::path::Path, unix_ms: u64) -> Result<()> {
+    fn state_bytes(&mut self, path: &std::path::Path, unix_ms: u64) -> Result<Vec<u8>> {
         self.state.written_unix_ms = unix_ms;
         self.state.open_leases = self
             .leases
@@ -1335,9 +1531,9 @@ impl Book {
             .filter(|(_, l)| !l.record.outstanding.is_empty())
             .map(|(id, l)| (id.clone(), l.record.clone()))
             .collect();
-        let written = self.state.save(path);
+        let bytes = self.state.to_bytes(path);
         self.state.open_leases.clear();
-        written
+        bytes
     }
 
     fn finished(&self, options: &CoordinatorOptions) -> bool {

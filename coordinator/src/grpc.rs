@@ -5,7 +5,7 @@
 //! service answers `UNAVAILABLE` and health reports NOT_SERVING.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use ril_proto::error::status;
@@ -15,6 +15,7 @@ use ril_proto::v1::coordinator_server::{Coordinator as CoordinatorService, Coord
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
+use crate::commit::Committed;
 use crate::convert::{
     AcceptGroup, CompleteLease, Heartbeat, JoinLearner, LeaseRequest, PublishVersion,
     RegisterActor, ReportMetrics, ReturnQuestion, registration,
@@ -23,7 +24,7 @@ use crate::coordinator::{Coordinator, Now};
 use crate::error::{CoordinatorError, Result};
 use crate::options::CoordinatorOptions;
 
-type Shared = Arc<Mutex<Coordinator>>;
+type Shared = Arc<Committed>;
 
 /// `ril.v1.Coordinator` served from a domain [`Coordinator`] (set once it is loaded).
 #[derive(Clone)]
@@ -45,7 +46,7 @@ impl CoordinatorGrpc {
     pub fn new(coordinator: Coordinator) -> Self {
         let options = Arc::new(coordinator.options().clone());
         let state = Arc::new(OnceLock::new());
-        let _ = state.set(Arc::new(Mutex::new(coordinator)));
+        let _ = state.set(Arc::new(Committed::new(coordinator)));
         Self { state, options }
     }
 
@@ -63,7 +64,8 @@ impl CoordinatorGrpc {
             .max_encoding_message_size(server::DEFAULT_MAX_MESSAGE_BYTES)
     }
 
-    /// Runs `f` on the coordinator on the blocking pool.
+    /// Runs `f` on the coordinator on the blocking pool; answers once what `f` changed or read
+    /// is in the state file (group commit, [`Committed::run`]).
     async fn with<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Coordinator, Now) -> Result<T> + Send + 'static,
@@ -73,21 +75,12 @@ impl CoordinatorGrpc {
                 "the coordinator is still loading its dataset".into(),
             ))
         })?;
-        tokio::task::spawn_blocking(move || {
-            let mut c = lock(&shared);
-            f(&mut c, Now::current())
-        })
-        .await
-        .map_err(|e| CoordinatorError::Internal(format!("coordinator task failed: {e}")))
-        .and_then(|r| r)
-        .map_err(|e| status(&e))
+        tokio::task::spawn_blocking(move || shared.run(f))
+            .await
+            .map_err(|e| CoordinatorError::Internal(format!("coordinator task failed: {e}")))
+            .and_then(|r| r)
+            .map_err(|e| status(&e))
     }
-}
-
-/// Locks the coordinator. A panic inside a change leaves the book untouched (changes work on a
-/// copy), so a poisoned lock is still consistent.
-fn lock(shared: &Mutex<Coordinator>) -> std::sync::MutexGuard<'_, Coordinator> {
-    shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A request converted into its domain form, or INVALID_ARGUMENT naming the field.
@@ -286,6 +279,7 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = server::reflection(&[names::COORDINATOR])?;
     let grpc = CoordinatorGrpc::loading(options.clone());
     let slot = grpc.state.clone();
+    bound.metrics.add(crate::metrics::collector(slot.clone()));
     let abort = Arc::new(tokio::sync::Notify::new());
     let stop = {
         let abort = abort.clone();
@@ -319,7 +313,7 @@ pub async fn serve(
         }
         loaded = &mut loading => {
             match loaded.map_err(|e| CoordinatorError::Internal(format!("loading task: {e}"))).and_then(|r| r) {
-                Ok(c) => Arc::new(Mutex::new(c)),
+                Ok(c) => Arc::new(Committed::new(c)),
                 Err(e) => {
                     abort.notify_one();
                     if let Err(source) = serving.await {
@@ -345,7 +339,7 @@ pub async fn serve(
             loop {
                 interval.tick().await;
                 let shared = shared.clone();
-                let check = move || lock(&shared).check_stall(Now::current());
+                let check = move || shared.lock().check_stall(Now::current());
                 if let Ok(Some(stalled)) = tokio::task::spawn_blocking(check).await {
                     abort.notify_one();
                     return Some(stalled);
@@ -356,7 +350,7 @@ pub async fn serve(
     let served = serving.await;
     ticker.abort();
     let stalled = ticker.await.ok().flatten();
-    let persisted = tokio::task::spawn_blocking(move || lock(&shared).close())
+    let persisted = tokio::task::spawn_blocking(move || shared.close())
         .await
         .map_err(|e| CoordinatorError::Internal(format!("persisting task: {e}")))?;
     served.map_err(|source| ril_proto::server::ServeError::Serve { addr, source })?;

@@ -22,6 +22,11 @@ pub const STATE_FILE: &str = "coordinator_state.json";
 /// The state file's format version.
 const FORMAT: u32 = 1;
 
+/// How many of the latest published versions the state keeps (status shows them; a retried
+/// publish and a learner's restart look at the latest only). The learner's `metrics.jsonl`
+/// and checkpoints keep the full record.
+pub const HISTORY_KEPT: usize = 64;
+
 /// Positions accepted so far: all below `watermark`, plus `above`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AcceptedSet {
@@ -65,6 +70,11 @@ impl AcceptedSet {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// How many accepted positions are kept above the watermark.
+    pub fn above_len(&self) -> usize {
+        self.above.len()
     }
 
     /// Every position below this one is accepted.
@@ -111,6 +121,7 @@ pub struct StateFile {
     pub accepted: AcceptedSet,
     /// The latest published policy version (0: the SFT checkpoint the run started from).
     pub version: u64,
+    /// The latest [`HISTORY_KEPT`] published versions, oldest first.
     pub history: Vec<VersionRecord>,
     pub duplicates_refused: u64,
     pub leases_expired: u64,
@@ -263,15 +274,32 @@ impl StateFile {
         Ok(())
     }
 
-    /// Writes the state to `path` atomically (`ril_common::fs::write_atomic`).
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_vec_pretty(self).map_err(|e| CoordinatorError::State {
+    /// The file's bytes (compact JSON; `path` only names the file in an error).
+    pub fn to_bytes(&self, path: &Path) -> Result<Vec<u8>> {
+        serde_json::to_vec(self).map_err(|e| CoordinatorError::State {
             path: path.to_path_buf(),
             problem: format!("cannot serialise: {e}"),
-        })?;
-        ril_common::fs::write_atomic(path, &text)?;
-        Ok(())
+        })
     }
+
+    /// Writes the state to `path` atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        write_bytes(path, &self.to_bytes(path)?)
+    }
+
+    /// Records a published version, keeping the latest [`HISTORY_KEPT`] only, so that the
+    /// state does not grow with the run's length.
+    pub fn record_version(&mut self, record: VersionRecord) {
+        self.history.push(record);
+        let excess = self.history.len().saturating_sub(HISTORY_KEPT);
+        self.history.drain(..excess);
+    }
+}
+
+/// Writes a state file's bytes to `path` atomically (`ril_common::fs::write_atomic`).
+pub fn write_bytes(path: &Path, bytes: &[u8]) -> Result<()> {
+    ril_common::fs::write_atomic(path, bytes)?;
+    Ok(())
 }
 
 fn short(fingerprint: &str) -> &str {

@@ -106,6 +106,22 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = reflection(&[names::DISCRIMINATOR])?;
     let adapter = DiscriminatorGrpc::default();
     let slot = adapter.service.clone();
+    {
+        let slot = slot.clone();
+        bound
+            .metrics
+            .add(move |out: &mut ril_proto::metrics::Exposition| {
+                let service = slot.get();
+                out.gauge(
+                    "ril_discriminator_loaded",
+                    "1 once D is loaded and the discriminator serves.",
+                    f64::from(u8::from(service.is_some())),
+                );
+                if let Some(service) = service {
+                    service.write_metrics(out);
+                }
+            });
+    }
     let limit = options.max_message_bytes;
     let discriminator = DiscriminatorServer::new(adapter)
         .max_decoding_message_size(limit)

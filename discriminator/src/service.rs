@@ -59,9 +59,20 @@ pub struct DiscriminatorService {
     /// D's step, readable without waiting for the model lock.
     step: Arc<AtomicU64>,
     last_iteration: Arc<Mutex<Option<u64>>>,
+    /// What the metrics report: responses scored, and the last step's outcome.
+    counters: Arc<Counters>,
     judge: AnswerJudge,
     judge_name: String,
     options: DiscriminatorOptions,
+}
+
+/// The service's running totals, for its metrics.
+#[derive(Debug, Default)]
+struct Counters {
+    responses_scored: AtomicU64,
+    score_calls: AtomicU64,
+    items_trained: AtomicU64,
+    last_train: Mutex<Option<TrainOutcome>>,
 }
 
 fn poisoned<T>(_: T) -> DiscriminatorError {
@@ -87,6 +98,7 @@ impl DiscriminatorService {
             train_lock: Arc::new(Mutex::new(())),
             step,
             last_iteration,
+            counters: Arc::default(),
             judge_name: judge.name(),
             judge,
             options,
@@ -125,6 +137,63 @@ impl DiscriminatorService {
         }
     }
 
+    /// D's Prometheus metrics: its step, what it scored and trained, the last step's loss,
+    /// accuracy and gradient norm.
+    pub fn write_metrics(&self, out: &mut ril_proto::metrics::Exposition) {
+        let info = self.info();
+        out.gauge(
+            "ril_discriminator_step",
+            "D's optimizer steps so far.",
+            info.step as f64,
+        );
+        if let Some(it) = info.last_iteration {
+            out.gauge(
+                "ril_discriminator_last_iteration",
+                "The iteration D last trained on.",
+                it as f64,
+            );
+        }
+        out.gauge(
+            "ril_discriminator_frozen",
+            "1 when D is frozen (scores, never trains).",
+            f64::from(u8::from(info.frozen)),
+        );
+        let c = &self.counters;
+        out.counter(
+            "ril_discriminator_score_calls_total",
+            "Score calls answered.",
+            c.score_calls.load(Ordering::Relaxed) as f64,
+        );
+        out.counter(
+            "ril_discriminator_responses_scored_total",
+            "Responses D and the judge scored.",
+            c.responses_scored.load(Ordering::Relaxed) as f64,
+        );
+        out.counter(
+            "ril_discriminator_items_trained_total",
+            "Labelled responses D took training steps on.",
+            c.items_trained.load(Ordering::Relaxed) as f64,
+        );
+        let last = c.last_train.lock().map(|l| *l).unwrap_or(None);
+        if let Some(last) = last {
+            out.gauge(
+                "ril_discriminator_train_loss",
+                "Mean binary cross-entropy of D's last training batch, before the step.",
+                f64::from(last.loss),
+            );
+            out.gauge(
+                "ril_discriminator_train_accuracy_ratio",
+                "D's accuracy on its last training batch, before the step.",
+                f64::from(last.accuracy),
+            );
+            out.gauge(
+                "ril_discriminator_grad_norm",
+                "D's global gradient norm before clipping, last step.",
+                last.grad_norm,
+            );
+        }
+    }
+
     /// D's probability and the judge's score for each response to `question`.
     pub async fn score(&self, question: Arc<Row>, responses: Vec<String>) -> Result<ScoreOutcome> {
         if responses.is_empty() {
@@ -154,6 +223,10 @@ impl DiscriminatorService {
         let (d, judged) = tokio::join!(d, judged);
         let (probs, step) = d?;
         let judged = judged?;
+        self.counters.score_calls.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .responses_scored
+            .fetch_add(probs.len() as u64, Ordering::Relaxed);
         Ok(ScoreOutcome {
             scores: probs
                 .into_iter()
@@ -197,6 +270,8 @@ impl DiscriminatorService {
         let train_lock = self.train_lock.clone();
         let step = self.step.clone();
         let last_iteration = self.last_iteration.clone();
+        let counters = self.counters.clone();
+        let n_items = items.len() as u64;
         let save_every = self.options.save_every;
         let root = self.options.checkpoint_dir.clone();
         blocking(move || {
@@ -214,6 +289,10 @@ impl DiscriminatorService {
                 let outcome = m.apply_step(&prepared, lr, Some(iteration))?;
                 step.store(outcome.step, Ordering::SeqCst);
                 *last_iteration.lock().map_err(poisoned)? = m.last_iteration();
+                if !outcome.skipped {
+                    counters.items_trained.fetch_add(n_items, Ordering::Relaxed);
+                    *counters.last_train.lock().map_err(poisoned)? = Some(outcome);
+                }
                 outcome
             };
             if let Some(root) = root

@@ -68,6 +68,7 @@ impl<C: CoordinatorLink> Learner for LearnerGrpc<C> {
         let service = self.ready()?;
         let req = request.into_inner();
         let payload = service.weights(req.version).map_err(|e| status(&e))?;
+        service.weights_served(payload.bytes.len());
         let chunks = weight_chunks(payload, req.chunk_bytes).map(Ok);
         Ok(GrpcResponse::new(
             Box::pin(futures_util::stream::iter(chunks)) as ChunkStream,

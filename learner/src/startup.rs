@@ -84,7 +84,23 @@ impl RunningServer {
         let (reporter, health_service) = server::health([names::LEARNER]).await;
         let (reflection_v1, reflection_v1alpha) =
             server::reflection(&[names::LEARNER, names::LEARNER_RANKS])?;
-        let service = Arc::new(OnceLock::new());
+        let service: Arc<OnceLock<LearnerService<GrpcCoordinator>>> = Arc::new(OnceLock::new());
+        {
+            let service = service.clone();
+            bound
+                .metrics
+                .add(move |out: &mut ril_proto::metrics::Exposition| {
+                    let learner = service.get();
+                    out.gauge(
+                        "ril_learner_loaded",
+                        "1 once the model is loaded and the ranks have met.",
+                        f64::from(u8::from(learner.is_some())),
+                    );
+                    if let Some(learner) = learner {
+                        learner.write_metrics(out);
+                    }
+                });
+        }
         let grpc = LearnerGrpc::new(service.clone());
         let ranks = LearnerRanksServer::new(grpc.clone())
             .max_decoding_message_size(DEFAULT_MAX_MESSAGE_BYTES)

@@ -181,8 +181,21 @@ impl<'a> LocalCluster<'a> {
             arg(&file),
         ];
         a.extend(self.security.flags.iter().cloned());
+        a.extend(self.metrics_flags(role));
         a.extend(extra);
         Ok((self.start(role, subcommand, a)?, file))
+    }
+
+    /// Every role serves Prometheus metrics on a free loopback port, its address written to
+    /// `addrs/<role>.metrics.addr` (`curl http://$(cat ...)/metrics`).
+    fn metrics_flags(&self, role: &str) -> Vec<String> {
+        let file = addr_file(&self.addrs, &format!("{role}.metrics"));
+        vec![
+            "--metrics-listen".into(),
+            "127.0.0.1:0".into(),
+            "--metrics-addr-file".into(),
+            arg(&file),
+        ]
     }
 
     /// One `ril teacher` server per `[[teachers]]` entry (role `teacher-<name>`).
@@ -309,6 +322,7 @@ impl<'a> LocalCluster<'a> {
                 role.clone(),
             ];
             a.extend(self.security.flags.iter().cloned());
+            a.extend(self.metrics_flags(&role));
             self.start(&role, &["actor"], a)?;
         }
         Ok(first)

@@ -10,6 +10,7 @@ pub mod v1 {
 pub mod client;
 pub mod convert;
 pub mod error;
+pub mod metrics;
 pub mod security;
 pub mod server;
 

@@ -12,11 +12,14 @@ pub use tonic_health::ServingStatus;
 pub use tonic_health::server::HealthReporter;
 
 use crate::error::source_chain;
+use crate::metrics::Registry;
+use crate::metrics::rpc::RpcMetricsLayer;
 use crate::security::{AuthLayer, Security};
 
-/// A server with the authorisation layer in front of its services.
-pub type SecureServer =
-    tonic::transport::Server<tower_layer::Stack<AuthLayer, tower_layer::Identity>>;
+/// A server with the RPC metrics layer, then the authorisation layer, in front of its services.
+pub type SecureServer = tonic::transport::Server<
+    tower_layer::Stack<AuthLayer, tower_layer::Stack<RpcMetricsLayer, tower_layer::Identity>>,
+>;
 
 /// Most concurrent requests one client connection may have in flight at a server (the rest
 /// wait: back-pressure per client, not a refusal).
@@ -72,11 +75,29 @@ pub struct Bound {
     pub plain_health: Option<String>,
     /// Where to write the plaintext health endpoint's bound address (for port 0).
     pub plain_health_addr_file: Option<std::path::PathBuf>,
+    /// The server's metrics: its RPCs (always recorded) and what its role adds.
+    pub metrics: Registry,
+    /// Also serve `GET /metrics` (Prometheus' text format, plain HTTP) here.
+    pub metrics_listen: Option<String>,
+    /// Where to write the metrics endpoint's bound address (for port 0).
+    pub metrics_addr_file: Option<std::path::PathBuf>,
 }
 
 impl Bound {
+    /// Attaches the process's security (and names the metrics' role after it).
     pub fn with_security(mut self, security: Security) -> Self {
+        self.metrics = Registry::new(security.role.as_str());
         self.security = security;
+        self
+    }
+
+    pub fn with_metrics(
+        mut self,
+        listen: Option<String>,
+        addr_file: Option<std::path::PathBuf>,
+    ) -> Self {
+        self.metrics_listen = listen;
+        self.metrics_addr_file = addr_file;
         self
     }
 
@@ -90,8 +111,8 @@ impl Bound {
         self
     }
 
-    /// [`secure_builder`] for this listener's security, plus the plaintext health endpoint
-    /// when one was asked for.
+    /// [`secure_builder`] for this listener's security and metrics, plus the plaintext health
+    /// and metrics endpoints when they were asked for.
     pub async fn server<T: tonic_health::pb::health_server::Health>(
         &self,
         health: &tonic_health::pb::health_server::HealthServer<T>,
@@ -102,7 +123,13 @@ impl Bound {
                 write_addr_file(path, &addr)?;
             }
         }
-        secure_builder(&self.security)
+        if let Some(listen) = &self.metrics_listen {
+            let addr = crate::metrics::http::spawn(listen, self.metrics.clone()).await?;
+            if let Some(path) = &self.metrics_addr_file {
+                write_addr_file(path, &addr)?;
+            }
+        }
+        secure_builder(&self.security, &self.metrics)
     }
 }
 
@@ -135,6 +162,9 @@ pub async fn bind(addr: &str) -> Result<Bound, ServeError> {
         security: Security::default(),
         plain_health: None,
         plain_health_addr_file: None,
+        metrics: Registry::new("server"),
+        metrics_listen: None,
+        metrics_addr_file: None,
     })
 }
 
@@ -243,9 +273,10 @@ pub fn builder() -> tonic::transport::Server {
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
 }
 
-/// [`builder`] with the process's TLS and the authorisation layer (health open, the run token,
-/// roles under mutual TLS, reflection only where enabled).
-pub fn secure_builder(security: &Security) -> Result<SecureServer, ServeError> {
+/// [`builder`] with the process's TLS, the RPC metrics layer recording into `metrics`, and the
+/// authorisation layer (health open, the run token, roles under mutual TLS, reflection only
+/// where enabled). Metrics sit outside authorisation, so refused calls are counted.
+pub fn secure_builder(security: &Security, metrics: &Registry) -> Result<SecureServer, ServeError> {
     let mut b = builder();
     if let Some(tls) = security.server_tls() {
         b = b.tls_config(tls).map_err(|e| ServeError::Tls {
@@ -253,7 +284,8 @@ pub fn secure_builder(security: &Security) -> Result<SecureServer, ServeError> {
             detail: source_chain(&e),
         })?;
     }
-    Ok(b.layer(AuthLayer::new(security)))
+    Ok(b.layer(RpcMetricsLayer::new(metrics.rpc().clone()))
+        .layer(AuthLayer::new(security)))
 }
 
 /// Serves grpc.health.v1 alone, in plaintext, on `listen` (Kubernetes' gRPC probes cannot

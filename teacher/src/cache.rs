@@ -5,10 +5,20 @@
 //! The key is the SHA-256 (hex) of a canonical string, so ids of any length and content make
 //! fixed-size keys and no two different (id, teacher, settings) share one.
 //!
+//! The cache holds at most `max_entries` keys. When a write makes it hold more, the key
+//! written longest ago is evicted (first in, first out by the latest write: appending answers to
+//! a key makes it the newest). An RIL run asks for each question's answers about once an epoch,
+//! so the key written longest ago is also the one used longest ago, and reads need no write to
+//! keep an order. A key evicted while a request was generating more answers for it is not
+//! written again from the middle (answer `i` would shift): the request's answers are sent, not
+//! kept, and the next request generates the key's answers from the start. Files written before
+//! the limit existed get their order (by key) when opened.
+//!
 //! The calls block (a commit syncs the file): async callers run them on the blocking pool.
 
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use sha2::{Digest, Sha256};
@@ -18,6 +28,21 @@ use ril_common::SamplingParams;
 
 /// key -> JSON list of answer texts.
 const ANSWERS: TableDefinition<&str, &str> = TableDefinition::new("answers_v1");
+/// Write order -> key, and key -> its place in that order (the eviction order).
+const ORDER: TableDefinition<u64, &str> = TableDefinition::new("order_v1");
+const PLACE: TableDefinition<&str, u64> = TableDefinition::new("place_v1");
+
+/// The keys a cache holds unless the teacher's `cache_max_entries` says otherwise.
+pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
+
+/// What an append did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Appended {
+    /// The answers are kept; `evicted` older keys made room.
+    Kept { evicted: u64 },
+    /// The key was evicted while its answers were being generated: these are not kept.
+    KeyEvicted,
+}
 
 /// The cache key of `(id, teacher, settings)`.
 pub fn cache_key(id: &str, teacher: &str, settings: &SamplingParams) -> String {
@@ -55,12 +80,16 @@ pub struct AnswerCache {
     /// `None` once closed.
     db: RwLock<Option<Database>>,
     path: Option<PathBuf>,
+    max_entries: u64,
+    /// Keys evicted since the cache was opened.
+    evicted: AtomicU64,
 }
 
 impl AnswerCache {
-    /// Opens (or creates, with its parent directories) the cache file. Only one process may
-    /// have it open.
-    pub fn open(path: &Path) -> Result<Self, TeacherError> {
+    /// Opens (or creates, with its parent directories) the cache file, holding at most
+    /// `max_entries` keys (a file holding more is cut down to the newest). Only one process
+    /// may have it open.
+    pub fn open(path: &Path, max_entries: u64) -> Result<Self, TeacherError> {
         let fail = |reason: String| TeacherError::Cache {
             path: Some(path.to_path_buf()),
             reason,
@@ -77,33 +106,76 @@ impl AnswerCache {
             }
             e => fail(format!("cannot open: {e}")),
         })?;
-        Self::init(db, Some(path.to_path_buf()))
+        Self::init(db, Some(path.to_path_buf()), max_entries)
     }
 
-    /// A cache that lives in memory and ends with the process.
-    pub fn in_memory() -> Result<Self, TeacherError> {
+    /// A cache that lives in memory, holds at most `max_entries` keys and ends with the
+    /// process.
+    pub fn in_memory(max_entries: u64) -> Result<Self, TeacherError> {
         let db = Database::builder()
             .create_with_backend(redb::backends::InMemoryBackend::new())
             .map_err(|e| TeacherError::Cache {
                 path: None,
                 reason: e.to_string(),
             })?;
-        Self::init(db, None)
+        Self::init(db, None, max_entries)
     }
 
-    fn init(db: Database, path: Option<PathBuf>) -> Result<Self, TeacherError> {
+    fn init(db: Database, path: Option<PathBuf>, max_entries: u64) -> Result<Self, TeacherError> {
         let cache = Self {
             db: RwLock::new(Some(db)),
             path,
+            max_entries: max_entries.max(1),
+            evicted: AtomicU64::new(0),
         };
-        // Create the table, so that readers never meet a missing one.
-        cache.with_db(|db| {
+        // Create the tables, so that readers never meet a missing one; give keys written
+        // before the eviction order existed a place in it; apply the limit.
+        let evicted = cache.with_db(|db| {
             let txn = db.begin_write()?;
-            txn.open_table(ANSWERS)?;
+            {
+                let answers = txn.open_table(ANSWERS)?;
+                let mut order = txn.open_table(ORDER)?;
+                let mut place = txn.open_table(PLACE)?;
+                let mut next = order.last()?.map_or(0, |(k, _)| k.value() + 1);
+                for entry in answers.iter()? {
+                    let (key, _) = entry?;
+                    if place.get(key.value())?.is_none() {
+                        order.insert(next, key.value())?;
+                        place.insert(key.value(), next)?;
+                        next += 1;
+                    }
+                }
+            }
+            let evicted = evict_beyond(&txn, cache.max_entries)?;
             txn.commit()?;
-            Ok(())
+            Ok(evicted)
         })?;
+        if evicted > 0 {
+            tracing::info!(
+                cache = %cache.describe(),
+                evicted,
+                max_entries = cache.max_entries,
+                "answer cache cut down to its limit"
+            );
+        }
+        cache.evicted.store(evicted, Ordering::Relaxed);
         Ok(cache)
+    }
+
+    fn describe(&self) -> String {
+        self.path
+            .as_ref()
+            .map_or_else(|| "(in memory)".into(), |p| p.display().to_string())
+    }
+
+    /// Keys evicted since the cache was opened.
+    pub fn evicted(&self) -> u64 {
+        self.evicted.load(Ordering::Relaxed)
+    }
+
+    /// The most keys the cache holds.
+    pub fn max_entries(&self) -> u64 {
+        self.max_entries
     }
 
     pub fn path(&self) -> Option<&Path> {
@@ -141,8 +213,16 @@ impl AnswerCache {
     }
 
     /// Appends `answers` to `key`'s list, which must hold exactly `at` answers (the caller holds
-    /// the key's lock, so anything else is a bug, and writing would shift answer indices).
-    pub fn append(&self, key: &str, at: usize, answers: &[String]) -> Result<(), TeacherError> {
+    /// the key's lock, so anything else is a bug, and writing would shift answer indices) or
+    /// none when the key was evicted meanwhile ([`Appended::KeyEvicted`]: nothing is written).
+    /// The key becomes the newest; keys beyond the limit are evicted, oldest first.
+    pub fn append(
+        &self,
+        key: &str,
+        at: usize,
+        answers: &[String],
+    ) -> Result<Appended, TeacherError> {
+        let max_entries = self.max_entries;
         let outcome = self.with_db(|db| {
             let txn = db.begin_write()?;
             let result = {
@@ -157,7 +237,9 @@ impl AnswerCache {
                         }
                     },
                 };
-                if list.len() != at {
+                if list.is_empty() && at > 0 {
+                    Ok(Appended::KeyEvicted)
+                } else if list.len() != at {
                     Err(format!(
                         "entry {key} holds {} answers, expected {at} before appending",
                         list.len()
@@ -166,17 +248,23 @@ impl AnswerCache {
                     list.extend_from_slice(answers);
                     let json = serde_json::to_string(&list).expect("strings serialise");
                     table.insert(key, json.as_str())?;
-                    Ok(())
+                    drop(table);
+                    make_newest(&txn, key)?;
+                    let evicted = evict_beyond(&txn, max_entries)?;
+                    Ok(Appended::Kept { evicted })
                 }
             };
-            if result.is_ok() {
-                txn.commit()?;
-            } else {
-                txn.abort()?;
+            match result {
+                Ok(Appended::Kept { .. }) => txn.commit()?,
+                _ => txn.abort()?,
             }
             Ok(result)
         })?;
-        outcome.map_err(|reason| self.error(reason))
+        let appended = outcome.map_err(|reason| self.error(reason))?;
+        if let Appended::Kept { evicted } = appended {
+            self.evicted.fetch_add(evicted, Ordering::Relaxed);
+        }
+        Ok(appended)
     }
 
     /// How many keys hold answers.
@@ -195,6 +283,37 @@ impl AnswerCache {
     }
 }
 
+/// Moves `key` to the end of the eviction order.
+fn make_newest(txn: &redb::WriteTransaction, key: &str) -> Result<(), redb::Error> {
+    let mut order = txn.open_table(ORDER)?;
+    let mut place = txn.open_table(PLACE)?;
+    let old = place.get(key)?.map(|v| v.value());
+    if let Some(old) = old {
+        order.remove(old)?;
+    }
+    let next = order.last()?.map_or(0, |(k, _)| k.value() + 1);
+    order.insert(next, key)?;
+    place.insert(key, next)?;
+    Ok(())
+}
+
+/// Evicts keys, oldest first, until at most `max_entries` remain; returns how many went.
+fn evict_beyond(txn: &redb::WriteTransaction, max_entries: u64) -> Result<u64, redb::Error> {
+    let mut answers = txn.open_table(ANSWERS)?;
+    let mut order = txn.open_table(ORDER)?;
+    let mut place = txn.open_table(PLACE)?;
+    let mut evicted = 0;
+    while answers.len()? > max_entries {
+        let Some(key) = order.pop_first()?.map(|(_, k)| k.value().to_string()) else {
+            break;
+        };
+        answers.remove(key.as_str())?;
+        place.remove(key.as_str())?;
+        evicted += 1;
+    }
+    Ok(evicted)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,20 +328,20 @@ mod tests {
         assert_ne!(k, cache_key("q1", "small", &s));
         assert_ne!(k, cache_key("q2", "big", &s));
         {
-            let c = AnswerCache::open(&path).unwrap();
+            let c = AnswerCache::open(&path, DEFAULT_MAX_ENTRIES).unwrap();
             assert!(c.get(&k).unwrap().is_empty());
             c.append(&k, 0, &["a".into()]).unwrap();
             c.append(&k, 1, &["b".into(), "c".into()]).unwrap();
             let e = c.append(&k, 1, &["x".into()]).unwrap_err().to_string();
             assert!(e.contains("holds 3 answers"), "{e}");
-            assert!(AnswerCache::open(&path).is_err());
+            assert!(AnswerCache::open(&path, DEFAULT_MAX_ENTRIES).is_err());
             c.close();
             assert!(c.get(&k).unwrap_err().to_string().contains("closed"));
         }
-        let c = AnswerCache::open(&path).unwrap();
+        let c = AnswerCache::open(&path, DEFAULT_MAX_ENTRIES).unwrap();
         assert_eq!(c.get(&k).unwrap(), ["a", "b", "c"]);
         assert_eq!(c.entries().unwrap(), 1);
-        let m = AnswerCache::in_memory().unwrap();
+        let m = AnswerCache::in_memory(DEFAULT_MAX_ENTRIES).unwrap();
         assert_eq!(m.entries().unwrap(), 0);
     }
 
@@ -283,5 +402,89 @@ mod tests {
             edit(&mut v);
             assert_ne!(canonical_sampling(&v), canonical_sampling(&base), "{v:?}");
         }
+    }
+
+    fn answers(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("answer {i}")).collect()
+    }
+
+    #[test]
+    fn a_full_cache_evicts_the_key_written_longest_ago() {
+        let c = AnswerCache::in_memory(3).unwrap();
+        for k in ["k1", "k2", "k3"] {
+            assert_eq!(
+                c.append(k, 0, &answers(1)).unwrap(),
+                Appended::Kept { evicted: 0 }
+            );
+        }
+        // k1 is the oldest write: the fourth key evicts it.
+        assert_eq!(
+            c.append("k4", 0, &answers(2)).unwrap(),
+            Appended::Kept { evicted: 1 }
+        );
+        assert!(c.get("k1").unwrap().is_empty());
+        assert_eq!(c.entries().unwrap(), 3);
+        // More answers for k2 make it the newest: k3 goes next, not k2.
+        c.append("k2", 1, &answers(1)).unwrap();
+        c.append("k5", 0, &answers(1)).unwrap();
+        assert!(c.get("k3").unwrap().is_empty());
+        assert_eq!(c.get("k2").unwrap().len(), 2);
+        assert_eq!(c.evicted(), 2);
+        // A key evicted while its next answers were being generated is not written from the
+        // middle (answer 1 would become answer 0).
+        assert_eq!(
+            c.append("k3", 1, &answers(1)).unwrap(),
+            Appended::KeyEvicted
+        );
+        assert!(c.get("k3").unwrap().is_empty());
+        // A non-empty list of the wrong length is still a bug, refused.
+        let e = c.append("k2", 5, &answers(1)).unwrap_err().to_string();
+        assert!(e.contains("holds 2 answers, expected 5"), "{e}");
+    }
+
+    #[test]
+    fn a_cache_stays_within_its_limit_over_many_keys_and_across_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.redb");
+        {
+            let c = AnswerCache::open(&path, 50).unwrap();
+            for i in 0..600 {
+                c.append(&format!("key-{i:05}"), 0, &answers(4)).unwrap();
+                assert!(c.entries().unwrap() <= 50);
+            }
+            assert_eq!(c.evicted(), 550);
+            assert_eq!(c.get("key-00599").unwrap().len(), 4);
+            assert!(c.get("key-00549").unwrap().is_empty());
+        }
+        // Reopened with a lower limit: cut down to the newest keys.
+        let c = AnswerCache::open(&path, 10).unwrap();
+        assert_eq!((c.entries().unwrap(), c.evicted()), (10, 40));
+        assert_eq!(c.get("key-00590").unwrap().len(), 4);
+        assert!(c.get("key-00589").unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_cache_file_from_before_the_limit_gets_an_order_and_is_cut_down() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.redb");
+        {
+            // A file as written before the eviction order existed: the answers table only.
+            let db = Database::create(&path).unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut t = txn.open_table(ANSWERS).unwrap();
+                for k in ["a", "b", "c", "d"] {
+                    t.insert(k, r#"["x"]"#).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let c = AnswerCache::open(&path, 3).unwrap();
+        assert_eq!((c.entries().unwrap(), c.evicted()), (3, 1));
+        // Ordered by key: "a" went; the others are kept and the limit holds for new keys.
+        assert!(c.get("a").unwrap().is_empty());
+        c.append("e", 0, &answers(1)).unwrap();
+        assert!(c.get("b").unwrap().is_empty());
+        assert_eq!(c.get("c").unwrap(), ["x"]);
     }
 }

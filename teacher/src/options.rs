@@ -6,6 +6,7 @@
 //! name = "big"                        # the teacher's name: part of the cache key, sent in answers
 //! backend = "openai"                  # "candle" | "openai" | "replay"
 //! cache = "runs/demo/teacher-big.redb"  # optional; without it the cache lives in memory
+//! cache_max_entries = 100000           # optional; beyond it the key written longest ago goes
 //! max_n = 64                          # most answers one request may ask for
 //! shutdown_grace = 10                 # seconds serve waits for open connections at shutdown
 //! base_url = "http://127.0.0.1:8000/v1"
@@ -33,6 +34,7 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
+use crate::cache::DEFAULT_MAX_ENTRIES;
 use crate::error::TeacherError;
 
 /// The largest `max_n` a server accepts: a request for more answers is a mistake, not a need.
@@ -96,6 +98,10 @@ pub struct TeacherOptions {
     /// an in-memory cache that ends with the process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<PathBuf>,
+    /// The most keys (question x settings) the cache holds; beyond it the key written longest
+    /// ago is evicted (`cache` module docs). Bounds the memory of an in-memory cache and the
+    /// size of a file.
+    pub cache_max_entries: u64,
     /// Used for requests that carry no sampling settings: the paper's sampling with 256 new
     /// tokens unless the table says otherwise.
     pub sampling: SamplingParams,
@@ -127,6 +133,7 @@ impl TeacherOptions {
             name: name.into(),
             backend,
             cache: None,
+            cache_max_entries: DEFAULT_MAX_ENTRIES,
             sampling: SamplingParams::default(),
             max_n: default_max_n(),
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
@@ -136,6 +143,12 @@ impl TeacherOptions {
     pub fn validate(&self) -> Result<(), TeacherError> {
         if self.name.trim().is_empty() {
             return Err(TeacherError::config("name", "must not be empty"));
+        }
+        if self.cache_max_entries == 0 {
+            return Err(TeacherError::config(
+                "cache_max_entries",
+                "must be at least 1 (the cache keeps the newest keys up to this many)",
+            ));
         }
         if self.max_n == 0 || self.max_n > MAX_N_LIMIT {
             return Err(TeacherError::config(
@@ -160,6 +173,8 @@ struct CommonOptions {
     name: String,
     #[serde(default)]
     cache: Option<PathBuf>,
+    #[serde(default = "default_cache_max_entries")]
+    cache_max_entries: u64,
     #[serde(default)]
     sampling: SamplingParams,
     #[serde(default = "default_max_n")]
@@ -168,7 +183,18 @@ struct CommonOptions {
     shutdown_grace: Duration,
 }
 
-const COMMON_FIELDS: [&str; 5] = ["name", "cache", "sampling", "max_n", "shutdown_grace"];
+const COMMON_FIELDS: [&str; 6] = [
+    "name",
+    "cache",
+    "cache_max_entries",
+    "sampling",
+    "max_n",
+    "shutdown_grace",
+];
+
+fn default_cache_max_entries() -> u64 {
+    DEFAULT_MAX_ENTRIES
+}
 
 /// serde cannot combine `flatten` with `deny_unknown_fields`, so the table is split by hand: the
 /// common fields into [`CommonOptions`], the rest (with the `backend` tag) into
@@ -195,6 +221,7 @@ impl<'de> Deserialize<'de> for TeacherOptions {
             name: common.name,
             backend,
             cache: common.cache,
+            cache_max_entries: common.cache_max_entries,
             sampling: common.sampling,
             max_n: common.max_n,
             shutdown_grace: common.shutdown_grace,

@@ -16,7 +16,7 @@ use tokio::sync::{Mutex as AsyncMutex, mpsc, watch};
 use tracing::debug;
 
 use crate::backend::{Backend, BatchStats};
-use crate::cache::{AnswerCache, cache_key};
+use crate::cache::{AnswerCache, Appended, cache_key};
 use crate::error::TeacherError;
 use crate::options::{TeacherOptions, at_wire_precision, validate_sampling};
 
@@ -85,13 +85,16 @@ impl Teacher {
     /// answers).
     pub async fn load(options: TeacherOptions) -> Result<Self, TeacherError> {
         options.validate()?;
+        let max_entries = options.cache_max_entries;
         let cache = match options.cache.clone() {
-            Some(path) => tokio::task::spawn_blocking(move || AnswerCache::open(&path))
-                .await
-                .map_err(|e| {
-                    TeacherError::Internal(format!("opening the cache panicked: {e}"))
-                })??,
-            None => AnswerCache::in_memory()?,
+            Some(path) => {
+                tokio::task::spawn_blocking(move || AnswerCache::open(&path, max_entries))
+                    .await
+                    .map_err(|e| {
+                        TeacherError::Internal(format!("opening the cache panicked: {e}"))
+                    })??
+            }
+            None => AnswerCache::in_memory(max_entries)?,
         };
         let backend = Backend::load(&options.name, &options.backend).await?;
         Ok(Self::new(&options, backend, cache))
@@ -329,10 +332,73 @@ impl Teacher {
 
     async fn cache_append(&self, key: &str, at: usize, text: String) -> Result<(), TeacherError> {
         let cache = self.cache.clone();
-        let key = key.to_string();
-        tokio::task::spawn_blocking(move || cache.append(&key, at, &[text]))
+        let owned = key.to_string();
+        let appended = tokio::task::spawn_blocking(move || cache.append(&owned, at, &[text]))
             .await
-            .map_err(|e| TeacherError::Internal(format!("writing the cache panicked: {e}")))?
+            .map_err(|e| TeacherError::Internal(format!("writing the cache panicked: {e}")))??;
+        if appended == Appended::KeyEvicted {
+            debug!(teacher = %self.name, key, at, "key evicted while generating: answer sent, not kept");
+        }
+        Ok(())
+    }
+
+    /// Keys evicted from the cache (its size limit) since it was opened.
+    pub fn cache_evicted(&self) -> u64 {
+        self.cache.evicted()
+    }
+
+    /// The teacher's Prometheus metrics (cache and answers; the cache's size is read from the
+    /// cache file, a short read transaction).
+    pub fn write_metrics(&self, out: &mut ril_proto::metrics::Exposition) {
+        use ril_proto::metrics::Kind;
+        let backend = self.backend.describe();
+        out.family(
+            "ril_teacher_info",
+            "Always 1; the labels name the teacher and its backend.",
+            Kind::Gauge,
+            [(
+                &[
+                    ("teacher", self.name.as_str()),
+                    ("backend", backend.as_str()),
+                ][..],
+                1.0,
+            )],
+        );
+        out.counter(
+            "ril_teacher_cache_hits_total",
+            "Answers served from the answer cache.",
+            self.cache_hits() as f64,
+        );
+        out.counter(
+            "ril_teacher_answers_generated_total",
+            "Answers the backend produced.",
+            self.generated() as f64,
+        );
+        out.counter(
+            "ril_teacher_cache_evictions_total",
+            "Keys evicted from the answer cache (oldest write first) to stay within its limit.",
+            self.cache_evicted() as f64,
+        );
+        match self.cache.entries() {
+            Ok(n) => out.gauge(
+                "ril_teacher_cache_entries",
+                "Keys (question x settings) with cached answers.",
+                n as f64,
+            ),
+            Err(e) => {
+                tracing::warn!(teacher = %self.name, error = %e, "metrics: cannot read the cache's size")
+            }
+        }
+        out.gauge(
+            "ril_teacher_cache_max_entries",
+            "The answer cache's key limit (cache_max_entries).",
+            self.cache.max_entries() as f64,
+        );
+        out.gauge(
+            "ril_teacher_requests_in_flight",
+            "Answer streams being produced.",
+            *self.tasks.borrow() as f64,
+        );
     }
 
     fn key_lock(&self, key: &str) -> Arc<AsyncMutex<()>> {

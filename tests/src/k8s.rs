@@ -36,7 +36,10 @@ pub fn kustomizations() -> Vec<String> {
             let path = entry.unwrap().path();
             if path.is_dir() {
                 walk(&path, root, out);
-            } else if path.file_name().is_some_and(|n| n == "kustomization.yaml") {
+            } else if path.file_name().is_some_and(|n| n == "kustomization.yaml")
+                // A Component is not deployed alone: the overlays that use it are rendered.
+                && !std::fs::read_to_string(&path).unwrap().contains("\nkind: Component")
+            {
                 let rel = path.parent().unwrap().strip_prefix(root).unwrap();
                 out.push(rel.to_string_lossy().into_owned());
             }

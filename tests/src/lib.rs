@@ -6,6 +6,8 @@
 //! the one named by `RIL_BIN`.
 
 pub mod k8s;
+pub mod roles;
+pub mod scrape;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

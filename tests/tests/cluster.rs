@@ -2,12 +2,13 @@
 //! gRPC on loopback ports. Tiny models are made here with the project's own commands (nothing
 //! is downloaded); waits are on predicates (status, files), never fixed sleeps.
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use ril_common::wait::wait_until;
 use ril_proto::v1;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
+use ril_tests::roles::{Role, serve, start, wait_addr};
 use ril_tests::{Sandbox, ok, ril_binary, stderr, stdout};
 
 /// A small dataset, a tokenizer, a student and a teacher (random test-size models: the
@@ -216,75 +217,6 @@ fn bad_configs_are_refused_naming_the_problem() {
     std::fs::write(sb.path("bad.toml"), "[run\nid = 1").unwrap();
     let out = sb.ril(&["config", "check", "bad.toml"]);
     assert!(stderr(&out).contains("not valid TOML"), "{}", stderr(&out));
-}
-
-struct Role {
-    name: String,
-    child: Child,
-}
-
-impl Drop for Role {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(sb: &Sandbox, name: &str, args: &[&str]) -> Role {
-    let log = std::fs::File::create(sb.path(&format!("{name}.log"))).unwrap();
-    let child = Command::new(ril_binary())
-        .args(args)
-        .args(["--security-dir", "certs"])
-        .current_dir(sb.dir.path())
-        .env("CANDLE_NUM_THREADS", "1")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Role {
-        name: name.to_string(),
-        child,
-    }
-}
-
-fn wait_addr(sb: &Sandbox, role: &mut Role, file: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        if let Ok(s) = std::fs::read_to_string(sb.path(file))
-            && !s.trim().is_empty()
-        {
-            return s.trim().to_string();
-        }
-        if let Ok(Some(st)) = role.child.try_wait() {
-            panic!(
-                "{} exited ({st}): {}",
-                role.name,
-                std::fs::read_to_string(sb.path(&format!("{}.log", role.name))).unwrap_or_default()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never wrote {file}",
-            role.name
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn serve(sb: &Sandbox, name: &str, args: &[&str]) -> (Role, String) {
-    let file = format!("{name}.addr");
-    let mut a: Vec<&str> = args.to_vec();
-    a.extend([
-        "--config",
-        "run.toml",
-        "--listen",
-        "127.0.0.1:0",
-        "--addr-file",
-        &file,
-    ]);
-    let mut role = start(sb, name, &a);
-    let addr = wait_addr(sb, &mut role, &file);
-    (role, addr)
 }
 
 async fn status(sb: &Sandbox, addr: &str) -> Option<v1::RunStatus> {

@@ -32,6 +32,7 @@
 //! last checkpoint.
 
 mod discriminator;
+mod exported;
 mod groups;
 mod links;
 mod step;
@@ -158,6 +159,8 @@ struct Inner<C> {
     progress: watch::Sender<Progress>,
     /// D collapse, reward hacking, KL blow-up, entropy collapse: warned about as they begin.
     diagnostics: Mutex<crate::diagnostics::Diagnostics>,
+    /// What `/metrics` reports beyond the state above.
+    exported: Mutex<exported::Exported>,
 }
 
 /// The learner service. Cheap to clone (shared state).
@@ -238,6 +241,7 @@ impl<C: CoordinatorLink> LearnerService<C> {
                 weights: RwLock::new(Arc::new(payload)),
                 progress,
                 diagnostics: Mutex::new(crate::diagnostics::Diagnostics::default()),
+                exported: Mutex::default(),
             }),
         })
     }
@@ -278,6 +282,48 @@ impl<C: CoordinatorLink> LearnerService<C> {
                 held: w.version,
             })
         }
+    }
+
+    /// Counts a weight transfer of `bytes` served to an actor (for `/metrics`).
+    pub fn weights_served(&self, bytes: usize) {
+        self.inner
+            .exported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .weights_served(bytes);
+    }
+
+    /// The learner's Prometheus metrics ([`exported`]).
+    pub fn write_metrics(&self, out: &mut ril_proto::metrics::Exposition) {
+        let options = &self.inner.options;
+        let version = self.inner.weights.read().map(|w| w.version).ok();
+        if let Some(v) = version {
+            out.gauge(
+                "ril_learner_policy_version",
+                "The policy version this rank holds.",
+                v as f64,
+            );
+        }
+        out.gauge(
+            "ril_learner_iteration",
+            "The iteration this learner works on.",
+            self.inner.progress.borrow().iteration as f64,
+        );
+        out.gauge(
+            "ril_learner_rank",
+            "This learner's rank.",
+            f64::from(options.rank),
+        );
+        out.gauge(
+            "ril_learner_world_size",
+            "Learner ranks in the run.",
+            f64::from(options.world_size),
+        );
+        self.inner
+            .exported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .write(out);
     }
 
     pub fn info(&self) -> Result<LearnerInfo> {

@@ -405,6 +405,11 @@ impl<C: CoordinatorLink> LearnerService<C> {
     /// The step's diagnostics, its log line and ReportMetrics (its metrics line is written
     /// with the step, before the checkpoint).
     async fn record_step(&self, report: &StepReport, metrics: BTreeMap<String, f64>) {
+        self.inner
+            .exported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .step(report.iteration, report.seconds, &metrics);
         let options = &self.inner.options;
         let stats = &report.stats;
         let signals = crate::diagnostics::StepSignals {

@@ -224,6 +224,7 @@ pub(crate) fn start_as_manifest(
     let probe_port = c["readinessProbe"]["grpc"]["port"].as_u64().unwrap() as u16;
     let addr_file = sb.path(&format!("{pod_name}.addr"));
     let health_file = sb.path(&format!("{pod_name}.health.addr"));
+    let metrics_file = sb.path(&format!("{pod_name}.metrics.addr"));
     let mut a: Vec<String> = Vec::new();
     let manifest_args: Vec<String> = args(c).iter().map(|x| expand(x, &env)).collect();
     let mut it = manifest_args.iter();
@@ -254,6 +255,15 @@ pub(crate) fn start_as_manifest(
                     "127.0.0.1:0".into(),
                     "--health-addr-file".into(),
                     health_file.to_string_lossy().into_owned(),
+                ]);
+            }
+            "--metrics-listen" => {
+                it.next();
+                a.extend([
+                    x.clone(),
+                    "127.0.0.1:0".into(),
+                    "--metrics-addr-file".into(),
+                    metrics_file.to_string_lossy().into_owned(),
                 ]);
             }
             "--collective-listen" => {
@@ -303,10 +313,12 @@ pub(crate) fn start_as_manifest(
     };
     let grpc = serves.then(|| wait_for(&addr_file));
     let health = wait_for(&health_file);
+    let metrics = wait_for(&metrics_file);
     Started {
         role,
         grpc,
         health,
+        metrics,
         probe: c["readinessProbe"].clone(),
     }
 }
@@ -317,6 +329,8 @@ pub(crate) struct Started {
     pub(crate) role: Role,
     pub(crate) grpc: Option<String>,
     pub(crate) health: String,
+    /// Its Prometheus metrics endpoint (`--metrics-listen`).
+    pub(crate) metrics: String,
     pub(crate) probe: Value,
 }
 

@@ -405,3 +405,110 @@ fn every_path_a_role_writes_is_a_writable_volume_and_what_it_reads_is_mounted() 
         }
     }
 }
+
+/// Every ril role serves Prometheus metrics where the manifests tell Prometheus to look: a
+/// `--metrics-listen` port declared as `metrics`, the pod annotations naming it, a NetworkPolicy
+/// admitting scrapers to it; with the Prometheus operator, a ServiceMonitor over a Service that
+/// selects every role's pods on that port.
+#[test]
+fn every_role_serves_metrics_where_prometheus_looks() {
+    need_kubectl!();
+    let renderings = all_renderings();
+    for r in &renderings {
+        let mut metered = Vec::new();
+        for w in r.workloads() {
+            let at = format!("{}: {} {}", r.name, w.kind(), w.name());
+            for c in w.containers() {
+                if health_port(c).is_none() {
+                    continue; // not a ril role (e.g. a one-off Job's tool)
+                }
+                let listen = flag(&args(c), "--metrics-listen")
+                    .unwrap_or_else(|| panic!("{at}: no --metrics-listen"));
+                let port = u64::from(port_of(&listen));
+                let declared = c["ports"]
+                    .as_array()
+                    .and_then(|ps| ps.iter().find(|p| p["name"] == "metrics"))
+                    .unwrap_or_else(|| panic!("{at}: no port named metrics"));
+                assert_eq!(declared["containerPort"].as_u64(), Some(port), "{at}");
+                let notes = &w.object["spec"]["template"]["metadata"]["annotations"];
+                assert_eq!(notes["prometheus.io/scrape"], "true", "{at}: {notes}");
+                assert_eq!(
+                    notes["prometheus.io/port"],
+                    port.to_string(),
+                    "{at}: {notes}"
+                );
+                assert_eq!(notes["prometheus.io/path"], "/metrics", "{at}: {notes}");
+                metered.push((w.pod_labels(), port));
+            }
+        }
+        assert!(
+            metered.len() >= 4,
+            "{}: {} metered roles",
+            r.name,
+            metered.len()
+        );
+        for (pod, port) in &metered {
+            let admitted = r.of_kind("NetworkPolicy").any(|np| {
+                let selects = labels(&np["spec"]["podSelector"]["matchLabels"])
+                    .iter()
+                    .all(|(k, v)| pod.get(k) == Some(v));
+                let rules = np["spec"]["ingress"]
+                    .as_array()
+                    .cloned()
+                    .unwrap_or_default();
+                selects
+                    && rules.iter().any(|rule| {
+                        rule["ports"]
+                            .as_array()
+                            .is_some_and(|ps| ps.iter().any(|p| p["port"].as_u64() == Some(*port)))
+                    })
+            });
+            assert!(
+                admitted,
+                "{}: no NetworkPolicy admits scrapes of {pod:?} on {port}",
+                r.name
+            );
+        }
+        let monitors: Vec<_> = r.of_kind("ServiceMonitor").collect();
+        for m in monitors {
+            let selector = labels(&m["spec"]["selector"]["matchLabels"]);
+            let services: Vec<_> = r
+                .of_kind("Service")
+                .filter(|s| {
+                    let l = labels(&s["metadata"]["labels"]);
+                    selector.iter().all(|(k, v)| l.get(k) == Some(v))
+                })
+                .collect();
+            assert_eq!(
+                services.len(),
+                1,
+                "{}: the ServiceMonitor selects one Service",
+                r.name
+            );
+            let svc = services[0];
+            let endpoint = &m["spec"]["endpoints"][0];
+            let svc_port = svc["spec"]["ports"]
+                .as_array()
+                .and_then(|ps| ps.iter().find(|p| p["name"] == endpoint["port"]))
+                .unwrap_or_else(|| {
+                    panic!("{}: the Service lacks port {}", r.name, endpoint["port"])
+                });
+            assert_eq!(svc_port["targetPort"], "metrics", "{}", r.name);
+            assert_eq!(endpoint["path"], "/metrics", "{}", r.name);
+            let chosen = labels(&svc["spec"]["selector"]);
+            for (pod, _) in &metered {
+                assert!(
+                    chosen.iter().all(|(k, v)| pod.get(k) == Some(v)),
+                    "{}: the metrics Service misses pods {pod:?}",
+                    r.name
+                );
+            }
+        }
+    }
+    assert!(
+        renderings
+            .iter()
+            .any(|r| r.of_kind("ServiceMonitor").count() == 1),
+        "no rendering has the ServiceMonitor (examples/prometheus-operator)"
+    );
+}

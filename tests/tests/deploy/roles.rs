@@ -56,6 +56,18 @@ async fn roles_started_as_the_manifests_start_them_answer_the_kubelet_s_probe() 
     let path = pod_config(coordinator, "ril-coordinator-test", &coordinator_addr);
     let mut coord = start_as_manifest(&sb, coordinator, &path, "ril-coordinator-test", "");
     probe_until_serving(&mut coord.role, &coord.health, &coord.probe).await;
+    // Its metrics port (what the pod annotations and the ServiceMonitor point at) serves.
+    let m = ril_tests::scrape::scrape(&coord.metrics).unwrap();
+    assert_eq!(
+        m.value("ril_coordinator_loaded", &[]),
+        Some(1.0),
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.value("ril_build_info", &[("role", "coordinator")]),
+        Some(1.0)
+    );
     coordinator_addr = coord.grpc.clone();
     let coord_addr = coordinator_addr.clone().unwrap();
     // The gRPC port itself speaks only TLS and wants the token: the probe's plaintext call is
@@ -67,6 +79,13 @@ async fn roles_started_as_the_manifests_start_them_answer_the_kubelet_s_probe() 
     let path = pod_config(actor_w, "ril-actor-test", &coordinator_addr);
     let mut actor = start_as_manifest(&sb, actor_w, &path, "ril-actor-test", "");
     probe_until_serving(&mut actor.role, &actor.health, &actor.probe).await;
+    let m = ril_tests::scrape::scrape(&actor.metrics).unwrap();
+    assert_eq!(
+        m.value("ril_build_info", &[("role", "actor")]),
+        Some(1.0),
+        "{}",
+        m.text
+    );
     actor.role.sigterm();
     let deadline = Instant::now() + Duration::from_secs(10);
     while kubelet_probe(&actor.health, &actor.probe).await
@@ -84,6 +103,9 @@ async fn roles_started_as_the_manifests_start_them_answer_the_kubelet_s_probe() 
     let path = pod_config(learner_w, "ril-learner-0", &coordinator_addr);
     let mut learner = start_as_manifest(&sb, learner_w, &path, "ril-learner-0", "0");
     probe_until_serving(&mut learner.role, &learner.health, &learner.probe).await;
+    let m = ril_tests::scrape::scrape(&learner.metrics).unwrap();
+    assert_eq!(m.value("ril_learner_loaded", &[]), Some(1.0), "{}", m.text);
+    assert_eq!(m.value("ril_learner_rank", &[]), Some(0.0), "{}", m.text);
     // Rank 0 joined (over TLS, as the learner role) under the name the StatefulSet's headless
     // Service gives it. `ril status` speaks as the admin role, with `ril certs init`'s files.
     let status = sb.ril(&[
