@@ -87,6 +87,15 @@ struct Figures {
     cpu_cores: f64,
     /// The process's peak resident memory at the end of the run (getrusage's maxrss), MiB.
     peak_rss_mib: f64,
+    /// The process's resident memory (VmRSS) once a tenth of the iterations were published,
+    /// and after the last, MiB: flat memory over a long run shows as these two equal (the
+    /// bench's own latency records, 16 B per call, grow in between).
+    rss_mib_at_tenth: f64,
+    rss_mib_at_end: f64,
+    /// VmRSS after each tenth of the iterations, MiB (the curve between the two above).
+    rss_mib_by_tenth: Vec<f64>,
+    /// The largest the state file was after any publish over the run.
+    state_file_max_bytes: u64,
 }
 
 pub fn run(args: &ClusterBenchArgs) -> anyhow::Result<()> {
@@ -119,7 +128,8 @@ pub fn run(args: &ClusterBenchArgs) -> anyhow::Result<()> {
 fn print_figures(f: &Figures) {
     println!(
         "actors {:>4}: {:.1} s, {} leases ({:.0}/s), {} groups accepted ({:.0}/s), state file {} B, \
-         {} writes ({:.0}/s, {:.1} changes each), {:.2} cores, peak RSS {:.0} MiB",
+         {} writes ({:.0}/s, {:.1} changes each), {:.2} cores, peak RSS {:.0} MiB \
+         (RSS {:.1} MiB at a tenth of the run, {:.1} MiB at the end; state file at most {} B)",
         f.actors,
         f.seconds,
         f.leases,
@@ -131,8 +141,17 @@ fn print_figures(f: &Figures) {
         f.state_writes_per_s,
         f.changes_per_write,
         f.cpu_cores,
-        f.peak_rss_mib
+        f.peak_rss_mib,
+        f.rss_mib_at_tenth,
+        f.rss_mib_at_end,
+        f.state_file_max_bytes
     );
+    let curve: Vec<String> = f
+        .rss_mib_by_tenth
+        .iter()
+        .map(|m| format!("{m:.1}"))
+        .collect();
+    println!("    RSS by tenth of the run (MiB): {}", curve.join(" "));
     for (call, (n, p50, p99)) in &f.calls {
         println!("    {call:<16} {n:>7} calls  p50 {p50:>7.2} ms  p99 {p99:>7.2} ms");
     }
@@ -184,7 +203,12 @@ async fn one_run(
         .await?;
 
     let (done_tx, done_rx) = mpsc::unbounded_channel::<u64>();
-    let publisher = tokio::spawn(publish_in_order(learner, done_rx, args.iterations));
+    let publisher = tokio::spawn(publish_in_order(
+        learner,
+        done_rx,
+        args.iterations,
+        state_dir.join(STATE_FILE),
+    ));
     let accepted_per_iteration = Arc::new(Mutex::new(BTreeMap::<u64, u64>::new()));
     let (cpu_before, _) = usage()?;
     let started = Instant::now();
@@ -210,7 +234,7 @@ async fn one_run(
             calls.entry(call).or_default().0.extend(l.0);
         }
     }
-    publisher.await??;
+    let samples = publisher.await??;
     let seconds = started.elapsed().as_secs_f64();
     let (cpu_after, peak_rss_kib) = usage()?;
     let cpu = cpu_after - cpu_before;
@@ -243,6 +267,10 @@ async fn one_run(
         changes_per_write: status.state_changes_written as f64 / status.state_writes.max(1) as f64,
         cpu_cores: cpu / seconds,
         peak_rss_mib: peak_rss_kib as f64 / 1024.0,
+        rss_mib_at_tenth: samples.rss_mib_at_tenth,
+        rss_mib_at_end: samples.rss_mib_at_end,
+        rss_mib_by_tenth: samples.rss_mib_by_tenth,
+        state_file_max_bytes: samples.state_file_max_bytes,
     })
 }
 
@@ -337,12 +365,26 @@ async fn actor(
     }
 }
 
-/// The learner stand-in: publishes version i + 1 once iteration i is wholly accepted, in order.
+/// What the publisher saw of memory and the state file as versions were published.
+#[derive(Debug, Default)]
+struct Samples {
+    rss_mib_at_tenth: f64,
+    rss_mib_at_end: f64,
+    rss_mib_by_tenth: Vec<f64>,
+    state_file_max_bytes: u64,
+}
+
+/// The learner stand-in: publishes version i + 1 once iteration i is wholly accepted, in order;
+/// samples the process's memory and the state file's size after each publish.
 async fn publish_in_order(
     mut c: CoordinatorClient<Channel>,
     mut done: mpsc::UnboundedReceiver<u64>,
     iterations: u64,
-) -> anyhow::Result<()> {
+    state_file: std::path::PathBuf,
+) -> anyhow::Result<Samples> {
+    let mut samples = Samples::default();
+    let tenth = (iterations / 10).max(1);
+    let rss_mib = || ril_proto::metrics::resident_bytes().unwrap_or(0) as f64 / (1 << 20) as f64;
     let mut complete = std::collections::BTreeSet::new();
     let mut next = 0;
     while next < iterations {
@@ -359,9 +401,18 @@ async fn publish_in_order(
             })
             .await?;
             next += 1;
+            let size = std::fs::metadata(&state_file).map_or(0, |m| m.len());
+            samples.state_file_max_bytes = samples.state_file_max_bytes.max(size);
+            if next == tenth {
+                samples.rss_mib_at_tenth = rss_mib();
+            }
+            if next % tenth == 0 {
+                samples.rss_mib_by_tenth.push(rss_mib());
+            }
         }
     }
-    Ok(())
+    samples.rss_mib_at_end = rss_mib();
+    Ok(samples)
 }
 
 /// This process's user + system CPU seconds and its peak resident memory in KiB (getrusage;
