@@ -13,7 +13,7 @@ pub mod http;
 pub mod rpc;
 
 use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 /// The exposition format's content type.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -310,6 +310,8 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// A registry for a process of `role` (the `ril_build_info` metric's label).
     pub fn new(role: &str) -> Self {
+        // The start time is read now (at bind, near the process's start), not at the first scrape.
+        LazyLock::force(&START_TIME);
         Self {
             inner: Arc::new(Inner {
                 role: role.to_string(),
@@ -393,12 +395,12 @@ fn process_metrics(out: &mut Exposition) {
     }
     out.gauge(
         "process_start_time_seconds",
-        "When this process's metrics registry started, in seconds since the Unix epoch.",
+        "When this process's first server bound its port, in seconds since the Unix epoch.",
         *START_TIME,
     );
 }
 
-static START_TIME: std::sync::LazyLock<f64> = std::sync::LazyLock::new(|| {
+static START_TIME: LazyLock<f64> = LazyLock::new(|| {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs_f64())
