@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// Largest batch also measured with full recomputation (it is quadratic in length).
     #[arg(long, default_value_t = 8)]
     pub recompute_max_batch: usize,
+    /// The most prompt tokens one prefill forward takes (larger batches are prefilled in
+    /// chunks of rows); 0: the whole batch at once.
+    #[arg(long, default_value_t = ril_model::generate::DEFAULT_PREFILL_CHUNK_TOKENS)]
+    pub prefill_chunk_tokens: usize,
     #[arg(long, default_value_t = 8)]
     pub train_batch: usize,
     /// Timed training steps (after one warm-up step).
@@ -111,6 +115,7 @@ fn measure_generation(
             let options = GenerateOptions {
                 mode,
                 record_logits: false,
+                prefill_chunk_tokens: args.prefill_chunk_tokens,
             };
             let out = generate_with(model, &prompts, &params, options)?;
             let seconds = started.elapsed().as_secs_f64();

@@ -137,6 +137,7 @@ fn check_kv_cache(
     let opts = |mode| GenerateOptions {
         mode,
         record_logits: true,
+        ..Default::default()
     };
     let cached = generate_with(model, prompts, params, opts(DecodeMode::KvCache))?;
     let full = generate_with(model, prompts, params, opts(DecodeMode::Recompute))?;

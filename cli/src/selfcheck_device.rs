@@ -162,6 +162,7 @@ fn compare_greedy(
         let opts = GenerateOptions {
             mode: DecodeMode::KvCache,
             record_logits: true,
+            ..Default::default()
         };
         Ok(generate_with(
             &side.bundle.model,

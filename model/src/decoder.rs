@@ -71,6 +71,60 @@ impl KvCache {
         }
     }
 
+    /// An empty cache with this one's layers and capacity (for a part of the batch).
+    pub fn empty_like(&self) -> Self {
+        Self {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| LayerCache {
+                    capacity_hint: l.capacity_hint,
+                    ..Default::default()
+                })
+                .collect(),
+        }
+    }
+
+    /// The caches of consecutive row ranges of one batch, joined into the batch's cache (each
+    /// part holds the same positions: the same padded width).
+    pub fn join_rows(parts: Vec<KvCache>) -> Result<Self> {
+        let Some(first) = parts.first() else {
+            return Err(crate::error::ModelError::input("no caches to join"));
+        };
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for i in 0..first.layers.len() {
+            let (len, capacity_hint) = (first.layers[i].len, first.layers[i].capacity_hint);
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for part in &parts {
+                let layer = part.layers.get(i).filter(|l| l.len == len).ok_or_else(|| {
+                    crate::error::ModelError::input(format!(
+                        "cache parts disagree at layer {i}: their lengths or layer counts differ"
+                    ))
+                })?;
+                if let Some((k, v)) = &layer.buffers {
+                    ks.push(k);
+                    vs.push(v);
+                }
+            }
+            let buffers = if ks.is_empty() {
+                None
+            } else if ks.len() == parts.len() {
+                Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?))
+            } else {
+                return Err(crate::error::ModelError::input(format!(
+                    "cache parts disagree at layer {i}: some hold keys, some do not"
+                )));
+            };
+            layers.push(LayerCache {
+                buffers,
+                len,
+                capacity_hint,
+            });
+        }
+        Ok(Self { layers })
+    }
+
     /// Number of cached positions.
     pub fn len(&self) -> usize {
         self.layers.first().map_or(0, |l| l.len)

@@ -65,10 +65,19 @@ pub enum DecodeMode {
     Recompute,
 }
 
+/// The most prompt tokens (rows x padded width) one prefill forward takes by default: a larger
+/// batch's prompts go through the model in chunks of rows and their KV caches are joined. A
+/// whole batch of 32 prompts at once costs more per prompt than chunks of a few (the medium
+/// preset's prompt pass: 88 ms per prompt at 4 rows, 201 ms at 32; docs/BENCHMARKS.md).
+pub const DEFAULT_PREFILL_CHUNK_TOKENS: usize = 768;
+
 #[derive(Debug, Clone, Copy)]
 pub struct GenerateOptions {
     pub mode: DecodeMode,
     pub record_logits: bool,
+    /// The most prompt tokens one prefill forward takes (with the KV cache); 0: the whole
+    /// batch in one forward. The results are the same up to rounding.
+    pub prefill_chunk_tokens: usize,
 }
 
 impl Default for GenerateOptions {
@@ -76,6 +85,7 @@ impl Default for GenerateOptions {
         Self {
             mode: DecodeMode::KvCache,
             record_logits: false,
+            prefill_chunk_tokens: DEFAULT_PREFILL_CHUNK_TOKENS,
         }
     }
 }
@@ -172,6 +182,7 @@ struct Batch<'m, 'a> {
     cache: Option<KvCache>,
     key_valid: Vec<Vec<u8>>,
     next_positions: Vec<u32>,
+    prefill_chunk_tokens: usize,
 }
 
 impl<'m, 'a> Batch<'m, 'a> {
@@ -232,6 +243,7 @@ impl<'m, 'a> Batch<'m, 'a> {
             cache,
             key_valid: Vec::new(),
             next_positions: Vec::new(),
+            prefill_chunk_tokens: options.prefill_chunk_tokens,
         })
     }
 
@@ -241,7 +253,43 @@ impl<'m, 'a> Batch<'m, 'a> {
             return self.recompute_logits();
         };
         let all: Vec<usize> = (0..self.states.len()).collect();
-        let (packed, logits) = forward_whole(self.model, &self.states, &all, Some(cache))?;
+        let seqs: Vec<&[u32]> = self.states.iter().map(|s| s.history.as_slice()).collect();
+        let packed = pack(&seqs, 0, PadSide::Left, self.model.device())?;
+        let rows_per_chunk = match self.prefill_chunk_tokens {
+            0 => all.len(),
+            budget => (budget / packed.width.max(1)).max(1),
+        };
+        let mut logits = Vec::with_capacity(all.len());
+        let mut parts = Vec::new();
+        for rows in all.chunks(rows_per_chunk.max(1)) {
+            let (first, n) = (rows[0], rows.len());
+            let images: Vec<Option<&Tensor>> = rows
+                .iter()
+                .map(|&s| self.states[s].prompt.pixel_values.as_ref())
+                .collect();
+            let px = concat_images(&images)?;
+            let mut part = if n == all.len() {
+                std::mem::replace(cache, cache.empty_like())
+            } else {
+                cache.empty_like()
+            };
+            let hidden = self.model.forward_hidden(
+                &ForwardInput {
+                    input_ids: &packed.input_ids.narrow(0, first, n)?,
+                    positions: &packed.positions.narrow(0, first, n)?,
+                    key_valid: &packed.key_valid[first..first + n],
+                    pixel_values: px.as_ref(),
+                },
+                Some(&mut part),
+            )?;
+            logits.extend(last_logits(self.model, &hidden)?);
+            parts.push(part);
+        }
+        *cache = if parts.len() == 1 {
+            parts.pop().expect("one part")
+        } else {
+            KvCache::join_rows(parts)?
+        };
         self.key_valid = packed.key_valid;
         self.next_positions = packed.lengths.iter().map(|&l| l as u32).collect();
         Ok(logits)

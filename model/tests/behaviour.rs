@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 use ril_model::generate::{
-    DecodeMode, FinishReason, GenerateOptions, Prompt, SamplingParams, SequenceSpec,
+    DecodeMode, FinishReason, GenerateOptions, Generation, Prompt, SamplingParams, SequenceSpec,
     generate_sequences, generate_with, sequence_rng,
 };
 use ril_model::optim::{AdamW, AdamWConfig, Gradients};
@@ -154,28 +154,63 @@ fn kv_cache_decoding_equals_full_recomputation() {
                 GenerateOptions {
                     mode,
                     record_logits: true,
+                    ..Default::default()
                 },
             )
             .unwrap()
         };
         let cached = run(DecodeMode::KvCache);
         let full = run(DecodeMode::Recompute);
-        for (c, f) in cached.iter().zip(&full) {
-            assert_eq!(c.token_ids, f.token_ids);
-            for (lc, lf) in c
-                .step_logits
-                .as_ref()
-                .unwrap()
+        assert_same_generations(&cached, &full, "KV cache against recomputation");
+    }
+}
+
+/// The same tokens, and every step's logits within 1e-4.
+fn assert_same_generations(a: &[Generation], b: &[Generation], what: &str) {
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!(x.token_ids, y.token_ids, "{what}");
+        let steps = x.step_logits.as_ref().unwrap();
+        for (lx, ly) in steps.iter().zip(y.step_logits.as_ref().unwrap()) {
+            let d = lx
                 .iter()
-                .zip(f.step_logits.as_ref().unwrap())
-            {
-                let d = lc
-                    .iter()
-                    .zip(lf)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-                assert!(d <= 1e-4, "logit difference {d}");
-            }
+                .zip(ly)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(d <= 1e-4, "{what}: logit difference {d}");
+        }
+    }
+}
+
+/// Prompts prefilled in chunks of rows (their KV caches joined) decode as the whole batch
+/// prefilled at once: the same tokens, logits within 1e-4.
+#[test]
+fn a_prefill_in_chunks_of_rows_equals_one_over_the_whole_batch() {
+    let (tok, cfg, model) = setup(5);
+    model
+        .init_weights(5, ril_model::vlm::Init::Normal(0.2))
+        .unwrap();
+    let mut prompts = prompts(&tok, &cfg);
+    prompts.extend(prompts.clone());
+    for params in [SamplingParams::greedy(10), SamplingParams::paper(10, 3)] {
+        let run = |prefill_chunk_tokens| {
+            generate_with(
+                &model,
+                &prompts,
+                &params,
+                GenerateOptions {
+                    record_logits: true,
+                    prefill_chunk_tokens,
+                    ..Default::default()
+                },
+            )
+            .unwrap()
+        };
+        let whole = run(0);
+        // One row per chunk, then two rows per chunk (a last chunk of one row among them).
+        let width = prompts.iter().map(|p| p.token_ids.len()).max().unwrap();
+        for budget in [1, 2 * width + 1, 4 * width] {
+            let chunked = run(budget);
+            assert_same_generations(&chunked, &whole, &format!("prefill budget {budget}"));
         }
     }
 }
