@@ -87,12 +87,9 @@ struct Figures {
     cpu_cores: f64,
     /// The process's peak resident memory at the end of the run (getrusage's maxrss), MiB.
     peak_rss_mib: f64,
-    /// The process's resident memory (VmRSS) once a tenth of the iterations were published,
-    /// and after the last, MiB: flat memory over a long run shows as these two equal (the
-    /// bench's own latency records, 16 B per call, grow in between).
-    rss_mib_at_tenth: f64,
-    rss_mib_at_end: f64,
-    /// VmRSS after each tenth of the iterations, MiB (the curve between the two above).
+    /// The process's resident memory (VmRSS) after each tenth of the iterations was published
+    /// and at the end, MiB: flat memory over a long run shows as a flat curve (the bench's own
+    /// latency records, 16 B per call, grow meanwhile).
     rss_mib_by_tenth: Vec<f64>,
     /// The largest the state file was after any publish over the run.
     state_file_max_bytes: u64,
@@ -142,8 +139,8 @@ fn print_figures(f: &Figures) {
         f.changes_per_write,
         f.cpu_cores,
         f.peak_rss_mib,
-        f.rss_mib_at_tenth,
-        f.rss_mib_at_end,
+        f.rss_mib_by_tenth.first().copied().unwrap_or(0.0),
+        f.rss_mib_by_tenth.last().copied().unwrap_or(0.0),
         f.state_file_max_bytes
     );
     let curve: Vec<String> = f
@@ -267,8 +264,6 @@ async fn one_run(
         changes_per_write: status.state_changes_written as f64 / status.state_writes.max(1) as f64,
         cpu_cores: cpu / seconds,
         peak_rss_mib: peak_rss_kib as f64 / 1024.0,
-        rss_mib_at_tenth: samples.rss_mib_at_tenth,
-        rss_mib_at_end: samples.rss_mib_at_end,
         rss_mib_by_tenth: samples.rss_mib_by_tenth,
         state_file_max_bytes: samples.state_file_max_bytes,
     })
@@ -368,8 +363,6 @@ async fn actor(
 /// What the publisher saw of memory and the state file as versions were published.
 #[derive(Debug, Default)]
 struct Samples {
-    rss_mib_at_tenth: f64,
-    rss_mib_at_end: f64,
     rss_mib_by_tenth: Vec<f64>,
     state_file_max_bytes: u64,
 }
@@ -403,15 +396,11 @@ async fn publish_in_order(
             next += 1;
             let size = std::fs::metadata(&state_file).map_or(0, |m| m.len());
             samples.state_file_max_bytes = samples.state_file_max_bytes.max(size);
-            if next == tenth {
-                samples.rss_mib_at_tenth = rss_mib();
-            }
-            if next % tenth == 0 {
+            if next % tenth == 0 || next == iterations {
                 samples.rss_mib_by_tenth.push(rss_mib());
             }
         }
     }
-    samples.rss_mib_at_end = rss_mib();
     Ok(samples)
 }
 

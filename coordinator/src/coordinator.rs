@@ -271,11 +271,8 @@ pub(crate) struct Journal {
     pub(crate) waiting: HashMap<u64, u64>,
     pub(crate) outcomes: HashMap<u64, std::result::Result<(), String>>,
     pub(crate) next_ticket: u64,
-    /// Counters: writes made, writes failed, changes the writes covered, the last file size.
-    pub(crate) writes: u64,
-    pub(crate) write_failures: u64,
-    pub(crate) changes_written: u64,
-    pub(crate) last_bytes: u64,
+    /// What was written (status reports it as it is).
+    pub(crate) stats: StateWrites,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -533,7 +530,7 @@ impl Coordinator {
             }
         };
         let path = path.clone();
-        self.journal.last_bytes = bytes.len() as u64;
+        self.journal.stats.last_bytes = bytes.len() as u64;
         self.journal.writing = Some((seq, Box::new(self.book.clone())));
         Ok(Some((seq, path, bytes)))
     }
@@ -552,8 +549,8 @@ impl Coordinator {
         };
         match written {
             Ok(()) => {
-                self.journal.writes += 1;
-                self.journal.changes_written += seq.saturating_sub(self.journal.settled);
+                self.journal.stats.writes += 1;
+                self.journal.stats.changes += seq.saturating_sub(self.journal.settled);
                 if let Some(book) = snapshot {
                     self.journal.durable = Some(book);
                 }
@@ -570,7 +567,7 @@ impl Coordinator {
     /// A write failed: the book goes back to the last one written, and every change since is
     /// settled as failed (its callers get `error`).
     fn roll_back(&mut self, error: &CoordinatorError) {
-        self.journal.write_failures += 1;
+        self.journal.stats.failures += 1;
         if let Some(durable) = &self.journal.durable {
             self.book = (**durable).clone();
         }
@@ -1371,12 +1368,7 @@ impl Coordinator {
             learner_ranks_joined: book.ranks_known() as u32,
             history: book.state.history.clone(),
             progress: book.progress(options, now),
-            state_writes: StateWrites {
-                writes: self.journal.writes,
-                failures: self.journal.write_failures,
-                changes: self.journal.changes_written,
-                last_bytes: self.journal.last_bytes,
-            },
+            state_writes: self.journal.stats,
         }
     }
 

@@ -279,7 +279,7 @@ pub async fn serve(
     let (reflection_v1, reflection_v1alpha) = server::reflection(&[names::COORDINATOR])?;
     let grpc = CoordinatorGrpc::loading(options.clone());
     let slot = grpc.state.clone();
-    bound.metrics.add(crate::metrics::collector(slot.clone()));
+    crate::metrics::register(&bound.metrics, slot.clone());
     let abort = Arc::new(tokio::sync::Notify::new());
     let stop = {
         let abort = abort.clone();

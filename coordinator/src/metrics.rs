@@ -6,25 +6,20 @@
 
 use std::sync::{Arc, OnceLock};
 
-use ril_proto::metrics::{Exposition, Kind};
+use ril_proto::metrics::{Exposition, Kind, Registry};
 
 use crate::commit::Committed;
 use crate::coordinator::{Now, Status};
 
-/// A collector over the coordinator once it is loaded (before that, only
-/// `ril_coordinator_loaded 0`).
-pub fn collector(slot: Arc<OnceLock<Arc<Committed>>>) -> impl Fn(&mut Exposition) + Send + Sync {
-    move |out: &mut Exposition| {
-        let status = slot.get().map(|c| c.lock().status(Now::current()));
-        out.gauge(
-            "ril_coordinator_loaded",
-            "1 once the dataset and state are loaded and the coordinator serves.",
-            f64::from(u8::from(status.is_some())),
-        );
-        if let Some(status) = status {
-            write(&status, out);
-        }
-    }
+/// Adds the coordinator's collector to `registry`: its status once it is loaded (before that,
+/// only `ril_coordinator_loaded 0`).
+pub fn register(registry: &Registry, slot: Arc<OnceLock<Arc<Committed>>>) {
+    registry.add_loaded(
+        "ril_coordinator_loaded",
+        "1 once the dataset and state are loaded and the coordinator serves.",
+        move || slot.get().map(|c| c.lock().status(Now::current())),
+        |status, out| write(&status, out),
+    );
 }
 
 fn flag(b: bool) -> f64 {

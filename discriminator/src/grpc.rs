@@ -108,19 +108,12 @@ pub async fn serve(
     let slot = adapter.service.clone();
     {
         let slot = slot.clone();
-        bound
-            .metrics
-            .add(move |out: &mut ril_proto::metrics::Exposition| {
-                let service = slot.get();
-                out.gauge(
-                    "ril_discriminator_loaded",
-                    "1 once D is loaded and the discriminator serves.",
-                    f64::from(u8::from(service.is_some())),
-                );
-                if let Some(service) = service {
-                    service.write_metrics(out);
-                }
-            });
+        bound.metrics.add_loaded(
+            "ril_discriminator_loaded",
+            "1 once D is loaded and the discriminator serves.",
+            move || slot.get().cloned(),
+            |service, out| service.write_metrics(out),
+        );
     }
     let limit = options.max_message_bytes;
     let discriminator = DiscriminatorServer::new(adapter)

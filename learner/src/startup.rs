@@ -87,19 +87,12 @@ impl RunningServer {
         let service: Arc<OnceLock<LearnerService<GrpcCoordinator>>> = Arc::new(OnceLock::new());
         {
             let service = service.clone();
-            bound
-                .metrics
-                .add(move |out: &mut ril_proto::metrics::Exposition| {
-                    let learner = service.get();
-                    out.gauge(
-                        "ril_learner_loaded",
-                        "1 once the model is loaded and the ranks have met.",
-                        f64::from(u8::from(learner.is_some())),
-                    );
-                    if let Some(learner) = learner {
-                        learner.write_metrics(out);
-                    }
-                });
+            bound.metrics.add_loaded(
+                "ril_learner_loaded",
+                "1 once the model is loaded and the ranks have met.",
+                move || service.get().cloned(),
+                |learner, out| learner.write_metrics(out),
+            );
         }
         let grpc = LearnerGrpc::new(service.clone());
         let ranks = LearnerRanksServer::new(grpc.clone())

@@ -268,11 +268,8 @@ impl<'m, 'a> Batch<'m, 'a> {
                 .map(|&s| self.states[s].prompt.pixel_values.as_ref())
                 .collect();
             let px = concat_images(&images)?;
-            let mut part = if n == all.len() {
-                std::mem::replace(cache, cache.empty_like())
-            } else {
-                cache.empty_like()
-            };
+            // The batch's cache is still empty here: each chunk fills a part of its shape.
+            let mut part = cache.empty_like();
             let hidden = self.model.forward_hidden(
                 &ForwardInput {
                     input_ids: &packed.input_ids.narrow(0, first, n)?,

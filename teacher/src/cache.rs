@@ -136,13 +136,17 @@ impl AnswerCache {
                 let answers = txn.open_table(ANSWERS)?;
                 let mut order = txn.open_table(ORDER)?;
                 let mut place = txn.open_table(PLACE)?;
-                let mut next = order.last()?.map_or(0, |(k, _)| k.value() + 1);
-                for entry in answers.iter()? {
-                    let (key, _) = entry?;
-                    if place.get(key.value())?.is_none() {
-                        order.insert(next, key.value())?;
-                        place.insert(key.value(), next)?;
-                        next += 1;
+                // Every key has a place once the order is complete: only a file from before the
+                // limit (or one cut short) is scanned, not every file at every start.
+                if place.len()? < answers.len()? {
+                    let mut next = order.last()?.map_or(0, |(k, _)| k.value() + 1);
+                    for entry in answers.iter()? {
+                        let (key, _) = entry?;
+                        if place.get(key.value())?.is_none() {
+                            order.insert(next, key.value())?;
+                            place.insert(key.value(), next)?;
+                            next += 1;
+                        }
                     }
                 }
             }

@@ -159,19 +159,12 @@ where
     let slot: Slot = Arc::new(RwLock::new(None));
     {
         let slot = slot.clone();
-        bound
-            .metrics
-            .add(move |out: &mut ril_proto::metrics::Exposition| {
-                let teacher = slot.read().unwrap_or_else(|p| p.into_inner()).clone();
-                out.gauge(
-                    "ril_teacher_loaded",
-                    "1 once the backend is loaded and the teacher serves.",
-                    f64::from(u8::from(teacher.is_some())),
-                );
-                if let Some(teacher) = teacher {
-                    teacher.write_metrics(out);
-                }
-            });
+        bound.metrics.add_loaded(
+            "ril_teacher_loaded",
+            "1 once the backend is loaded and the teacher serves.",
+            move || slot.read().unwrap_or_else(|p| p.into_inner()).clone(),
+            |teacher, out| teacher.write_metrics(out),
+        );
     }
     let service = TeacherServer::new(TeacherGrpc {
         name: name.clone(),

@@ -4,7 +4,7 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::{Sandbox, ril_binary};
+use crate::{Sandbox, ok, ril_binary};
 
 /// A role's process; killed when dropped.
 pub struct Role {
@@ -77,4 +77,77 @@ pub fn serve(sb: &Sandbox, name: &str, args: &[&str]) -> (Role, String) {
     let mut role = start(sb, name, &a);
     let addr = wait_addr(sb, &mut role, &file);
     (role, addr)
+}
+
+/// A small dataset, a tokenizer, a student and a teacher (random test-size models: the
+/// mechanics, not the learning, are under test here).
+pub fn make_models(sb: &Sandbox) {
+    sb.make_tiny_run(24, &[("student", "1"), ("teacher", "2")]);
+}
+
+/// Writes `run.toml` (2 iterations of B = 2, G = 2, one candle teacher `t1`, `extra` appended)
+/// and, once, the run's certificates and token under `certs/`.
+pub fn write_config(sb: &Sandbox, extra: &str) {
+    let toml = format!(
+        r#"
+[run]
+id = "t"
+dir = "run"
+seed = 1
+iterations = 2
+questions_per_iteration = 2
+
+[data]
+path = "data"
+
+[student]
+checkpoint = "student"
+
+[rollout]
+group_size = 2
+max_new_tokens = 6
+
+[coordinator]
+lease_timeout_s = 2
+heartbeat_interval_ms = 200
+actor_timeout_s = 2
+
+[actors]
+count = 2
+
+[learner]
+save_every = 1
+
+[learner.grpo]
+lr = 1e-3
+loss_normalizer = 6
+
+[discriminator]
+lr = 1e-3
+
+[[teachers]]
+name = "t1"
+backend = "candle"
+checkpoint = "teacher"
+
+[teachers.sampling]
+max_new_tokens = 6
+{extra}
+"#
+    );
+    std::fs::write(sb.path("run.toml"), toml).unwrap();
+    // Roles started one by one below take `--security-dir certs`; `ril train` generates its own.
+    if !sb.path("certs/token").exists() {
+        ok(&sb.ril(&["certs", "init", "certs"]));
+    }
+}
+
+/// Rewrites run.toml: each `from` must be there and becomes `to`.
+pub fn edit_config(sb: &Sandbox, edits: &[(&str, &str)]) {
+    let mut text = std::fs::read_to_string(sb.path("run.toml")).unwrap();
+    for (from, to) in edits {
+        assert!(text.contains(from), "run.toml lacks {from:?}");
+        text = text.replace(from, to);
+    }
+    std::fs::write(sb.path("run.toml"), text).unwrap();
 }

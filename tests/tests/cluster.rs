@@ -8,69 +8,8 @@ use std::time::{Duration, Instant};
 use ril_common::wait::wait_until;
 use ril_proto::v1;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
-use ril_tests::roles::{Role, serve, start, wait_addr};
+use ril_tests::roles::{Role, edit_config, make_models, serve, start, wait_addr, write_config};
 use ril_tests::{Sandbox, ok, ril_binary, stderr, stdout};
-
-/// A small dataset, a tokenizer, a student and a teacher (random test-size models: the
-/// mechanics, not the learning, are under test here).
-fn make_models(sb: &Sandbox) {
-    sb.make_tiny_run(24, &[("student", "1"), ("teacher", "2")]);
-}
-
-fn write_config(sb: &Sandbox, extra: &str) {
-    let toml = format!(
-        r#"
-[run]
-id = "t"
-dir = "run"
-seed = 1
-iterations = 2
-questions_per_iteration = 2
-
-[data]
-path = "data"
-
-[student]
-checkpoint = "student"
-
-[rollout]
-group_size = 2
-max_new_tokens = 6
-
-[coordinator]
-lease_timeout_s = 2
-heartbeat_interval_ms = 200
-actor_timeout_s = 2
-
-[actors]
-count = 2
-
-[learner]
-save_every = 1
-
-[learner.grpo]
-lr = 1e-3
-loss_normalizer = 6
-
-[discriminator]
-lr = 1e-3
-
-[[teachers]]
-name = "t1"
-backend = "candle"
-checkpoint = "teacher"
-
-[teachers.sampling]
-max_new_tokens = 6
-{extra}
-"#
-    );
-    std::fs::write(sb.path("run.toml"), toml).unwrap();
-    // Roles started one by one below take `--security-dir certs`; `ril train` generates its own.
-    if !sb.path("certs/token").exists() {
-        ok(&sb.ril(&["certs", "init", "certs"]));
-    }
-}
 
 /// The test's own client credentials (the admin role's certificate, the run token).
 fn security(sb: &Sandbox) -> ril_proto::security::Security {
@@ -81,16 +20,6 @@ fn security_as(sb: &Sandbox, role: ril_proto::security::Role) -> ril_proto::secu
     ril_proto::security::SecurityConfig::from_dir(&sb.path("certs"))
         .resolve(role)
         .unwrap()
-}
-
-/// Rewrites run.toml: each `from` must be there and becomes `to`.
-fn edit_config(sb: &Sandbox, edits: &[(&str, &str)]) {
-    let mut text = std::fs::read_to_string(sb.path("run.toml")).unwrap();
-    for (from, to) in edits {
-        assert!(text.contains(from), "run.toml lacks {from:?}");
-        text = text.replace(from, to);
-    }
-    std::fs::write(sb.path("run.toml"), text).unwrap();
 }
 
 /// `ril train` on run.toml to the end: it must succeed, finish all `iterations` and accept

@@ -6,49 +6,9 @@ use std::time::{Duration, Instant};
 
 use ril_proto::v1;
 use ril_proto::v1::coordinator_client::CoordinatorClient;
-use ril_tests::roles::{Role, serve, start, wait_addr};
+use ril_tests::Sandbox;
+use ril_tests::roles::{Role, edit_config, make_models, serve, start, wait_addr, write_config};
 use ril_tests::scrape::{Metrics, request, scrape};
-use ril_tests::{Sandbox, ok};
-
-const RUN: &str = r#"
-[run]
-id = "m"
-dir = "run"
-seed = 3
-iterations = 3
-questions_per_iteration = 2
-
-[data]
-path = "data"
-
-[student]
-checkpoint = "student"
-
-[rollout]
-group_size = 2
-max_new_tokens = 6
-
-[coordinator]
-heartbeat_interval_ms = 200
-
-[actors]
-count = 1
-
-[learner.grpo]
-lr = 1e-3
-loss_normalizer = 6
-
-[discriminator]
-lr = 1e-3
-
-[[teachers]]
-name = "t1"
-backend = "candle"
-checkpoint = "teacher"
-
-[teachers.sampling]
-max_new_tokens = 6
-"#;
 
 /// A serving role with its metrics endpoint: the process, its gRPC and its metrics address.
 fn serve_metered(sb: &Sandbox, name: &str, args: &[&str]) -> (Role, String, String) {
@@ -99,9 +59,10 @@ fn value(m: &Metrics, name: &str, labels: &[(&str, &str)]) -> f64 {
 #[test]
 fn every_role_serves_metrics_that_parse_and_count_the_run() {
     let sb = Sandbox::new();
-    sb.make_tiny_run(24, &[("student", "1"), ("teacher", "2")]);
-    std::fs::write(sb.path("run.toml"), RUN).unwrap();
-    ok(&sb.ril(&["certs", "init", "certs"]));
+    make_models(&sb);
+    write_config(&sb, "");
+    // Three iterations: the actor is scraped while it works, before the run ends.
+    edit_config(&sb, &[("iterations = 2", "iterations = 3")]);
 
     let (_teacher, teacher, teacher_m) =
         serve_metered(&sb, "teacher", &["teacher", "--name", "t1"]);

@@ -338,6 +338,28 @@ impl Registry {
             .push(Arc::new(collector));
     }
 
+    /// Adds the collector of a role whose state is loaded after the server starts: the gauge
+    /// `loaded_name` (1 once `read` finds the state, 0 before), then `write` over the state.
+    pub fn add_loaded<T>(
+        &self,
+        loaded_name: &'static str,
+        loaded_help: &'static str,
+        read: impl Fn() -> Option<T> + Send + Sync + 'static,
+        write: impl Fn(T, &mut Exposition) + Send + Sync + 'static,
+    ) {
+        self.add(move |out: &mut Exposition| {
+            let state = read();
+            out.gauge(
+                loaded_name,
+                loaded_help,
+                f64::from(u8::from(state.is_some())),
+            );
+            if let Some(state) = state {
+                write(state, out);
+            }
+        });
+    }
+
     /// The whole scrape's text.
     pub fn render(&self) -> String {
         let mut out = Exposition::new();

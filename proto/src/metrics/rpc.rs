@@ -76,8 +76,12 @@ pub struct RpcStats {
 impl RpcStats {
     /// Records one finished call.
     pub fn record(&self, service: &str, method: &str, code: i32, seconds: f64) {
+        self.record_key((service.to_string(), method.to_string()), code, seconds);
+    }
+
+    /// [`Self::record`] with the `(service, method)` key already owned (a call's own).
+    fn record_key(&self, key: (String, String), code: i32, seconds: f64) {
         let mut methods = self.methods.lock().unwrap_or_else(|p| p.into_inner());
-        let key = (service.to_string(), method.to_string());
         let key = if methods.contains_key(&key) || methods.len() < MAX_METHODS {
             key
         } else {
@@ -236,7 +240,7 @@ impl Pending {
     fn finish(self, code: i32) {
         let seconds = self.started.elapsed().as_secs_f64();
         self.stats
-            .record(&self.service, &self.method, code, seconds);
+            .record_key((self.service, self.method), code, seconds);
     }
 }
 
